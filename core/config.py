@@ -1,0 +1,236 @@
+"""Service settings, read from `STEER_*` environment variables (and an optional env file).
+
+One `Settings` object describes both deployment shapes:
+
+* embedded mode (no `STEER_REDIS_URL`): one process, SQLite file and blobs under `data_dir`;
+* distributed mode (`STEER_REDIS_URL` set): API + Celery workers, usually Postgres and S3.
+
+Every field carries a `description`; `settings_table_markdown()` turns them into the README's
+settings table so the documentation cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "STEER_"
+ENV_FILE_VARIABLE = "STEER_ENV_FILE"
+DEFAULT_ENV_FILE = ".env"
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """All knobs of the service. Field `x` is read from the environment variable `STEER_X`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=None,  # chosen at construction time by get_settings(), see STEER_ENV_FILE
+        env_file_encoding="utf-8",
+        # An env file may hold variables for other tools; do not refuse to start because of them.
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # --- where state lives -------------------------------------------------------------------
+    data_dir: Path = Field(
+        default=Path("~/.steer"),
+        description="Local state directory: the SQLite database, local blobs and the model cache "
+        "(embedded mode keeps everything here). `~` is expanded.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy database URL, e.g. `postgresql+psycopg2://user@host/steer`. "
+        "Unset: a SQLite file `steer.db` inside the data directory.",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis URL for the Celery broker and result backend. Unset: embedded mode "
+        "(training runs in-process, no Redis needed); set: distributed mode.",
+    )
+
+    # --- blob storage ------------------------------------------------------------------------
+    blob_store: Literal["auto", "local", "s3"] = Field(
+        default="auto",
+        description="Where prefix artifacts are stored: `local` (files under the data directory), "
+        "`s3` (an S3-compatible server), or `auto` (s3 when an S3 endpoint is set, else local).",
+    )
+    s3_endpoint: str | None = Field(
+        default=None,
+        description="S3 endpoint as `host:port` without scheme, e.g. `127.0.0.1:9000`.",
+    )
+    s3_access_key: str | None = Field(default=None, description="S3 access key id.")
+    s3_secret_key: SecretStr | None = Field(default=None, description="S3 secret access key.")
+    s3_bucket: str = Field(
+        default="steer", description="S3 bucket for artifacts; created if it does not exist."
+    )
+    s3_secure: bool = Field(default=False, description="Use HTTPS to talk to the S3 endpoint.")
+    s3_region: str | None = Field(
+        default=None, description="S3 region; unset lets the client discover it."
+    )
+
+    # --- access ------------------------------------------------------------------------------
+    admin_key: SecretStr | None = Field(
+        default=None,
+        description="Key that authorizes admin endpoints (creating users, issuing keys, batch "
+        "jobs). Unset: admin endpoints are disabled.",
+    )
+
+    # --- model -------------------------------------------------------------------------------
+    base_model: str = Field(
+        default="smollm2",
+        description="Frozen base model: `smollm2` (the bundled SmolLM2), `tiny` (a tiny random "
+        "model for tests), or a path to a local model directory.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Torch device; `auto` picks CUDA when available."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="Torch dtype of the base model; `auto` = float32 on CPU, bfloat16 on CUDA.",
+    )
+
+    # --- input limits ------------------------------------------------------------------------
+    max_samples_per_request: int = Field(
+        default=1000, gt=0, description="Most writing samples accepted in one upload request."
+    )
+    max_sample_chars: int = Field(
+        default=20_000, gt=0, description="Longest accepted writing sample, in characters."
+    )
+    min_sample_chars: int = Field(
+        default=1, ge=1, description="Shortest accepted writing sample, in characters."
+    )
+    max_upload_bytes: int = Field(
+        default=5_000_000, gt=0, description="Largest accepted request body for sample uploads."
+    )
+    max_total_samples_per_user: int = Field(
+        default=10_000, gt=0, description="Most writing samples one user may store."
+    )
+
+    # --- inference ---------------------------------------------------------------------------
+    max_batch_size: int = Field(
+        default=32, gt=0, description="Most generation requests batched into one forward pass."
+    )
+    max_queue: int = Field(
+        default=256,
+        gt=0,
+        description="Most generation requests waiting for a batch; beyond it requests get 503.",
+    )
+    request_timeout_s: float = Field(
+        default=120, gt=0, description="Seconds a generation request may wait and run."
+    )
+    prefix_cache_bytes: int = Field(
+        default=256 * MiB,
+        ge=0,
+        description="Memory budget of the in-process LRU cache of loaded user prefixes, in bytes.",
+    )
+
+    # --- training ----------------------------------------------------------------------------
+    train_time_limit_s: float = Field(
+        default=3600, gt=0, description="Wall-clock limit of one training job, in seconds."
+    )
+    train_max_steps_default: int = Field(
+        default=200, gt=0, description="Optimizer steps of a training job unless it asks otherwise."
+    )
+    train_prefix_len_default: int = Field(
+        default=16, gt=0, description="Virtual prefix tokens per layer unless a job asks otherwise."
+    )
+    train_learning_rate_default: float = Field(
+        default=5e-3, gt=0, description="Learning rate of a training job unless it asks otherwise."
+    )
+    train_batch_size_default: int = Field(
+        default=8, gt=0, description="Training batch size unless a job asks otherwise."
+    )
+    train_max_seq_len: int = Field(
+        default=512, gt=0, description="Longest training sequence in tokens; longer text is chunked."
+    )
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _expand_data_dir(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("database_url", "redis_url", "s3_endpoint", "s3_region", mode="before")
+    @classmethod
+    def _empty_means_unset(cls, value: Any) -> Any:
+        # `STEER_REDIS_URL=` in an env file should mean "not set", not "empty URL".
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @property
+    def mode(self) -> Literal["embedded", "distributed"]:
+        """Embedded without Redis (single process); distributed with Redis + Celery workers."""
+        return "embedded" if self.redis_url is None else "distributed"
+
+    @property
+    def effective_database_url(self) -> str:
+        """The database URL actually used: the configured one, else SQLite in the data dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'steer.db'}"
+
+    @property
+    def effective_blob_store(self) -> Literal["local", "s3"]:
+        """`blob_store` with `auto` resolved."""
+        if self.blob_store == "auto":
+            return "s3" if self.s3_endpoint else "local"
+        return self.blob_store
+
+    @property
+    def local_blob_dir(self) -> Path:
+        """Root of the local blob store."""
+        return self.data_dir / "blobs"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        """Where downloaded or converted base model files are cached."""
+        return self.data_dir / "models"
+
+
+def env_var_name(field_name: str) -> str:
+    """The environment variable that sets a `Settings` field."""
+    return f"{ENV_PREFIX}{field_name.upper()}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build fresh settings from the environment and the env file named by `STEER_ENV_FILE`.
+
+    Uncached; tests and tools that change the environment use this, the service uses
+    `get_settings()`.
+    """
+    env_file = os.environ.get(ENV_FILE_VARIABLE, DEFAULT_ENV_FILE)
+    return Settings(_env_file=env_file or None, **overrides)  # type: ignore[call-arg]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once. Call `get_settings.cache_clear()` to reread."""
+    return load_settings()
+
+
+def _display_default(field_name: str) -> str:
+    field = Settings.model_fields[field_name]
+    default = field.get_default(call_default_factory=True)
+    if default is None:
+        return "unset"
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    if isinstance(default, int) and default >= MiB and default % MiB == 0:
+        return f"{default} ({default // MiB} MiB)"
+    return str(default)
+
+
+def settings_table_markdown() -> str:
+    """A markdown table of every setting: environment variable, default and description."""
+    lines = ["| Variable | Default | Description |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        description = (field.description or "").replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| `{env_var_name(name)}` | `{_display_default(name)}` | {description} |")
+    return "\n".join(lines) + "\n"
