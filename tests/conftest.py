@@ -1,0 +1,122 @@
+"""Shared fixtures: real Postgres, Redis and S3 (SeaweedFS) for integration tests.
+
+Each fixture skips its tests when the service is missing, unless STEER_TEST_REQUIRE_SERVICES=1
+(what `scripts/test.sh` sets): then a missing service is an error, so CI cannot go green by
+quietly skipping the integration tests.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.seaweed import SeaweedServer
+
+POSTGRES_HOST = "127.0.0.1"
+POSTGRES_PORT = 5432
+POSTGRES_USERS = ("postgres", "root")  # trust auth on the test machine; first that works wins
+REDIS_HOST = "127.0.0.1"
+REDIS_PORT = 6379
+REDIS_TEST_DB = 5  # a dedicated database number, flushed at the start of the session
+SEAWEED_START_ATTEMPTS = 3
+
+
+def _services_required() -> bool:
+    return os.environ.get("STEER_TEST_REQUIRE_SERVICES", "") not in ("", "0", "false")
+
+
+def _unavailable(message: str) -> None:
+    if _services_required():
+        pytest.fail(f"{message} (STEER_TEST_REQUIRE_SERVICES is set)", pytrace=False)
+    pytest.skip(message)
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """URL of a fresh, uniquely named Postgres database, dropped at the end of the session."""
+    import psycopg2
+
+    if not _port_open(POSTGRES_HOST, POSTGRES_PORT):
+        _unavailable(f"Postgres is not answering on {POSTGRES_HOST}:{POSTGRES_PORT}")
+    admin = None
+    user = None
+    errors = []
+    for candidate in POSTGRES_USERS:
+        try:
+            admin = psycopg2.connect(
+                host=POSTGRES_HOST, port=POSTGRES_PORT, user=candidate, dbname="postgres"
+            )
+            user = candidate
+            break
+        except psycopg2.OperationalError as exc:
+            errors.append(f"{candidate}: {exc}".strip())
+    if admin is None or user is None:
+        _unavailable("cannot connect to Postgres: " + "; ".join(errors))
+    assert admin is not None and user is not None
+    admin.autocommit = True  # CREATE/DROP DATABASE cannot run inside a transaction
+    name = f"steer_test_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg2://{user}@{POSTGRES_HOST}:{POSTGRES_PORT}/{name}"
+    finally:
+        with admin.cursor() as cursor:
+            # FORCE (Postgres 13+) ends connections a test forgot to close.
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of a dedicated Redis database number, emptied at the start of the session."""
+    import redis
+
+    if not _port_open(REDIS_HOST, REDIS_PORT):
+        _unavailable(f"Redis is not answering on {REDIS_HOST}:{REDIS_PORT}")
+    url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_TEST_DB}"
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    return url
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[SeaweedServer]:
+    """A running SeaweedFS S3 server with one random identity (see tests/support/seaweed.py).
+
+    Use `.endpoint`, `.access_key`, `.secret_key`, `.settings_env(bucket)` or
+    `.minio_client()`. Tests that stop/start it must leave it running.
+    """
+    last_error: Exception | None = None
+    for _attempt in range(SEAWEED_START_ATTEMPTS):
+        server = SeaweedServer()
+        try:
+            server.start()
+        except FileNotFoundError as exc:
+            server.close()
+            _unavailable(str(exc))
+        except (RuntimeError, TimeoutError) as exc:
+            # Most likely another process grabbed one of the ports we picked; pick again.
+            server.close()
+            last_error = exc
+            continue
+        try:
+            yield server
+        finally:
+            server.close()
+        return
+    pytest.fail(f"could not start SeaweedFS: {last_error}", pytrace=False)
