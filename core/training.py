@@ -1,0 +1,344 @@
+"""Training prefixes: one user, or many users sharing every forward/backward pass.
+
+Each user keeps their own PrefixEncoder, optimizer, schedule, data order and early-stopping state;
+only the forward/backward pass over the frozen base is shared. The loss is a *sum over users* of each
+user's own token-mean loss, so user u's gradient is exactly the gradient of u's loss alone: training K
+users together gives each of them what training them alone would (same seed, same data order), up to
+float rounding from padding. That makes batch retraining of many users cost about one job, not K.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+
+from core.data import FORMAT_CHAT, FORMAT_PLAIN, IGNORE, Example, build_examples, prepare_samples, split_samples
+from core.errors import InvalidTrainingData, TrainingCancelled
+from core.model import BaseModel
+from core.prefix import INIT_ACTIVATIONS, PrefixConfig, PrefixEncoder, batch_prefixes, forward_with_prefixes, kv_from_text
+from core.prompts import text_ids
+
+
+@dataclass
+class TrainingConfig:
+    """Hyperparameters of one training job (shared by every user in it)."""
+
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    learning_rate: float = 2e-3
+    max_steps: int = 150
+    """Upper bound on optimizer steps per user."""
+    epochs: float | None = None
+    """If set, stop each user after this many passes over their training examples (whichever first)."""
+    batch_size: int = 8
+    max_seq_len: int = 128
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 10
+    patience: int = 3
+    """Evaluations without a validation improvement before a user stops early."""
+    val_fraction: float = 0.15
+    formats: tuple[str, ...] = (FORMAT_PLAIN, FORMAT_CHAT)
+    time_budget_s: float | None = None
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["formats"] = list(self.formats)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainingConfig":
+        data = dict(data)
+        prefix = PrefixConfig(**data.pop("prefix", {}))
+        if "formats" in data:
+            data["formats"] = tuple(data["formats"])
+        return cls(prefix=prefix, **data)
+
+
+@dataclass
+class UserData:
+    user_id: str
+    samples: list[str]
+    resume_state: dict[str, torch.Tensor] | None = None
+    """A PrefixEncoder state_dict from an earlier job: continue from there instead of initialising."""
+
+
+@dataclass
+class Progress:
+    step: int
+    max_steps: int
+    active_users: int
+    loss: float
+    val_loss: float | None
+    tokens_per_s: float
+    elapsed_s: float
+    eta_s: float
+
+
+@dataclass
+class TrainedPrefix:
+    user_id: str
+    kv: torch.Tensor  # (L, 2, H, P, D) fp32 on CPU: the best validation checkpoint
+    state: dict[str, torch.Tensor]  # PrefixEncoder state at that checkpoint (for resuming)
+    prefix_config: PrefixConfig
+    metrics: dict
+
+
+class _UserRun:
+    """Everything one user owns during a (possibly shared) training job."""
+
+    def __init__(self, base: BaseModel, data: UserData, config: TrainingConfig):
+        self.user_id = data.user_id
+        samples = prepare_samples(data.samples)
+        if not samples:
+            raise InvalidTrainingData(f"user {data.user_id}: no usable writing samples")
+        train, val = split_samples(samples, config.val_fraction, config.seed)
+        tokenizer = base.tokenizer
+        self.train = build_examples(tokenizer, train, config.max_seq_len, config.formats)
+        self.val = build_examples(tokenizer, val, config.max_seq_len, config.formats)
+        if not self.train:
+            raise InvalidTrainingData(f"user {data.user_id}: samples too short to train on")
+        generator = torch.Generator().manual_seed(config.seed)
+        init_kv = None
+        if data.resume_state is None and config.prefix.init == INIT_ACTIVATIONS:
+            init_kv = kv_from_text(base, _init_tokens(tokenizer, train, config.prefix.prefix_len))
+        self.encoder = PrefixEncoder(base.geometry, config.prefix, init_kv, generator).to(base.device)
+        if data.resume_state is not None:
+            self.encoder.load_state_dict(data.resume_state)
+        params = [p for p in self.encoder.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_then_linear(config))
+        self.order = random.Random(config.seed)
+        self.stream: list[int] = []
+        self.max_steps = config.max_steps
+        if config.epochs is not None:
+            per_epoch = math.ceil(len(self.train) / config.batch_size)
+            self.max_steps = min(config.max_steps, max(1, math.ceil(config.epochs * per_epoch)))
+        self.steps = 0
+        self.tokens = 0
+        self.last_loss = float("nan")
+        self.best_val = math.inf
+        self.best_step = 0
+        self.base_val: float | None = None
+        self.initial_val: float | None = None
+        self.bad_evals = 0
+        self.done = False
+        self.stopped_early = False
+        self.best_state = _snapshot(self.encoder)
+        self.n_train_samples, self.n_val_samples = len(train), len(val)
+
+    def next_batch(self, batch_size: int) -> list[Example]:
+        """The next `batch_size` examples of this user's own seeded, epoch-by-epoch shuffled stream."""
+        while len(self.stream) < batch_size:
+            epoch = list(range(len(self.train)))
+            self.order.shuffle(epoch)
+            self.stream.extend(epoch)
+        picked, self.stream = self.stream[:batch_size], self.stream[batch_size:]
+        return [self.train[i] for i in picked]
+
+    def record_eval(self, val_loss: float, patience: int) -> None:
+        if val_loss < self.best_val - 1e-4:
+            self.best_val, self.best_step, self.bad_evals = val_loss, self.steps, 0
+            self.best_state = _snapshot(self.encoder)
+        else:
+            self.bad_evals += 1
+            if self.bad_evals >= patience:
+                self.done, self.stopped_early = True, True
+
+    def result(self, started: float) -> TrainedPrefix:
+        if not self.val:  # nothing to select on: the last state is the result
+            self.best_state = _snapshot(self.encoder)
+        self.encoder.load_state_dict(self.best_state)
+        metrics = {
+            "steps": self.steps,
+            "best_step": self.best_step,
+            "train_loss": self.last_loss,
+            "val_loss": None if math.isinf(self.best_val) else self.best_val,
+            "initial_val_loss": self.initial_val,
+            "base_val_loss": self.base_val,
+            "train_examples": len(self.train),
+            "val_examples": len(self.val),
+            "train_samples": self.n_train_samples,
+            "val_samples": self.n_val_samples,
+            "tokens": self.tokens,
+            "stopped_early": self.stopped_early,
+            "train_seconds": round(time.monotonic() - started, 3),
+        }
+        return TrainedPrefix(self.user_id, self.encoder.export(), dict(self.best_state), self.encoder.config, metrics)
+
+
+def train_prefixes(
+    base: BaseModel,
+    users: list[UserData],
+    config: TrainingConfig,
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> list[TrainedPrefix]:
+    """Train one prefix per user, all users sharing each forward/backward pass over the frozen base."""
+    if not users:
+        raise InvalidTrainingData("no users to train")
+    if len({u.user_id for u in users}) != len(users):
+        raise InvalidTrainingData("a user appears twice in one training job")
+    started = time.monotonic()
+    base.model.requires_grad_(False)
+    runs = [_UserRun(base, u, config) for u in users]
+    _evaluate(base, runs, config, initial=True)
+    step = 0
+    total_steps = max(r.max_steps for r in runs)
+    while True:
+        active = [r for r in runs if not r.done and r.steps < r.max_steps]
+        if not active:
+            break
+        if should_cancel is not None and should_cancel():
+            raise TrainingCancelled("training cancelled")
+        if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
+            break
+        step_started = time.monotonic()
+        tokens = _train_step(base, active, config)
+        step += 1
+        if any(r.val and r.steps % config.eval_every == 0 for r in active):
+            _evaluate(base, [r for r in active if r.val and r.steps % config.eval_every == 0], config)
+        if on_progress is not None:
+            elapsed = time.monotonic() - started
+            seconds = max(time.monotonic() - step_started, 1e-9)
+            evaluated = [r.best_val for r in active if not math.isinf(r.best_val)]
+            on_progress(
+                Progress(
+                    step=step,
+                    max_steps=total_steps,
+                    active_users=len(active),
+                    loss=sum(r.last_loss for r in active) / len(active),
+                    val_loss=sum(evaluated) / len(evaluated) if evaluated else None,
+                    tokens_per_s=tokens / seconds,
+                    elapsed_s=elapsed,
+                    eta_s=elapsed / step * max(total_steps - step, 0),
+                )
+            )
+    final = [r for r in runs if r.val and not r.done and r.steps % config.eval_every != 0]
+    _evaluate(base, final, config)  # the last steps may hold the best validation loss
+    return [r.result(started) for r in runs]
+
+
+def _train_step(base: BaseModel, runs: list[_UserRun], config: TrainingConfig) -> int:
+    """One optimizer step for every run in `runs`, from one shared forward/backward pass."""
+    rows, owners = [], []
+    for index, run in enumerate(runs):
+        batch = run.next_batch(config.batch_size)
+        rows.extend(batch)
+        owners.extend([index] * len(batch))
+    prefixes = [run.encoder() for run in runs]
+    per_user, counts = _per_user_loss(base, rows, [prefixes[o] for o in owners], owners, len(runs))
+    for run in runs:
+        run.optimizer.zero_grad(set_to_none=True)
+    # Sum of per-user means: each user's gradient is that of their own loss alone.
+    per_user.sum().backward()
+    for index, run in enumerate(runs):
+        params = [p for p in run.encoder.parameters() if p.requires_grad]
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        run.optimizer.step()
+        run.schedule.step()
+        run.steps += 1
+        run.tokens += int(counts[index])
+        run.last_loss = float(per_user[index].detach())
+    return int(counts.sum())
+
+
+@torch.no_grad()
+def _evaluate(base: BaseModel, runs: list[_UserRun], config: TrainingConfig, initial: bool = False) -> None:
+    """Validation loss per user (token mean over their validation examples), users batched together."""
+    runs = [r for r in runs if r.val]
+    if not runs:
+        return
+    kvs = [r.encoder() for r in runs]
+    losses = _mean_loss_over(base, runs, lambda i: kvs[i], config.batch_size * 2)
+    if initial:
+        base_losses = _mean_loss_over(base, runs, lambda i: None, config.batch_size * 2)
+        for run, loss, base_loss in zip(runs, losses, base_losses):
+            run.initial_val, run.base_val = loss, base_loss
+            run.best_val = loss
+        return
+    for run, loss in zip(runs, losses):
+        run.record_eval(loss, config.patience)
+
+
+def _mean_loss_over(base, runs, prefix_of, chunk: int) -> list[float]:
+    rows = [(i, ex) for i, run in enumerate(runs) for ex in run.val]
+    sums = torch.zeros(len(runs), dtype=torch.float64)
+    counts = torch.zeros(len(runs), dtype=torch.float64)
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        owners = [i for i, _ in part]
+        token_sums, token_counts = _token_loss_sums(base, [ex for _, ex in part], [prefix_of(i) for i in owners])
+        sums.index_add_(0, torch.tensor(owners), token_sums.double().cpu())
+        counts.index_add_(0, torch.tensor(owners), token_counts.double().cpu())
+    return (sums / counts.clamp(min=1)).tolist()
+
+
+def _per_user_loss(base, rows, row_prefixes, owners, n_users):
+    """(per-user token-mean loss (U,), per-user scored token counts (U,)) for one mixed batch."""
+    token_sums, token_counts = _token_loss_sums(base, rows, row_prefixes)
+    index = torch.tensor(owners, device=token_sums.device)
+    sums = torch.zeros(n_users, device=token_sums.device).index_add(0, index, token_sums)
+    counts = torch.zeros(n_users, device=token_sums.device).index_add(0, index, token_counts)
+    return sums / counts.clamp(min=1), counts
+
+
+def token_losses(base: BaseModel, rows: list[Example], row_prefixes: list[torch.Tensor | None]):
+    """Next-token cross-entropy per scored position: ((B, T-1) losses, (B, T-1) scored mask)."""
+    T = max(len(ex.input_ids) for ex in rows)
+    pad = base.tokenizer.pad_token_id
+    device = base.device
+    ids = torch.full((len(rows), T), pad, dtype=torch.long, device=device)
+    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), T), dtype=torch.long, device=device)
+    for i, ex in enumerate(rows):  # right padding: real tokens keep positions P, P+1, ...
+        n = len(ex.input_ids)
+        ids[i, :n] = torch.tensor(ex.input_ids)
+        labels[i, :n] = torch.tensor(ex.labels)
+        mask[i, :n] = 1
+    prefixes = batch_prefixes(row_prefixes, base.geometry, device=device, dtype=base.dtype)
+    logits = forward_with_prefixes(base, ids, mask, prefixes).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    scored = targets != IGNORE
+    losses = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+    return losses * scored, scored
+
+
+def _token_loss_sums(base, rows, row_prefixes):
+    losses, scored = token_losses(base, rows, row_prefixes)
+    return losses.sum(dim=1), scored.sum(dim=1).float()
+
+
+def _init_tokens(tokenizer, samples: list[str], n: int) -> list[int]:
+    """The first n tokens of the user's own text (samples joined if one is too short)."""
+    ids: list[int] = []
+    for text in samples:
+        ids.extend(text_ids(tokenizer, text + "\n"))
+        if len(ids) >= n:
+            break
+    if len(ids) < n:
+        ids = (ids * (n // max(len(ids), 1) + 1)) if ids else [tokenizer.eos_token_id] * n
+    return ids[:n]
+
+
+def _warmup_then_linear(config: TrainingConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        span = max(config.max_steps - config.warmup_steps, 1)
+        return max(0.1, 1.0 - (step - config.warmup_steps) / span)
+
+    return factor
+
+
+def _snapshot(encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().cpu() for k, v in encoder.state_dict().items()}
