@@ -278,3 +278,17 @@ def test_factory_picks_s3_with_endpoint(tmp_path: Path) -> None:
     assert store.bucket == "bkt"
     forced_local = make_blob_store(settings.model_copy(update={"blob_store": "local"}))
     assert isinstance(forced_local, LocalBlobStore)
+
+
+@pytest.mark.integration
+def test_s3_outage_is_reported_and_blobs_survive_a_restart(s3_server: SeaweedServer) -> None:
+    bucket = _unique_bucket()
+    store = S3BlobStore(s3_server.endpoint, s3_server.access_key, s3_server.secret_key, bucket)
+    digest = store.put("users/u1/prefixes/1.safetensors", b"survives")
+    s3_server.stop()
+    try:
+        with pytest.raises(BlobStoreUnavailable):
+            store.get("users/u1/prefixes/1.safetensors")
+    finally:
+        s3_server.start()  # same ports, same data: the session fixture stays usable
+    assert store.get("users/u1/prefixes/1.safetensors", expected_sha256=digest) == b"survives"
