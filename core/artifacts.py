@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -77,7 +77,7 @@ def _read(data: bytes, expected_format: str) -> tuple[dict[str, torch.Tensor], d
         tensors = st_load(data)
 
         metadata = _header_metadata(data)
-    except (SafetensorsError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptArtifact(f"not a readable safetensors file: {exc}") from exc
     if metadata.get("format") != expected_format:
         raise CorruptArtifact(f"not a {expected_format} artifact (format={metadata.get('format')!r})")

