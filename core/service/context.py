@@ -1,0 +1,63 @@
+"""`ServiceContext`: everything the domain functions need, assembled in one place.
+
+The API process and each training worker build one context per process. Tests build their own
+(SQLite file, local store, a preloaded tiny model) and pass it in, so nothing is patched.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.config import Settings
+from core.db import make_engine, make_session_factory
+from core.model import BaseModel, load_base_model
+from core.service.admin_key import admin_key_hashes
+from core.storage import BlobStore, make_blob_store
+
+
+@dataclass
+class ServiceContext:
+    settings: Settings
+    engine: Engine
+    session_factory: sessionmaker[Session]
+    store: BlobStore
+    admin_key_hashes: frozenset[str] = frozenset()
+    """sha256 hex of every key accepted as admin (STEER_ADMIN_KEY, or the embedded key file)."""
+    _base_model: BaseModel | None = None
+    _model_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def base_model(self) -> BaseModel:
+        """The frozen base model of this process, loaded on first use and then shared."""
+        if self._base_model is None:
+            with self._model_lock:
+                if self._base_model is None:
+                    s = self.settings
+                    self._base_model = load_base_model(
+                        s.base_model, device=s.device, dtype=s.dtype, cache_root=s.model_cache_dir
+                    )
+        return self._base_model
+
+    @property
+    def base_model_loaded(self) -> bool:
+        return self._base_model is not None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def build_context(settings: Settings, *, base_model: BaseModel | None = None) -> ServiceContext:
+    """The context for `settings`. Connects lazily: building it never needs the database,
+    the store or the model to be up (readiness checks report those)."""
+    engine = make_engine(settings.effective_database_url)
+    return ServiceContext(
+        settings=settings,
+        engine=engine,
+        session_factory=make_session_factory(engine),
+        store=make_blob_store(settings),
+        admin_key_hashes=admin_key_hashes(settings),
+        _base_model=base_model,
+    )

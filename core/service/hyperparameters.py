@@ -1,0 +1,101 @@
+"""Training hyperparameters a job may ask for, OpenAI-style: each one a value or "auto".
+
+`validate_hyperparameters` runs when a job is created (bad input is refused before anything is
+stored); `resolve` turns "auto" into the configured defaults when the job runs, and
+`training_config` builds the engine's `TrainingConfig` from the resolved values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from core.config import Settings
+from core.prefix import INIT_ACTIVATIONS, INIT_RANDOM, PrefixConfig
+from core.service.errors import InvalidInput
+from core.training import TrainingConfig
+
+AUTO = "auto"
+# name -> (type, minimum, maximum); None bounds are open.
+_INTS = {"prefix_len": (1, 512), "max_steps": (1, 100_000), "batch_size": (1, 256), "seed": (0, 2**31 - 1)}
+_FLOATS = {"n_epochs": (0.0, 1000.0), "learning_rate": (0.0, 1.0), "learning_rate_multiplier": (0.0, 100.0)}
+_ALIASES = {"epochs": "n_epochs"}
+INITS = (INIT_RANDOM, INIT_ACTIVATIONS)
+KNOWN = tuple(_INTS) + tuple(_FLOATS) + ("init",)
+
+
+def validate_hyperparameters(raw: object) -> dict[str, Any]:
+    """The normalized hyperparameters of a request (every known name present, "auto" default)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise InvalidInput("hyperparameters must be an object", param="hyperparameters")
+    values: dict[str, Any] = {name: AUTO for name in KNOWN}
+    for key, value in raw.items():
+        name = _ALIASES.get(key, key)
+        param = f"hyperparameters.{key}"
+        if name not in KNOWN:
+            raise InvalidInput(
+                f"unknown hyperparameter {key!r}; known: {', '.join(sorted(KNOWN + tuple(_ALIASES)))}",
+                param=param,
+            )
+        if value is None or value == AUTO:
+            continue
+        if name in _INTS:
+            low, high = _INTS[name]
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise InvalidInput(f"{key} must be \"auto\" or an integer in [{low}, {high}]", param=param)
+        elif name in _FLOATS:
+            low, high = _FLOATS[name]
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or not low < value <= high:
+                raise InvalidInput(f"{key} must be \"auto\" or a number in ({low}, {high}]", param=param)
+            value = float(value)
+        elif value not in INITS:
+            raise InvalidInput(f"init must be \"auto\" or one of {', '.join(INITS)}", param=param)
+        values[name] = value
+    if values["learning_rate"] != AUTO and values["learning_rate_multiplier"] != AUTO:
+        raise InvalidInput(
+            "give learning_rate or learning_rate_multiplier, not both",
+            param="hyperparameters.learning_rate_multiplier",
+        )
+    return values
+
+
+def resolve(values: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Replace every "auto" with the configured default (what the job actually uses)."""
+    values = {**{name: AUTO for name in KNOWN}, **values}
+    multiplier = values["learning_rate_multiplier"]
+    multiplier = 1.0 if multiplier == AUTO else multiplier
+    learning_rate = values["learning_rate"]
+    if learning_rate == AUTO:
+        learning_rate = settings.train_learning_rate_default * multiplier
+    defaults = {
+        "prefix_len": settings.train_prefix_len_default,
+        "max_steps": settings.train_max_steps_default,
+        "batch_size": settings.train_batch_size_default,
+        "seed": 0,
+        "n_epochs": None,  # no epoch bound: max_steps (and early stopping) decide
+        "init": INIT_ACTIVATIONS,
+    }
+    resolved = {name: (defaults[name] if values[name] == AUTO else values[name]) for name in defaults}
+    resolved["learning_rate"] = learning_rate
+    resolved["learning_rate_multiplier"] = multiplier
+    return resolved
+
+
+def training_config(resolved: dict[str, Any], settings: Settings) -> TrainingConfig:
+    """The engine config for resolved hyperparameters."""
+    max_steps = resolved["max_steps"]
+    return TrainingConfig(
+        prefix=PrefixConfig(prefix_len=resolved["prefix_len"], init=resolved["init"]),
+        learning_rate=resolved["learning_rate"],
+        max_steps=max_steps,
+        epochs=resolved["n_epochs"],
+        batch_size=resolved["batch_size"],
+        max_seq_len=settings.train_max_seq_len,
+        warmup_steps=min(10, max(0, max_steps // 10)),
+        seed=resolved["seed"],
+        # Stop training (keeping the best checkpoint) before the hard task time limit hits.
+        time_budget_s=settings.train_time_limit_s * 0.9,
+    )

@@ -1,0 +1,51 @@
+"""Model ids of trained prefixes, the `model` field clients pass to the completion API.
+
+Format (OpenAI's `ft:` style): `ft:{base_model_id}:{external_user_id}:v{version}`, e.g.
+`ft:smollm2-135m-instruct:alice:v3`. Without the `:v{version}` suffix the id names the user's
+*active* version. External user ids may not contain `:` (see `EXTERNAL_ID_PATTERN`), and base
+model ids do not, so the id parses unambiguously.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+PREFIX = "ft"
+EXTERNAL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+\-]{0,127}$")
+_VERSION = re.compile(r"^v([1-9][0-9]{0,8})$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a fine-tuned model id points at. `version` None means "the active version"."""
+
+    base_model_id: str
+    external_id: str
+    version: int | None = None
+
+
+def format_model_id(base_model_id: str, external_id: str, version: int | None = None) -> str:
+    """The model id of a user's prefix (a given version, or the active one when None)."""
+    if ":" in base_model_id or not base_model_id:
+        raise ValueError(f"base model id {base_model_id!r} cannot be used in a model id")
+    if not EXTERNAL_ID_PATTERN.match(external_id):
+        raise ValueError(f"external user id {external_id!r} cannot be used in a model id")
+    model_id = f"{PREFIX}:{base_model_id}:{external_id}"
+    return model_id if version is None else f"{model_id}:v{version}"
+
+
+def parse_model_id(model_id: str) -> ModelRef | None:
+    """The `ModelRef` of a fine-tuned model id, or None if `model_id` is not one (a base model)."""
+    parts = model_id.split(":")
+    if len(parts) not in (3, 4) or parts[0] != PREFIX or not parts[1]:
+        return None
+    if not EXTERNAL_ID_PATTERN.match(parts[2]):
+        return None
+    version = None
+    if len(parts) == 4:
+        match = _VERSION.match(parts[3])
+        if match is None:
+            return None
+        version = int(match.group(1))
+    return ModelRef(base_model_id=parts[1], external_id=parts[2], version=version)

@@ -1,0 +1,186 @@
+"""The prefix registry: which trained prefix versions exist, where their bytes are, which is active.
+
+Invariant: an index row never points at a missing or partial blob. Publishing writes the blob,
+reads it back and checks its sha256, and only then commits the row (retiring the previous
+active version in the same transaction). If the commit fails, the just-written blob is deleted.
+Old versions stay (status "retired") so a user can roll back.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import PrefixVersion, User
+from core.service.errors import NotFound
+from core.service.model_ids import ModelRef, format_model_id
+from core.storage import BlobStore, prefix_blob_key, prefix_state_key, sha256_hex
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefixArtifacts:
+    """What a training run produced for one user, ready to store."""
+
+    prefix: bytes
+    state: bytes | None
+    base_model_id: str
+    base_fingerprint: str
+    prefix_len: int
+    metrics: dict[str, Any]
+
+
+def publish_prefix(
+    factory: sessionmaker[Session],
+    store: BlobStore,
+    user_id: str,
+    artifacts: PrefixArtifacts,
+    *,
+    job_id: str | None,
+) -> PrefixVersion | None:
+    """Store a new active prefix version of `user_id`; None if the user is gone or going.
+
+    Idempotent per (user, job): a retried job finds the version its earlier attempt published
+    and returns it instead of adding a duplicate.
+    """
+    with factory() as session:
+        # The row lock serializes publishers of one user (Postgres; SQLite serializes writers
+        # anyway), so two jobs can never pick the same version number and overwrite a blob.
+        user = session.execute(
+            select(User).where(User.id == user_id).with_for_update()
+        ).scalar_one_or_none()
+        if user is None or user.deleted_at is not None:
+            return None
+        if job_id is not None:
+            earlier = session.execute(
+                select(PrefixVersion).where(PrefixVersion.user_id == user_id, PrefixVersion.job_id == job_id)
+            ).scalar_one_or_none()
+            if earlier is not None:
+                return earlier
+        latest = session.execute(
+            select(func.max(PrefixVersion.version)).where(PrefixVersion.user_id == user_id)
+        ).scalar_one()
+        version = (latest or 0) + 1
+        key = prefix_blob_key(user_id, version)
+        state_key = prefix_state_key(user_id, version) if artifacts.state is not None else None
+        written: list[str] = []
+        try:
+            digest = _put_verified(store, key, artifacts.prefix, written)
+            state_digest = (
+                _put_verified(store, state_key, artifacts.state, written)
+                if state_key is not None and artifacts.state is not None
+                else None
+            )
+            session.execute(
+                update(PrefixVersion)
+                .where(PrefixVersion.user_id == user_id, PrefixVersion.status == "active")
+                .values(status="retired")
+            )
+            row = PrefixVersion(
+                user_id=user_id,
+                version=version,
+                base_model_id=artifacts.base_model_id,
+                base_fingerprint=artifacts.base_fingerprint,
+                blob_key=key,
+                sha256=digest,
+                bytes=len(artifacts.prefix),
+                state_blob_key=state_key,
+                state_sha256=state_digest,
+                prefix_len=artifacts.prefix_len,
+                metrics=artifacts.metrics,
+                status="active",
+                job_id=job_id,
+            )
+            session.add(row)
+            session.commit()
+        except BaseException:
+            session.rollback()
+            for orphan in written:
+                try:
+                    store.delete(orphan)
+                except Exception:  # noqa: BLE001 - the original error matters more
+                    log.exception("could not remove orphan blob %s", orphan)
+            raise
+        return row
+
+
+def _put_verified(store: BlobStore, key: str, data: bytes, written: list[str]) -> str:
+    written.append(key)
+    digest = store.put(key, data)
+    # Read back: the row is committed only for bytes we have seen stored intact.
+    store.get(key, expected_sha256=sha256_hex(data))
+    return digest
+
+
+def active_prefix(session: Session, user_id: str) -> PrefixVersion | None:
+    return session.execute(
+        select(PrefixVersion)
+        .where(PrefixVersion.user_id == user_id, PrefixVersion.status == "active")
+        .order_by(PrefixVersion.version.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+
+
+def list_versions(session: Session, user_id: str) -> list[PrefixVersion]:
+    return list(
+        session.execute(
+            select(PrefixVersion).where(PrefixVersion.user_id == user_id).order_by(PrefixVersion.version)
+        ).scalars()
+    )
+
+
+def activate_version(session: Session, user_id: str, version: int) -> PrefixVersion:
+    """Make an existing version the active one (rollback or roll forward)."""
+    row = session.execute(
+        select(PrefixVersion).where(PrefixVersion.user_id == user_id, PrefixVersion.version == version)
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"no prefix version {version}")
+    session.execute(
+        update(PrefixVersion)
+        .where(PrefixVersion.user_id == user_id, PrefixVersion.status == "active")
+        .values(status="retired")
+    )
+    row.status = "active"
+    session.flush()
+    return row
+
+
+def load_prefix_bytes(store: BlobStore, version: PrefixVersion) -> bytes:
+    """The artifact bytes of a version, sha256-checked against the index."""
+    return store.get(version.blob_key, expected_sha256=version.sha256)
+
+
+def load_state_bytes(store: BlobStore, version: PrefixVersion) -> bytes | None:
+    if not version.state_blob_key:
+        return None
+    return store.get(version.state_blob_key, expected_sha256=version.state_sha256)
+
+
+def model_id_of(user: User, version: PrefixVersion) -> str:
+    return format_model_id(version.base_model_id, user.external_id, version.version)
+
+
+def resolve_model(session: Session, ref: ModelRef) -> tuple[User, PrefixVersion]:
+    """The user and prefix version a fine-tuned model id names (for the completion API).
+
+    `NotFound` if the user, the version, or a version on that base model does not exist."""
+    user = session.execute(
+        select(User).where(User.external_id == ref.external_id, User.deleted_at.is_(None))
+    ).scalar_one_or_none()
+    if user is None:
+        raise NotFound(f"no model for user {ref.external_id!r}")
+    if ref.version is None:
+        version = active_prefix(session, user.id)
+    else:
+        version = session.execute(
+            select(PrefixVersion).where(PrefixVersion.user_id == user.id, PrefixVersion.version == ref.version)
+        ).scalar_one_or_none()
+    if version is None or version.base_model_id != ref.base_model_id:
+        raise NotFound(f"model {format_model_id(ref.base_model_id, ref.external_id, ref.version)!r} does not exist")
+    return user, version

@@ -1,0 +1,284 @@
+"""`run_training_job`: the one task function behind every training job.
+
+The Celery worker (`workers/train.py`) and the embedded in-process executor both call it with
+a job id. It is idempotent by job id: a finished job is left alone, a retried one skips users
+whose prefix an earlier attempt already published, so redelivery never duplicates a version.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from core.artifacts import Prefix, load_training_state, save_prefix, save_training_state
+from core.data import prepare_samples
+from core.db import Job, PrefixVersion, User, session_scope, utcnow
+from core.db.models import JOB_FINISHED_STATUSES
+from core.errors import ArtifactError, InvalidTrainingData, SteerError, TrainingCancelled
+from core.model import BaseModel
+from core.service.context import ServiceContext
+from core.service.errors import ServiceError
+from core.service.hyperparameters import resolve, training_config
+from core.service.jobs import add_event
+from core.service.metrics import TRAIN_STEP_SECONDS
+from core.service.model_ids import format_model_id
+from core.service.registry import PrefixArtifacts, active_prefix, load_state_bytes, publish_prefix
+from core.service.samples import user_sample_texts
+from core.storage import BlobStoreError, BlobStoreUnavailable
+from core.training import Progress, TrainingConfig, UserData, train_prefixes
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+"""A job whose worker died this many times (OOM, node loss) is failed instead of redelivered forever."""
+CANCEL_POLL_S = 1.0
+EVENTS_PER_JOB = 20
+PREFIX_DTYPE = "float16"
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OperationalError, BlobStoreUnavailable)
+
+
+class TransientJobError(ServiceError):
+    """The job hit a transient store/database error and went back to the queue; retry it."""
+
+
+class JobInterrupted(ServiceError):
+    """The process is shutting down; the job went back to the queue and resumes on restart."""
+
+
+@dataclass
+class _Run:
+    """Bookkeeping of one attempt."""
+
+    job_id: str
+    stop_requested: Callable[[], bool] | None
+    last_poll: float = 0.0
+    last_elapsed: float = 0.0
+    interrupted: bool = False
+    events_every: int = 1
+    result: dict[str, Any] = field(default_factory=lambda: {"users": {}, "skipped": {}})
+
+
+def run_training_job(
+    job_id: str,
+    ctx: ServiceContext,
+    *,
+    final_attempt: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+) -> str | None:
+    """Run job `job_id` to an end state and return it (None: nothing to do).
+
+    Raises `TransientJobError` (job requeued) when a transient error hits and this is not the
+    final attempt, and `JobInterrupted` (job requeued) when `should_stop` turns true.
+    """
+    if not _claim(ctx, job_id):
+        return None
+    run = _Run(job_id=job_id, stop_requested=should_stop)
+    try:
+        _train_and_publish(ctx, run)
+    except TrainingCancelled:
+        if run.interrupted:
+            _requeue(ctx, job_id, "Interrupted by shutdown; the job will resume")
+            raise JobInterrupted(f"job {job_id} interrupted") from None
+        return _finish(ctx, job_id, "cancelled", message="Job cancelled")
+    except TRANSIENT_ERRORS as exc:
+        if not final_attempt:
+            _requeue(ctx, job_id, f"Transient error, will retry: {exc}", level="warning")
+            raise TransientJobError(str(exc)) from exc
+        return _finish(ctx, job_id, "failed", error=f"storage or database unavailable: {exc}")
+    except (InvalidTrainingData, ArtifactError, SteerError) as exc:
+        return _finish(ctx, job_id, "failed", error=str(exc))
+    except BaseException as exc:
+        if type(exc).__name__ == "SoftTimeLimitExceeded":  # Celery's, without importing Celery
+            limit = ctx.settings.train_time_limit_s
+            return _finish(ctx, job_id, "failed", error=f"job exceeded the time limit of {limit:g} s")
+        log.exception("training job %s crashed", job_id)
+        _finish(ctx, job_id, "failed", error=f"internal error: {type(exc).__name__}: {exc}")
+        raise
+    return _finish(ctx, job_id, "succeeded", message="Job succeeded", result=run.result)
+
+
+def _claim(ctx: ServiceContext, job_id: str) -> bool:
+    """Mark the job running (one more attempt). False if it is finished, cancelled or unknown."""
+    with session_scope(ctx.session_factory) as session:
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_(("queued", "running")), Job.cancel_requested.is_(False))
+            .values(status="running", attempts=Job.attempts + 1, started_at=utcnow())
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        job = session.get(Job, job_id)
+        if job is None:
+            log.warning("training job %s does not exist; ignoring it", job_id)
+            return False
+        if not claimed:
+            if job.status not in JOB_FINISHED_STATUSES:  # cancel requested while queued/running
+                job.status, job.finished_at = "cancelled", utcnow()
+                add_event(session, job_id, "Job cancelled")
+            return False
+        session.refresh(job)
+        if job.attempts > MAX_ATTEMPTS:
+            job.status, job.finished_at = "failed", utcnow()
+            job.error = f"gave up after {MAX_ATTEMPTS} attempts (the worker was lost each time)"
+            add_event(session, job_id, job.error, level="error")
+            return False
+        add_event(session, job_id, f"Training started (attempt {job.attempts})")
+    return True
+
+
+def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
+    settings = ctx.settings
+    with session_scope(ctx.session_factory) as session:
+        job = session.get(Job, run.job_id)
+        assert job is not None
+        resolved = resolve(job.hyperparameters, settings)
+        job.hyperparameters = resolved
+        published = {
+            row.user_id: row
+            for row in session.query(PrefixVersion).filter(PrefixVersion.job_id == job.id)
+        }
+        users = [session.get(User, uid) for uid in job.user_ids]
+        todo: list[UserData] = []
+        for uid, user in zip(job.user_ids, users):
+            if user is None or user.deleted_at is not None:
+                run.result["skipped"][uid] = "user deleted"
+            elif uid in published:
+                run.result["users"][uid] = _published_entry(user, published[uid])
+            elif not prepare_samples(texts := user_sample_texts(session, uid)):
+                run.result["skipped"][uid] = "no usable writing samples"
+            else:
+                todo.append(UserData(user_id=uid, samples=texts))
+        external_ids = {user.id: user.external_id for user in users if user is not None}
+    if not todo:
+        if run.result["users"]:
+            return  # an earlier attempt published everything
+        raise InvalidTrainingData("; ".join(f"user {u}: {why}" for u, why in run.result["skipped"].items()))
+
+    config = training_config(resolved, settings)
+    base = ctx.base_model()
+    for data in todo:
+        data.resume_state = _warm_start_state(ctx, run.job_id, base, data.user_id, config)
+    run.events_every = max(1, config.max_steps // EVENTS_PER_JOB)
+    _event(ctx, run.job_id, f"Training {len(todo)} user(s) on {base.model_id} for up to {config.max_steps} steps")
+    trained = train_prefixes(
+        base,
+        todo,
+        config,
+        on_progress=lambda progress: _on_progress(ctx, run, progress),
+        should_cancel=lambda: _should_cancel(ctx, run),
+    )
+    for result in trained:
+        metrics = {k: v for k, v in result.metrics.items() if v is None or isinstance(v, (int, float, bool, str))}
+        prefix = Prefix(result.kv, base.model_id, base.fingerprint, config.to_dict(), metrics)
+        artifacts = PrefixArtifacts(
+            prefix=save_prefix(prefix, PREFIX_DTYPE),
+            state=save_training_state(result.state, result.prefix_config.to_dict(), base),
+            base_model_id=base.model_id,
+            base_fingerprint=base.fingerprint,
+            prefix_len=result.prefix_config.prefix_len,
+            metrics=metrics,
+        )
+        row = publish_prefix(ctx.session_factory, ctx.store, result.user_id, artifacts, job_id=run.job_id)
+        if row is None:
+            run.result["skipped"][result.user_id] = "user deleted during training"
+            continue
+        model = format_model_id(row.base_model_id, external_ids[result.user_id], row.version)
+        run.result["users"][result.user_id] = {"model": model, "version": row.version, "metrics": metrics}
+        _event(ctx, run.job_id, f"Published {model}", {"user_id": result.user_id, "version": row.version})
+
+
+def _published_entry(user: User, row: PrefixVersion) -> dict[str, Any]:
+    model = format_model_id(row.base_model_id, user.external_id, row.version)
+    return {"model": model, "version": row.version, "metrics": row.metrics}
+
+
+def _warm_start_state(
+    ctx: ServiceContext, job_id: str, base: BaseModel, user_id: str, config: TrainingConfig
+) -> Any:
+    """Continue from the user's active prefix when it was trained on this base model with the
+    same prefix shape; otherwise (first training, new base model, new shape) start fresh."""
+    with session_scope(ctx.session_factory) as session:
+        active = active_prefix(session, user_id)
+    if active is None or active.base_fingerprint != base.fingerprint or not active.state_blob_key:
+        return None
+    try:
+        state, prefix_config = load_training_state(load_state_bytes(ctx.store, active) or b"", base)
+    except (ArtifactError, BlobStoreError) as exc:
+        _event(ctx, job_id, f"User {user_id}: cannot warm-start from v{active.version} ({exc}); starting fresh")
+        return None
+    wanted = {k: v for k, v in config.prefix.to_dict().items() if k != "init"}
+    if {k: v for k, v in prefix_config.items() if k != "init"} != wanted:
+        return None
+    return state
+
+
+def _on_progress(ctx: ServiceContext, run: _Run, progress: Progress) -> None:
+    TRAIN_STEP_SECONDS.observe(max(progress.elapsed_s - run.last_elapsed, 0.0))
+    run.last_elapsed = progress.elapsed_s
+    data = {
+        "step": progress.step,
+        "total_steps": progress.max_steps,
+        "train_loss": round(progress.loss, 6),
+        "val_loss": None if progress.val_loss is None else round(progress.val_loss, 6),
+        "tokens_per_s": round(progress.tokens_per_s, 1),
+        "eta_s": round(progress.eta_s, 1),
+        "active_users": progress.active_users,
+    }
+    with session_scope(ctx.session_factory) as session:
+        session.execute(update(Job).where(Job.id == run.job_id).values(progress=data))
+        if progress.step % run.events_every == 0 or progress.step == progress.max_steps or progress.step == 1:
+            add_event(session, run.job_id, f"Step {progress.step}/{progress.max_steps}: training loss={progress.loss:.4f}", data)
+
+
+def _should_cancel(ctx: ServiceContext, run: _Run) -> bool:
+    if run.stop_requested is not None and run.stop_requested():
+        run.interrupted = True
+        return True
+    now = time.monotonic()
+    if now - run.last_poll < CANCEL_POLL_S:
+        return False
+    run.last_poll = now
+    with session_scope(ctx.session_factory) as session:
+        job = session.get(Job, run.job_id)
+        return job is None or job.cancel_requested
+
+
+def _event(ctx: ServiceContext, job_id: str, message: str, data: dict[str, Any] | None = None) -> None:
+    with session_scope(ctx.session_factory) as session:
+        add_event(session, job_id, message, data)
+
+
+def _requeue(ctx: ServiceContext, job_id: str, message: str, level: str = "info") -> None:
+    try:
+        with session_scope(ctx.session_factory) as session:
+            session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(status="queued"))
+            add_event(session, job_id, message, level=level)
+    except (OperationalError, DBAPIError):
+        log.warning("could not requeue job %s (database down); redelivery will pick it up", job_id)
+
+
+def _finish(
+    ctx: ServiceContext,
+    job_id: str,
+    status: str,
+    *,
+    message: str | None = None,
+    error: str | None = None,
+    result: dict[str, Any] | None = None,
+) -> str:
+    with session_scope(ctx.session_factory) as session:
+        job = session.get(Job, job_id)
+        if job is None:  # the user was erased while the job ran
+            return status
+        job.status, job.finished_at, job.error = status, utcnow(), error
+        if result is not None:
+            job.result = result
+            models = [entry["model"] for entry in result["users"].values()]
+            job.fine_tuned_model = models[0] if len(job.user_ids) == 1 and len(models) == 1 else None
+        add_event(session, job_id, message or f"Job failed: {error}", level="error" if error else "info")
+    return status

@@ -1,0 +1,109 @@
+"""Users: created from the caller's external id, and erased completely on request."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import String, cast, delete, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import Job, User, utcnow
+from core.db.models import JOB_FINISHED_STATUSES
+from core.service.api_keys import Caller
+from core.service.errors import InvalidInput, NotFound
+from core.service.model_ids import EXTERNAL_ID_PATTERN
+from core.service.pagination import Page, paginate
+from core.storage import BlobStore, user_blob_prefix
+
+log = logging.getLogger(__name__)
+
+
+def validate_external_id(external_id: object) -> str:
+    if not isinstance(external_id, str) or not EXTERNAL_ID_PATTERN.match(external_id):
+        raise InvalidInput(
+            "external_id must be 1-128 characters of letters, digits and . _ @ + -, "
+            "starting with a letter or digit",
+            param="external_id",
+        )
+    return external_id
+
+
+def get_or_create_user(session: Session, external_id: str) -> tuple[User, bool]:
+    """The live user with `external_id`, creating it if needed; (user, created)."""
+    validate_external_id(external_id)
+    user = session.execute(select(User).where(User.external_id == external_id)).scalar_one_or_none()
+    if user is not None:
+        if user.deleted_at is not None:
+            raise InvalidInput(
+                f"user {external_id!r} is being deleted; retry in a moment", param="external_id"
+            )
+        return user, False
+    user = User(external_id=external_id)
+    session.add(user)
+    session.flush()
+    return user, True
+
+
+def get_user(session: Session, caller: Caller, user_id: str) -> User:
+    """A live user the caller may see; `NotFound` otherwise (also for other users' ids)."""
+    user = session.get(User, user_id)
+    if user is None or user.deleted_at is not None or not caller.may_access(user.id):
+        raise NotFound(f"no user with id {user_id!r}")
+    return user
+
+
+def list_users(
+    session: Session, caller: Caller, *, after: str | None, limit: int, external_id: str | None
+) -> Page[User]:
+    statement = select(User).where(User.deleted_at.is_(None))
+    if not caller.is_admin:
+        statement = statement.where(User.id == caller.user_id)
+    if external_id is not None:
+        statement = statement.where(User.external_id == external_id)
+    return paginate(session, statement, User, after=after, limit=limit, newest_first=False)
+
+
+def delete_user(factory: sessionmaker[Session], store: BlobStore, caller: Caller, user_id: str) -> None:
+    """Erase a user: keys, samples, every prefix blob and index row, and their jobs.
+
+    Order matters for crash safety: the user is first marked deleted (keys stop working, no new
+    prefix can be published), then blobs go, then rows. A crash midway leaves a marked user
+    that a retried DELETE finishes; never a row pointing at a deleted blob that is served.
+    """
+    with factory.begin() as session:
+        user = session.get(User, user_id)
+        if user is None or not caller.may_access(user.id):
+            raise NotFound(f"no user with id {user_id!r}")
+        user.deleted_at = user.deleted_at or utcnow()
+        # Running jobs stop at their next step; queued ones never start.
+        for job in _jobs_of(session, user_id):
+            if job.status not in JOB_FINISHED_STATUSES:
+                job.cancel_requested = True
+    store.delete_prefix(user_blob_prefix(user_id))
+    with factory.begin() as session:
+        for job in _jobs_of(session, user_id):
+            remaining = [uid for uid in job.user_ids if uid != user_id]
+            if not remaining:
+                session.delete(job)  # its events go with it (ON DELETE CASCADE)
+            else:
+                # A batch job of several users: drop this user from it and from its result.
+                job.user_ids = remaining
+                if job.result:
+                    users = {k: v for k, v in job.result.get("users", {}).items() if k != user_id}
+                    job.result = {**job.result, "users": users}
+        session.execute(delete(User).where(User.id == user_id))
+    # A training job that published between the two steps above left a blob whose row the
+    # cascade removed; sweep once more so nothing of the user remains.
+    store.delete_prefix(user_blob_prefix(user_id))
+    log.info("erased user %s", user_id)
+
+
+def _jobs_of(session: Session, user_id: str) -> list[Job]:
+    """Jobs whose `user_ids` (a JSON list) contain `user_id`.
+
+    The text match narrows the rows in SQL the same way on SQLite and Postgres (ids are hex, so
+    they need no escaping); the exact membership test is done here."""
+    candidates = session.execute(
+        select(Job).where(cast(Job.user_ids, String).like(f'%"{user_id}"%'))
+    ).scalars()
+    return [job for job in candidates if user_id in (job.user_ids or [])]
