@@ -232,7 +232,7 @@ class MixedBatchGenerator:
 
     def _accept(self, row: _Row, token: int) -> None:
         params = row.request.params
-        if token in self._eos:
+        if token in self._eos and not params.ignore_eos:
             row.finish_reason = FINISH_STOP
         else:
             row.token_ids.append(token)

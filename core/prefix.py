@@ -178,21 +178,20 @@ def forward_with_prefixes(
     prefixes: PrefixBatch,
     *,
     logits_to_keep: int = 0,
+    hidden_states_only: bool = False,
 ):
     """One forward pass where row i sees its own prefix before its tokens.
 
     `input_ids`/`attention_mask` are (B, T); padding may sit on either side. Positions of real tokens
     start at each row's own prefix length, so a row's result does not depend on its neighbours.
-    Returns the model output; `output.cache` holds prefix + tokens.
+    Returns the model output (`.logits`, and `.cache` holding prefix + tokens), or with
+    `hidden_states_only` the decoder's output (`.last_hidden_state`) so a caller can apply the LM head
+    to the positions it scores only.
     """
     cache = prefixes.as_cache(base.model.config)
     full_mask = torch.cat([prefixes.mask, attention_mask], dim=1)
     positions = prefixes.lengths[:, None] + (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    return base.model(
-        input_ids=input_ids,
-        attention_mask=full_mask,
-        position_ids=positions,
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=logits_to_keep,
-    )
+    inputs = dict(input_ids=input_ids, attention_mask=full_mask, position_ids=positions, cache=cache, use_cache=True)
+    if hidden_states_only:
+        return base.model.base_model(**inputs)
+    return base.model(**inputs, logits_to_keep=logits_to_keep)

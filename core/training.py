@@ -306,11 +306,15 @@ def token_losses(base: BaseModel, rows: list[Example], row_prefixes: list[torch.
         labels[i, :n] = torch.tensor(ex.labels)
         mask[i, :n] = 1
     prefixes = batch_prefixes(row_prefixes, base.geometry, device=device, dtype=base.dtype)
-    logits = forward_with_prefixes(base, ids, mask, prefixes).logits[:, :-1].float()
+    hidden = forward_with_prefixes(base, ids, mask, prefixes, hidden_states_only=True).last_hidden_state
     targets = labels[:, 1:]
     scored = targets != IGNORE
-    losses = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
-    return losses * scored, scored
+    # The LM head (a fifth of SmolLM2's compute) runs only where a token is scored: chat templates
+    # and padding cost nothing there.
+    logits = base.model.get_output_embeddings()(hidden[:, :-1][scored]).float()  # (N, V)
+    losses = torch.zeros(scored.shape, dtype=logits.dtype, device=device)
+    losses[scored] = F.cross_entropy(logits, targets[scored], reduction="none")
+    return losses, scored
 
 
 def _token_loss_sums(base, rows, row_prefixes):

@@ -1,0 +1,254 @@
+"""`steer bench ...`: the engine's performance figures, as ratios measured within one run.
+
+Timings on a shared CPU are noisy, so every figure is compared with a reference measured in the
+same process, minutes apart at most; absolute numbers are printed for context only.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+
+import torch
+import typer
+
+from core.generation import GenerationRequest, MixedBatchGenerator
+from core.model import BaseModel, load_base_model
+from core.prefix import PrefixConfig, kv_from_text
+from core.prompts import chat_prompt_ids, text_ids
+from core.sampling import SamplingParams
+from core.training import TrainingConfig, UserData, train_prefixes
+
+app = typer.Typer(help="Benchmarks of the prefix engine (ratios measured in one run).", no_args_is_help=True)
+
+TOPICS = [
+    "the harvest", "the railways", "the navy", "public schools", "the currency", "foreign trade", "the post office",
+    "the census", "veterans", "the frontier", "tariffs", "the courts", "immigration", "public lands", "the army",
+    "canals", "the treasury", "agriculture", "science", "the mail", "taxes", "bridges", "the ports", "the weather",
+    "medicine", "music", "the budget", "libraries", "the police", "the coast", "newspapers", "the telegraph",
+]
+
+
+def machine_info() -> dict:
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def _user_prefixes(base: BaseModel, n: int, prefix_len: int) -> list[torch.Tensor]:
+    """n distinct, realistic prefixes: the model's own KV for n different pieces of text."""
+    texts = [f"Writing about {topic}, I always say what I think plainly and at length." for topic in TOPICS]
+    return [kv_from_text(base, text_ids(base.tokenizer, texts[i % len(texts)])[:prefix_len]) for i in range(n)]
+
+
+def _prompts(base: BaseModel, n: int) -> list[list[int]]:
+    asks = [f"Write a short paragraph about {TOPICS[i % len(TOPICS)]}." for i in range(n)]
+    return [chat_prompt_ids(base.tokenizer, [{"role": "user", "content": a}]) for a in asks]
+
+
+@dataclass
+class _Run:
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def _timed(fn) -> _Run:
+    started = time.perf_counter()
+    tokens = fn()
+    return _Run(tokens, time.perf_counter() - started)
+
+
+def _batched(base, prompts, prefixes, new_tokens) -> int:
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    requests = [GenerationRequest(p, params, kv) for p, kv in zip(prompts, prefixes)]
+    return sum(r.completion_tokens for r in MixedBatchGenerator(base, len(requests)).generate(requests))
+
+
+def _serial(base, prompts, prefixes, new_tokens) -> int:
+    """One request at a time, the prefix swapped between requests: how a one-adapter server runs."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    engine = MixedBatchGenerator(base, 1)
+    return sum(engine.generate([GenerationRequest(p, params, kv)])[0].completion_tokens for p, kv in zip(prompts, prefixes))
+
+
+@torch.inference_mode()
+def _hf_generate(base, prompts, new_tokens) -> int:
+    """transformers' own generate() on the base model, left-padded batch: the reference to beat."""
+    tok = base.tokenizer
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    out = base.model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+    )
+    return (out.shape[1] - width) * len(prompts)
+
+
+def bench_serving(base: BaseModel, requests: int, new_tokens: int, prefix_len: int, serial_requests: int) -> dict:
+    prompts = _prompts(base, requests)
+    users = _user_prefixes(base, requests, prefix_len)
+    _batched(base, prompts[:4], users[:4], 4)  # warm-up
+    mixed = _timed(lambda: _batched(base, prompts, users, new_tokens))
+    same = _timed(lambda: _batched(base, prompts, [users[0]] * requests, new_tokens))
+    no_prefix = _timed(lambda: _batched(base, prompts, [None] * requests, new_tokens))
+    serial = _timed(lambda: _serial(base, prompts[:serial_requests], users[:serial_requests], new_tokens))
+    hf_batch = _timed(lambda: _hf_generate(base, prompts, new_tokens))
+    hf_single = _timed(lambda: sum(_hf_generate(base, [p], new_tokens) for p in prompts[:4]))
+    runs = {
+        "a_mixed_users": mixed,
+        "b_same_user": same,
+        "c_serial_prefix_swap": serial,
+        "d_base_no_prefix": no_prefix,
+        "hf_generate_batch": hf_batch,
+        "hf_generate_single": hf_single,
+    }
+    return {
+        "requests": requests,
+        "new_tokens": new_tokens,
+        "prefix_len": prefix_len,
+        "tokens_per_s": {k: round(v.tokens_per_s, 1) for k, v in runs.items()},
+        "ratios": {
+            "a/b (goal >= 0.9)": round(mixed.tokens_per_s / same.tokens_per_s, 3),
+            "a/c (goal >= 8)": round(mixed.tokens_per_s / serial.tokens_per_s, 2),
+            "a/d (goal >= 0.95)": round(mixed.tokens_per_s / no_prefix.tokens_per_s, 3),
+            "a/hf_generate_batch": round(mixed.tokens_per_s / hf_batch.tokens_per_s, 3),
+            "hf_batch/hf_single": round(hf_batch.tokens_per_s / hf_single.tokens_per_s, 2),
+        },
+    }
+
+
+def _train_step_seconds(base, users, config) -> float:
+    """Mean wall time of a shared training step, the first (warm-up) step excluded."""
+    marks = []
+    train_prefixes(base, users, config, on_progress=lambda p: marks.append(time.perf_counter()))
+    steps = [b - a for a, b in zip(marks, marks[1:])]
+    return sum(steps) / len(steps)
+
+
+def _samples(n: int, tag: str) -> list[str]:
+    return [
+        f"{tag} note {i}: about {TOPICS[i % len(TOPICS)]}, I would say the matter deserves a careful plan, "
+        f"a modest budget and patience from everyone involved in {TOPICS[(i * 7) % len(TOPICS)]}."
+        for i in range(n)
+    ]
+
+
+def _peft_step_seconds(base: BaseModel, config: TrainingConfig, steps: int) -> float | str:
+    """PEFT PrefixTuningConfig(prefix_projection=True): same model, batch, lengths, prefix length."""
+    try:
+        from peft import PrefixTuningConfig, get_peft_model
+    except ImportError:
+        return "peft not installed (pip install -e '.[bench]')"
+    from core.data import build_examples
+    from core.training import token_losses  # noqa: F401  (same example construction as ours)
+
+    model = get_peft_model(
+        base.model,
+        PrefixTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=config.prefix.prefix_len,
+            prefix_projection=True,
+            encoder_hidden_size=config.prefix.hidden_dim,
+        ),
+    )
+    try:
+        examples = build_examples(base.tokenizer, _samples(40, "peft"), config.max_seq_len, config.formats)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+        times = []
+        for step in range(steps):
+            rows = examples[step * config.batch_size : (step + 1) * config.batch_size]
+            width = max(len(e.input_ids) for e in rows)
+            ids = torch.tensor([e.input_ids + [base.tokenizer.pad_token_id] * (width - len(e.input_ids)) for e in rows])
+            labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in rows])
+            mask = (labels != -100).long() | (ids != base.tokenizer.pad_token_id).long()
+            started = time.perf_counter()
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            times.append(time.perf_counter() - started)
+        return sum(times[1:]) / len(times[1:])
+    except Exception as exc:  # PEFT's breakages with the cache API are part of what we report
+        return f"PEFT failed: {type(exc).__name__}: {exc}"[:300]
+    finally:
+        model.unload() if hasattr(model, "unload") else None
+        base.model.requires_grad_(False)
+
+
+def bench_training(base: BaseModel, steps: int, users: int, personalise_samples: int, time_budget_s: float) -> dict:
+    config = TrainingConfig(prefix=PrefixConfig(prefix_len=16), max_steps=steps, batch_size=4, eval_every=10**6)
+    ours = _train_step_seconds(base, [UserData("u0", _samples(40, "u0"))], config)
+    peft = _peft_step_seconds(base, config, steps)
+    multi_cfg = TrainingConfig(prefix=PrefixConfig(prefix_len=16), max_steps=3, batch_size=2, eval_every=10**6)
+    group = [UserData(f"u{i}", _samples(20, f"u{i}")) for i in range(users)]
+    together = _timed(lambda: train_prefixes(base, group, multi_cfg) and 1).seconds
+    sequential = _timed(lambda: [train_prefixes(base, [u], multi_cfg) for u in group] and 1).seconds
+    fast = TrainingConfig(time_budget_s=time_budget_s)
+    personalise = _timed(lambda: train_prefixes(base, [UserData("p", _samples(personalise_samples, "p"))], fast) and 1)
+    return {
+        "step_seconds_ours": round(ours, 3),
+        "step_seconds_peft": round(peft, 3) if isinstance(peft, float) else peft,
+        "ours/peft (goal <= 1.0)": round(ours / peft, 3) if isinstance(peft, float) else None,
+        f"multi_user_{users}_batched_seconds": round(together, 2),
+        f"sequential_{users}_jobs_seconds": round(sequential, 2),
+        "batched/sequential": round(together / sequential, 3),
+        f"personalise_{personalise_samples}_samples_seconds (goal <= 60)": round(personalise.seconds, 1),
+        "artifact_bytes/base_bytes (goal <= 0.002)": round(base.geometry.numel(16) * 2 / base.weight_bytes(), 5),
+    }
+
+
+def _emit(name: str, result: dict, as_json: bool) -> None:
+    payload = {"benchmark": name, "machine": machine_info(), **result}
+    if as_json:
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    from rich.console import Console
+    from rich.pretty import pprint
+
+    Console().rule(f"steer bench {name}")
+    pprint(payload, expand_all=True)
+
+
+@app.command("serve")
+def serve_command(
+    requests: int = typer.Option(32, help="Concurrent requests (one user each in the mixed run)."),
+    new_tokens: int = typer.Option(64, help="Tokens generated per request."),
+    prefix_len: int = typer.Option(16),
+    serial_requests: int = typer.Option(8, help="Requests timed one at a time (throughput is per token)."),
+    base_model: str = typer.Option("smollm2"),
+    device: str = typer.Option("auto"),
+    dtype: str = typer.Option("auto"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+) -> None:
+    """Serving throughput: mixed users vs one user vs serial prefix swapping vs the bare base model."""
+    base = load_base_model(base_model, device=device, dtype=dtype)
+    _emit("serve", bench_serving(base, requests, new_tokens, prefix_len, serial_requests), as_json)
+
+
+@app.command("train")
+def train_command(
+    steps: int = typer.Option(6, help="Timed training steps (first excluded)."),
+    users: int = typer.Option(8, help="Users in the multi-user vs sequential comparison."),
+    personalise_samples: int = typer.Option(50),
+    time_budget_s: float = typer.Option(55.0, help="Budget given to the one-user personalisation run."),
+    base_model: str = typer.Option("smollm2"),
+    device: str = typer.Option("auto"),
+    dtype: str = typer.Option("auto"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+) -> None:
+    """Training: step time vs PEFT, multi-user batching vs sequential jobs, time to personalise."""
+    base = load_base_model(base_model, device=device, dtype=dtype)
+    _emit("train", bench_training(base, steps, users, personalise_samples, time_budget_s), as_json)
