@@ -1,0 +1,76 @@
+"""The FastAPI application factory.
+
+`create_app()` builds the app for the process settings; tests pass their own `Settings` (or a
+ready `ServiceContext`). Startup (lifespan) starts the background machinery of the mode:
+embedded -> the in-process training executor; distributed -> a Celery client for `steer.train`.
+
+Extension point for serving: `app.state.ctx` is the `ServiceContext` (settings, sessions, blob
+store, shared base model) from the moment the app exists; `api/routes/completions.py` is
+included like any other router and may bring its own `APIRouter(lifespan=...)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+
+from api.dispatch import JobDispatcher, make_dispatcher
+from api.errors import install_error_handlers
+from api.metrics import make_registry
+from api.routes import admin, completions, health, jobs, onboarding, samples, users
+from core.config import Settings, get_settings
+from core.db.migrate import upgrade_to_head
+from core.service.context import ServiceContext, build_context
+
+log = logging.getLogger(__name__)
+API_PREFIX = "/v1"
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    context: ServiceContext | None = None,
+    dispatcher: JobDispatcher | None = None,
+) -> FastAPI:
+    """The Steer HTTP app for `settings` (default: the environment), or around `context`.
+
+    `dispatcher` replaces the mode's job runner (tests record job ids instead of training)."""
+    ctx = context or build_context(settings or get_settings())
+    owns_context = context is None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if ctx.settings.effective_database_url.startswith("sqlite"):
+            # Embedded: no separate migration step to forget. Postgres deployments run
+            # `steer migrate` (the compose `migrate` service) before the API starts.
+            upgrade_to_head(ctx.settings.effective_database_url)
+        app.state.dispatcher.start()
+        log.info("Steer API ready (%s mode)", ctx.settings.mode)
+        try:
+            yield
+        finally:
+            app.state.dispatcher.stop()
+            if owns_context:
+                ctx.close()
+
+    app = FastAPI(
+        title="Steer",
+        description="Per-user personalization of a frozen language model with prefix tuning.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    app.state.dispatcher = dispatcher or make_dispatcher(ctx)
+    app.state.metrics_registry = make_registry(ctx, getattr(app.state.dispatcher, "queue_depth", None))
+    install_error_handlers(app)
+
+    v1 = APIRouter(prefix=API_PREFIX)
+    for module in (onboarding, users, samples, jobs, admin):
+        v1.include_router(module.router)
+    app.include_router(v1)
+    app.include_router(completions.router)  # carries its own /v1 prefix
+    app.include_router(health.router)
+    return app

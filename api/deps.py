@@ -1,0 +1,72 @@
+"""Shared dependencies as typed aliases: a route states what it needs in its signature."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from api.dispatch import JobDispatcher
+from core.config import Settings
+from core.service.api_keys import Caller, authenticate
+from core.service.context import ServiceContext
+from core.service.errors import PermissionDenied, Unauthenticated
+
+
+def get_context(request: Request) -> ServiceContext:
+    return request.app.state.ctx
+
+
+def get_dispatcher(request: Request) -> JobDispatcher:
+    return request.app.state.dispatcher
+
+
+def get_session(ctx: Annotated[ServiceContext, Depends(get_context)]) -> Iterator[Session]:
+    """One session per request: committed when the route returns, rolled back if it raises."""
+    session = ctx.session_factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+ContextDep = Annotated[ServiceContext, Depends(get_context)]
+SessionDep = Annotated[Session, Depends(get_session)]
+DispatcherDep = Annotated[JobDispatcher, Depends(get_dispatcher)]
+
+
+def get_settings_dep(ctx: ContextDep) -> Settings:
+    return ctx.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+def get_caller(request: Request, ctx: ContextDep, session: SessionDep) -> Caller:
+    """The admin or the user whose key is in `Authorization: Bearer <key>`; 401 otherwise."""
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
+    caller = authenticate(session, key.strip(), ctx.admin_key_hashes)
+    if caller is None:
+        raise Unauthenticated("invalid API key")
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def require_admin(caller: CallerDep) -> Caller:
+    if not caller.is_admin:
+        raise PermissionDenied("this endpoint needs the admin key")
+    return caller
+
+
+AdminDep = Annotated[Caller, Depends(require_admin)]

@@ -1,0 +1,58 @@
+"""Handing committed jobs to whoever runs them: the embedded executor or the Celery workers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from core.service.context import ServiceContext
+from core.service.errors import DispatchError
+from core.service.executor import EmbeddedExecutor
+
+log = logging.getLogger(__name__)
+TRAIN_TASK = "steer.train"
+TRAIN_QUEUE = "train"
+
+
+class JobDispatcher(Protocol):
+    def start(self) -> None: ...
+    def submit(self, job_id: str) -> None: ...
+    def stop(self) -> None: ...
+
+
+class CeleryDispatcher:
+    """Sends `steer.train(job_id)` to the `train` queue; the worker does the rest."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        from workers.celery_app import make_celery  # Celery only in distributed mode
+
+        self.celery = make_celery(ctx.settings)
+
+    def start(self) -> None:
+        pass
+
+    def submit(self, job_id: str) -> None:
+        try:
+            self.celery.send_task(TRAIN_TASK, args=[job_id], queue=TRAIN_QUEUE)
+        except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
+            raise DispatchError(f"cannot queue job {job_id}: the broker is unavailable ({exc})") from exc
+
+    def stop(self) -> None:
+        pass
+
+    def ping(self) -> None:
+        with self.celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=3)
+
+    def queue_depth(self) -> int | None:
+        try:
+            with self.celery.connection_for_read() as connection:
+                return int(connection.default_channel.client.llen(TRAIN_QUEUE))
+        except Exception:  # noqa: BLE001
+            return None
+
+
+def make_dispatcher(ctx: ServiceContext) -> JobDispatcher:
+    if ctx.settings.mode == "distributed":
+        return CeleryDispatcher(ctx)
+    return EmbeddedExecutor(ctx)

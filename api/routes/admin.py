@@ -1,0 +1,32 @@
+"""Admin operations: batched retraining of many users."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from api.deps import AdminDep, ContextDep, DispatcherDep, SessionDep
+from api.jobs_dispatch import commit_and_dispatch
+from api.schemas import RetrainRequest, job_object, list_object
+from core.service.retrain import RetrainSelection, create_retrain_jobs
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+@router.post("/retrain", status_code=201)
+def retrain(
+    body: RetrainRequest, _admin: AdminDep, session: SessionDep, ctx: ContextDep, dispatcher: DispatcherDep
+) -> dict[str, Any]:
+    """Retrain a list of users, all users, or users whose prefix is older than `trained_before`
+    or was trained on another base model, as batched jobs of `users_per_job` users each."""
+    other_fingerprint = ctx.base_model().fingerprint if body.other_base_model else None
+    selection = RetrainSelection(
+        user_ids=body.user_ids,
+        all_users=body.all,
+        trained_before=body.trained_before,
+        other_base_fingerprint=other_fingerprint,
+    )
+    jobs = create_retrain_jobs(session, selection, body.hyperparameters, body.users_per_job)
+    commit_and_dispatch(session, dispatcher, jobs)
+    return list_object([job_object(job, ctx.settings.base_model) for job in jobs], False)

@@ -1,0 +1,50 @@
+"""Liveness, readiness and Prometheus metrics (outside /v1: they are for operators)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from api.deps import ContextDep
+from core.db.migrate import schema_is_current
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is up (says nothing about its dependencies)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(request: Request, ctx: ContextDep) -> JSONResponse:
+    """Ready to serve: database reachable and migrated, broker reachable (distributed mode),
+    blob store usable. 503 with the failing checks otherwise."""
+    checks: dict[str, Any] = {}
+    try:
+        checks["database"] = "ok" if schema_is_current(ctx.engine) else "schema is not migrated: run `steer migrate`"
+    except Exception as exc:  # noqa: BLE001
+        checks["database"] = f"unreachable: {type(exc).__name__}: {exc}".splitlines()[0]
+    dispatcher = request.app.state.dispatcher
+    if hasattr(dispatcher, "ping"):
+        try:
+            dispatcher.ping()
+            checks["broker"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            checks["broker"] = f"unreachable: {exc}".splitlines()[0]
+    try:
+        ctx.store.ping()
+        checks["store"] = "ok"
+    except Exception as exc:  # noqa: BLE001
+        checks["store"] = f"unavailable: {exc}".splitlines()[0]
+    ready = all(value == "ok" for value in checks.values())
+    return JSONResponse({"status": "ready" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503)
+
+
+@router.get("/metrics")
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)

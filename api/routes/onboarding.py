@@ -1,0 +1,43 @@
+"""`POST /v1/onboarding`: create (or reuse) a user, store samples, start training, in one call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from api.deps import AdminDep, DispatcherDep, SessionDep, SettingsDep
+from api.jobs_dispatch import commit_and_dispatch
+from api.schemas import OnboardingRequest, job_object, user_object
+from api.uploads import read_sample_upload, upload_openapi
+from core.service.api_keys import issue_user_key
+from core.service.jobs import create_job
+from core.service.samples import add_samples, validate_samples
+from core.service.users import get_or_create_user
+
+router = APIRouter(tags=["onboarding"])
+
+_BODY = upload_openapi(OnboardingRequest, {"external_id": {"type": "string"}})
+
+
+@router.post("/onboarding", status_code=201, openapi_extra=_BODY)
+async def onboard(
+    request: Request, _admin: AdminDep, session: SessionDep, settings: SettingsDep, dispatcher: DispatcherDep
+) -> dict[str, Any]:
+    """Create the user (or take the existing one with this external id), add the samples and
+    start a training job. The user's API key is in the answer only when the user is new."""
+    upload = await read_sample_upload(request, settings, OnboardingRequest)
+    texts = validate_samples(upload.samples, settings)
+    user, created = get_or_create_user(session, upload.fields["external_id"])
+    added, duplicates = add_samples(session, settings, user, texts, upload.source)
+    job = create_job(session, "onboarding", [user], upload.fields.get("hyperparameters"))
+    key = issue_user_key(session, user) if created else None
+    commit_and_dispatch(session, dispatcher, [job])
+    return {
+        "object": "onboarding",
+        "user": user_object(user),
+        "created": created,
+        "api_key": key,
+        "samples": {"added": len(added), "duplicates": duplicates},
+        "job": job_object(job, settings.base_model),
+    }

@@ -1,0 +1,141 @@
+"""Request bodies and the JSON shapes of responses (OpenAI's where one exists)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.db import Job, JobEvent, PrefixVersion, Sample, User
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OnboardingRequest(_Strict):
+    external_id: str = Field(description="The caller's own id of the user (letters, digits, . _ @ + -).")
+    samples: list[Any] = Field(description="Writing samples, one string each.")
+    hyperparameters: dict[str, Any] | None = Field(
+        default=None, description='Training hyperparameters; each may be "auto".'
+    )
+
+
+class SamplesRequest(_Strict):
+    samples: list[Any] = Field(description="Writing samples, one string each.")
+
+
+class CreateJobRequest(_Strict):
+    user: str | None = Field(default=None, description="User id; a user key may omit it (itself).")
+    hyperparameters: dict[str, Any] | None = None
+    model: str | None = Field(
+        default=None, description="Accepted for OpenAI compatibility; must be the served base model."
+    )
+
+
+class RetrainRequest(_Strict):
+    user_ids: list[str] | None = Field(default=None, description="Retrain exactly these users.")
+    all: bool = Field(default=False, description="Retrain every user that has samples.")
+    trained_before: datetime | None = Field(
+        default=None, description="Retrain users whose active prefix is older than this (ISO 8601, with zone)."
+    )
+    other_base_model: bool = Field(
+        default=False, description="Retrain users whose active prefix was trained on another base model."
+    )
+    users_per_job: int = Field(default=8, description="Users trained together in one batched job.")
+    hyperparameters: dict[str, Any] | None = None
+
+
+def ts(value: datetime | None) -> int | None:
+    """Unix seconds, as OpenAI's API returns times."""
+    return None if value is None else int(value.timestamp())
+
+
+def user_object(user: User, active: PrefixVersion | None = None) -> dict[str, Any]:
+    from core.service.registry import model_id_of
+
+    return {
+        "object": "user",
+        "id": user.id,
+        "external_id": user.external_id,
+        "created_at": ts(user.created_at),
+        "fine_tuned_model": model_id_of(user, active) if active is not None else None,
+    }
+
+
+def sample_object(sample: Sample) -> dict[str, Any]:
+    return {
+        "object": "sample",
+        "id": sample.id,
+        "user_id": sample.user_id,
+        "text": sample.text,
+        "sha256": sample.sha256,
+        "source": sample.source,
+        "created_at": ts(sample.created_at),
+    }
+
+
+def prefix_object(user: User, row: PrefixVersion) -> dict[str, Any]:
+    from core.service.registry import model_id_of
+
+    return {
+        "object": "prefix_version",
+        "id": row.id,
+        "model": model_id_of(user, row),
+        "version": row.version,
+        "status": row.status,
+        "base_model": row.base_model_id,
+        "base_fingerprint": row.base_fingerprint,
+        "prefix_len": row.prefix_len,
+        "bytes": row.bytes,
+        "sha256": row.sha256,
+        "metrics": row.metrics,
+        "job_id": row.job_id,
+        "created_at": ts(row.created_at),
+    }
+
+
+def job_object(job: Job, base_model_id: str | None = None) -> dict[str, Any]:
+    error = None
+    if job.error:
+        error = {"code": "training_failed", "message": job.error, "param": None}
+    return {
+        "object": "fine_tuning.job",
+        "id": job.id,
+        "kind": job.kind,
+        "model": base_model_id,
+        "status": job.status,
+        "user_ids": job.user_ids,
+        "user": job.user_ids[0] if len(job.user_ids) == 1 else None,
+        "hyperparameters": job.hyperparameters,
+        "fine_tuned_model": job.fine_tuned_model,
+        "result": job.result,
+        "progress": job.progress,
+        "attempts": job.attempts,
+        "error": error,
+        "created_at": ts(job.created_at),
+        "started_at": ts(job.started_at),
+        "finished_at": ts(job.finished_at),
+    }
+
+
+def event_object(event: JobEvent) -> dict[str, Any]:
+    return {
+        "object": "fine_tuning.job.event",
+        "id": f"ftevent-{event.id}",
+        "created_at": ts(event.created_at),
+        "level": event.level,
+        "message": event.message,
+        "data": event.data,
+        "type": "metrics" if event.data and "step" in event.data else "message",
+    }
+
+
+def list_object(data: list[Any], has_more: bool) -> dict[str, Any]:
+    return {"object": "list", "data": data, "has_more": has_more}
+
+
+def api_key_object(key: str) -> dict[str, Any]:
+    return {"object": "api_key", "key": key, "note": "shown once; store it now"}
+

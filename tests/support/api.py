@@ -1,0 +1,86 @@
+"""Helpers of the API tests: settings for a temp dir, an app around a shared tiny model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from core.config import Settings
+from core.model import BaseModel, load_base_model
+from core.service.context import build_context
+
+ADMIN_KEY = "sk-steer-admin-test-key"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+SAMPLES = [
+    "I always start my letters with a short hello and end them with a long goodbye.",
+    "The weather here is grey again, but the bakery on the corner makes it worth it.",
+    "My cat believes the keyboard is a bed, which explains the typos in this note.",
+    "We walked along the river until the lights came on across the water.",
+]
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Embedded-mode settings under `tmp_path`, tiny model, training a couple of steps."""
+    values: dict[str, Any] = {
+        "data_dir": tmp_path / "steer",
+        "base_model": "tiny",
+        "device": "cpu",
+        "admin_key": ADMIN_KEY,
+        "train_max_steps_default": 2,
+        "train_batch_size_default": 2,
+        "train_prefix_len_default": 2,
+        "train_max_seq_len": 64,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@lru_cache(maxsize=1)
+def tiny_base_model() -> BaseModel:
+    """The tiny random model, loaded once per test process and shared (it is frozen)."""
+    return load_base_model("tiny", device="cpu")
+
+
+class RecordingDispatcher:
+    """Records submitted job ids instead of running them."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+
+    def start(self) -> None:
+        pass
+
+    def submit(self, job_id: str) -> None:
+        self.submitted.append(job_id)
+
+    def stop(self) -> None:
+        pass
+
+
+@contextmanager
+def api_client(settings: Settings, base: BaseModel | None = None, dispatcher: Any = None) -> Iterator[TestClient]:
+    ctx = build_context(settings, base_model=base)
+    app = create_app(context=ctx, dispatcher=dispatcher)
+    try:
+        with TestClient(app) as client:
+            yield client
+    finally:
+        ctx.close()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def onboard(client: TestClient, external_id: str, samples: list[str] | None = None, **extra: Any) -> dict:
+    response = client.post(
+        "/v1/onboarding", headers=ADMIN, json={"external_id": external_id, "samples": samples or SAMPLES, **extra}
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
