@@ -1,0 +1,157 @@
+"""Training through the API in embedded mode (tiny model): jobs succeed, prefixes are stored
+verified, retries never duplicate a version, and erasing a user leaves nothing behind."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from core.db import Job, JobEvent, PrefixVersion, Sample, User
+from core.service.model_ids import format_model_id, parse_model_id
+from core.service.registry import PrefixArtifacts, load_prefix_bytes, publish_prefix
+from core.service.training_job import run_training_job
+from core.storage import sha256_hex
+from tests.support.api import ADMIN, SAMPLES, RecordingDispatcher, api_client, make_settings, onboard, tiny_base_model
+
+
+def _wait(client, job_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=ADMIN).json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def test_model_ids_round_trip_and_reject_garbage():
+    model = format_model_id("tiny-llama-random", "alice@example.com", 3)
+    assert model == "ft:tiny-llama-random:alice@example.com:v3"
+    ref = parse_model_id(model)
+    assert (ref.base_model_id, ref.external_id, ref.version) == ("tiny-llama-random", "alice@example.com", 3)
+    assert parse_model_id("ft:tiny-llama-random:alice").version is None
+    for bad in ("tiny", "ft:x", "ft:x:a:3", "ft:x:a:v0", "ft::a:v1", "ft:x:a:b:v1"):
+        assert parse_model_id(bad) is None
+
+
+def test_onboarding_trains_publishes_and_erasure_removes_everything(tmp_path: Path):
+    with api_client(make_settings(tmp_path), base=tiny_base_model()) as client:
+        ctx = client.app.state.ctx
+        body = onboard(client, "alice")
+        user_id = body["user"]["id"]
+        job = _wait(client, body["job"]["id"])
+        assert job["status"] == "succeeded", job
+        assert job["hyperparameters"]["max_steps"] == 2 and job["hyperparameters"]["prefix_len"] == 2
+        ref = parse_model_id(job["fine_tuned_model"])
+        assert (ref.external_id, ref.version, ref.base_model_id) == ("alice", 1, "tiny-llama-random")
+
+        events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100", headers=ADMIN).json()["data"]
+        losses = [e["data"]["train_loss"] for e in events if e["data"] and "train_loss" in e["data"]]
+        assert losses and all(loss > 0 for loss in losses)
+
+        with ctx.session_factory() as session:
+            row = session.execute(select(PrefixVersion).where(PrefixVersion.user_id == user_id)).scalar_one()
+            assert row.status == "active" and row.job_id == job["id"]
+            data = load_prefix_bytes(ctx.store, row)
+            assert sha256_hex(data) == row.sha256 and len(data) == row.bytes
+        assert set(ctx.store.list(f"users/{user_id}/")) == {row.blob_key, row.state_blob_key}
+
+        # Retraining warm-starts from v1 and makes v2 active; v1 stays for rollback.
+        retrain = client.post("/v1/fine_tuning/jobs", headers=ADMIN, json={"user": user_id})
+        assert _wait(client, retrain.json()["id"])["fine_tuned_model"].endswith(":v2")
+        versions = client.get(f"/v1/users/{user_id}/prefixes", headers=ADMIN).json()["data"]
+        assert [(v["version"], v["status"]) for v in versions] == [(1, "retired"), (2, "active")]
+        rolled = client.post(f"/v1/users/{user_id}/prefixes/1/activate", headers=ADMIN).json()
+        assert rolled["status"] == "active"
+        assert client.get(f"/v1/users/{user_id}", headers=ADMIN).json()["fine_tuned_model"].endswith(":v1")
+
+        assert client.delete(f"/v1/users/{user_id}", headers=ADMIN).status_code == 200
+        assert ctx.store.list("users/") == []
+        with ctx.session_factory() as session:
+            for model in (User, Sample, PrefixVersion, Job):
+                assert session.execute(select(func.count()).select_from(model)).scalar_one() == 0
+            assert session.execute(select(func.count()).select_from(JobEvent)).scalar_one() == 0
+
+
+def test_run_training_job_is_idempotent_by_job_id(tmp_path: Path):
+    with api_client(make_settings(tmp_path), base=tiny_base_model(), dispatcher=RecordingDispatcher()) as client:
+        ctx = client.app.state.ctx
+        job_id = onboard(client, "bob")["job"]["id"]
+        assert run_training_job(job_id, ctx) == "succeeded"
+        assert run_training_job(job_id, ctx) is None  # finished: nothing to do
+        # A redelivered message for a job whose worker died after publishing: no duplicate.
+        with ctx.session_factory.begin() as session:
+            session.get(Job, job_id).status = "running"
+        assert run_training_job(job_id, ctx) == "succeeded"
+        with ctx.session_factory() as session:
+            versions = session.execute(select(PrefixVersion.version)).scalars().all()
+            job = session.get(Job, job_id)
+        assert versions == [1] and job.attempts == 2 and job.fine_tuned_model.endswith(":v1")
+
+
+def test_a_cancelled_job_never_trains(tmp_path: Path):
+    with api_client(make_settings(tmp_path), base=tiny_base_model(), dispatcher=RecordingDispatcher()) as client:
+        ctx = client.app.state.ctx
+        job_id = onboard(client, "carol")["job"]["id"]
+        with ctx.session_factory.begin() as session:
+            session.get(Job, job_id).cancel_requested = True  # requested while it was running
+            session.get(Job, job_id).status = "running"
+        assert run_training_job(job_id, ctx) is None
+        with ctx.session_factory() as session:
+            assert session.get(Job, job_id).status == "cancelled"
+            assert session.execute(select(func.count()).select_from(PrefixVersion)).scalar_one() == 0
+
+
+def test_publish_removes_the_blob_when_the_index_row_cannot_be_committed(tmp_path: Path):
+    with api_client(make_settings(tmp_path), dispatcher=RecordingDispatcher()) as client:
+        ctx = client.app.state.ctx
+        user_id = onboard(client, "dan")["user"]["id"]
+        artifacts = PrefixArtifacts(
+            prefix=b"prefix-bytes", state=b"state-bytes", base_model_id="m", base_fingerprint="f",
+            prefix_len=2, metrics={"not json": object()},  # the INSERT fails to serialize this
+        )
+        with pytest.raises(Exception):
+            publish_prefix(ctx.session_factory, ctx.store, user_id, artifacts, job_id=None)
+        assert ctx.store.list("users/") == []
+        with ctx.session_factory() as session:
+            assert session.execute(select(func.count()).select_from(PrefixVersion)).scalar_one() == 0
+
+
+def test_admin_retrain_batches_users_into_multi_user_jobs(tmp_path: Path):
+    with api_client(make_settings(tmp_path), base=tiny_base_model(), dispatcher=RecordingDispatcher()) as client:
+        ctx = client.app.state.ctx
+        users = [onboard(client, name)["user"]["id"] for name in ("u1", "u2", "u3")]
+        response = client.post("/v1/admin/retrain", headers=ADMIN, json={"all": True, "users_per_job": 2})
+        assert response.status_code == 201
+        jobs = response.json()["data"]
+        assert [len(j["user_ids"]) for j in jobs] == [2, 1] and all(j["kind"] == "admin-batch" for j in jobs)
+        assert run_training_job(jobs[0]["id"], ctx) == "succeeded"
+        done = client.get(f"/v1/fine_tuning/jobs/{jobs[0]['id']}", headers=ADMIN).json()
+        assert set(done["result"]["users"]) == set(users[:2]) and done["fine_tuned_model"] is None
+        # Only users whose prefix was trained on another base model: none yet.
+        other = client.post("/v1/admin/retrain", headers=ADMIN, json={"other_base_model": True})
+        assert other.status_code == 201 and other.json()["data"] == []
+        with ctx.session_factory.begin() as session:
+            session.execute(PrefixVersion.__table__.update().values(base_fingerprint="old-model"))
+        other = client.post("/v1/admin/retrain", headers=ADMIN, json={"other_base_model": True})
+        assert [sorted(j["user_ids"]) for j in other.json()["data"]] == [sorted(users[:2])]
+
+
+def test_health_readiness_and_metrics(tmp_path: Path):
+    with api_client(make_settings(tmp_path), dispatcher=RecordingDispatcher()) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "store": "ok"}
+        onboard(client, "eve", samples=SAMPLES[:2])
+        metrics = client.get("/metrics").text
+        assert 'steer_jobs{status="queued"} 1.0' in metrics and "steer_queue_depth 1.0" in metrics
+        assert "steer_training_step_seconds_bucket" in metrics
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    broken = make_settings(tmp_path / "b", data_dir=blocker / "steer", database_url=f"sqlite:///{tmp_path / 'b.db'}")
+    with api_client(broken, dispatcher=RecordingDispatcher()) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["store"].startswith("unavailable")
