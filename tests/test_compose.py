@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -73,11 +74,21 @@ def test_dockerfile_installs_the_package_and_runs_steer():
     assert "pip install ." in dockerfile and '"steer", "serve"' in dockerfile and "HEALTHCHECK" in dockerfile
 
 
-@pytest.mark.skipif(shutil.which("docker") is None, reason="docker CLI not installed")
+def _compose_plugin() -> str | None:
+    docker = shutil.which("docker")
+    if docker is None:
+        return None
+    probe = subprocess.run([docker, "compose", "version"], capture_output=True, text=True)
+    return docker if probe.returncode == 0 else None
+
+
 def test_docker_compose_config_accepts_the_file():
+    docker = _compose_plugin()
+    if docker is None:
+        pytest.skip("the docker compose plugin is not installed; the YAML checks above still ran")
     result = subprocess.run(
-        ["docker", "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"],
-        env={"STEER_ADMIN_KEY": "x", "PATH": "/usr/bin:/bin"},
+        [docker, "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"],
+        env={**os.environ, "STEER_ADMIN_KEY": "x"},
         capture_output=True,
         text=True,
     )
