@@ -120,10 +120,17 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         default=256,
         gt=0,
-        description="Most generation requests waiting for a batch; beyond it requests get 503.",
+        description="Most generation requests waiting for a batch; beyond it requests get 429 "
+        "with Retry-After.",
     )
     request_timeout_s: float = Field(
         default=120, gt=0, description="Seconds a generation request may wait and run."
+    )
+    infer_claim_idle_s: float = Field(
+        default=30,
+        gt=0,
+        description="Distributed mode: seconds an inference request may sit unacknowledged with a "
+        "silent worker before another worker reclaims it.",
     )
     prefix_cache_bytes: int = Field(
         default=256 * MiB,

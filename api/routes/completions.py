@@ -1,0 +1,224 @@
+"""OpenAI-compatible completion endpoints: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+
+Each handler validates the body, authorizes the `model` for the caller (before anything is queued),
+builds an `InferenceJob` and hands it to the app's `Completer`; the answer is one JSON object or,
+with `stream: true`, server-sent events in OpenAI's chunk format ending with `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import CallerDep, get_context
+from core.inference import catalog
+from core.inference.completer import Submission
+from core.inference.errors import DeadlineExceeded, InferenceFailed
+from core.inference.jobs import InferenceJob, RowFinished, TextDelta
+from core.inference.requests import (
+    DEFAULT_COMPLETION_MAX_TOKENS,
+    DEFAULT_MAX_TOKENS,
+    ChatCompletionBody,
+    CompletionBody,
+    parse_body,
+)
+from core.prompts import chat_prompt_ids, text_ids
+from core.service.api_keys import Caller
+from core.service.errors import InvalidInput
+
+router = APIRouter(prefix="/v1", tags=["completions"])
+
+_DISCONNECT_POLL_S = 0.25
+
+
+@router.get("/models")
+async def list_models(request: Request, caller: CallerDep) -> dict:
+    context = get_context(request)
+    base = context.base_model()
+
+    def query():
+        with context.session_factory() as session:
+            return catalog.list_models(session, caller, base.model_id)
+
+    entries = await run_in_threadpool(query)
+    return {
+        "object": "list",
+        "data": [{"id": e.id, "object": "model", "created": e.created, "owned_by": e.owned_by} for e in entries],
+    }
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, caller: CallerDep):
+    body: ChatCompletionBody = parse_body(ChatCompletionBody, await _json(request))
+    base = get_context(request).base_model()
+    params = body.sampling(DEFAULT_MAX_TOKENS, base.max_context)
+    try:
+        prompt_ids = chat_prompt_ids(base.tokenizer, body.plain_messages())
+    except InvalidInput:
+        raise
+    except Exception as exc:  # the chat template refused the conversation
+        raise InvalidInput(f"messages cannot be rendered: {exc}", param="messages") from exc
+    job = await _job(request, caller, body, prompt_ids, params)
+    return await _answer(request, body, job, chat=True)
+
+
+@router.post("/completions")
+async def completions(request: Request, caller: CallerDep):
+    body: CompletionBody = parse_body(CompletionBody, await _json(request))
+    base = get_context(request).base_model()
+    params = body.sampling(DEFAULT_COMPLETION_MAX_TOKENS, base.max_context)
+    prompt = body.prompt_text_or_ids()
+    prompt_ids = text_ids(base.tokenizer, prompt) if isinstance(prompt, str) else prompt
+    if any(not 0 <= t < len(base.tokenizer) for t in prompt_ids):
+        raise InvalidInput("prompt holds token ids outside the vocabulary", param="prompt")
+    job = await _job(request, caller, body, prompt_ids, params)
+    return await _answer(request, body, job, chat=False)
+
+
+# -- shared steps ----------------------------------------------------------------------------------
+
+
+async def _json(request: Request) -> Any:
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"the request body is not valid JSON: {exc}") from exc
+
+
+async def _job(request: Request, caller: Caller, body, prompt_ids: list[int], params) -> InferenceJob:
+    """Authorize the model for the caller and build the job (nothing is queued yet)."""
+    context = get_context(request)
+    base = context.base_model()
+    if not prompt_ids:
+        raise InvalidInput("the prompt is empty", param="prompt")
+
+    def resolve():
+        with context.session_factory() as session:
+            return catalog.resolve_model(session, caller, body.model, base.model_id)
+
+    prefix = await run_in_threadpool(resolve)
+    return InferenceJob(
+        prompt_ids=prompt_ids,
+        params=params,
+        n=body.n,
+        prefix=prefix,
+        deadline=time.time() + context.settings.request_timeout_s,
+    )
+
+
+async def _answer(request: Request, body, job: InferenceJob, *, chat: bool):
+    completer = request.app.state.completer
+    submission = await completer.submit(job)  # QueueFull / InvalidRequest / ... surface as errors here
+    shape = _Shape(job, body.model, chat)
+    if body.stream:
+        return StreamingResponse(
+            _sse(submission, shape, body.include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": job.request_id},
+        )
+    rows = await _results_unless_disconnected(request, submission)
+    if rows is None:
+        return JSONResponse({}, status_code=499)  # nobody is listening any more
+    return JSONResponse(shape.full(rows), headers={"X-Request-Id": job.request_id})
+
+
+async def _results_unless_disconnected(request: Request, submission: Submission) -> list[RowFinished] | None:
+    """Wait for the job; cancel it (freeing its batch slot) if the client goes away first."""
+    task = asyncio.ensure_future(submission.results())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                await submission.cancel()
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def _sse(submission: Submission, shape: _Shape, include_usage: bool) -> AsyncIterator[str]:
+    finished = False
+    rows: list[RowFinished] = []
+    try:
+        for index in range(shape.job.n):
+            yield _data(shape.opening(index))
+        async for event in submission.events():
+            if isinstance(event, TextDelta):
+                yield _data(shape.delta(event.index, event.text))
+            elif isinstance(event, RowFinished):
+                rows.append(event)
+                yield _data(shape.finish(event))
+        finished = True
+        if include_usage:
+            yield _data(shape.usage_chunk(rows))
+        yield "data: [DONE]\n\n"
+    except (DeadlineExceeded, InferenceFailed) as exc:
+        finished = True
+        code = "timeout" if isinstance(exc, DeadlineExceeded) else "inference_failed"
+        yield _data({"error": {"message": str(exc), "type": "server_error", "param": None, "code": code}})
+    finally:
+        if not finished:  # the client disconnected mid-stream: free the slot
+            await submission.cancel()
+
+
+def _data(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+class _Shape:
+    """OpenAI's response and chunk objects for one job (chat or legacy completions)."""
+
+    def __init__(self, job: InferenceJob, model: str, chat: bool):
+        self.job = job
+        self.model = model
+        self.chat = chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _envelope(self, choices: list[dict], chunk: bool) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    def _usage(self, rows: list[RowFinished]) -> dict:
+        completion = sum(r.completion_tokens for r in rows)
+        prompt = len(self.job.prompt_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _choice(self, index: int, text: str | None, finish_reason: str | None, chunk: bool) -> dict:
+        if not self.chat:
+            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        if chunk:
+            delta = {} if text is None else {"content": text}
+            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        message = {"role": "assistant", "content": text, "refusal": None}
+        return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
+
+    def full(self, rows: list[RowFinished]) -> dict:
+        choices = [self._choice(r.index, r.text, r.finish_reason, chunk=False) for r in rows]
+        return {**self._envelope(choices, chunk=False), "usage": self._usage(rows)}
+
+    def opening(self, index: int) -> dict:
+        if self.chat:
+            choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        else:
+            choice = self._choice(index, "", None, chunk=True)
+        return self._envelope([choice], chunk=True)
+
+    def delta(self, index: int, text: str) -> dict:
+        return self._envelope([self._choice(index, text, None, chunk=True)], chunk=True)
+
+    def finish(self, row: RowFinished) -> dict:
+        return self._envelope([self._choice(row.index, None if self.chat else "", row.finish_reason, chunk=True)], chunk=True)
+
+    def usage_chunk(self, rows: list[RowFinished]) -> dict:
+        return {**self._envelope([], chunk=True), "usage": self._usage(rows)}

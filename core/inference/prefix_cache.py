@@ -1,0 +1,143 @@
+"""An LRU cache of loaded user prefixes, bounded by bytes.
+
+Keys are (user_id, version). Which version is current is *not* decided here: every request names
+the exact version it wants (the API resolves `user:<id>` to the active version per request, a cheap
+index lookup), so a newly published version is used by the next request without any restart. When a
+user's newer version is loaded, the older versions of that user are dropped at once instead of
+waiting for LRU pressure.
+
+Loading (object store read + sha256 check + artifact verification against the base model) happens
+outside the lock and at most once per key at a time: concurrent first requests for the same prefix
+wait for one load instead of reading the store N times.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from core.artifacts import load_prefix
+from core.model import BaseModel
+from core.storage.base import BlobStore
+
+
+@dataclass(frozen=True)
+class PrefixRef:
+    """Which stored prefix a request uses: enough to load it without a database."""
+
+    user_id: str
+    version: int
+    blob_key: str
+    sha256: str
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.user_id, self.version)
+
+    def to_dict(self) -> dict:
+        return {"user_id": self.user_id, "version": self.version, "blob_key": self.blob_key, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PrefixRef:
+        return cls(str(data["user_id"]), int(data["version"]), str(data["blob_key"]), str(data["sha256"]))
+
+
+Loader = Callable[[PrefixRef], torch.Tensor]
+"""Reads and verifies one prefix; returns its KV tensor (L, 2, H, P, D) on the model's device."""
+
+
+def store_loader(store: BlobStore, base: BaseModel) -> Loader:
+    """The production loader: blob store read with sha256 check, then artifact checks against `base`."""
+
+    def load(ref: PrefixRef) -> torch.Tensor:
+        return load_prefix(store.get(ref.blob_key, expected_sha256=ref.sha256), base).kv
+
+    return load
+
+
+def _nbytes(kv: torch.Tensor) -> int:
+    return kv.numel() * kv.element_size()
+
+
+class PrefixCache:
+    """Thread-safe LRU of prefix KV tensors with a byte budget and hit/miss/byte counters."""
+
+    def __init__(self, loader: Loader, max_bytes: int, on_change: Callable[[PrefixCache], None] | None = None):
+        self._loader = loader
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()  # oldest first
+        self._loading: dict[tuple[str, int], Future] = {}
+        self._lock = threading.Lock()
+        self._on_change = on_change
+        self.hits = 0
+        self.misses = 0
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: tuple[str, int]) -> bool:
+        return key in self._entries
+
+    def get(self, ref: PrefixRef) -> torch.Tensor:
+        """The prefix KV of `ref`, loading it on a miss. Loader errors propagate (and are not cached)."""
+        with self._lock:
+            kv = self._entries.get(ref.key)
+            if kv is not None:
+                self._entries.move_to_end(ref.key)
+                self.hits += 1
+                self._changed()
+                return kv
+            self.misses += 1
+            pending = self._loading.get(ref.key)
+            owner = pending is None
+            if owner:
+                pending = self._loading[ref.key] = Future()
+            self._changed()
+        if not owner:
+            return pending.result()
+        try:
+            kv = self._loader(ref)
+        except BaseException as exc:
+            with self._lock:
+                del self._loading[ref.key]
+            pending.set_exception(exc)
+            raise
+        with self._lock:
+            del self._loading[ref.key]
+            self._insert(ref.key, kv)
+            self._changed()
+        pending.set_result(kv)
+        return kv
+
+    def invalidate_user(self, user_id: str) -> None:
+        """Forget every cached version of a user (e.g. when the user is erased)."""
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == user_id]:
+                self.bytes -= _nbytes(self._entries.pop(key))
+            self._changed()
+
+    # -- internals (lock held) ---------------------------------------------------------------
+
+    def _insert(self, key: tuple[str, int], kv: torch.Tensor) -> None:
+        user_id, version = key
+        # A newer version replaces older ones of the same user; an older one never evicts a newer.
+        for old in [k for k in self._entries if k[0] == user_id and k[1] < version]:
+            self.bytes -= _nbytes(self._entries.pop(old))
+        size = _nbytes(kv)
+        if size > self.max_bytes:
+            return  # served once, but never worth evicting the whole cache for
+        while self.bytes + size > self.max_bytes and self._entries:
+            _, evicted = self._entries.popitem(last=False)
+            self.bytes -= _nbytes(evicted)
+        self._entries[key] = kv
+        self.bytes += size
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self)

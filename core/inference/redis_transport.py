@@ -1,0 +1,320 @@
+"""Distributed mode: API → inference workers through Redis Streams, tokens back the same way.
+
+    steer:infer:requests        one entry per job, consumed by the group `workers` (each job goes
+                                to one worker; several workers share the stream)
+    steer:infer:reply:<id>      per-job reply stream: event entries (text deltas, finished rows,
+                                failure), expiring shortly after the job's deadline
+    steer:infer:cancel          broadcast of cancelled job ids (client went away); every worker reads it
+
+A worker pulls only as many jobs as its batch has room for, so the backlog waits in Redis where any
+worker can take it, and the API can refuse new work (429) when that backlog is `max_queue` deep. A
+worker keeps its in-flight entries fresh (XCLAIM to itself); entries of a worker that died go idle
+and another worker reclaims them with XAUTOCLAIM: a job that had not produced output yet is run
+again, one that had already streamed output gets a clean failure (its client cannot un-read text).
+The API never waits past the job's deadline, whatever happens to workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+
+import redis
+import redis.asyncio as aioredis
+
+from core.errors import SteerError
+from core.inference.completer import Completer, Submission
+from core.inference.engine import InferenceEngine
+from core.inference.errors import QueueFull
+from core.inference.jobs import Event, InferenceJob, JobFailed, RowFinished, event_from_dict, event_to_dict
+
+log = logging.getLogger("steer.inference.redis")
+
+REQUESTS_STREAM = "steer:infer:requests"
+GROUP = "workers"
+CANCEL_STREAM = "steer:infer:cancel"
+REPLY_TTL_AFTER_DEADLINE_S = 60
+_READ_BLOCK_MS = 100
+
+
+def reply_stream(request_id: str) -> str:
+    return f"steer:infer:reply:{request_id}"
+
+
+def ensure_group(client: redis.Redis) -> None:
+    try:
+        client.xgroup_create(REQUESTS_STREAM, GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+# -- API side ---------------------------------------------------------------------------------------
+
+
+class _RedisSubmission(Submission):
+    def __init__(self, job: InferenceJob, client: aioredis.Redis):
+        super().__init__(job)
+        self._client = client
+        self._stream = reply_stream(job.request_id)
+        self._last_id = "0-0"
+        self._buffer: list[Event] = []
+
+    async def _next_event(self, timeout: float) -> Event | None:
+        end = time.monotonic() + timeout
+        while not self._buffer:
+            left_ms = int((end - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                return None
+            reply = await self._client.xread({self._stream: self._last_id}, count=256, block=min(left_ms, 1000))
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    self._last_id = entry_id
+                    self._buffer.append(event_from_dict(json.loads(fields[b"event"])))
+        return self._buffer.pop(0)
+
+    async def cancel(self) -> None:
+        await self._client.xadd(CANCEL_STREAM, {"request_id": self.job.request_id}, maxlen=10_000, approximate=True)
+
+    async def _finished(self) -> None:
+        await self._client.delete(self._stream)
+
+
+class RedisCompleter(Completer):
+    """Distributed mode: jobs go to whichever inference worker takes them from the stream."""
+
+    def __init__(self, redis_url: str, max_queue: int):
+        self.redis_url = redis_url
+        self.max_queue = max_queue
+        self._client: aioredis.Redis | None = None
+
+    async def start(self) -> None:
+        self._client = aioredis.Redis.from_url(self.redis_url)
+        sync = redis.Redis.from_url(self.redis_url)
+        try:
+            ensure_group(sync)
+        finally:
+            sync.close()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def backlog(self) -> int:
+        """Jobs in the stream that no worker has taken yet."""
+        for group in await self._client.xinfo_groups(REQUESTS_STREAM):
+            if group["name"] in (GROUP, GROUP.encode()):
+                lag = group.get("lag")
+                return int(lag) if lag is not None else int(await self._client.xlen(REQUESTS_STREAM))
+        return 0
+
+    async def submit(self, job: InferenceJob) -> Submission:
+        if self._client is None:
+            await self.start()
+        if await self.backlog() + 1 > self.max_queue:
+            raise QueueFull()
+        await self._client.xadd(REQUESTS_STREAM, {"job": json.dumps(job.to_dict())})
+        return _RedisSubmission(job, self._client)
+
+
+# -- worker side -------------------------------------------------------------------------------------
+
+
+class _InFlight:
+    def __init__(self, entry_id: bytes, rows: int):
+        self.entry_id = entry_id
+        self.rows_left = rows
+
+
+class RedisInferenceWorker:
+    """Moves jobs from the request stream into an `InferenceEngine` and events into reply streams."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        engine: InferenceEngine,
+        *,
+        consumer: str | None = None,
+        claim_idle_s: float = 30.0,
+    ):
+        self.client = client
+        self.engine = engine
+        self.consumer = consumer or f"worker-{uuid.uuid4().hex[:8]}"
+        self.claim_idle_ms = int(claim_idle_s * 1000)
+        self._inflight: dict[str, _InFlight] = {}
+        self._lock = threading.Lock()
+        self._outbox: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._cancel_cursor = "$"
+        self._last_claim = 0.0
+        self._last_heartbeat = 0.0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        """Serve until `stop()`; the engine must already be started."""
+        ensure_group(self.client)
+        self._cancel_cursor = self._latest_cancel_id()
+        publisher = threading.Thread(target=self._publish_loop, name="steer-reply-publisher", daemon=True)
+        publisher.start()
+        log.info("inference worker %s consuming %s", self.consumer, REQUESTS_STREAM)
+        try:
+            while not self._stop.is_set():
+                self._read_cancels()
+                self._heartbeat()
+                self._reclaim()
+                free = self._free_slots()
+                if free <= 0:
+                    time.sleep(_READ_BLOCK_MS / 1000)
+                    continue
+                reply = self.client.xreadgroup(
+                    GROUP, self.consumer, {REQUESTS_STREAM: ">"}, count=free, block=_READ_BLOCK_MS
+                )
+                for _, entries in reply or []:
+                    for entry_id, fields in entries:
+                        self._handle(entry_id, fields, reclaimed=False)
+        finally:
+            self._outbox.put(None)
+            publisher.join(5)
+
+    # -- taking jobs --------------------------------------------------------------------------------
+
+    def _free_slots(self) -> int:
+        # Room for a full batch plus a little lookahead; the rest of the backlog stays in Redis.
+        capacity = self.engine.max_batch_size + max(1, self.engine.max_batch_size // 4)
+        return capacity - self.engine.load
+
+    def _handle(self, entry_id: bytes, fields: dict | None, reclaimed: bool) -> None:
+        if not fields or b"job" not in fields:
+            self._ack(entry_id)
+            return
+        job = InferenceJob.from_dict(json.loads(fields[b"job"]))
+        stream = reply_stream(job.request_id)
+        if job.deadline <= time.time():
+            self._send_now(stream, JobFailed("timeout", "the request expired before a worker took it"), job)
+            self._ack(entry_id)
+            return
+        if reclaimed and self.client.xlen(stream) > 0:
+            self._send_now(stream, JobFailed("error", "the inference worker serving this request stopped"), job)
+            self._ack(entry_id)
+            return
+        with self._lock:
+            self._inflight[job.request_id] = _InFlight(entry_id, job.n)
+        try:
+            self.engine.submit(job, lambda event, job=job: self._outbox.put((job, event)))
+        except SteerError as exc:
+            with self._lock:
+                self._inflight.pop(job.request_id, None)
+            self._send_now(stream, JobFailed("error", str(exc)), job)
+            self._ack(entry_id)
+        except Exception as exc:  # e.g. the object store is down: fail this job, keep serving
+            log.exception("request_id=%s could not start", job.request_id)
+            with self._lock:
+                self._inflight.pop(job.request_id, None)
+            self._send_now(stream, JobFailed("error", f"the request could not start: {exc}"), job)
+            self._ack(entry_id)
+
+    def _reclaim(self) -> None:
+        """Take over entries that a dead worker left pending for longer than the idle timeout."""
+        now = time.monotonic()
+        if now - self._last_claim < self.claim_idle_ms / 2000:
+            return
+        self._last_claim = now
+        free = self._free_slots()
+        if free <= 0:
+            return
+        _, entries, *_ = self.client.xautoclaim(
+            REQUESTS_STREAM, GROUP, self.consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=free
+        )
+        for entry_id, fields in entries:
+            with self._lock:
+                mine = any(f.entry_id == entry_id for f in self._inflight.values())
+            if not mine:
+                log.warning("reclaimed entry %s from a silent worker", entry_id)
+                self._handle(entry_id, fields, reclaimed=True)
+
+    def _heartbeat(self) -> None:
+        """Reset the idle time of our in-flight entries so no other worker reclaims them."""
+        now = time.monotonic()
+        if now - self._last_heartbeat < self.claim_idle_ms / 3000:
+            return
+        self._last_heartbeat = now
+        with self._lock:
+            ids = [f.entry_id for f in self._inflight.values()]
+        if ids:
+            self.client.xclaim(REQUESTS_STREAM, GROUP, self.consumer, min_idle_time=0, message_ids=ids, justid=True)
+
+    def _latest_cancel_id(self) -> str:
+        last = self.client.xrevrange(CANCEL_STREAM, count=1)
+        return last[0][0] if last else "0-0"
+
+    def _read_cancels(self) -> None:
+        reply = self.client.xread({CANCEL_STREAM: self._cancel_cursor}, count=1000)
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                self._cancel_cursor = entry_id
+                request_id = fields[b"request_id"].decode()
+                with self._lock:
+                    flight = self._inflight.pop(request_id, None)
+                if flight is not None:
+                    self.engine.cancel(request_id)
+                    self._ack(flight.entry_id)
+
+    def _ack(self, entry_id: bytes) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xack(REQUESTS_STREAM, GROUP, entry_id)
+        pipe.xdel(REQUESTS_STREAM, entry_id)
+        pipe.execute()
+
+    # -- sending events -----------------------------------------------------------------------------
+
+    def _send_now(self, stream: str, event: Event, job: InferenceJob) -> None:
+        self._write(self.client.pipeline(transaction=False), stream, event, job).execute()
+
+    @staticmethod
+    def _write(pipe, stream: str, event: Event, job: InferenceJob):
+        pipe.xadd(stream, {"event": json.dumps(event_to_dict(event))})
+        pipe.expireat(stream, int(job.deadline) + REPLY_TTL_AFTER_DEADLINE_S)
+        return pipe
+
+    def _publish_loop(self) -> None:
+        """Writes engine events to reply streams, batching whatever piled up since the last write."""
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            batch = [item]
+            while True:
+                try:
+                    nxt = self._outbox.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._outbox.put(None)
+                    break
+                batch.append(nxt)
+            pipe = self.client.pipeline(transaction=False)
+            done: list[bytes] = []
+            for job, event in batch:
+                self._write(pipe, reply_stream(job.request_id), event, job)
+                if isinstance(event, RowFinished | JobFailed):
+                    with self._lock:
+                        flight = self._inflight.get(job.request_id)
+                        if flight is not None:
+                            flight.rows_left -= 1 if isinstance(event, RowFinished) else flight.rows_left
+                            if flight.rows_left <= 0:
+                                del self._inflight[job.request_id]
+                                done.append(flight.entry_id)
+            for entry_id in done:
+                pipe.xack(REQUESTS_STREAM, GROUP, entry_id)
+                pipe.xdel(REQUESTS_STREAM, entry_id)
+            try:
+                pipe.execute()
+            except redis.RedisError:
+                log.exception("could not publish %d events", len(batch))

@@ -1,0 +1,93 @@
+"""PrefixCache: LRU by bytes, newest version replaces older ones, single load per key."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from core.errors import CorruptArtifact
+from core.inference.prefix_cache import PrefixCache, PrefixRef
+
+KV_BYTES = 2 * 2 * 2 * 4 * 8 * 4  # (L=2, 2, H=2, P=4, D=8) float32
+
+
+def ref(user: str, version: int = 1) -> PrefixRef:
+    return PrefixRef(user, version, f"users/{user}/prefixes/{version}.safetensors", "0" * 64)
+
+
+class CountingLoader:
+    def __init__(self, delay: float = 0.0):
+        self.calls: list[tuple[str, int]] = []
+        self.delay = delay
+
+    def __call__(self, r: PrefixRef) -> torch.Tensor:
+        self.calls.append(r.key)
+        time.sleep(self.delay)
+        return torch.full((2, 2, 2, 4, 8), float(r.version))
+
+
+def test_hit_after_miss_loads_once_and_counts():
+    loader = CountingLoader()
+    cache = PrefixCache(loader, max_bytes=10 * KV_BYTES)
+    first = cache.get(ref("a"))
+    second = cache.get(ref("a"))
+    assert first is second
+    assert loader.calls == [("a", 1)]
+    assert (cache.hits, cache.misses, cache.bytes) == (1, 1, KV_BYTES)
+
+
+def test_least_recently_used_prefix_is_evicted_when_bytes_run_out():
+    loader = CountingLoader()
+    cache = PrefixCache(loader, max_bytes=2 * KV_BYTES)
+    cache.get(ref("a"))
+    cache.get(ref("b"))
+    cache.get(ref("a"))  # a is now more recent than b
+    cache.get(ref("c"))
+    assert ("a", 1) in cache and ("c", 1) in cache and ("b", 1) not in cache
+    assert cache.bytes == 2 * KV_BYTES
+    cache.get(ref("b"))
+    assert loader.calls.count(("b", 1)) == 2
+
+
+def test_newer_version_replaces_the_older_one_of_the_same_user():
+    cache = PrefixCache(CountingLoader(), max_bytes=10 * KV_BYTES)
+    cache.get(ref("a", 1))
+    cache.get(ref("b", 1))
+    new = cache.get(ref("a", 2))
+    assert float(new.flatten()[0]) == 2.0
+    assert ("a", 1) not in cache and ("a", 2) in cache and ("b", 1) in cache
+    assert cache.bytes == 2 * KV_BYTES
+
+
+def test_prefix_larger_than_the_budget_is_served_but_not_kept():
+    cache = PrefixCache(CountingLoader(), max_bytes=KV_BYTES - 1)
+    assert cache.get(ref("a")).shape == (2, 2, 2, 4, 8)
+    assert len(cache) == 0 and cache.bytes == 0
+
+
+def test_loader_errors_propagate_and_are_not_cached():
+    calls = []
+
+    def failing(r):
+        calls.append(r)
+        raise CorruptArtifact("bad bytes")
+
+    cache = PrefixCache(failing, max_bytes=10 * KV_BYTES)
+    for _ in range(2):
+        with pytest.raises(CorruptArtifact):
+            cache.get(ref("a"))
+    assert len(calls) == 2 and len(cache) == 0
+
+
+def test_concurrent_first_requests_share_one_load():
+    loader = CountingLoader(delay=0.2)
+    cache = PrefixCache(loader, max_bytes=10 * KV_BYTES)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get(ref("a")))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loader.calls == [("a", 1)]
+    assert all(r is results[0] for r in results)
