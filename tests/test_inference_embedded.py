@@ -19,7 +19,6 @@ from core.config import Settings
 from core.db.migrate import upgrade_to_head
 from core.generation import GenerationRequest, MixedBatchGenerator
 from core.inference.completer import InProcessCompleter
-from core.inference.service import build_engine
 from core.model import load_base_model
 from core.prompts import chat_prompt_ids, text_ids
 from core.sampling import SamplingParams
@@ -43,19 +42,19 @@ def _service(tmp_path_factory, base, **limits):
         **limits,
     )
     upgrade_to_head(settings.effective_database_url)
-    ctx = build_context(settings, base_model=base)
-    completer = InProcessCompleter(build_engine(settings, base, ctx.store))
-    return ctx, completer
+    return build_context(settings, base_model=base)
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, base):
-    ctx, completer = _service(tmp_path_factory, base, max_batch_size=8, max_queue=64)
+    ctx = _service(tmp_path_factory, base, max_batch_size=8, max_queue=64)
     users = {name: create_user(ctx, name) for name in ("alice", "bob", "carol", "dave")}
     for seed, name in enumerate(("alice", "bob", "carol"), start=1):
         publish_random_prefix(ctx, base, users[name], seed=seed)
-    with ServerThread(build_app(ctx, completer)) as server:
-        yield ctx, completer, users, server
+    app = build_app(ctx)
+    with ServerThread(app) as server:
+        assert isinstance(app.state.completer, InProcessCompleter)  # embedded mode: no Redis
+        yield ctx, app.state.completer, users, server
     ctx.close()
 
 
@@ -237,10 +236,11 @@ def test_n_choices_are_seeded_rows(service):
 
 @pytest.fixture(scope="module")
 def small_service(tmp_path_factory, base):
-    ctx, completer = _service(tmp_path_factory, base, max_batch_size=1, max_queue=1)
+    ctx = _service(tmp_path_factory, base, max_batch_size=1, max_queue=1)
     user = create_user(ctx, "erin")
-    with ServerThread(build_app(ctx, completer)) as server:
-        yield completer.engine, user, server
+    app = build_app(ctx)
+    with ServerThread(app) as server:
+        yield app.state.completer.engine, user, server
     ctx.close()
 
 

@@ -12,17 +12,19 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CallerDep, get_context
-from core.inference import catalog
+from core.inference import catalog, metrics
 from core.inference.completer import Submission
 from core.inference.errors import DeadlineExceeded, InferenceFailed
 from core.inference.jobs import InferenceJob, RowFinished, TextDelta
+from core.inference.service import build_completer
 from core.inference.requests import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     DEFAULT_MAX_TOKENS,
@@ -34,7 +36,27 @@ from core.prompts import chat_prompt_ids, text_ids
 from core.service.api_keys import Caller
 from core.service.errors import InvalidInput
 
-router = APIRouter(prefix="/v1", tags=["completions"])
+
+
+@asynccontextmanager
+async def _serving(app: FastAPI) -> AsyncIterator[None]:
+    """Start the mode's `Completer` (unless one was given in `app.state.completer`) for the app's life."""
+    ctx = app.state.ctx
+    completer = getattr(app.state, "completer", None)
+    if completer is None:
+        completer = build_completer(ctx.settings, ctx.base_model(), ctx.store)
+        app.state.completer = completer
+    registry = getattr(app.state, "metrics_registry", None)
+    if registry is not None:
+        metrics.register_all(registry)
+    await completer.start()
+    try:
+        yield
+    finally:
+        await completer.close()
+
+
+router = APIRouter(prefix="/v1", tags=["completions"], lifespan=_serving)
 
 _DISCONNECT_POLL_S = 0.25
 

@@ -23,6 +23,21 @@ PREFIX_CACHE_BYTES = Gauge("steer_prefix_cache_bytes", "Bytes of prefix tensors 
 PREFIX_CACHE_ENTRIES = Gauge("steer_prefix_cache_entries", "Prefixes held by the cache.")
 
 
+ALL = (
+    QUEUE_DEPTH, BATCH_SIZE, TIME_TO_FIRST_TOKEN, TOKENS, TOKENS_PER_SECOND, REQUESTS, REJECTED,
+    PREFIX_CACHE_HITS, PREFIX_CACHE_MISSES, PREFIX_CACHE_BYTES, PREFIX_CACHE_ENTRIES,
+)
+
+
+def register_all(registry) -> None:
+    """Also expose the serving metrics in `registry` (they live in the default one too)."""
+    for metric in ALL:
+        try:
+            registry.register(metric)
+        except ValueError:  # already there
+            pass
+
+
 class PrefixCacheMetrics:
     """`PrefixCache(on_change=...)` hook that mirrors one cache's counters into Prometheus."""
 

@@ -82,24 +82,12 @@ def publish_random_prefix(ctx, base: BaseModel, user: TestUser, seed: int, prefi
     return row.version
 
 
-def build_app(ctx, completer):
-    """The service app over `ctx` with `completer` (what api.app.create_app assembles)."""
-    from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI
+def build_app(ctx, completer=None):
+    """The real service app (`api.app.create_app`) around `ctx`; `completer` replaces the mode's own."""
+    from api.app import create_app
 
-    from api.errors import install_error_handlers
-    from api.routes import completions
-
-    @asynccontextmanager
-    async def lifespan(_app):
-        await completer.start()
-        yield
-        await completer.close()
-
-    app = FastAPI(lifespan=lifespan)
-    install_error_handlers(app)
-    app.state.ctx = ctx
-    app.state.completer = completer
-    app.include_router(completions.router)
+    app = create_app(context=ctx)
+    if completer is not None:
+        app.state.completer = completer
     return app
