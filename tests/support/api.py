@@ -65,7 +65,8 @@ class RecordingDispatcher:
 
 @contextmanager
 def api_client(settings: Settings, base: BaseModel | None = None, dispatcher: Any = None) -> Iterator[TestClient]:
-    ctx = build_context(settings, base_model=base)
+    # The serving lifespan needs the base model: share one tiny model across the whole run.
+    ctx = build_context(settings, base_model=base or tiny_base_model())
     app = create_app(context=ctx, dispatcher=dispatcher)
     try:
         with TestClient(app) as client:
