@@ -219,8 +219,7 @@ def load_base_model(
         else:
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
             model_id = SMOLLM2_MODEL_ID
-            if torch_dtype == torch.float32:
-                fingerprint = json.loads((directory / _FINGERPRINT_FILE).read_text())["fingerprint"]
+            fingerprint = json.loads((directory / _FINGERPRINT_FILE).read_text())["fingerprint"]
     else:
         directory = Path(name).expanduser()
         if not (directory / "config.json").is_file():
@@ -230,6 +229,9 @@ def load_base_model(
         model_id = directory.name
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # The fingerprint is of the fp32 weights as stored, so a prefix trained on a GPU in bf16 still
+    # binds to the same base as one served on a CPU in fp32.
+    fingerprint = fingerprint or weights_fingerprint(model)
     model.to(device=torch_device, dtype=torch_dtype)
     model.eval()
     model.requires_grad_(False)
@@ -237,6 +239,6 @@ def load_base_model(
         model=model,
         tokenizer=tokenizer,
         model_id=model_id,
-        fingerprint=fingerprint or weights_fingerprint(model),
+        fingerprint=fingerprint,
         geometry=geometry_of(model.config),
     )
