@@ -44,7 +44,7 @@ NAMING_CONVENTION = {
 JOB_KINDS = ("onboarding", "retrain", "admin-batch")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 JOB_FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
-PREFIX_STATUSES = ("active", "retired")
+PREFIX_STATUSES = ("active", "retired", "corrupt")  # corrupt: failed its checksum, never served
 
 ID_LENGTH = 32  # uuid4().hex
 JOB_ID_PREFIX = "ftjob-"

@@ -4,6 +4,13 @@ Invariant: an index row never points at a missing or partial blob. Publishing wr
 reads it back and checks its sha256, and only then commits the row (retiring the previous
 active version in the same transaction). If the commit fails, the just-written blob is deleted.
 Old versions stay (status "retired") so a user can roll back.
+
+A worker killed between writing the blob and committing the row leaves an unindexed blob; the
+next publish for that user (a redelivered attempt, or any later job) and the end of a failed job
+remove such blobs under the user's row lock, so they never pile up (`remove_unindexed_blobs`).
+
+A version whose blob fails its checksum when served is marked "corrupt" and never served again;
+if it was the active one, the newest good older version becomes active (`quarantine_version`).
 """
 
 from __future__ import annotations
@@ -16,9 +23,10 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import PrefixVersion, User
-from core.service.errors import NotFound
+from core.service.crash_points import crash_point
+from core.service.errors import Conflict, NotFound
 from core.service.model_ids import ModelRef, format_model_id
-from core.storage import BlobStore, prefix_blob_key, prefix_state_key, sha256_hex
+from core.storage import BlobStore, prefix_blob_key, prefix_state_key, sha256_hex, user_blob_prefix
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +70,7 @@ def publish_prefix(
             ).scalar_one_or_none()
             if earlier is not None:
                 return earlier
+        _sweep_unindexed(session, store, user_id)
         latest = session.execute(
             select(func.max(PrefixVersion.version)).where(PrefixVersion.user_id == user_id)
         ).scalar_one()
@@ -76,6 +85,7 @@ def publish_prefix(
                 if state_key is not None and artifacts.state is not None
                 else None
             )
+            crash_point("after_upload", job_id)
             session.execute(
                 update(PrefixVersion)
                 .where(PrefixVersion.user_id == user_id, PrefixVersion.status == "active")
@@ -107,6 +117,65 @@ def publish_prefix(
                     log.exception("could not remove orphan blob %s", orphan)
             raise
         return row
+
+
+def remove_unindexed_blobs(factory: sessionmaker[Session], store: BlobStore, user_id: str) -> list[str]:
+    """Delete the user's prefix blobs that no index row references (left by a crash between
+    upload and commit); returns their keys. Holds the user's row lock, so a publish in flight
+    (blob written, row not yet committed) is never mistaken for an orphan."""
+    with factory() as session:
+        if session.execute(select(User).where(User.id == user_id).with_for_update()).scalar_one_or_none() is None:
+            return []
+        removed = _sweep_unindexed(session, store, user_id)
+        session.commit()
+        return removed
+
+
+def _sweep_unindexed(session: Session, store: BlobStore, user_id: str) -> list[str]:
+    """(The caller holds the user's row lock.)"""
+    indexed: set[str] = set()
+    for blob_key, state_key in session.execute(
+        select(PrefixVersion.blob_key, PrefixVersion.state_blob_key).where(PrefixVersion.user_id == user_id)
+    ):
+        indexed.update(k for k in (blob_key, state_key) if k)
+    orphans = [k for k in store.list(user_blob_prefix(user_id) + "prefixes/") if k not in indexed]
+    for key in orphans:
+        log.warning("removing unindexed blob %s (left by an interrupted publish)", key)
+        store.delete(key)
+    return orphans
+
+
+def quarantine_version(
+    factory: sessionmaker[Session], user_id: str, version: int, reason: str
+) -> PrefixVersion | None:
+    """Mark a version whose stored bytes failed verification "corrupt" (it is never served
+    again) and, if it was active, activate the newest non-corrupt older version. Returns the
+    version now active (None: the user has no usable version left)."""
+    with factory.begin() as session:
+        session.execute(select(User).where(User.id == user_id).with_for_update()).scalar_one_or_none()
+        row = session.execute(
+            select(PrefixVersion).where(PrefixVersion.user_id == user_id, PrefixVersion.version == version)
+        ).scalar_one_or_none()
+        if row is None:
+            return None
+        was_active = row.status == "active"
+        if row.status != "corrupt":
+            row.status = "corrupt"
+            row.metrics = {**(row.metrics or {}), "corrupt_reason": reason}
+            log.error("prefix v%d of user %s is corrupt and was quarantined: %s", version, user_id, reason)
+        if was_active:
+            fallback = session.execute(
+                select(PrefixVersion)
+                .where(PrefixVersion.user_id == user_id, PrefixVersion.status == "retired",
+                       PrefixVersion.version < version)
+                .order_by(PrefixVersion.version.desc())
+                .limit(1)
+            ).scalar_one_or_none()
+            if fallback is not None:
+                fallback.status = "active"
+                log.warning("user %s falls back to prefix v%d", user_id, fallback.version)
+        session.flush()
+        return active_prefix(session, user_id)
 
 
 def _put_verified(store: BlobStore, key: str, data: bytes, written: list[str]) -> str:
@@ -141,6 +210,8 @@ def activate_version(session: Session, user_id: str, version: int) -> PrefixVers
     ).scalar_one_or_none()
     if row is None:
         raise NotFound(f"no prefix version {version}")
+    if row.status == "corrupt":
+        raise Conflict(f"prefix version {version} is corrupt in the store and cannot be activated")
     session.execute(
         update(PrefixVersion)
         .where(PrefixVersion.user_id == user_id, PrefixVersion.status == "active")

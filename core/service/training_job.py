@@ -23,12 +23,19 @@ from core.db.models import JOB_FINISHED_STATUSES
 from core.errors import ArtifactError, InvalidTrainingData, SteerError, TrainingCancelled
 from core.model import BaseModel
 from core.service.context import ServiceContext
+from core.service.crash_points import crash_point
 from core.service.errors import ServiceError
 from core.service.hyperparameters import resolve, training_config
 from core.service.jobs import add_event
 from core.service.metrics import TRAIN_STEP_SECONDS
 from core.service.model_ids import format_model_id
-from core.service.registry import PrefixArtifacts, active_prefix, load_state_bytes, publish_prefix
+from core.service.registry import (
+    PrefixArtifacts,
+    active_prefix,
+    load_state_bytes,
+    publish_prefix,
+    remove_unindexed_blobs,
+)
 from core.service.samples import user_sample_texts
 from core.storage import BlobStoreError, BlobStoreUnavailable
 from core.training import Progress, TrainingConfig, UserData, train_prefixes
@@ -122,13 +129,17 @@ def _claim(ctx: ServiceContext, job_id: str) -> bool:
                 add_event(session, job_id, "Job cancelled")
             return False
         session.refresh(job)
-        if job.attempts > MAX_ATTEMPTS:
+        gave_up = job.attempts > MAX_ATTEMPTS
+        if gave_up:
             job.status, job.finished_at = "failed", utcnow()
             job.error = f"gave up after {MAX_ATTEMPTS} attempts (the worker was lost each time)"
             add_event(session, job_id, job.error, level="error")
-            return False
-        add_event(session, job_id, f"Training started (attempt {job.attempts})")
-    return True
+        else:
+            add_event(session, job_id, f"Training started (attempt {job.attempts})")
+        user_ids = list(job.user_ids)
+    if gave_up:
+        _remove_unindexed_blobs(ctx, user_ids)
+    return not gave_up
 
 
 def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
@@ -163,6 +174,7 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
     base = ctx.base_model()
     for data in todo:
         data.resume_state = _warm_start_state(ctx, run.job_id, base, data.user_id, config)
+    crash_point("before_first_step", run.job_id)
     run.events_every = max(1, config.max_steps // EVENTS_PER_JOB)
     _event(ctx, run.job_id, f"Training {len(todo)} user(s) on {base.model_id} for up to {config.max_steps} steps")
     trained = train_prefixes(
@@ -218,6 +230,8 @@ def _warm_start_state(
 
 
 def _on_progress(ctx: ServiceContext, run: _Run, progress: Progress) -> None:
+    if progress.step == max(1, progress.max_steps // 2):
+        crash_point("mid_training", run.job_id)
     TRAIN_STEP_SECONDS.observe(max(progress.elapsed_s - run.last_elapsed, 0.0))
     run.last_elapsed = progress.elapsed_s
     data = {
@@ -281,4 +295,16 @@ def _finish(
             models = [entry["model"] for entry in result["users"].values()]
             job.fine_tuned_model = models[0] if len(job.user_ids) == 1 and len(models) == 1 else None
         add_event(session, job_id, message or f"Job failed: {error}", level="error" if error else "info")
+        user_ids = list(job.user_ids)
+    if status != "succeeded":
+        _remove_unindexed_blobs(ctx, user_ids)
     return status
+
+
+def _remove_unindexed_blobs(ctx: ServiceContext, user_ids: list[str]) -> None:
+    """A job that ends without publishing may have left blobs of an interrupted attempt."""
+    for user_id in user_ids:
+        try:
+            remove_unindexed_blobs(ctx.session_factory, ctx.store, user_id)
+        except Exception:  # noqa: BLE001 - the next publish for this user sweeps again
+            log.warning("could not sweep unindexed blobs of user %s", user_id, exc_info=True)

@@ -1,0 +1,38 @@
+"""Test-only crash hook: lets the reliability tests SIGKILL a training worker at a named point.
+
+    STEER_TEST_CRASH_DIR=<dir>    unset in production: every `crash_point` call returns at once
+
+A test writes the file `<dir>/<job_id>` holding a point name ("before_first_step",
+"mid_training", "after_upload"); the worker that reaches that point of that job deletes the
+file and kills itself with SIGKILL (no cleanup runs: what the OOM killer or a node loss does).
+The file being consumed makes the crash one-shot, so the redelivered attempt can finish. A
+name ending in "!" ("after_upload!") is kept and crashes every attempt of the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+CRASH_DIR_VARIABLE = "STEER_TEST_CRASH_DIR"
+
+
+def crash_point(name: str, job_id: str | None) -> None:
+    """SIGKILL this process if a test asked for a crash of `job_id` at point `name`."""
+    directory = os.environ.get(CRASH_DIR_VARIABLE)
+    if not directory or job_id is None:
+        return
+    plan = Path(directory) / job_id
+    try:
+        wanted = plan.read_text().strip()
+    except OSError:
+        return
+    if wanted.rstrip("!") != name:
+        return
+    if not wanted.endswith("!"):
+        plan.unlink(missing_ok=True)
+    log.error("test crash hook: killing pid %d at %s of job %s", os.getpid(), name, job_id)
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,229 @@
+"""Worker faults: training and inference workers killed with SIGKILL at the worst moments.
+
+Training: a real Celery worker (prefork, three pool children) trains jobs on a private Redis, a private
+Postgres and SeaweedFS S3. A test-only hook (`core/service/crash_points.py`) SIGKILLs the pool
+child at a named point of a chosen job: before the first step, mid-training, or after the blob
+upload but before the index commit. Celery forks a fresh child and the broker redelivers the job
+(`acks_late` + `reject_on_worker_lost`). Afterwards the index and the store are checked directly.
+
+Inference: two `workers.infer` processes share the request stream; the one serving a stream is
+killed and the client (the official openai client) gets a clean error from the survivor, which
+reclaimed the request with XAUTOCLAIM, within its deadline; the next request completes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import redis
+from sqlalchemy import select
+
+from core.config import Settings
+from core.db import Job, PrefixVersion
+from core.db.migrate import upgrade_to_head
+from core.inference.redis_transport import GROUP, REQUESTS_STREAM
+from core.model import default_cache_root
+from core.service.context import build_context
+from tests.support.api import ADMIN, ADMIN_KEY, SAMPLES, api_client, tiny_base_model
+from tests.support.inference import ServerThread, build_app, create_user, publish_random_prefix
+from tests.support.services import PrivatePostgres, PrivateRedis
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+CRASH_POINTS = ("before_first_step", "mid_training", "after_upload")
+TRIALS_PER_POINT = 7  # one-shot kills: the redelivered attempt must succeed
+ALWAYS_CRASHING = 1  # jobs whose every attempt is killed after the upload: must fail cleanly
+JOBS_TIMEOUT_S = 180
+INFER_TIMEOUT_S = 15
+
+
+@pytest.fixture(scope="module")
+def private_services(s3_server) -> Iterator[dict[str, str]]:
+    pg, rd = PrivatePostgres(), PrivateRedis()
+    try:
+        pg.start()
+        rd.start()
+        upgrade_to_head(pg.url)
+        yield {
+            "STEER_DATABASE_URL": pg.url,
+            "STEER_REDIS_URL": rd.url,
+            **s3_server.settings_env(bucket=f"faults-{uuid.uuid4().hex[:8]}"),
+            "STEER_ADMIN_KEY": ADMIN_KEY,
+            "STEER_BASE_MODEL": "tiny",
+            "STEER_DEVICE": "cpu",
+            "STEER_DATA_DIR": str(default_cache_root().parent),
+            "STEER_TRAIN_MAX_STEPS_DEFAULT": "2",
+            "STEER_TRAIN_BATCH_SIZE_DEFAULT": "2",
+            "STEER_TRAIN_PREFIX_LEN_DEFAULT": "2",
+            "STEER_TRAIN_MAX_SEQ_LEN": "64",
+            "STEER_REQUEST_TIMEOUT_S": str(INFER_TIMEOUT_S),
+            "STEER_INFER_CLAIM_IDLE_S": "1",
+            "OMP_NUM_THREADS": "1",  # three pool children share two cores
+        }
+    finally:
+        rd.close()
+        pg.close()
+
+
+def settings_of(env: dict[str, str]) -> Settings:
+    return Settings(_env_file=None, **{k.removeprefix("STEER_").lower(): v for k, v in env.items() if k.startswith("STEER_")})  # type: ignore[call-arg]
+
+
+def spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("STEER_")}
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, env={**clean, **env, "STEER_ENV_FILE": ""},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+
+def end(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
+def test_training_worker_killed_at_any_point_loses_no_job_and_leaves_no_orphan(private_services, s3_server, tmp_path):
+    crash_dir = tmp_path / "crashes"
+    crash_dir.mkdir()
+    plan = [p for p in CRASH_POINTS for _ in range(TRIALS_PER_POINT)] + ["after_upload!"] * ALWAYS_CRASHING
+    random.Random(6).shuffle(plan)
+    settings = settings_of(private_services)
+    with api_client(settings) as client:
+        jobs: dict[str, str] = {}  # job id -> crash plan
+        for index, point in enumerate(plan):
+            # Users 0-3 are onboarded twice: their second job publishes version 2.
+            external_id = f"crash-{index % (len(plan) - 4)}"
+            body = client.post("/v1/onboarding", headers=ADMIN, json={"external_id": external_id, "samples": SAMPLES})
+            assert body.status_code == 201, body.text
+            jobs[body.json()["job"]["id"]] = point
+            (crash_dir / body.json()["job"]["id"]).write_text(point)
+        # The worker starts only now, so every plan is in place before its job can run.
+        log_path = tmp_path / "worker.log"
+        worker = spawn(
+            ["-m", "celery", "-A", "workers.celery_app", "worker", "--queues", "train", "--concurrency", "3",
+             "--loglevel", "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle"],
+            {**private_services, "STEER_TEST_CRASH_DIR": str(crash_dir)}, log_path,
+        )
+        started = time.monotonic()
+        try:
+            final = _wait_until_finished(client, list(jobs), log_path)
+        finally:
+            end(worker)
+        elapsed = time.monotonic() - started
+        ctx = client.app.state.ctx
+        with ctx.session_factory() as session:
+            rows = list(session.execute(select(PrefixVersion)).scalars())
+            attempts = {job.id: job.attempts for job in session.execute(select(Job)).scalars()}
+
+    # 1. Every job ended: one-shot kills succeeded after redelivery, always-killed ones failed clearly.
+    for job_id, point in jobs.items():
+        job = final[job_id]
+        if point.endswith("!"):
+            assert job["status"] == "failed", job
+            assert "gave up after 3 attempts" in job["error"]["message"], job
+        else:
+            assert job["status"] == "succeeded", (point, job)
+            assert attempts[job_id] == 2, (point, attempts[job_id])
+            assert not (crash_dir / job_id).exists(), f"the {point} crash of {job_id} never happened"
+    # 2. No duplicate versions: one row per succeeded job, consecutive versions per user.
+    by_job = Counter(row.job_id for row in rows)
+    succeeded = {j for j, job in final.items() if job["status"] == "succeeded"}
+    assert set(by_job) == succeeded and set(by_job.values()) == {1}
+    for user_id in {row.user_id for row in rows}:
+        versions = sorted(row.version for row in rows if row.user_id == user_id)
+        assert versions == list(range(1, len(versions) + 1)), versions
+    # 3. Store == index: no orphan blob, no row pointing at a missing blob.
+    indexed = {key for row in rows for key in (row.blob_key, row.state_blob_key) if key}
+    stored = set(ctx.store.list("users/"))
+    assert stored == indexed, {"orphans": sorted(stored - indexed), "missing": sorted(indexed - stored)}
+    kills = log_path.read_text().count("test crash hook: killing")
+    print(f"\n{len(jobs)} jobs, {kills} worker kills: {len(succeeded)} succeeded after redelivery, "
+          f"{len(jobs) - len(succeeded)} failed cleanly, 0 stuck, 0 orphans, 0 missing blobs ({elapsed:.0f} s)")
+    assert kills >= TRIALS_PER_POINT * len(CRASH_POINTS) + ALWAYS_CRASHING * 3
+
+
+def _wait_until_finished(client, job_ids: list[str], log_path: Path) -> dict[str, dict]:
+    deadline = time.monotonic() + JOBS_TIMEOUT_S
+    final: dict[str, dict] = {}
+    while time.monotonic() < deadline and len(final) < len(job_ids):
+        for job_id in job_ids:
+            if job_id not in final:
+                job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=ADMIN).json()
+                if job["status"] in ("succeeded", "failed", "cancelled"):
+                    final[job_id] = job
+        time.sleep(0.5)
+    stuck = sorted(set(job_ids) - set(final))
+    assert not stuck, f"{len(stuck)} jobs never finished; worker log:\n{log_path.read_text()[-5000:]}"
+    return final
+
+
+# -- inference --------------------------------------------------------------------------------------
+
+
+def _serving_consumer(client: redis.Redis, deadline_s: float = 10) -> str:
+    """The consumer (host-pid) holding the one pending request."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        pending = client.xpending_range(REQUESTS_STREAM, GROUP, min="-", max="+", count=10)
+        if pending:
+            return pending[0]["consumer"].decode()
+        time.sleep(0.05)
+    raise AssertionError("no worker took the request")
+
+
+def test_inference_worker_killed_mid_stream_another_worker_answers_within_the_deadline(private_services, tmp_path):
+    settings = settings_of(private_services)
+    ctx = build_context(settings, base_model=tiny_base_model())
+    user = create_user(ctx, "stream-user")
+    publish_random_prefix(ctx, ctx.base_model(), user, seed=3)
+    workers = [spawn(["-m", "workers.infer"], private_services, tmp_path / f"infer{i}.log") for i in range(2)]
+    try:
+        with ServerThread(build_app(ctx)) as server:
+            client = openai.OpenAI(base_url=server.base_url, api_key=user.key, max_retries=0, timeout=90)
+            # Both workers up (first answers may wait for the model to load).
+            for _ in range(4):
+                client.completions.create(model="user:stream-user", prompt="Hi", max_tokens=2)
+            stream = client.completions.create(
+                model="user:stream-user", prompt="Tell me", max_tokens=2000, temperature=0, stream=True
+            )
+            started = time.time()
+            chunks = iter(stream)
+            next(chunks), next(chunks)
+            consumer = _serving_consumer(redis.Redis.from_url(settings.redis_url))
+            victim = next(w for w in workers if consumer.endswith(f"-{w.pid}"))
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(10)
+            with pytest.raises(openai.APIError) as info:
+                for _ in chunks:
+                    pass
+            took = time.time() - started
+            # The survivor reclaimed the request (claim idle 1 s) well before the deadline.
+            assert "stopped" in info.value.message, info.value.message
+            assert took < INFER_TIMEOUT_S, took
+            survivor = next(w for w in workers if w is not victim)
+            assert survivor.poll() is None
+            again = client.completions.create(model="user:stream-user", prompt="Tell me", max_tokens=8, temperature=0)
+            assert again.choices[0].text and again.choices[0].finish_reason == "length"
+            print(f"\nworker killed mid-stream: clean error after {took:.1f} s (deadline {INFER_TIMEOUT_S} s); "
+                  "next request answered by the survivor")
+    finally:
+        for worker in workers:
+            end(worker)
+        ctx.close()
