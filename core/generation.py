@@ -1,16 +1,16 @@
 """Mixed-user generation with continuous batching.
 
 One running batch lives on the model. Every `step()`:
-  1. admits queued requests up to `max_batch_size`: each is prefilled alone (its own prefix + prompt,
-     no padding), samples its first token, and its cache is merged into the batch (left-padded);
+  1. admits queued requests up to `max_batch_size`: they are prefilled together (each row its own
+     prefix + prompt, left-padded), sample their first tokens, and their cache joins the batch;
   2. runs one decoding forward pass over all running rows, whatever user, prefix length or prompt
      length they have: each row carries its own prefix in the shared cache, its own attention mask
      and its own positions, so its result does not depend on its neighbours;
   3. samples each row with its own parameters and generator, applies its own stop rules, streams
      text deltas, and evicts finished rows (trimming cache columns no remaining row uses).
 
-Prefilling alone costs a little batching on prompts but means no query row is ever fully masked and
-the cache only ever holds real keys/values or explicit zero padding.
+Padding columns (of prefixes or prompts) are masked for their row in every later step, so a row's
+result does not depend on how wide its neighbours are; columns no row uses are trimmed away.
 """
 
 from __future__ import annotations
@@ -77,9 +77,11 @@ class _Row:
 class MixedBatchGenerator:
     """Continuous-batching generation over one frozen base model and many users' prefixes."""
 
-    def __init__(self, base: BaseModel, max_batch_size: int = 32):
+    def __init__(self, base: BaseModel, max_batch_size: int = 32, prefill_token_budget: int = 4096):
         self.base = base
         self.max_batch_size = max_batch_size
+        self.prefill_token_budget = prefill_token_budget
+        """Most (rows x padded width) tokens one joint prefill may hold: bounds its latency and memory."""
         self._queue: deque[GenerationRequest] = deque()
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
@@ -98,8 +100,7 @@ class MixedBatchGenerator:
         request.params.validate()
         if not request.prompt_ids:
             raise InvalidRequest("the prompt is empty")
-        prefix_len = 0 if request.prefix is None else request.prefix.shape[3]
-        if prefix_len + len(request.prompt_ids) >= self.base.max_context:
+        if _prefix_len(request) + len(request.prompt_ids) >= self.base.max_context:
             raise InvalidRequest(
                 f"prompt of {len(request.prompt_ids)} tokens does not fit the context window "
                 f"of {self.base.max_context} tokens"
@@ -127,9 +128,9 @@ class MixedBatchGenerator:
         finished: list[GenerationResult] = []
         self._drop_cancelled_from_queue(finished)
         while self._queue and len(self._rows) < self.max_batch_size:
-            row = self._prefill(self._queue.popleft())
-            if row.finish_reason is not None:
-                finished.append(self._result(row))
+            for row in self._prefill(self._admissions()):
+                if row.finish_reason is not None:
+                    finished.append(self._result(row))
         decoding = [row for row in self._rows if row.finish_reason is None]
         for row in decoding:
             if row.request.request_id in self._cancelled:
@@ -155,26 +156,59 @@ class MixedBatchGenerator:
 
     # -- one request joining the batch ----------------------------------------------------------
 
-    def _prefill(self, request: GenerationRequest) -> _Row:
+    def _admissions(self) -> list[GenerationRequest]:
+        """The next queued requests that fit the batch and one prefill's token budget (FIFO)."""
+        room = self.max_batch_size - len(self._rows)
+        picked: list[GenerationRequest] = []
+        widest = 0
+        while self._queue and len(picked) < room:
+            request = self._queue[0]
+            width = max(widest, _prefix_len(request) + len(request.prompt_ids))
+            if picked and width * (len(picked) + 1) > self.prefill_token_budget:
+                break
+            picked.append(self._queue.popleft())
+            widest = width
+        return picked
+
+    def _prefill(self, requests: list[GenerationRequest]) -> list[_Row]:
+        """Prefill requests together (left-padded), sample their first tokens, merge them in."""
         base = self.base
-        prefixes = batch_prefixes([request.prefix], base.geometry, device=base.device, dtype=base.dtype)
-        ids = torch.tensor([request.prompt_ids], device=base.device)
-        out = forward_with_prefixes(base, ids, torch.ones_like(ids), prefixes, logits_to_keep=1)
-        row = _Row(
-            request=request,
-            generator=make_generator(request.params.seed),
-            next_position=prefixes.max_len + len(request.prompt_ids),
-        )
-        self._accept(row, sample_token(out.logits[0, -1], request.params, row.generator))
-        if row.finish_reason is None:
-            self._merge(out.cache, torch.cat([prefixes.mask, torch.ones_like(ids)], dim=1))
-            self._rows.append(row)
-        return row
+        device = base.device
+        prefixes = batch_prefixes([r.prefix for r in requests], base.geometry, device=device, dtype=base.dtype)
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.full((len(requests), width), base.tokenizer.pad_token_id, device=device)
+        mask = torch.zeros((len(requests), width), dtype=torch.long, device=device)
+        for i, request in enumerate(requests):
+            n = len(request.prompt_ids)
+            ids[i, width - n :] = torch.tensor(request.prompt_ids, device=device)
+            mask[i, width - n :] = 1
+        # Left padding puts every row's last prompt token in the last column: one logits row each.
+        out = forward_with_prefixes(base, ids, mask, prefixes, logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+        rows, keep = [], []
+        for i, request in enumerate(requests):
+            row = _Row(
+                request=request,
+                generator=make_generator(request.params.seed),
+                next_position=_prefix_len(request) + len(request.prompt_ids),
+            )
+            self._accept(row, sample_token(logits[i], request.params, row.generator))
+            rows.append(row)
+            if row.finish_reason is None:
+                keep.append(i)
+        if keep:
+            index = torch.tensor(keep, device=device)
+            for layer in out.cache.layers:
+                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+            self._merge(out.cache, torch.cat([prefixes.mask, mask], dim=1).index_select(0, index))
+            self._rows.extend(rows[i] for i in keep)
+        return rows
 
     def _merge(self, cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Append a one-row cache to the running batch, left-padding whichever side is shorter."""
+        """Append newly prefilled rows to the running batch, left-padding whichever side is shorter."""
         if self._cache is None or not self._rows:
             self._cache, self._mask = cache, mask
+            self._trim_unused_columns()
             return
         old_len, new_len = self._mask.shape[1], mask.shape[1]
         total = max(old_len, new_len)
@@ -184,6 +218,7 @@ class MixedBatchGenerator:
                 [_left_pad(mine.values, total - old_len), _left_pad(theirs.values, total - new_len)]
             )
         self._mask = torch.cat([F.pad(self._mask, (total - old_len, 0)), F.pad(mask, (total - new_len, 0))])
+        self._trim_unused_columns()
 
     # -- one decoding step over the whole batch ---------------------------------------------------
 
@@ -220,13 +255,20 @@ class MixedBatchGenerator:
             self._cache, self._mask = None, None
             return
         index = torch.tensor(keep, device=self._mask.device)
-        mask = self._mask.index_select(0, index)
-        # Columns that only evicted rows used are dropped: the batch never pays for departed requests.
-        first = int((mask.cumsum(dim=1) == 0).sum(dim=1).min())
-        self._mask = mask[:, first:]
+        self._mask = self._mask.index_select(0, index)
         for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, first:]
-            layer.values = layer.values.index_select(0, index)[:, :, first:]
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+        self._trim_unused_columns()
+
+    def _trim_unused_columns(self) -> None:
+        """Drop leading cache columns no row uses (departed requests, shared padding)."""
+        first = int((self._mask.cumsum(dim=1) == 0).sum(dim=1).min())
+        if first:
+            self._mask = self._mask[:, first:]
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[:, :, first:]
+                layer.values = layer.values[:, :, first:]
 
     # -- text, stop rules and streaming -------------------------------------------------------------
 
@@ -274,6 +316,10 @@ class MixedBatchGenerator:
             finish_reason=row.finish_reason or FINISH_STOP,
             prompt_tokens=len(row.request.prompt_ids),
         )
+
+
+def _prefix_len(request: GenerationRequest) -> int:
+    return 0 if request.prefix is None else request.prefix.shape[3]
 
 
 def _left_pad(tensor: torch.Tensor, n: int) -> torch.Tensor:
