@@ -14,7 +14,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import ArtifactError, InvalidRequest, InvalidTrainingData, SteerError
-from core.inference.errors import DeadlineExceeded, InferenceFailed, QueueFull
+from core.inference.errors import DeadlineExceeded, InferenceFailed, InferenceUnavailable, QueueFull
 from core.service.errors import (
     Conflict,
     DispatchError,
@@ -44,6 +44,7 @@ _MAPPING: list[tuple[type[Exception], int, str, str | None]] = [
     (QueueFull, 429, "rate_limit_error", "queue_full"),
     (DeadlineExceeded, 504, "server_error", "timeout"),
     (InferenceFailed, 503, "service_unavailable", "inference_failed"),
+    (InferenceUnavailable, 503, "service_unavailable", "inference_unavailable"),
 ]
 _HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
 

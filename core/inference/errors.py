@@ -17,3 +17,7 @@ class DeadlineExceeded(SteerError):
 
 class InferenceFailed(SteerError):
     """The request could not be completed (its worker died, its prefix could not be loaded, ...)."""
+
+
+class InferenceUnavailable(SteerError):
+    """The inference queue (Redis, distributed mode) cannot be reached: nothing was queued (HTTP 503)."""

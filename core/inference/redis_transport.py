@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from core.errors import SteerError
 from core.inference.completer import Completer, Submission
 from core.inference.engine import InferenceEngine
-from core.inference.errors import QueueFull
+from core.inference.errors import InferenceFailed, InferenceUnavailable, QueueFull
 from core.inference.jobs import Event, InferenceJob, JobFailed, RowFinished, event_from_dict, event_to_dict
 
 log = logging.getLogger("steer.inference.redis")
@@ -70,7 +70,10 @@ class _RedisSubmission(Submission):
             left_ms = int((end - time.monotonic()) * 1000)
             if left_ms <= 0:
                 return None
-            reply = await self._client.xread({self._stream: self._last_id}, count=256, block=min(left_ms, 1000))
+            try:
+                reply = await self._client.xread({self._stream: self._last_id}, count=256, block=min(left_ms, 1000))
+            except redis.RedisError as exc:
+                raise InferenceFailed(f"lost the connection to the inference queue: {exc}") from exc
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     self._last_id = entry_id
@@ -78,10 +81,16 @@ class _RedisSubmission(Submission):
         return self._buffer.pop(0)
 
     async def cancel(self) -> None:
-        await self._client.xadd(CANCEL_STREAM, {"request_id": self.job.request_id}, maxlen=10_000, approximate=True)
+        try:
+            await self._client.xadd(CANCEL_STREAM, {"request_id": self.job.request_id}, maxlen=10_000, approximate=True)
+        except redis.RedisError:
+            log.warning("could not cancel request_id=%s: Redis unavailable", self.job.request_id)
 
     async def _finished(self) -> None:
-        await self._client.delete(self._stream)
+        try:
+            await self._client.delete(self._stream)
+        except redis.RedisError:
+            pass  # the reply stream expires on its own
 
 
 class RedisCompleter(Completer):
@@ -114,11 +123,14 @@ class RedisCompleter(Completer):
         return 0
 
     async def submit(self, job: InferenceJob) -> Submission:
-        if self._client is None:
-            await self.start()
-        if await self.backlog() + 1 > self.max_queue:
-            raise QueueFull()
-        await self._client.xadd(REQUESTS_STREAM, {"job": json.dumps(job.to_dict())})
+        try:
+            if self._client is None:
+                await self.start()
+            if await self.backlog() + 1 > self.max_queue:
+                raise QueueFull()
+            await self._client.xadd(REQUESTS_STREAM, {"job": json.dumps(job.to_dict())})
+        except redis.RedisError as exc:
+            raise InferenceUnavailable(f"the inference queue is unavailable, retry later ({exc})") from exc
         return _RedisSubmission(job, self._client)
 
 
