@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.dispatch import JobDispatcher
 from core.config import Settings
+from core.db import session_scope
 from core.service.api_keys import Caller, authenticate
 from core.service.context import ServiceContext
 from core.service.errors import PermissionDenied, Unauthenticated
@@ -25,15 +27,8 @@ def get_dispatcher(request: Request) -> JobDispatcher:
 
 def get_session(ctx: Annotated[ServiceContext, Depends(get_context)]) -> Iterator[Session]:
     """One session per request: committed when the route returns, rolled back if it raises."""
-    session = ctx.session_factory()
-    try:
+    with session_scope(ctx.session_factory) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 ContextDep = Annotated[ServiceContext, Depends(get_context)]
@@ -48,7 +43,13 @@ def get_settings_dep(ctx: ContextDep) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
-def get_caller(request: Request, ctx: ContextDep, session: SessionDep) -> Caller:
+# Declares the bearer scheme in the OpenAPI schema; the header is parsed below (errors in our format).
+_BEARER = HTTPBearer(auto_error=False, description="The admin key or a per-user key (`sk-steer-...`).")
+
+
+def get_caller(
+    request: Request, ctx: ContextDep, session: SessionDep, _scheme: Annotated[object, Security(_BEARER)] = None
+) -> Caller:
     """The admin or the user whose key is in `Authorization: Bearer <key>`; 401 otherwise."""
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
