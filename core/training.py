@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -47,18 +47,23 @@ class TrainingConfig:
     formats: tuple[str, ...] = (FORMAT_PLAIN, FORMAT_CHAT)
     time_budget_s: float | None = None
     seed: int = 0
+    prefix_len_candidates: tuple[int, ...] = ()
+    """If set, each user trains one prefix per candidate length, all in the same shared passes, and
+    keeps the one with the lowest validation loss: prefix length stops being a knob users must tune."""
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["formats"] = list(self.formats)
+        data["prefix_len_candidates"] = list(self.prefix_len_candidates)
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainingConfig":
         data = dict(data)
         prefix = PrefixConfig(**data.pop("prefix", {}))
-        if "formats" in data:
-            data["formats"] = tuple(data["formats"])
+        for name in ("formats", "prefix_len_candidates"):
+            if name in data:
+                data[name] = tuple(data[name])
         return cls(prefix=prefix, **data)
 
 
@@ -68,6 +73,8 @@ class UserData:
     samples: list[str]
     resume_state: dict[str, torch.Tensor] | None = None
     """A PrefixEncoder state_dict from an earlier job: continue from there instead of initialising."""
+    prefix: PrefixConfig | None = None
+    """This user's own prefix shape, instead of the job's `config.prefix`."""
 
 
 @dataclass
@@ -107,9 +114,10 @@ class _UserRun:
             raise InvalidTrainingData(f"user {data.user_id}: samples too short to train on")
         generator = torch.Generator().manual_seed(config.seed)
         init_kv = None
-        if data.resume_state is None and config.prefix.init == INIT_ACTIVATIONS:
-            init_kv = kv_from_text(base, _init_tokens(tokenizer, train, config.prefix.prefix_len))
-        self.encoder = PrefixEncoder(base.geometry, config.prefix, init_kv, generator).to(base.device)
+        prefix = data.prefix or config.prefix
+        if data.resume_state is None and prefix.init == INIT_ACTIVATIONS:
+            init_kv = kv_from_text(base, _init_tokens(tokenizer, train, prefix.prefix_len))
+        self.encoder = PrefixEncoder(base.geometry, prefix, init_kv, generator).to(base.device)
         if data.resume_state is not None:
             self.encoder.load_state_dict(data.resume_state)
         params = [p for p in self.encoder.parameters() if p.requires_grad]
@@ -187,6 +195,8 @@ def train_prefixes(
         raise InvalidTrainingData("no users to train")
     if len({u.user_id for u in users}) != len(users):
         raise InvalidTrainingData("a user appears twice in one training job")
+    if config.prefix_len_candidates:
+        return _train_choosing_prefix_len(base, users, config, on_progress, should_cancel)
     started = time.monotonic()
     base.model.requires_grad_(False)
     runs = [_UserRun(base, u, config) for u in users]
@@ -225,6 +235,32 @@ def train_prefixes(
     final = [r for r in runs if r.val and not r.done and r.steps % config.eval_every != 0]
     _evaluate(base, final, config)  # the last steps may hold the best validation loss
     return [r.result(started) for r in runs]
+
+
+def _train_choosing_prefix_len(base, users, config, on_progress, should_cancel) -> list[TrainedPrefix]:
+    """Every (user, candidate length) pair trains as its own row group in the same passes; per user,
+    the candidate with the lowest validation loss wins (the lowest training loss without a split)."""
+    candidates = sorted(set(config.prefix_len_candidates))
+    variants = [
+        UserData(f"{u.user_id}#{n}", u.samples, prefix=replace(config.prefix, prefix_len=n))
+        for u in users
+        for n in candidates
+    ]
+    trained = train_prefixes(
+        base, variants, replace(config, prefix_len_candidates=()), on_progress=on_progress, should_cancel=should_cancel
+    )
+    chosen = []
+    for i, user in enumerate(users):
+        group = trained[i * len(candidates) : (i + 1) * len(candidates)]
+
+        def score(t: TrainedPrefix) -> float:
+            return t.metrics["val_loss"] if t.metrics["val_loss"] is not None else t.metrics["train_loss"]
+
+        best = min(group, key=score)
+        best.user_id = user.user_id
+        best.metrics["prefix_len_search"] = {str(t.prefix_config.prefix_len): score(t) for t in group}
+        chosen.append(best)
+    return chosen
 
 
 def _train_step(base: BaseModel, runs: list[_UserRun], config: TrainingConfig) -> int:

@@ -1,5 +1,7 @@
 """Training: frozen base, multi-user batches equal to single-user jobs, cancellation, resuming."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -127,3 +129,16 @@ def test_smollm2_personalises_a_real_author_from_a_few_dozen_samples(smollm2):
     assert result.metrics["val_loss"] < result.metrics["base_val_loss"]
     assert result.metrics["val_loss"] < result.metrics["initial_val_loss"]
     assert weights_fingerprint(smollm2.model) == before
+
+
+def test_prefix_length_search_keeps_the_best_candidate_per_user(tiny):
+    config = _config(prefix_len_candidates=(2, 6), max_steps=4)
+    results = train_prefixes(tiny, [UserData("alice", ALICE), UserData("bob", BOB)], config)
+    for result in results:
+        search = result.metrics["prefix_len_search"]
+        assert set(search) == {"2", "6"}
+        assert result.prefix_config.prefix_len == int(min(search, key=search.get))
+        assert result.kv.shape[3] == result.prefix_config.prefix_len
+    # each candidate is what training that length alone gives
+    alone = train_prefixes(tiny, [UserData("bob", BOB, prefix=replace(config.prefix, prefix_len=6))], _config(max_steps=4))
+    assert abs(results[1].metrics["prefix_len_search"]["6"] - alone[0].metrics["val_loss"]) < 1e-4
