@@ -8,7 +8,9 @@ with `stream: true`, server-sent events in OpenAI's chunk format ending with `da
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,9 +22,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CallerDep, get_context
+from api.openapi import errors
+from api.uploads import parse_json
 from core.inference import catalog, metrics
 from core.inference.completer import Submission
-from core.inference.errors import DeadlineExceeded, InferenceFailed
+from core.errors import CorruptArtifact
+from core.inference.errors import CorruptPrefix, DeadlineExceeded, InferenceFailed
 from core.inference.jobs import InferenceJob, RowFinished, TextDelta
 from core.inference.service import build_completer
 from core.inference.requests import (
@@ -35,7 +40,10 @@ from core.inference.requests import (
 from core.prompts import chat_prompt_ids, text_ids
 from core.service.api_keys import Caller
 from core.service.errors import InvalidInput
+from core.service.registry import quarantine_version
 
+log = logging.getLogger(__name__)
+MAX_CORRUPT_FALLBACKS = 3
 
 
 @asynccontextmanager
@@ -58,6 +66,14 @@ async def _serving(app: FastAPI) -> AsyncIterator[None]:
 
 router = APIRouter(prefix="/v1", tags=["completions"], lifespan=_serving)
 
+# The bodies are parsed by hand (`parse_body`: errors name the parameter, extra fields are
+# ignored as OpenAI clients send many); the schema still documents them.
+_GENERATION_ERRORS = errors(413, 429, 504)
+
+
+def _json_body(model) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
 _DISCONNECT_POLL_S = 0.25
 
 
@@ -77,7 +93,7 @@ async def list_models(request: Request, caller: CallerDep) -> dict:
     }
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", openapi_extra=_json_body(ChatCompletionBody), responses=_GENERATION_ERRORS)
 async def chat_completions(request: Request, caller: CallerDep):
     body: ChatCompletionBody = parse_body(ChatCompletionBody, await _json(request))
     base = get_context(request).base_model()
@@ -89,10 +105,10 @@ async def chat_completions(request: Request, caller: CallerDep):
     except Exception as exc:  # the chat template refused the conversation
         raise InvalidInput(f"messages cannot be rendered: {exc}", param="messages") from exc
     job = await _job(request, caller, body, prompt_ids, params)
-    return await _answer(request, body, job, chat=True)
+    return await _answer(request, caller, body, job, chat=True)
 
 
-@router.post("/completions")
+@router.post("/completions", openapi_extra=_json_body(CompletionBody), responses=_GENERATION_ERRORS)
 async def completions(request: Request, caller: CallerDep):
     body: CompletionBody = parse_body(CompletionBody, await _json(request))
     base = get_context(request).base_model()
@@ -102,31 +118,32 @@ async def completions(request: Request, caller: CallerDep):
     if any(not 0 <= t < len(base.tokenizer) for t in prompt_ids):
         raise InvalidInput("prompt holds token ids outside the vocabulary", param="prompt")
     job = await _job(request, caller, body, prompt_ids, params)
-    return await _answer(request, body, job, chat=False)
+    return await _answer(request, caller, body, job, chat=False)
 
 
 # -- shared steps ----------------------------------------------------------------------------------
 
 
 async def _json(request: Request) -> Any:
-    try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"the request body is not valid JSON: {exc}") from exc
+    return parse_json(await request.body())
+
+
+async def _resolve(request: Request, caller: Caller, model: str):
+    context = get_context(request)
+
+    def resolve():
+        with context.session_factory() as session:
+            return catalog.resolve_model(session, caller, model, context.base_model().model_id)
+
+    return await run_in_threadpool(resolve)
 
 
 async def _job(request: Request, caller: Caller, body, prompt_ids: list[int], params) -> InferenceJob:
     """Authorize the model for the caller and build the job (nothing is queued yet)."""
     context = get_context(request)
-    base = context.base_model()
     if not prompt_ids:
         raise InvalidInput("the prompt is empty", param="prompt")
-
-    def resolve():
-        with context.session_factory() as session:
-            return catalog.resolve_model(session, caller, body.model, base.model_id)
-
-    prefix = await run_in_threadpool(resolve)
+    prefix = await _resolve(request, caller, body.model)
     return InferenceJob(
         prompt_ids=prompt_ids,
         params=params,
@@ -136,9 +153,32 @@ async def _job(request: Request, caller: Caller, body, prompt_ids: list[int], pa
     )
 
 
-async def _answer(request: Request, body, job: InferenceJob, *, chat: bool):
+async def _submit(request: Request, caller: Caller, body, job: InferenceJob) -> tuple[InferenceJob, Submission]:
+    """Queue the job. A prefix whose stored bytes fail their checksum is never used: its version
+    is quarantined (marked corrupt, the previous good version activated) and the model is
+    resolved again, so `user:<id>` falls back while an explicit corrupt version gets a clear error."""
     completer = request.app.state.completer
-    submission = await completer.submit(job)  # QueueFull / InvalidRequest / ... surface as errors here
+    for _ in range(MAX_CORRUPT_FALLBACKS):
+        try:
+            submission = await completer.submit(job)  # QueueFull / InvalidRequest / ... surface here
+            if job.prefix is not None:
+                await submission.wait_started()  # distributed: the worker reports a corrupt prefix
+            return job, submission
+        except (CorruptArtifact, CorruptPrefix) as exc:
+            if job.prefix is None:
+                raise
+            ref = job.prefix
+            log.error("request_id=%s: prefix v%d of user %s failed verification: %s",
+                      job.request_id, ref.version, ref.user_id, exc)
+            factory = get_context(request).session_factory
+            await run_in_threadpool(quarantine_version, factory, ref.user_id, ref.version, str(exc))
+            prefix = await _resolve(request, caller, body.model)
+            job = dataclasses.replace(job, prefix=prefix, request_id=uuid.uuid4().hex)
+    raise InferenceFailed("no intact prefix version could be loaded for this model")
+
+
+async def _answer(request: Request, caller: Caller, body, job: InferenceJob, *, chat: bool):
+    job, submission = await _submit(request, caller, body, job)
     shape = _Shape(job, body.model, chat)
     if body.stream:
         return StreamingResponse(

@@ -1,7 +1,8 @@
 """Which models a caller may use, and which stored prefix a `model` field means.
 
     <base model id>                 the frozen base model, no prefix
-    ft:<base>:<external_id>:v<N>    that exact prefix version (the `fine_tuned_model` of a job)
+    ft:<base>:<external_id>:v<N>    that exact prefix version (the `fine_tuned_model` of a job);
+                                    a version marked corrupt answers a clear error
     ft:<base>:<external_id>         that user's active version
     user:<external_id>              alias of the same: the user's active version
 
@@ -19,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.db import PrefixVersion, User
+from core.errors import CorruptArtifact
 from core.inference.prefix_cache import PrefixRef
 from core.service.api_keys import Caller
 from core.service.errors import InvalidInput, NotFound
@@ -39,6 +41,10 @@ class NoTrainedPrefix(InvalidInput):
     """The user exists but has no active prefix yet (HTTP 400, code `model_not_ready`)."""
 
     code = "model_not_ready"
+
+
+class CorruptModel(CorruptArtifact):
+    """That exact version's stored bytes failed their checksum; it is never served."""
 
 
 def resolve_model(session: Session, caller: Caller, model: str, base_model_id: str) -> PrefixRef | None:
@@ -65,6 +71,11 @@ def resolve_model(session: Session, caller: Caller, model: str, base_model_id: s
         )
     if row is None:
         raise NotFound(f"The model '{model}' does not exist or you do not have access to it.")
+    if row.status == "corrupt":
+        raise CorruptModel(
+            f"The model '{model}' is corrupt in storage (checksum mismatch) and cannot be served; "
+            f"use 'user:{external_id}' for the user's current good version."
+        )
     return PrefixRef(user_id=user.id, version=row.version, blob_key=row.blob_key, sha256=row.sha256)
 
 
@@ -80,6 +91,8 @@ def list_models(session: Session, caller: Caller, base_model_id: str, base_creat
     if not caller.is_admin:
         query = query.where(User.id == caller.user_id)
     for version, external_id in session.execute(query).all():
+        if version.status == "corrupt":
+            continue
         created = int(version.created_at.timestamp())
         entries.append(ModelEntry(format_model_id(base_model_id, external_id, version.version), external_id, created))
         if version.status == "active":

@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 
 from core.inference.engine import InferenceEngine
-from core.inference.errors import DeadlineExceeded, InferenceFailed
+from core.inference.errors import CorruptPrefix, DeadlineExceeded, InferenceFailed
 from core.inference.jobs import Event, InferenceJob, JobFailed, RowFinished
 
 # Grace after the deadline before the API gives up on hearing from the engine itself.
@@ -37,6 +37,19 @@ class Submission(ABC):
 
     def __init__(self, job: InferenceJob):
         self.job = job
+        self._peeked: Event | None = None
+
+    async def wait_started(self) -> None:
+        """Wait for the first event (by then the worker has loaded and verified the prefix).
+
+        Raises `CorruptPrefix` (and releases the transport) if the prefix failed its checksum;
+        any other outcome is kept for `events()`."""
+        remaining = self.job.deadline + DEADLINE_GRACE_S - time.time()
+        event = await self._next_event(max(remaining, 0.0)) if remaining > 0 else None
+        if isinstance(event, JobFailed) and event.kind == "corrupt_prefix":
+            await self._finished()
+            raise CorruptPrefix(event.message)
+        self._peeked = event
 
     @abstractmethod
     async def _next_event(self, timeout: float) -> Event | None:
@@ -60,7 +73,10 @@ class Submission(ABC):
         rows_left = self.job.n
         while rows_left:
             remaining = self.job.deadline + DEADLINE_GRACE_S - time.time()
-            event = await self._next_event(max(remaining, 0.0)) if remaining > 0 else None
+            if self._peeked is not None:
+                event, self._peeked = self._peeked, None
+            else:
+                event = await self._next_event(max(remaining, 0.0)) if remaining > 0 else None
             if event is None:
                 await self.cancel()
                 raise DeadlineExceeded("the request did not finish within its deadline")

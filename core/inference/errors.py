@@ -21,3 +21,7 @@ class InferenceFailed(SteerError):
 
 class InferenceUnavailable(SteerError):
     """The inference queue (Redis, distributed mode) cannot be reached: nothing was queued (HTTP 503)."""
+
+
+class CorruptPrefix(InferenceFailed):
+    """The requested prefix's stored bytes failed their checksum; nothing was generated with it."""

@@ -81,7 +81,8 @@ class RowFinished:
 
 @dataclass
 class JobFailed:
-    """The whole job ended without a result. `kind`: "timeout" or "error"."""
+    """The whole job ended without a result. `kind`: "timeout", "error" or "corrupt_prefix"
+    (the prefix failed its checksum before anything was generated)."""
 
     kind: str
     message: str

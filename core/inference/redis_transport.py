@@ -26,7 +26,7 @@ import uuid
 import redis
 import redis.asyncio as aioredis
 
-from core.errors import SteerError
+from core.errors import CorruptArtifact, SteerError
 from core.inference.completer import Completer, Submission
 from core.inference.engine import InferenceEngine
 from core.inference.errors import InferenceFailed, InferenceUnavailable, QueueFull
@@ -223,7 +223,8 @@ class RedisInferenceWorker:
         except SteerError as exc:
             with self._lock:
                 self._inflight.pop(job.request_id, None)
-            self._send_now(stream, JobFailed("error", str(exc)), job)
+            kind = "corrupt_prefix" if isinstance(exc, CorruptArtifact) else "error"
+            self._send_now(stream, JobFailed(kind, str(exc)), job)
             self._ack(entry_id)
         except Exception as exc:  # e.g. the object store is down: fail this job, keep serving
             log.exception("request_id=%s could not start", job.request_id)
