@@ -102,6 +102,9 @@ class _Bar:
         self.task = None
 
     def phase(self, name: str, total: int) -> None:
+        if self.progress is not None and not self.progress.console.is_terminal:
+            # Logs and nohup runs get one line per phase instead of a redrawn bar.
+            print(f"[{time.strftime('%H:%M:%S')}] {name} ({total})", flush=True)
         if self.progress is not None:
             if self.task is not None:
                 self.progress.update(self.task, visible=False)
