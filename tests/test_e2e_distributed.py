@@ -126,8 +126,10 @@ def test_onboarding_to_erasure_on_real_services(distributed_env, celery_worker, 
         assert erased.status_code == 200 and erased.json()["deleted"] is True
         assert list(minio.list_objects(bucket, prefix=f"users/{user_id}/", recursive=True)) == []
         with ctx.session_factory() as session:
-            for model in (User, ApiKey, Sample, PrefixVersion):
-                count = session.execute(select(func.count()).select_from(model)).scalar_one()
-                assert count == 0, model.__name__
+            # Scoped to this user: other tests of the session share the database.
+            assert session.get(User, user_id) is None
+            for model in (ApiKey, Sample, PrefixVersion):
+                count = session.execute(select(func.count()).select_from(model).where(model.user_id == user_id))
+                assert count.scalar_one() == 0, model.__name__
             assert session.get(Job, job_id) is None
         assert client.get(f"/v1/users/{user_id}", headers=ADMIN).status_code == 404
