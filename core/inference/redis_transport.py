@@ -39,6 +39,7 @@ GROUP = "workers"
 CANCEL_STREAM = "steer:infer:cancel"
 REPLY_TTL_AFTER_DEADLINE_S = 60
 _READ_BLOCK_MS = 100
+_REDIS_RETRY_S = 1.0
 
 
 def reply_stream(request_id: str) -> str:
@@ -178,22 +179,32 @@ class RedisInferenceWorker:
         log.info("inference worker %s consuming %s", self.consumer, REQUESTS_STREAM)
         try:
             while not self._stop.is_set():
-                self._read_cancels()
-                self._heartbeat()
-                self._reclaim()
-                free = self._free_slots()
-                if free <= 0:
-                    time.sleep(_READ_BLOCK_MS / 1000)
-                    continue
-                reply = self.client.xreadgroup(
-                    GROUP, self.consumer, {REQUESTS_STREAM: ">"}, count=free, block=_READ_BLOCK_MS
-                )
-                for _, entries in reply or []:
-                    for entry_id, fields in entries:
-                        self._handle(entry_id, fields, reclaimed=False)
+                try:
+                    self._serve_once()
+                except redis.ConnectionError as exc:  # Redis restarting: wait for it, keep the engine
+                    log.warning("redis unavailable (%s); retrying", exc)
+                    time.sleep(_REDIS_RETRY_S)
+                except redis.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    log.warning("consumer group vanished (Redis restarted empty); recreating it")
+                    ensure_group(self.client)
         finally:
             self._outbox.put(None)
             publisher.join(5)
+
+    def _serve_once(self) -> None:
+        self._read_cancels()
+        self._heartbeat()
+        self._reclaim()
+        free = self._free_slots()
+        if free <= 0:
+            time.sleep(_READ_BLOCK_MS / 1000)
+            return
+        reply = self.client.xreadgroup(GROUP, self.consumer, {REQUESTS_STREAM: ">"}, count=free, block=_READ_BLOCK_MS)
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                self._handle(entry_id, fields, reclaimed=False)
 
     # -- taking jobs --------------------------------------------------------------------------------
 
