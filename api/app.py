@@ -19,7 +19,9 @@ from fastapi import APIRouter, FastAPI
 
 from api.dispatch import JobDispatcher, make_dispatcher
 from api.errors import install_error_handlers
+from api.limits import BodySizeLimit
 from api.metrics import make_registry
+from api.openapi import V1_ERRORS, install_openapi
 from api.routes import admin, completions, health, jobs, onboarding, samples, users
 from core.config import Settings, get_settings
 from core.db.migrate import upgrade_to_head
@@ -66,11 +68,13 @@ def create_app(
     app.state.dispatcher = dispatcher or make_dispatcher(ctx)
     app.state.metrics_registry = make_registry(ctx, getattr(app.state.dispatcher, "queue_depth", None))
     install_error_handlers(app)
+    install_openapi(app)
+    app.add_middleware(BodySizeLimit, limit=ctx.settings.max_upload_bytes)
 
-    v1 = APIRouter(prefix=API_PREFIX)
+    v1 = APIRouter(prefix=API_PREFIX, responses=V1_ERRORS)
     for module in (onboarding, users, samples, jobs, admin):
         v1.include_router(module.router)
     app.include_router(v1)
-    app.include_router(completions.router)  # carries its own /v1 prefix
+    app.include_router(completions.router, responses=V1_ERRORS)  # carries its own /v1 prefix
     app.include_router(health.router)
     return app

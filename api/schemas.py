@@ -8,22 +8,31 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.db import Job, JobEvent, PrefixVersion, Sample, User
+from core.service.model_ids import EXTERNAL_ID_PATTERN
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Documented precisely in the schema; checked by the service (`validate_samples`), whose errors
+# name the offending sample (`samples[3]`).
+_SAMPLES_SCHEMA = {"minItems": 1, "items": {"type": "string", "minLength": 1}}
+
+
 class OnboardingRequest(_Strict):
-    external_id: str = Field(description="The caller's own id of the user (letters, digits, . _ @ + -).")
-    samples: list[Any] = Field(description="Writing samples, one string each.")
+    external_id: str = Field(
+        description="The caller's own id of the user (letters, digits, . _ @ + -).",
+        json_schema_extra={"pattern": EXTERNAL_ID_PATTERN.pattern, "maxLength": 128},
+    )
+    samples: list[Any] = Field(description="Writing samples, one string each.", json_schema_extra=_SAMPLES_SCHEMA)
     hyperparameters: dict[str, Any] | None = Field(
         default=None, description='Training hyperparameters; each may be "auto".'
     )
 
 
 class SamplesRequest(_Strict):
-    samples: list[Any] = Field(description="Writing samples, one string each.")
+    samples: list[Any] = Field(description="Writing samples, one string each.", json_schema_extra=_SAMPLES_SCHEMA)
 
 
 class CreateJobRequest(_Strict):

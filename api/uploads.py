@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,27 @@ async def read_body_limited(request: Request, limit: int) -> bytes:
     return body
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def parse_json(body: bytes) -> Any:
+    """Strict JSON (RFC 8259): no NaN/Infinity, no number that overflows a float; nesting too deep
+    for the parser and invalid UTF-8 are client errors too (400), never a 500."""
+    try:
+        return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise InvalidInput(f"the request body is not valid JSON: {reason}") from None
+
+
 async def read_sample_upload(request: Request, settings: Settings, model: type[BaseModel]) -> SampleUpload:
     """Parse a JSON body against `model`, or a multipart form: `file` (one or more .txt/.jsonl),
     optional `samples` (JSON list), `hyperparameters` (JSON object) and other plain fields."""
@@ -49,10 +71,7 @@ async def read_sample_upload(request: Request, settings: Settings, model: type[B
     content_type = request.headers.get("content-type", "")
     if content_type.startswith(MULTIPART):
         return await _read_multipart(request, settings, model)
-    try:
-        payload = json.loads(body or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidInput("the request body is not valid JSON") from None
+    payload = parse_json(body or b"null")
     if not isinstance(payload, dict):
         raise InvalidInput("the request body must be a JSON object")
     parsed = _validate(model, payload)

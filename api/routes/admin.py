@@ -8,10 +8,11 @@ from fastapi import APIRouter
 
 from api.deps import AdminDep, ContextDep, DispatcherDep, SessionDep
 from api.jobs_dispatch import commit_and_dispatch
+from api.openapi import ADMIN_ERRORS, BODY_ERRORS
 from api.schemas import RetrainRequest, job_object, list_object
 from core.service.retrain import RetrainSelection, create_retrain_jobs
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(prefix="/admin", tags=["admin"], responses={**ADMIN_ERRORS, **BODY_ERRORS})
 
 
 @router.post("/retrain", status_code=201)

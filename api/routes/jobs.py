@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 
 from api.deps import CallerDep, DispatcherDep, SessionDep, SettingsDep
 from api.jobs_dispatch import commit_and_dispatch
+from api.openapi import BODY_ERRORS, errors
 from api.schemas import CreateJobRequest, event_object, job_object, list_object
 from core.service.errors import InvalidInput
 from core.service.jobs import cancel_job, create_job, get_job, list_events, list_jobs
@@ -16,7 +17,7 @@ from core.service.users import get_user
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, responses=BODY_ERRORS)
 def create(
     body: CreateJobRequest, session: SessionDep, caller: CallerDep, settings: SettingsDep, dispatcher: DispatcherDep
 ) -> dict[str, Any]:
@@ -71,7 +72,7 @@ def events(
     return list_object([event_object(e) for e in rows], has_more)
 
 
-@router.post("/{job_id}/cancel")
+@router.post("/{job_id}/cancel", responses=errors(409))
 def cancel(job_id: str, session: SessionDep, caller: CallerDep, settings: SettingsDep) -> dict[str, Any]:
     """Cancel a queued job now, or ask a running one to stop at its next training step."""
     return job_object(cancel_job(session, caller, job_id), settings.base_model)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 
 from api.deps import AdminDep, DispatcherDep, SessionDep, SettingsDep
 from api.jobs_dispatch import commit_and_dispatch
+from api.openapi import ADMIN_ERRORS, BODY_ERRORS
 from api.schemas import OnboardingRequest, job_object, user_object
 from api.uploads import read_sample_upload, upload_openapi
 from core.service.api_keys import issue_user_key
@@ -20,7 +21,7 @@ router = APIRouter(tags=["onboarding"])
 _BODY = upload_openapi(OnboardingRequest, {"external_id": {"type": "string"}})
 
 
-@router.post("/onboarding", status_code=201, openapi_extra=_BODY)
+@router.post("/onboarding", status_code=201, openapi_extra=_BODY, responses={**ADMIN_ERRORS, **BODY_ERRORS})
 async def onboard(
     request: Request, _admin: AdminDep, session: SessionDep, settings: SettingsDep, dispatcher: DispatcherDep
 ) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from api.deps import CallerDep, SessionDep, SettingsDep
+from api.openapi import BODY_ERRORS
 from api.schemas import SamplesRequest, list_object, sample_object
 from api.uploads import read_sample_upload, upload_openapi
 from core.service.samples import add_samples, delete_sample, list_samples, validate_samples
@@ -30,7 +31,7 @@ def list_all(
     return list_object([sample_object(s) for s in page.items], page.has_more)
 
 
-@router.post("", status_code=201, openapi_extra=_BODY)
+@router.post("", status_code=201, openapi_extra=_BODY, responses=BODY_ERRORS)
 async def add(
     user_id: str, request: Request, session: SessionDep, caller: CallerDep, settings: SettingsDep
 ) -> dict[str, Any]:

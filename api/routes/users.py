@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from api.deps import AdminDep, CallerDep, ContextDep, SessionDep
+from api.openapi import ADMIN_ERRORS
 from api.schemas import api_key_object, list_object, prefix_object, user_object
 from core.service.api_keys import issue_user_key
 from core.service.registry import activate_version, active_prefix, list_versions
@@ -41,7 +42,7 @@ def erase(user_id: str, ctx: ContextDep, caller: CallerDep) -> dict[str, Any]:
     return {"object": "user.deleted", "id": user_id, "deleted": True}
 
 
-@router.post("/{user_id}/api_keys", status_code=201)
+@router.post("/{user_id}/api_keys", status_code=201, responses=ADMIN_ERRORS)
 def new_key(user_id: str, session: SessionDep, admin: AdminDep) -> dict[str, Any]:
     """Issue another key for the user (e.g. the first one was lost). Shown once."""
     user = get_user(session, admin, user_id)
