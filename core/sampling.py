@@ -48,12 +48,19 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     sample does not depend on which other rows share its batch."""
     if params.greedy:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
+    scaled = logits.float().cpu() / params.temperature
+    if torch.isnan(scaled).any() or torch.isposinf(scaled).any():
+        # A temperature so small that the logits overflow (or that float32 rounds to 0): its
+        # limit is greedy decoding, which is what the request asks for in effect.
+        return int(torch.argmax(logits))
+    probs = torch.softmax(scaled, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # Keep the smallest set whose mass reaches top_p (the first token always stays).
+        # Keep the smallest set whose mass reaches top_p. The first token always stays, even
+        # when top_p is below float32's smallest number (it would compare as 0 and drop all).
         drop = cumulative - sorted_probs >= params.top_p
+        drop[0] = False
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
