@@ -142,20 +142,26 @@ class Settings(BaseSettings):
     train_time_limit_s: float = Field(
         default=3600, gt=0, description="Wall-clock limit of one training job, in seconds."
     )
-    train_max_steps_default: int = Field(
-        default=200, gt=0, description="Optimizer steps of a training job unless it asks otherwise."
+    train_max_steps_default: int | None = Field(
+        default=None, gt=0, description="Optimizer steps of a training job unless it asks otherwise. Unset: the engine's default."
     )
-    train_prefix_len_default: int = Field(
-        default=16, gt=0, description="Virtual prefix tokens per layer unless a job asks otherwise."
+    train_prefix_len_default: int | None = Field(
+        default=None, gt=0, description="Virtual prefix tokens per layer unless a job asks otherwise. Unset: the engine's default."
     )
-    train_learning_rate_default: float = Field(
-        default=5e-3, gt=0, description="Learning rate of a training job unless it asks otherwise."
+    train_prefix_len_candidates: tuple[int, ...] = Field(
+        default=(),
+        description="JSON list, e.g. `[8,16,32]`: when a job leaves `prefix_len` on auto, train one prefix per "
+        "length in the same batched passes and keep the best on the user's validation split (costs one "
+        "row group per candidate; worth it on a GPU). Empty: no search.",
     )
-    train_batch_size_default: int = Field(
-        default=8, gt=0, description="Training batch size unless a job asks otherwise."
+    train_learning_rate_default: float | None = Field(
+        default=None, gt=0, description="Learning rate of a training job unless it asks otherwise. Unset: the engine's default."
     )
-    train_max_seq_len: int = Field(
-        default=512, gt=0, description="Longest training sequence in tokens; longer text is chunked."
+    train_batch_size_default: int | None = Field(
+        default=None, gt=0, description="Training batch size (rows per user per step) unless a job asks otherwise. Unset: the engine's default."
+    )
+    train_max_seq_len: int | None = Field(
+        default=None, gt=0, description="Longest training sequence in tokens; longer text is chunked. Unset: the engine's default."
     )
 
     @field_validator("data_dir", mode="after")

@@ -31,11 +31,12 @@ class TrainingConfig:
 
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     learning_rate: float = 2e-3
-    max_steps: int = 150
+    max_steps: int = 100
     """Upper bound on optimizer steps per user."""
     epochs: float | None = None
     """If set, stop each user after this many passes over their training examples (whichever first)."""
-    batch_size: int = 8
+    batch_size: int = 4
+    """Rows per user per step (a multi-user step holds batch_size rows of every active user)."""
     max_seq_len: int = 128
     warmup_steps: int = 10
     weight_decay: float = 0.0

@@ -69,11 +69,11 @@ def resolve(values: dict[str, Any], settings: Settings) -> dict[str, Any]:
     multiplier = 1.0 if multiplier == AUTO else multiplier
     learning_rate = values["learning_rate"]
     if learning_rate == AUTO:
-        learning_rate = settings.train_learning_rate_default * multiplier
+        learning_rate = _or_engine(settings.train_learning_rate_default, "learning_rate") * multiplier
     defaults = {
-        "prefix_len": settings.train_prefix_len_default,
-        "max_steps": settings.train_max_steps_default,
-        "batch_size": settings.train_batch_size_default,
+        "prefix_len": settings.train_prefix_len_default or ENGINE_DEFAULTS.prefix.prefix_len,
+        "max_steps": _or_engine(settings.train_max_steps_default, "max_steps"),
+        "batch_size": _or_engine(settings.train_batch_size_default, "batch_size"),
         "seed": 0,
         "n_epochs": None,  # no epoch bound: max_steps (and early stopping) decide
         "init": INIT_ACTIVATIONS,
@@ -81,7 +81,21 @@ def resolve(values: dict[str, Any], settings: Settings) -> dict[str, Any]:
     resolved = {name: (defaults[name] if values[name] == AUTO else values[name]) for name in defaults}
     resolved["learning_rate"] = learning_rate
     resolved["learning_rate_multiplier"] = multiplier
+    # prefix_len left on auto: search the configured candidates (if any) per user.
+    if "prefix_len_candidates" in values:  # already resolved by an earlier attempt of this job
+        resolved["prefix_len_candidates"] = list(values["prefix_len_candidates"])
+    else:
+        search = values["prefix_len"] == AUTO and len(settings.train_prefix_len_candidates) > 1
+        resolved["prefix_len_candidates"] = list(settings.train_prefix_len_candidates) if search else []
     return resolved
+
+
+ENGINE_DEFAULTS = TrainingConfig()
+
+
+def _or_engine(configured: Any, name: str) -> Any:
+    """An operator's setting, or the engine's own default when the setting is unset."""
+    return getattr(ENGINE_DEFAULTS, name) if configured is None else configured
 
 
 def training_config(resolved: dict[str, Any], settings: Settings) -> TrainingConfig:
@@ -93,7 +107,8 @@ def training_config(resolved: dict[str, Any], settings: Settings) -> TrainingCon
         max_steps=max_steps,
         epochs=resolved["n_epochs"],
         batch_size=resolved["batch_size"],
-        max_seq_len=settings.train_max_seq_len,
+        max_seq_len=_or_engine(settings.train_max_seq_len, "max_seq_len"),
+        prefix_len_candidates=tuple(resolved.get("prefix_len_candidates") or ()),
         warmup_steps=min(10, max(0, max_steps // 10)),
         seed=resolved["seed"],
         # Stop training (keeping the best checkpoint) before the hard task time limit hits.
