@@ -155,3 +155,20 @@ def test_health_readiness_and_metrics(tmp_path: Path):
     with api_client(broken, dispatcher=RecordingDispatcher()) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["checks"]["store"].startswith("unavailable")
+
+
+def test_auto_prefix_len_searches_the_configured_candidates(tmp_path: Path):
+    settings = make_settings(tmp_path, train_prefix_len_default=None, train_prefix_len_candidates=(2, 3))
+    with api_client(settings, base=tiny_base_model(), dispatcher=RecordingDispatcher()) as client:
+        ctx = client.app.state.ctx
+        searched = onboard(client, "sam")
+        fixed = client.post(
+            "/v1/fine_tuning/jobs", headers=ADMIN, json={"user": searched["user"]["id"], "hyperparameters": {"prefix_len": 3}}
+        ).json()
+        assert run_training_job(searched["job"]["id"], ctx) == "succeeded"
+        assert run_training_job(fixed["id"], ctx) == "succeeded"
+        with ctx.session_factory() as session:
+            auto, explicit = session.execute(select(PrefixVersion).order_by(PrefixVersion.version)).scalars().all()
+        assert set(auto.metrics["prefix_len_search"]) == {"2", "3"}
+        assert auto.prefix_len == int(min(auto.metrics["prefix_len_search"], key=auto.metrics["prefix_len_search"].get))
+        assert explicit.prefix_len == 3 and "prefix_len_search" not in explicit.metrics

@@ -185,7 +185,7 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
         should_cancel=lambda: _should_cancel(ctx, run),
     )
     for result in trained:
-        metrics = {k: v for k, v in result.metrics.items() if v is None or isinstance(v, (int, float, bool, str))}
+        metrics = {k: v for k, v in result.metrics.items() if v is None or isinstance(v, (int, float, bool, str, dict))}
         prefix = Prefix(result.kv, base.model_id, base.fingerprint, config.to_dict(), metrics)
         artifacts = PrefixArtifacts(
             prefix=save_prefix(prefix, PREFIX_DTYPE),
