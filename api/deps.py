@@ -47,15 +47,18 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 _BEARER = HTTPBearer(auto_error=False, description="The admin key or a per-user key (`sk-steer-...`).")
 
 
-def get_caller(
-    request: Request, ctx: ContextDep, session: SessionDep, _scheme: Annotated[object, Security(_BEARER)] = None
-) -> Caller:
-    """The admin or the user whose key is in `Authorization: Bearer <key>`; 401 otherwise."""
+def get_caller(request: Request, ctx: ContextDep, _scheme: Annotated[object, Security(_BEARER)] = None) -> Caller:
+    """The admin or the user whose key is in `Authorization: Bearer <key>`; 401 otherwise.
+
+    Its own short session, not the request's: a completion (which needs no other database work)
+    must not hold a pooled connection while it waits in the queue and streams; under load that
+    exhausted the pool and turned would-be 429s into 500s."""
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
-    caller = authenticate(session, key.strip(), ctx.admin_key_hashes)
+    with ctx.session_factory() as session:
+        caller = authenticate(session, key.strip(), ctx.admin_key_hashes)
     if caller is None:
         raise Unauthenticated("invalid API key")
     return caller

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import ArtifactError, InvalidRequest, InvalidTrainingData, SteerError
@@ -98,6 +99,14 @@ async def _database_down(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, "the database is unavailable; retry later", "service_unavailable", code="database_unavailable")
 
 
+async def _database_busy(_request: Request, exc: Exception) -> JSONResponse:
+    # Every pooled connection stayed busy for the pool's whole timeout: overload, not a bug.
+    log.warning("database connection pool exhausted: %s", exc)
+    return error_response(
+        503, "the database is busy; retry later", "service_unavailable", code="database_busy", headers={"Retry-After": "1"}
+    )
+
+
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return error_response(500, "internal server error", "server_error")
@@ -108,4 +117,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OperationalError, _database_down)
+    app.add_exception_handler(PoolTimeout, _database_busy)
     app.add_exception_handler(Exception, _unexpected)
