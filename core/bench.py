@@ -97,6 +97,18 @@ def _hf_generate(base, prompts, new_tokens) -> int:
     return (out.shape[1] - width) * len(prompts)
 
 
+def _hf_continuous_batching(base, prompts, new_tokens) -> int:
+    """transformers' own continuous-batching manager (paged KV cache) on the base model.
+
+    It has no notion of a per-request prefix, so it can only serve the no-prefix case: this is the
+    reference that decides whether owning a small scheduler is worth it."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=base.tokenizer.pad_token_id)
+    outputs = base.model.generate_batch(inputs=prompts, generation_config=config)
+    return sum(len(o.generated_tokens) for o in outputs.values())
+
+
 def bench_serving(base: BaseModel, requests: int, new_tokens: int, prefix_len: int, serial_requests: int) -> dict:
     prompts = _prompts(base, requests)
     users = _user_prefixes(base, requests, prefix_len)
@@ -107,6 +119,7 @@ def bench_serving(base: BaseModel, requests: int, new_tokens: int, prefix_len: i
     serial = _timed(lambda: _serial(base, prompts[:serial_requests], users[:serial_requests], new_tokens))
     hf_batch = _timed(lambda: _hf_generate(base, prompts, new_tokens))
     hf_single = _timed(lambda: sum(_hf_generate(base, [p], new_tokens) for p in prompts[:4]))
+    hf_cb = _timed(lambda: _hf_continuous_batching(base, prompts, new_tokens))
     runs = {
         "a_mixed_users": mixed,
         "b_same_user": same,
@@ -114,6 +127,7 @@ def bench_serving(base: BaseModel, requests: int, new_tokens: int, prefix_len: i
         "d_base_no_prefix": no_prefix,
         "hf_generate_batch": hf_batch,
         "hf_generate_single": hf_single,
+        "hf_continuous_batching_base": hf_cb,
     }
     return {
         "requests": requests,
@@ -125,6 +139,7 @@ def bench_serving(base: BaseModel, requests: int, new_tokens: int, prefix_len: i
             "a/c (goal >= 8)": round(mixed.tokens_per_s / serial.tokens_per_s, 2),
             "a/d (goal >= 0.95)": round(mixed.tokens_per_s / no_prefix.tokens_per_s, 3),
             "a/hf_generate_batch": round(mixed.tokens_per_s / hf_batch.tokens_per_s, 3),
+            "d/hf_continuous_batching (both without prefix)": round(no_prefix.tokens_per_s / hf_cb.tokens_per_s, 3),
             "hf_batch/hf_single": round(hf_batch.tokens_per_s / hf_single.tokens_per_s, 2),
         },
     }
@@ -252,3 +267,25 @@ def train_command(
     """Training: step time vs PEFT, multi-user batching vs sequential jobs, time to personalise."""
     base = load_base_model(base_model, device=device, dtype=dtype)
     _emit("train", bench_training(base, steps, users, personalise_samples, time_budget_s), as_json)
+
+
+@app.command("load")
+def load_command(
+    users: int = typer.Option(120, help="Users onboarded before the timed phases (more join during them)."),
+    duration_s: float = typer.Option(60.0, "--duration", help="Seconds of load, split between the two phases."),
+    below_clients: int = typer.Option(8, help="Concurrent clients below capacity."),
+    above_clients: int = typer.Option(64, help="Concurrent clients above capacity."),
+    max_queue: int = typer.Option(16, help="The server's STEER_MAX_QUEUE."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+) -> None:
+    """HTTP load on a spawned `steer serve` (tiny model): zero errors below capacity, 429s above."""
+    from core.loadtest import LoadConfig, run_load_test, verdict
+
+    config = LoadConfig(
+        users=users, duration_s=duration_s, below_clients=below_clients, above_clients=above_clients, max_queue=max_queue
+    )
+    report = run_load_test(config)
+    problems = verdict(report)
+    _emit("load", {**report, "problems": problems}, as_json)
+    if problems:
+        raise typer.Exit(1)
