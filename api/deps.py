@@ -32,6 +32,14 @@ def get_session(ctx: Annotated[ServiceContext, Depends(get_context)]) -> Iterato
 
 
 ContextDep = Annotated[ServiceContext, Depends(get_context)]
+
+
+def get_base_model_id(ctx: ContextDep) -> str:
+    """The served base model's id, as `/v1/models` and `fine_tuned_model` spell it."""
+    return ctx.base_model().model_id
+
+
+BaseModelIdDep = Annotated[str, Depends(get_base_model_id)]
 SessionDep = Annotated[Session, Depends(get_session)]
 DispatcherDep = Annotated[JobDispatcher, Depends(get_dispatcher)]
 

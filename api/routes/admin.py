@@ -30,4 +30,4 @@ def retrain(
     )
     jobs = create_retrain_jobs(session, selection, body.hyperparameters, body.users_per_job)
     commit_and_dispatch(session, dispatcher, jobs)
-    return list_object([job_object(job, ctx.settings.base_model) for job in jobs], False)
+    return list_object([job_object(job, ctx.base_model().model_id) for job in jobs], False)

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from api.deps import CallerDep, DispatcherDep, SessionDep, SettingsDep
+from api.deps import BaseModelIdDep, CallerDep, DispatcherDep, SessionDep, SettingsDep
 from api.jobs_dispatch import commit_and_dispatch
 from api.openapi import BODY_ERRORS, errors
 from api.schemas import CreateJobRequest, event_object, job_object, list_object
@@ -19,37 +19,42 @@ router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
 
 @router.post("", status_code=201, responses=BODY_ERRORS)
 def create(
-    body: CreateJobRequest, session: SessionDep, caller: CallerDep, settings: SettingsDep, dispatcher: DispatcherDep
+    body: CreateJobRequest,
+    session: SessionDep,
+    caller: CallerDep,
+    settings: SettingsDep,
+    base_model_id: BaseModelIdDep,
+    dispatcher: DispatcherDep,
 ) -> dict[str, Any]:
     """Retrain a user on their current samples. A user key trains only itself."""
     user_id = body.user or caller.user_id
     if user_id is None:
         raise InvalidInput("user is required with the admin key", param="user")
-    if body.model is not None and body.model != settings.base_model:
-        raise InvalidInput(f"model must be the served base model {settings.base_model!r}", param="model")
+    if body.model is not None and body.model not in (base_model_id, settings.base_model):
+        raise InvalidInput(f"model must be the served base model {base_model_id!r}", param="model")
     user = get_user(session, caller, user_id)
     job = create_job(session, "retrain", [user], body.hyperparameters)
     commit_and_dispatch(session, dispatcher, [job])
-    return job_object(job, settings.base_model)
+    return job_object(job, base_model_id)
 
 
 @router.get("")
 def list_all(
     session: SessionDep,
     caller: CallerDep,
-    settings: SettingsDep,
+    base_model_id: BaseModelIdDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     user: str | None = None,
 ) -> dict[str, Any]:
     """Jobs newest first; `after` is the last id of the previous page; filter by `user`."""
     page = list_jobs(session, caller, after=after, limit=limit, user_id=user)
-    return list_object([job_object(job, settings.base_model) for job in page.items], page.has_more)
+    return list_object([job_object(job, base_model_id) for job in page.items], page.has_more)
 
 
 @router.get("/{job_id}")
-def get_one(job_id: str, session: SessionDep, caller: CallerDep, settings: SettingsDep) -> dict[str, Any]:
-    return job_object(get_job(session, caller, job_id), settings.base_model)
+def get_one(job_id: str, session: SessionDep, caller: CallerDep, base_model_id: BaseModelIdDep) -> dict[str, Any]:
+    return job_object(get_job(session, caller, job_id), base_model_id)
 
 
 @router.get("/{job_id}/events")
@@ -73,6 +78,6 @@ def events(
 
 
 @router.post("/{job_id}/cancel", responses=errors(409))
-def cancel(job_id: str, session: SessionDep, caller: CallerDep, settings: SettingsDep) -> dict[str, Any]:
+def cancel(job_id: str, session: SessionDep, caller: CallerDep, base_model_id: BaseModelIdDep) -> dict[str, Any]:
     """Cancel a queued job now, or ask a running one to stop at its next training step."""
-    return job_object(cancel_job(session, caller, job_id), settings.base_model)
+    return job_object(cancel_job(session, caller, job_id), base_model_id)

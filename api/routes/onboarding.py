@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from api.deps import AdminDep, DispatcherDep, SessionDep, SettingsDep
+from api.deps import AdminDep, BaseModelIdDep, DispatcherDep, SessionDep, SettingsDep
 from api.jobs_dispatch import commit_and_dispatch
 from api.openapi import ADMIN_ERRORS, BODY_ERRORS
 from api.schemas import OnboardingRequest, job_object, user_object
@@ -23,7 +23,12 @@ _BODY = upload_openapi(OnboardingRequest, {"external_id": {"type": "string"}})
 
 @router.post("/onboarding", status_code=201, openapi_extra=_BODY, responses={**ADMIN_ERRORS, **BODY_ERRORS})
 async def onboard(
-    request: Request, _admin: AdminDep, session: SessionDep, settings: SettingsDep, dispatcher: DispatcherDep
+    request: Request,
+    _admin: AdminDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    base_model_id: BaseModelIdDep,
+    dispatcher: DispatcherDep,
 ) -> dict[str, Any]:
     """Create the user (or take the existing one with this external id), add the samples and
     start a training job. The user's API key is in the answer only when the user is new."""
@@ -40,5 +45,5 @@ async def onboard(
         "created": created,
         "api_key": key,
         "samples": {"added": len(added), "duplicates": duplicates},
-        "job": job_object(job, settings.base_model),
+        "job": job_object(job, base_model_id),
     }
