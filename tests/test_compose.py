@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -72,24 +69,3 @@ def test_every_steer_variable_is_a_real_setting(compose):
 def test_dockerfile_installs_the_package_and_runs_steer():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "pip install ." in dockerfile and '"steer", "serve"' in dockerfile and "HEALTHCHECK" in dockerfile
-
-
-def _compose_plugin() -> str | None:
-    docker = shutil.which("docker")
-    if docker is None:
-        return None
-    probe = subprocess.run([docker, "compose", "version"], capture_output=True, text=True)
-    return docker if probe.returncode == 0 else None
-
-
-def test_docker_compose_config_accepts_the_file():
-    docker = _compose_plugin()
-    if docker is None:
-        pytest.skip("the docker compose plugin is not installed; the YAML checks above still ran")
-    result = subprocess.run(
-        [docker, "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"],
-        env={**os.environ, "STEER_ADMIN_KEY": "x"},
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr
