@@ -101,7 +101,7 @@ def test_tiny_evaluation_writes_json_markdown_and_charts_with_per_user_numbers(t
     general.write_text('{"user": "g", "text": "a general sentence about weather and the calendar of the year."}\n')
     spec = EvalSpec(
         data=str(data), general=str(general), methods=("prefix", "prompt"), max_steps=2, eval_every=1,
-        batch_size=2, max_seq_len=32, prefix_len=4, sweep="prefix_len", sweep_values=[2],
+        batch_size=2, max_seq_len=64, prefix_len=4, sweep="prefix_len", sweep_values=[2],
         base_model="tiny", out=str(tmp_path / "out"),
     )
     results = run_evaluation(spec, progress=False, base=tiny)
