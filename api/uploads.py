@@ -116,9 +116,7 @@ def _validate(model: type[BaseModel], payload: dict[str, Any]) -> BaseModel:
     try:
         return model.model_validate(payload)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        raise InvalidInput(f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+        raise InvalidInput.from_validation(exc) from None
 
 
 def upload_openapi(model: type[BaseModel], form_fields: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -123,9 +123,7 @@ def parse_body(cls: type[_Common], data: Any) -> Any:
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        param = ".".join(str(p) for p in error["loc"]) or None
-        raise InvalidInput(f"{param}: {error['msg']}" if param else error["msg"], param=param) from exc
+        raise InvalidInput.from_validation(exc) from exc
 
 
 def _param_of(message: str) -> str | None:

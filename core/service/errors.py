@@ -3,7 +3,12 @@ maps them to HTTP answers in one place (`api/errors.py`) and the workers know wh
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from core.errors import SteerError
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class ServiceError(SteerError):
@@ -22,6 +27,13 @@ class InvalidInput(ServiceError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError) -> InvalidInput:
+        """pydantic's first complaint, as one error naming the field (dotted path) it is about."""
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        return cls(f"{param}: {first['msg']}" if param else first["msg"], param=param)
 
 
 class PayloadTooLarge(InvalidInput):
