@@ -6,7 +6,6 @@ clear error.
 
 from __future__ import annotations
 
-import io
 import logging
 import uuid
 
@@ -23,6 +22,7 @@ from core.service.context import build_context
 from core.service.registry import list_versions, load_prefix_bytes
 from tests.support.api import tiny_base_model
 from tests.support.inference import ADMIN_KEY, ServerThread, build_app, create_user, publish_random_prefix
+from tests.support.seaweed import flip_a_byte
 
 MESSAGES = [{"role": "user", "content": "Write me a note."}]
 
@@ -36,15 +36,7 @@ def _tamper_local(ctx, key: str) -> None:
 
 def _tamper_s3(s3_server, bucket: str):
     def tamper(ctx, key: str) -> None:
-        minio = s3_server.minio_client()
-        response = minio.get_object(bucket, key)
-        try:
-            data = bytearray(response.read())
-        finally:
-            response.close()
-            response.release_conn()
-        data[len(data) // 2] ^= 0xFF
-        minio.put_object(bucket, key, io.BytesIO(bytes(data)), len(data))  # behind Steer's back
+        flip_a_byte(s3_server.minio_client(), bucket, key)
 
     return tamper
 

@@ -13,7 +13,6 @@ reclaimed the request with XAUTOCLAIM, within its deadline; the next request com
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import signal
@@ -39,6 +38,7 @@ from core.service.context import build_context
 from core.service.registry import active_prefix
 from tests.support.api import ADMIN, ADMIN_KEY, SAMPLES, api_client, tiny_base_model
 from tests.support.inference import ServerThread, build_app, create_user, publish_random_prefix
+from tests.support.seaweed import flip_a_byte
 from tests.support.services import PrivatePostgres, PrivateRedis
 
 pytestmark = pytest.mark.integration
@@ -190,17 +190,6 @@ def _serving_consumer(client: redis.Redis, deadline_s: float = 10) -> str:
     raise AssertionError("no worker took the request")
 
 
-def _flip_a_byte(minio, bucket: str, key: str) -> None:
-    response = minio.get_object(bucket, key)
-    try:
-        data = bytearray(response.read())
-    finally:
-        response.close()
-        response.release_conn()
-    data[len(data) // 2] ^= 0xFF
-    minio.put_object(bucket, key, io.BytesIO(bytes(data)), len(data))
-
-
 def test_inference_worker_killed_mid_stream_another_worker_answers_within_the_deadline(private_services, s3_server, tmp_path):
     settings = settings_of(private_services)
     ctx = build_context(settings, base_model=tiny_base_model())
@@ -239,7 +228,7 @@ def test_inference_worker_killed_mid_stream_another_worker_answers_within_the_de
             publish_random_prefix(ctx, ctx.base_model(), user, seed=4)
             with ctx.session_factory() as session:
                 tampered = active_prefix(session, user.user_id)
-            _flip_a_byte(s3_server.minio_client(), settings.s3_bucket, tampered.blob_key)
+            flip_a_byte(s3_server.minio_client(), settings.s3_bucket, tampered.blob_key)
             fallback = client.completions.create(model="user:stream-user", prompt="Tell me", max_tokens=8, temperature=0)
             assert fallback.choices[0].text == again.choices[0].text
             print(f"\nworker killed mid-stream: clean error after {took:.1f} s (deadline {INFER_TIMEOUT_S} s); "

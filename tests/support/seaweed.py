@@ -266,3 +266,17 @@ class SeaweedServer:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+def flip_a_byte(minio, bucket: str, key: str) -> None:
+    """Corrupt an object behind Steer's back: one flipped byte mid-file (still parses, wrong bytes)."""
+    import io
+
+    response = minio.get_object(bucket, key)
+    try:
+        data = bytearray(response.read())
+    finally:
+        response.close()
+        response.release_conn()
+    data[len(data) // 2] ^= 0xFF
+    minio.put_object(bucket, key, io.BytesIO(bytes(data)), len(data))
