@@ -168,7 +168,6 @@ def _peft_step_seconds(base: BaseModel, config: TrainingConfig, steps: int) -> f
     except ImportError:
         return "peft not installed (pip install -e '.[bench]')"
     from core.data import build_examples
-    from core.training import token_losses  # noqa: F401  (same example construction as ours)
 
     model = get_peft_model(
         base.model,
@@ -199,7 +198,7 @@ def _peft_step_seconds(base: BaseModel, config: TrainingConfig, steps: int) -> f
     except Exception as exc:  # PEFT's breakages with the cache API are part of what we report
         return f"PEFT failed: {type(exc).__name__}: {exc}"[:300]
     finally:
-        model.unload() if hasattr(model, "unload") else None
+        # Prefix tuning injects no modules into the base model: only its requires_grad flags change.
         base.model.requires_grad_(False)
 
 
