@@ -90,6 +90,28 @@ def test_attribution_confusion_matrix_is_users_by_users_and_row_normalized():
     assert result["overall"]["attribution_accuracy"] == pytest.approx(10 / 12)
     assert result["per_user"]["a"]["ratio_chat"] == pytest.approx(math.exp(1 - 2))  # own loss 1 vs base 2
 
+class _GenericallyBetterScorer(_AuthorScorer):
+    """Like `_AuthorScorer`, but user a's adaptation lowers the loss of every text by more than an
+    author's own adaptation does: raw attribution sends everything to a, calibration undoes that."""
+
+    def loss_sums(self, rows, tags):
+        sums, counts = super().loss_sums(rows, tags)
+        return sums - 3.0 * torch.tensor([tag == "a" for tag in tags], dtype=sums.dtype), counts
+
+
+def test_calibrated_attribution_removes_an_adaptation_that_fits_every_text_better():
+    users = ["a", "b", "c"]
+    sets = [UserEvalSet(u, [[Example([i, k, 0], [i, k, 0])] for k in range(4)], []) for i, u in enumerate(users)]
+    scorer = _GenericallyBetterScorer(users)
+    base = evaluate_base(scorer, sets, [Example([0, 9, 0], [0, 9, 0])])
+    result = evaluate_method(scorer, sets, [Example([0, 9, 0], [0, 9, 0])], base)
+    assert result["confusion"]["counts"] == [[4, 0, 0], [4, 0, 0], [4, 0, 0]]
+    assert result["overall"]["attribution_accuracy"] == pytest.approx(1 / 3)
+    assert result["confusion_calibrated"]["counts"] == [[4, 0, 0], [0, 4, 0], [0, 0, 4]]
+    assert result["overall"]["attribution_accuracy_calibrated"] == 1.0
+    assert result["per_user"]["b"]["attribution_accuracy_calibrated"] == 1.0
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return load_base_model("tiny")

@@ -72,7 +72,7 @@ def run(
         o = m["overall"]
         typer.echo(
             f"{name:7s} ppl ratio plain {o['ratio_plain']:.3f} chat {o['ratio_chat']:.3f} "
-            f"attribution {o['attribution_accuracy']:.3f} general {o['ratio_general']:.3f}"
+            f"attribution {o['attribution_accuracy']:.3f} (calibrated {o['attribution_accuracy_calibrated']:.3f}) general {o['ratio_general']:.3f}"
         )
     typer.echo(f"report: {out}/report.md")
 

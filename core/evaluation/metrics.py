@@ -114,9 +114,12 @@ def evaluate_method(scorer: Scorer, sets: list[UserEvalSet], general: list[Examp
     mean_loss = loss_sum / loss_cnt.clamp(min=1)  # (n_samples, n_users)
     truth = torch.tensor([i for i, _ in samples])
     predicted = mean_loss.argmin(dim=1)
-    confusion = torch.zeros(U, U, dtype=torch.long)
-    for t, p in zip(truth.tolist(), predicted.tolist()):
-        confusion[t, p] += 1
+    # Calibrated: each adaptation's loss minus its mean over all held-out samples (no labels used).
+    # An adaptation that lowers the loss of every text of the era then stops winning every sample;
+    # what is left is how much more it fits this text than it fits texts in general.
+    predicted_calibrated = (mean_loss - mean_loss.mean(dim=0, keepdim=True)).argmin(dim=1)
+    confusion = _confusion(truth, predicted, U)
+    confusion_calibrated = _confusion(truth, predicted_calibrated, U)
 
     per_user = {}
     for i, s in enumerate(sets):
@@ -133,24 +136,38 @@ def evaluate_method(scorer: Scorer, sets: list[UserEvalSet], general: list[Examp
             "ratio_plain": own_plain / b["ppl_plain"],
             "ratio_chat": own_chat / b["ppl_chat"],
             "ratio_general": own_general / base["ppl_general"],
-            "attribution_accuracy": float((predicted[mine] == i).double().mean()) if mine.any() else float("nan"),
+            "attribution_accuracy": _accuracy(predicted[mine], i),
+            "attribution_accuracy_calibrated": _accuracy(predicted_calibrated[mine], i),
             "test_samples": int(mine.sum()),
         }
-    row_totals = confusion.sum(dim=1, keepdim=True).clamp(min=1)
     overall = {
         key: sum(p[key] for p in per_user.values()) / len(per_user)
         for key in ("ratio_plain", "ratio_chat", "ratio_general", "ppl_plain", "ppl_chat", "ppl_general")
     }
     overall["attribution_accuracy"] = float((predicted == truth).double().mean())
+    overall["attribution_accuracy_calibrated"] = float((predicted_calibrated == truth).double().mean())
     return {
         "per_user": per_user,
         "overall": overall,
-        "confusion": {
-            "users": users,
-            "counts": confusion.tolist(),
-            "normalized": (confusion.double() / row_totals).tolist(),
-        },
+        "confusion": _confusion_table(users, confusion),
+        "confusion_calibrated": _confusion_table(users, confusion_calibrated),
     }
+
+
+def _confusion(truth: torch.Tensor, predicted: torch.Tensor, n_users: int) -> torch.Tensor:
+    confusion = torch.zeros(n_users, n_users, dtype=torch.long)
+    for t, p in zip(truth.tolist(), predicted.tolist()):
+        confusion[t, p] += 1
+    return confusion
+
+
+def _confusion_table(users: list[str], confusion: torch.Tensor) -> dict:
+    row_totals = confusion.sum(dim=1, keepdim=True).clamp(min=1)
+    return {"users": users, "counts": confusion.tolist(), "normalized": (confusion.double() / row_totals).tolist()}
+
+
+def _accuracy(predicted: torch.Tensor, user_index: int) -> float:
+    return float((predicted == user_index).double().mean()) if len(predicted) else float("nan")
 
 
 def heldout_ppl(scorer: Scorer, sets: list[UserEvalSet], **kw) -> dict[str, dict[str, float]]:

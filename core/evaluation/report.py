@@ -53,14 +53,14 @@ def markdown(results: dict, charts: dict[str, str]) -> str:
         "",
         "## Overall (mean over users; ratio = with adaptation / base model, lower is better)",
         "",
-        "| method | ppl ratio plain | ppl ratio chat | attribution acc | general ppl ratio | served params | artifact bytes | train s/user |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | ppl ratio plain | ppl ratio chat | attribution acc | calibrated attribution | general ppl ratio | served params | artifact bytes | train s/user |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in methods.items():
         o = m["overall"]
         lines.append(
             f"| {name} | {_f(o['ratio_plain'])} | {_f(o['ratio_chat'])} | {_f(o['attribution_accuracy'])} | "
-            f"{_f(o['ratio_general'])} | {o['served_params']:,} | {o['artifact_bytes']:,} | "
+            f"{_f(o.get('attribution_accuracy_calibrated'))} | {_f(o['ratio_general'])} | {o['served_params']:,} | {o['artifact_bytes']:,} | "
             f"{_f(o['train_seconds_per_user'], 1)} |"
         )
     lines += ["", "## Per user", ""]
@@ -91,6 +91,10 @@ def charts(results: dict, out: Path) -> dict[str, Path]:
     files = {"ppl_by_method": _ppl_by_method(results, out / "ppl_by_method.png")}
     for name, m in results["methods"].items():
         files[f"confusion_{name}"] = _confusion(m["confusion"], name, out / f"confusion_{name}.png")
+        if "confusion_calibrated" in m:
+            files[f"confusion_{name}_calibrated"] = _confusion(
+                m["confusion_calibrated"], f"{name}, calibrated", out / f"confusion_{name}_calibrated.png"
+            )
     if any(results["curves"].values()):
         files["loss_curves"] = _loss_curves(results["curves"], out / "loss_curves.png")
     if "sweep" in results and results["sweep"]["points"]:
