@@ -1,0 +1,163 @@
+"""Distributed inference survives a Redis restart without restarting any process.
+
+A private Redis (in memory only: it comes back EMPTY, without the request stream, its consumer
+group or any reply stream), a private Postgres and SeaweedFS; one `python -m workers.infer`
+subprocess on the tiny model; the API in distributed mode on a loopback port, called with the
+official openai client. A greedy completion for `user:<id>` works; while Redis is down the same
+call fails quickly with a 503 (no hang, no 500); once Redis is back the call works again within a
+bounded wait and returns exactly the same text, served by the same worker process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import openai
+import pytest
+import redis
+
+from core.config import Settings
+from core.db.migrate import upgrade_to_head
+from core.inference.redis_transport import GROUP, REQUESTS_STREAM
+from core.model import default_cache_root
+from core.service.context import build_context
+from tests.support.api import ADMIN_KEY, tiny_base_model
+from tests.support.inference import ServerThread, build_app, create_user, publish_random_prefix
+from tests.support.services import PrivatePostgres, PrivateRedis
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+REQUEST_TIMEOUT_S = 15  # each job's deadline
+WORKER_START_S = 120  # importing torch and loading the model on a busy two-core machine
+FAST_S = 10.0  # the outage must be reported within this
+RECOVER_S = 30.0  # after Redis is back, completions must work again within this
+GREEDY = {"prompt": "Tell me", "max_tokens": 6, "temperature": 0}
+
+
+def _spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("STEER_")}
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, env={**clean, **env, "STEER_ENV_FILE": ""},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+
+def _end(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
+def _consumers(client: redis.Redis) -> list[str]:
+    """Names of the consumers of the request group ([] while the stream or group does not exist)."""
+    try:
+        return [c["name"].decode() for c in client.xinfo_consumers(REQUESTS_STREAM, GROUP)]
+    except redis.ResponseError:
+        return []
+
+
+def _tail(log_path: Path, lines: int = 40) -> str:
+    return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def test_inference_worker_and_api_survive_a_redis_restart(s3_server, tmp_path):
+    pg, rd = PrivatePostgres(), PrivateRedis()
+    ctx = worker = probe = None
+    log_path = tmp_path / "infer.log"
+    try:
+        pg.start()
+        rd.start()
+        upgrade_to_head(pg.url)
+        env = {
+            "STEER_DATABASE_URL": pg.url,
+            "STEER_REDIS_URL": rd.url,
+            **s3_server.settings_env(bucket=f"redis-restart-{uuid.uuid4().hex[:8]}"),
+            "STEER_ADMIN_KEY": ADMIN_KEY,
+            "STEER_BASE_MODEL": "tiny",
+            "STEER_DEVICE": "cpu",
+            "STEER_DATA_DIR": str(default_cache_root().parent),
+            "STEER_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
+            "OMP_NUM_THREADS": "1",
+        }
+        settings = Settings(_env_file=None, **{k.removeprefix("STEER_").lower(): v for k, v in env.items() if k.startswith("STEER_")})  # type: ignore[call-arg]
+        assert settings.mode == "distributed"
+        ctx = build_context(settings, base_model=tiny_base_model())
+        user = create_user(ctx, "redis-restart-user")
+        publish_random_prefix(ctx, ctx.base_model(), user, seed=5)
+        worker = _spawn(["-m", "workers.infer"], env, log_path)
+        probe = redis.Redis.from_url(rd.url)
+
+        # The worker logs this once its model is loaded and its engine runs. (Redis 7.0 lists a
+        # consumer only once it has been delivered an entry, so the group cannot tell us yet.)
+        deadline = time.monotonic() + WORKER_START_S
+        while "consuming " + REQUESTS_STREAM not in log_path.read_text(errors="replace"):
+            assert worker.poll() is None, f"the worker exited with {worker.returncode}:\n{_tail(log_path)}"
+            assert time.monotonic() < deadline, f"the worker did not start:\n{_tail(log_path)}"
+            time.sleep(0.2)
+        consumer = f"{socket.gethostname()}-{worker.pid}"  # the name `workers.infer` gives itself
+
+        with ServerThread(build_app(ctx)) as server:
+            client = openai.OpenAI(base_url=server.base_url, api_key=user.key, max_retries=0, timeout=30)
+            model = f"user:{user.external_id}"
+            before = client.completions.create(model=model, **GREEDY)
+            text = before.choices[0].text
+            assert text and before.choices[0].finish_reason == "length", before
+            assert _consumers(probe) == [consumer], _consumers(probe)
+
+            rd.stop()
+            started = time.monotonic()
+            with pytest.raises(openai.APIStatusError) as info:
+                client.completions.create(model=model, **GREEDY)
+            took = time.monotonic() - started
+            assert info.value.status_code == 503, (info.value.status_code, info.value.message)
+            assert "unavailable" in info.value.message, info.value.message
+            assert took < FAST_S, f"the outage took {took:.1f} s to report"
+            time.sleep(2)  # let the worker notice the outage and go through a few retries
+
+            rd.start()  # on the same port, empty: no stream, no group, no reply streams
+            restarted = time.monotonic()
+            refusals: list[str] = []
+            while True:
+                try:
+                    after = client.completions.create(model=model, **GREEDY)
+                    break
+                except openai.APIStatusError as exc:
+                    # Only a clean 503 may be seen while the worker has not recreated the group yet.
+                    assert exc.status_code == 503, (exc.status_code, exc.message, _tail(log_path))
+                    refusals.append(exc.message)
+                assert time.monotonic() - restarted < RECOVER_S, (
+                    f"no completion {RECOVER_S:.0f} s after Redis came back; last refusals {refusals[-3:]}:\n"
+                    f"{_tail(log_path)}"
+                )
+                time.sleep(0.5)
+            recovered = time.monotonic() - restarted
+
+            assert after.choices[0].text == text, (after.choices[0].text, text)
+            assert after.choices[0].finish_reason == "length"
+            # Same worker process, never restarted, now consuming from the recreated group.
+            assert worker.poll() is None, f"the worker exited with {worker.returncode}:\n{_tail(log_path)}"
+            assert _consumers(probe) == [consumer], _consumers(probe)
+            print(f"\nRedis outage: 503 after {took:.2f} s; after the restart the same worker "
+                  f"(pid {worker.pid}) answered again in {recovered:.1f} s ({len(refusals)} 503s meanwhile), "
+                  f"same greedy text {text!r}")
+    finally:
+        if probe is not None:
+            probe.close()
+        if worker is not None:
+            _end(worker)
+        if ctx is not None:
+            ctx.close()
+        rd.close()
+        pg.close()
