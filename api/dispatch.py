@@ -8,6 +8,7 @@ from typing import Protocol
 from core.service.context import ServiceContext
 from core.service.errors import DispatchError
 from core.service.executor import EmbeddedExecutor
+from core.service.job_lease import JobRecovery, recover_lost_jobs
 
 log = logging.getLogger(__name__)
 TRAIN_TASK = "steer.train"
@@ -21,15 +22,29 @@ class JobDispatcher(Protocol):
 
 
 class CeleryDispatcher:
-    """Sends `steer.train(job_id)` to the `train` queue; the worker does the rest."""
+    """Sends `steer.train(job_id)` to the `train` queue; the worker does the rest.
+
+    It also dispatches again, every `STEER_JOB_SWEEP_INTERVAL_S`, the jobs whose worker host died
+    (lease expired) or whose message the broker lost (see core/service/job_lease.py).
+    """
 
     def __init__(self, ctx: ServiceContext) -> None:
         from workers.celery_app import make_celery  # Celery only in distributed mode
 
         self.celery = make_celery(ctx.settings)
+        settings = ctx.settings
+        self.recovery = JobRecovery(
+            lambda: recover_lost_jobs(
+                ctx.session_factory,
+                self.submit,
+                lease_s=settings.job_lease_s,
+                redispatch_after_s=settings.job_redispatch_after_s,
+            ),
+            settings.job_sweep_interval_s,
+        )
 
     def start(self) -> None:
-        pass
+        self.recovery.start()
 
     def submit(self, job_id: str) -> None:
         try:
@@ -38,7 +53,7 @@ class CeleryDispatcher:
             raise DispatchError(f"cannot queue job {job_id}: the broker is unavailable ({exc})") from exc
 
     def stop(self) -> None:
-        pass
+        self.recovery.stop()
 
     def ping(self) -> None:
         with self.celery.connection_for_write() as connection:

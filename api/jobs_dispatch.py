@@ -13,6 +13,8 @@ from core.service.jobs import add_event
 def commit_and_dispatch(session: Session, dispatcher: JobDispatcher, jobs: list[Job]) -> None:
     """Commit the session, then hand each job over. A job the broker refused is marked failed
     (so it does not sit queued forever) and the caller gets 503."""
+    for job in jobs:
+        job.dispatched_at = utcnow()
     session.commit()
     for job in jobs:
         try:

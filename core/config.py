@@ -142,6 +142,24 @@ class Settings(BaseSettings):
     train_time_limit_s: float = Field(
         default=3600, gt=0, description="Wall-clock limit of one training job, in seconds."
     )
+    job_lease_s: float = Field(
+        default=60,
+        gt=0,
+        description="Distributed mode: a running job whose worker has not renewed its lease for this "
+        "many seconds is taken to be lost (its host died) and is run again by another worker.",
+    )
+    job_redispatch_after_s: float = Field(
+        default=900,
+        gt=0,
+        description="Distributed mode: a job still queued this many seconds after it was handed to the "
+        "broker is handed over again (its message may have been lost with a broker restart); a "
+        "duplicate is harmless.",
+    )
+    job_sweep_interval_s: float = Field(
+        default=30,
+        gt=0,
+        description="Distributed mode: how often each API process looks for lost jobs to dispatch again.",
+    )
     train_max_steps_default: int | None = Field(
         default=None, gt=0, description="Optimizer steps of a training job unless it asks otherwise. Unset: the engine's default."
     )

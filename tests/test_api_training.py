@@ -82,9 +82,11 @@ def test_run_training_job_is_idempotent_by_job_id(tmp_path: Path):
         job_id = onboard(client, "bob")["job"]["id"]
         assert run_training_job(job_id, ctx) == "succeeded"
         assert run_training_job(job_id, ctx) is None  # finished: nothing to do
-        # A redelivered message for a job whose worker died after publishing: no duplicate.
+        # A redelivered message for a job whose worker died after publishing (its lease long
+        # expired): no duplicate.
         with ctx.session_factory.begin() as session:
-            session.get(Job, job_id).status = "running"
+            job = session.get(Job, job_id)
+            job.status, job.lease_token, job.heartbeat_at = "running", "dead-attempt", None
         assert run_training_job(job_id, ctx) == "succeeded"
         with ctx.session_factory() as session:
             versions = session.execute(select(PrefixVersion.version)).scalars().all()

@@ -6,6 +6,11 @@ child at a named point of a chosen job: before the first step, mid-training, or 
 upload but before the index commit. Celery forks a fresh child and the broker redelivers the job
 (`acks_late` + `reject_on_worker_lost`). Afterwards the index and the store are checked directly.
 
+Lost hosts and lost messages: the whole worker (parent and children) is killed mid-training, so
+nothing hands the job back to the broker; and the broker restarts empty with a job queued. In both
+the API's lost-job sweep (`core/service/job_lease.py`) dispatches the job again once its lease
+expired or its message went silent, and a fresh worker finishes it.
+
 Inference: two `workers.infer` processes share the request stream; the one serving a stream is
 killed and the client (the official openai client) gets a clean error from the survivor, which
 reclaimed the request with XAUTOCLAIM, within its deadline; the next request completes.
@@ -50,12 +55,25 @@ JOBS_TIMEOUT_S = 180
 INFER_TIMEOUT_S = 15
 
 
+LEASE_S = 5  # a worker silent this long is taken for dead (production: 60 s)
+RECOVERY_TIMEOUT_S = 90
+
+
 @pytest.fixture(scope="module")
-def private_services(s3_server) -> Iterator[dict[str, str]]:
-    pg, rd = PrivatePostgres(), PrivateRedis()
+def private_redis() -> Iterator[PrivateRedis]:
+    rd = PrivateRedis()
+    try:
+        rd.start()
+        yield rd
+    finally:
+        rd.close()
+
+
+@pytest.fixture(scope="module")
+def private_services(s3_server, private_redis) -> Iterator[dict[str, str]]:
+    pg, rd = PrivatePostgres(), private_redis
     try:
         pg.start()
-        rd.start()
         upgrade_to_head(pg.url)
         yield {
             "STEER_DATABASE_URL": pg.url,
@@ -71,10 +89,11 @@ def private_services(s3_server) -> Iterator[dict[str, str]]:
             "STEER_TRAIN_MAX_SEQ_LEN": "64",
             "STEER_REQUEST_TIMEOUT_S": str(INFER_TIMEOUT_S),
             "STEER_INFER_CLAIM_IDLE_S": "1",
+            "STEER_JOB_LEASE_S": str(LEASE_S),
+            "STEER_JOB_SWEEP_INTERVAL_S": "1",
             "OMP_NUM_THREADS": "1",  # three pool children share two cores
         }
     finally:
-        rd.close()
         pg.close()
 
 
@@ -161,8 +180,8 @@ def test_training_worker_killed_at_any_point_loses_no_job_and_leaves_no_orphan(p
     assert kills >= TRIALS_PER_POINT * len(CRASH_POINTS) + ALWAYS_CRASHING * 3
 
 
-def _wait_until_finished(client, job_ids: list[str], log_path: Path) -> dict[str, dict]:
-    deadline = time.monotonic() + JOBS_TIMEOUT_S
+def _wait_until_finished(client, job_ids: list[str], log_path: Path, timeout_s: float = JOBS_TIMEOUT_S) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout_s
     final: dict[str, dict] = {}
     while time.monotonic() < deadline and len(final) < len(job_ids):
         for job_id in job_ids:
@@ -174,6 +193,81 @@ def _wait_until_finished(client, job_ids: list[str], log_path: Path) -> dict[str
     stuck = sorted(set(job_ids) - set(final))
     assert not stuck, f"{len(stuck)} jobs never finished; worker log:\n{log_path.read_text()[-5000:]}"
     return final
+
+
+def _train_worker(env: dict[str, str], log_path: Path, crash_dir: Path | None = None) -> subprocess.Popen:
+    extra = {"STEER_TEST_CRASH_DIR": str(crash_dir)} if crash_dir else {}
+    return spawn(
+        ["-m", "celery", "-A", "workers.celery_app", "worker", "--queues", "train", "--concurrency", "1",
+         "--loglevel", "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle"],
+        {**env, **extra}, log_path,
+    )
+
+
+def _assert_store_matches_index(ctx) -> list[PrefixVersion]:
+    with ctx.session_factory() as session:
+        rows = list(session.execute(select(PrefixVersion)).scalars())
+    indexed = {key for row in rows for key in (row.blob_key, row.state_blob_key) if key}
+    stored = set(ctx.store.list("users/"))
+    assert stored == indexed, {"orphans": sorted(stored - indexed), "missing": sorted(indexed - stored)}
+    return rows
+
+
+def test_a_job_whose_whole_worker_host_died_is_run_again_after_its_lease_expires(private_services, tmp_path):
+    crash_dir = tmp_path / "crashes"
+    crash_dir.mkdir()
+    with api_client(settings_of(private_services)) as client:
+        body = client.post("/v1/onboarding", headers=ADMIN, json={"external_id": "host-loss", "samples": SAMPLES})
+        assert body.status_code == 201, body.text
+        job_id = body.json()["job"]["id"]
+        (crash_dir / job_id).write_text("mid_training@host")
+        first = _train_worker(private_services, tmp_path / "worker1.log", crash_dir)
+        try:
+            first.wait(JOBS_TIMEOUT_S)  # the hook kills the worker's whole process group
+        finally:
+            end(first)
+        killed_at = time.monotonic()
+        assert not (crash_dir / job_id).exists(), (tmp_path / "worker1.log").read_text()[-3000:]
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=ADMIN).json()
+        assert job["status"] in ("running", "queued"), job  # nobody told the broker anything
+
+        second = _train_worker(private_services, tmp_path / "worker2.log")
+        try:
+            final = _wait_until_finished(client, [job_id], tmp_path / "worker2.log", RECOVERY_TIMEOUT_S)[job_id]
+        finally:
+            end(second)
+        recovered_after = time.monotonic() - killed_at
+        assert final["status"] == "succeeded", final
+        ctx = client.app.state.ctx
+        with ctx.session_factory() as session:
+            assert session.get(Job, job_id).attempts == 2
+        rows = [row for row in _assert_store_matches_index(ctx) if row.job_id == job_id]
+        assert [row.version for row in rows] == [1]
+        events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=100", headers=ADMIN).json()["data"]
+        assert any("stopped renewing the lease" in e["message"] for e in events)
+        print(f"\nworker host killed mid-training: job succeeded {recovered_after:.1f} s later (lease {LEASE_S} s)")
+
+
+def test_a_job_queued_in_a_broker_that_restarted_empty_is_dispatched_again(private_services, private_redis, tmp_path):
+    env = {**private_services, "STEER_JOB_REDISPATCH_AFTER_S": "3"}
+    with api_client(settings_of(env)) as client:
+        body = client.post("/v1/onboarding", headers=ADMIN, json={"external_id": "broker-loss", "samples": SAMPLES})
+        assert body.status_code == 201, body.text
+        job_id = body.json()["job"]["id"]
+        private_redis.stop()  # the queued message dies with the broker (it keeps nothing on disk)
+        private_redis.start()
+        assert redis.Redis.from_url(private_redis.url).llen("train") == 0
+        worker = _train_worker(env, tmp_path / "worker.log")
+        try:
+            final = _wait_until_finished(client, [job_id], tmp_path / "worker.log", RECOVERY_TIMEOUT_S)[job_id]
+        finally:
+            end(worker)
+        assert final["status"] == "succeeded", final
+        ctx = client.app.state.ctx
+        rows = [row for row in _assert_store_matches_index(ctx) if row.job_id == job_id]
+        assert [row.version for row in rows] == [1]
+        events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=100", headers=ADMIN).json()["data"]
+        assert any("never started" in e["message"] for e in events)
 
 
 # -- inference --------------------------------------------------------------------------------------

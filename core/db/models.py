@@ -215,6 +215,12 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    # The lease of the attempt that runs the job: only the holder of `lease_token` may publish or
+    # finish it, and it renews `heartbeat_at` while it lives (core/service/job_lease.py).
+    lease_token: Mapped[str | None] = mapped_column(String(32))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    """When the job was last handed to the broker (a queued job silent for long is dispatched again)."""
 
     events: Mapped[list[JobEvent]] = relationship(
         back_populates="job",

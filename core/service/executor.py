@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from core.db import Job, session_scope
 from core.service.context import ServiceContext
@@ -38,6 +38,11 @@ class EmbeddedExecutor:
             return
         self._stopping.clear()
         with session_scope(self.ctx.session_factory) as session:
+            # This process is the only runner: an attempt recorded as running died with the
+            # previous process, whatever its lease says.
+            session.execute(
+                update(Job).where(Job.status == "running").values(status="queued", lease_token=None)
+            )
             pending = session.execute(
                 select(Job.id).where(Job.status.in_(("queued", "running"))).order_by(Job.created_at)
             ).scalars().all()

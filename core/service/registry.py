@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.db import PrefixVersion, User
 from core.service.crash_points import crash_point
 from core.service.errors import Conflict, NotFound
+from core.service.job_lease import LeaseLost, holds_lease
 from core.service.model_ids import ModelRef, format_model_id
 from core.storage import BlobStore, prefix_blob_key, prefix_state_key, sha256_hex, user_blob_prefix
 
@@ -50,11 +51,13 @@ def publish_prefix(
     artifacts: PrefixArtifacts,
     *,
     job_id: str | None,
+    lease_token: str | None = None,
 ) -> PrefixVersion | None:
     """Store a new active prefix version of `user_id`; None if the user is gone or going.
 
     Idempotent per (user, job): a retried job finds the version its earlier attempt published
-    and returns it instead of adding a duplicate.
+    and returns it instead of adding a duplicate. With `lease_token`, raises `LeaseLost` unless
+    that attempt still holds the job (the job row stays locked until the commit).
     """
     with factory() as session:
         # The row lock serializes publishers of one user (Postgres; SQLite serializes writers
@@ -64,6 +67,8 @@ def publish_prefix(
         ).scalar_one_or_none()
         if user is None or user.deleted_at is not None:
             return None
+        if lease_token is not None and job_id is not None and not holds_lease(session, job_id, lease_token):
+            raise LeaseLost(f"job {job_id} was taken over by another attempt")
         if job_id is not None:
             earlier = session.execute(
                 select(PrefixVersion).where(PrefixVersion.user_id == user_id, PrefixVersion.job_id == job_id)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core.artifacts import Prefix, load_training_state, save_prefix, save_training_state
@@ -26,6 +26,7 @@ from core.service.context import ServiceContext
 from core.service.crash_points import crash_point
 from core.service.errors import ServiceError
 from core.service.hyperparameters import resolve, training_config
+from core.service.job_lease import JobLease, LeaseLost, holds_lease, lease_expired, new_lease_token
 from core.service.jobs import add_event
 from core.service.metrics import TRAIN_STEP_SECONDS
 from core.service.model_ids import format_model_id
@@ -63,6 +64,7 @@ class _Run:
     """Bookkeeping of one attempt."""
 
     job_id: str
+    lease: JobLease
     stop_requested: Callable[[], bool] | None
     last_poll: float = 0.0
     last_elapsed: float = 0.0
@@ -81,53 +83,81 @@ def run_training_job(
     """Run job `job_id` to an end state and return it (None: nothing to do).
 
     Raises `TransientJobError` (job requeued) when a transient error hits and this is not the
-    final attempt, and `JobInterrupted` (job requeued) when `should_stop` turns true.
+    final attempt, and `JobInterrupted` (job requeued) when `should_stop` turns true. A job that
+    another live attempt holds is left to it (a duplicate delivery): returns None.
     """
-    if not _claim(ctx, job_id):
+    token = _claim(ctx, job_id)
+    if token is None:
         return None
-    run = _Run(job_id=job_id, stop_requested=should_stop)
+    lease = JobLease(ctx.session_factory, job_id, token, ctx.settings.job_lease_s)
+    with lease:
+        return _run_claimed(ctx, _Run(job_id=job_id, lease=lease, stop_requested=should_stop), final_attempt)
+
+
+def _run_claimed(ctx: ServiceContext, run: _Run, final_attempt: bool) -> str | None:
+    job_id = run.job_id
     try:
         _train_and_publish(ctx, run)
+    except LeaseLost:
+        return _lease_lost(job_id)
     except TrainingCancelled:
+        if run.lease.lost:
+            return _lease_lost(job_id)
         if run.interrupted:
-            _requeue(ctx, job_id, "Interrupted by shutdown; the job will resume")
+            _requeue(ctx, run, "Interrupted by shutdown; the job will resume")
             raise JobInterrupted(f"job {job_id} interrupted") from None
-        return _finish(ctx, job_id, "cancelled", message="Job cancelled")
+        return _finish(ctx, run, "cancelled", message="Job cancelled")
     except TRANSIENT_ERRORS as exc:
         if not final_attempt:
-            _requeue(ctx, job_id, f"Transient error, will retry: {exc}", level="warning")
+            _requeue(ctx, run, f"Transient error, will retry: {exc}", level="warning")
             raise TransientJobError(str(exc)) from exc
-        return _finish(ctx, job_id, "failed", error=f"storage or database unavailable: {exc}")
+        return _finish(ctx, run, "failed", error=f"storage or database unavailable: {exc}")
     except (InvalidTrainingData, ArtifactError, SteerError) as exc:
-        return _finish(ctx, job_id, "failed", error=str(exc))
+        return _finish(ctx, run, "failed", error=str(exc))
     except BaseException as exc:
         if type(exc).__name__ == "SoftTimeLimitExceeded":  # Celery's, without importing Celery
             limit = ctx.settings.train_time_limit_s
-            return _finish(ctx, job_id, "failed", error=f"job exceeded the time limit of {limit:g} s")
+            return _finish(ctx, run, "failed", error=f"job exceeded the time limit of {limit:g} s")
         log.exception("training job %s crashed", job_id)
-        _finish(ctx, job_id, "failed", error=f"internal error: {type(exc).__name__}: {exc}")
+        _finish(ctx, run, "failed", error=f"internal error: {type(exc).__name__}: {exc}")
         raise
-    return _finish(ctx, job_id, "succeeded", message="Job succeeded", result=run.result)
+    return _finish(ctx, run, "succeeded", message="Job succeeded", result=run.result)
 
 
-def _claim(ctx: ServiceContext, job_id: str) -> bool:
-    """Mark the job running (one more attempt). False if it is finished, cancelled or unknown."""
+def _lease_lost(job_id: str) -> None:
+    log.warning("job %s: this attempt lost its lease and stopped; the new holder finishes the job", job_id)
+
+
+def _claim(ctx: ServiceContext, job_id: str) -> str | None:
+    """Mark the job running (one more attempt) under a new lease; returns the lease token.
+
+    None if the job is finished, cancelled, unknown, or held by another attempt whose lease is
+    alive (a duplicate delivery; if that attempt dies, the lost-job sweep dispatches it again).
+    """
+    token = new_lease_token()
+    now = utcnow()
+    claimable = or_(Job.status == "queued", lease_expired(ctx.settings.job_lease_s, now))
     with session_scope(ctx.session_factory) as session:
         claimed = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status.in_(("queued", "running")), Job.cancel_requested.is_(False))
-            .values(status="running", attempts=Job.attempts + 1, started_at=utcnow())
+            .where(Job.id == job_id, claimable, Job.cancel_requested.is_(False))
+            .values(status="running", attempts=Job.attempts + 1, started_at=now, lease_token=token, heartbeat_at=now)
             .execution_options(synchronize_session=False)
         ).rowcount
         job = session.get(Job, job_id)
         if job is None:
             log.warning("training job %s does not exist; ignoring it", job_id)
-            return False
+            return None
         if not claimed:
-            if job.status not in JOB_FINISHED_STATUSES:  # cancel requested while queued/running
-                job.status, job.finished_at = "cancelled", utcnow()
+            held = job.status == "running" and not session.execute(
+                select(Job.id).where(Job.id == job_id, lease_expired(ctx.settings.job_lease_s, now))
+            ).first()
+            if held:
+                log.info("training job %s is held by a live attempt; leaving it to that one", job_id)
+            elif job.status not in JOB_FINISHED_STATUSES:  # cancel requested while queued/running
+                job.status, job.finished_at, job.lease_token = "cancelled", utcnow(), None
                 add_event(session, job_id, "Job cancelled")
-            return False
+            return None
         session.refresh(job)
         gave_up = job.attempts > MAX_ATTEMPTS
         if gave_up:
@@ -139,7 +169,8 @@ def _claim(ctx: ServiceContext, job_id: str) -> bool:
         user_ids = list(job.user_ids)
     if gave_up:
         _remove_unindexed_blobs(ctx, user_ids)
-    return not gave_up
+        return None
+    return token
 
 
 def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
@@ -195,7 +226,9 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
             prefix_len=result.prefix_config.prefix_len,
             metrics=metrics,
         )
-        row = publish_prefix(ctx.session_factory, ctx.store, result.user_id, artifacts, job_id=run.job_id)
+        row = publish_prefix(
+            ctx.session_factory, ctx.store, result.user_id, artifacts, job_id=run.job_id, lease_token=run.lease.token
+        )
         if row is None:
             run.result["skipped"][result.user_id] = "user deleted during training"
             continue
@@ -244,12 +277,14 @@ def _on_progress(ctx: ServiceContext, run: _Run, progress: Progress) -> None:
         "active_users": progress.active_users,
     }
     with session_scope(ctx.session_factory) as session:
-        session.execute(update(Job).where(Job.id == run.job_id).values(progress=data))
+        session.execute(update(Job).where(Job.id == run.job_id, Job.lease_token == run.lease.token).values(progress=data))
         if progress.step % run.events_every == 0 or progress.step == progress.max_steps or progress.step == 1:
             add_event(session, run.job_id, f"Step {progress.step}/{progress.max_steps}: training loss={progress.loss:.4f}", data)
 
 
 def _should_cancel(ctx: ServiceContext, run: _Run) -> bool:
+    if run.lease.lost:
+        return True
     if run.stop_requested is not None and run.stop_requested():
         run.interrupted = True
         return True
@@ -267,29 +302,41 @@ def _event(ctx: ServiceContext, job_id: str, message: str, data: dict[str, Any] 
         add_event(session, job_id, message, data)
 
 
-def _requeue(ctx: ServiceContext, job_id: str, message: str, level: str = "info") -> None:
+def _requeue(ctx: ServiceContext, run: _Run, message: str, level: str = "info") -> None:
+    run.lease.release()
     try:
         with session_scope(ctx.session_factory) as session:
-            session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(status="queued"))
-            add_event(session, job_id, message, level=level)
+            requeued = session.execute(
+                update(Job)
+                .where(Job.id == run.job_id, Job.status == "running", Job.lease_token == run.lease.token)
+                .values(status="queued", lease_token=None, dispatched_at=utcnow())
+            ).rowcount
+            if requeued:
+                add_event(session, run.job_id, message, level=level)
     except (OperationalError, DBAPIError):
-        log.warning("could not requeue job %s (database down); redelivery will pick it up", job_id)
+        log.warning("could not requeue job %s (database down); redelivery will pick it up", run.job_id)
 
 
 def _finish(
     ctx: ServiceContext,
-    job_id: str,
+    run: _Run,
     status: str,
     *,
     message: str | None = None,
     error: str | None = None,
     result: dict[str, Any] | None = None,
-) -> str:
+) -> str | None:
+    """Record the end of the job; None (nothing recorded) if this attempt no longer holds it."""
+    job_id = run.job_id
+    run.lease.release()
     with session_scope(ctx.session_factory) as session:
+        if not holds_lease(session, job_id, run.lease.token):
+            # Erased with its user, or taken over by another attempt after this one went silent.
+            log.warning("job %s: not recording %s, this attempt no longer holds the job", job_id, status)
+            return None
         job = session.get(Job, job_id)
-        if job is None:  # the user was erased while the job ran
-            return status
-        job.status, job.finished_at, job.error = status, utcnow(), error
+        assert job is not None
+        job.status, job.finished_at, job.error, job.lease_token = status, utcnow(), error, None
         if result is not None:
             job.result = result
             models = [entry["model"] for entry in result["users"].values()]

@@ -1,0 +1,139 @@
+"""Job leases: a live attempt keeps its job, an expired one is taken over, a taken-over attempt
+writes nothing, and the sweep dispatches each lost job exactly once.
+
+Embedded mode (SQLite) with a recording dispatcher, tiny model; the distributed versions of the
+same guarantees (real Celery worker host killed, broker restarted empty) are in
+tests/test_reliability_workers.py.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+
+from core.db import Job, JobEvent, PrefixVersion, utcnow
+from core.service.job_lease import JobLease, recover_lost_jobs
+from core.service.training_job import _claim, _Run, _run_claimed, run_training_job
+from tests.support.api import RecordingDispatcher, api_client, make_settings, onboard, tiny_base_model
+
+LEASE_S = 60.0
+
+
+def _set(ctx, job_id: str, **values) -> None:
+    with ctx.session_factory.begin() as session:
+        job = session.get(Job, job_id)
+        for key, value in values.items():
+            setattr(job, key, value)
+
+
+def _job(ctx, job_id: str) -> Job:
+    with ctx.session_factory() as session:
+        job = session.get(Job, job_id)
+        session.expunge(job)
+        return job
+
+
+def _client(tmp_path: Path):
+    return api_client(make_settings(tmp_path, job_lease_s=LEASE_S), base=tiny_base_model(), dispatcher=RecordingDispatcher())
+
+
+def test_a_live_lease_turns_a_duplicate_delivery_away_and_an_expired_one_is_taken_over(tmp_path):
+    with _client(tmp_path) as client:
+        ctx = client.app.state.ctx
+        job_id = onboard(client, "dora")["job"]["id"]
+        _set(ctx, job_id, status="running", attempts=1, lease_token="other-attempt", heartbeat_at=utcnow())
+        assert run_training_job(job_id, ctx) is None  # the other attempt is alive: leave it the job
+        job = _job(ctx, job_id)
+        assert (job.status, job.lease_token, job.attempts) == ("running", "other-attempt", 1)
+
+        _set(ctx, job_id, heartbeat_at=utcnow() - timedelta(seconds=LEASE_S + 1))
+        assert run_training_job(job_id, ctx) == "succeeded"  # its host went silent: take over
+        job = _job(ctx, job_id)
+        assert (job.status, job.lease_token, job.attempts) == ("succeeded", None, 2)
+
+
+def test_an_attempt_that_lost_its_lease_publishes_nothing_and_does_not_touch_the_job(tmp_path):
+    with _client(tmp_path) as client:
+        ctx = client.app.state.ctx
+        job_id = onboard(client, "erin")["job"]["id"]
+        paused_token = _claim(ctx, job_id)  # attempt A claims, then its host freezes
+        assert paused_token is not None
+        _set(ctx, job_id, heartbeat_at=utcnow() - timedelta(seconds=LEASE_S + 1))
+        assert run_training_job(job_id, ctx) == "succeeded"  # attempt B takes over and finishes
+        finished = _job(ctx, job_id)
+
+        # A wakes up: its renewal fails, and if it trains on regardless, its publish is refused.
+        paused = JobLease(ctx.session_factory, job_id, paused_token, LEASE_S)
+        assert paused.renew() is False and paused.lost
+        zombie = JobLease(ctx.session_factory, job_id, paused_token, LEASE_S)  # not yet aware
+        assert _run_claimed(ctx, _Run(job_id=job_id, lease=zombie, stop_requested=None), final_attempt=True) is None
+
+        with ctx.session_factory() as session:
+            rows = session.execute(select(PrefixVersion)).scalars().all()
+        assert [(r.version, r.job_id) for r in rows] == [(1, job_id)]
+        indexed = {key for r in rows for key in (r.blob_key, r.state_blob_key) if key}
+        assert set(ctx.store.list("users/")) == indexed
+        after = _job(ctx, job_id)
+        assert (after.status, after.result, after.finished_at) == ("succeeded", finished.result, finished.finished_at)
+
+
+def test_a_lease_is_renewed_while_the_attempt_runs(tmp_path):
+    with _client(tmp_path) as client:
+        ctx = client.app.state.ctx
+        job_id = onboard(client, "fay")["job"]["id"]
+        token = _claim(ctx, job_id)
+        _set(ctx, job_id, heartbeat_at=utcnow() - timedelta(seconds=30))
+        with JobLease(ctx.session_factory, job_id, token, lease_s=0.4):
+            deadline = utcnow() + timedelta(seconds=10)
+            while _job(ctx, job_id).heartbeat_at < utcnow() - timedelta(seconds=5):
+                assert utcnow() < deadline, "the lease was never renewed"
+        assert _job(ctx, job_id).lease_token == token
+
+
+def test_the_sweep_dispatches_each_lost_job_once_and_leaves_the_others(tmp_path):
+    with _client(tmp_path) as client:
+        ctx = client.app.state.ctx
+        now = utcnow()
+        long_ago = now - timedelta(hours=1)
+        ids = {name: onboard(client, name)["job"]["id"] for name in ("dead", "alive", "lost", "waiting", "done")}
+        _set(ctx, ids["dead"], status="running", lease_token="t1", heartbeat_at=now - timedelta(seconds=LEASE_S + 5))
+        _set(ctx, ids["alive"], status="running", lease_token="t2", heartbeat_at=now - timedelta(seconds=5))
+        _set(ctx, ids["lost"], dispatched_at=long_ago)  # queued, handed to a broker that forgot it
+        _set(ctx, ids["waiting"], dispatched_at=now - timedelta(seconds=10))
+        _set(ctx, ids["done"], status="succeeded", heartbeat_at=long_ago, dispatched_at=long_ago)
+
+        dispatched: list[str] = []
+        sweep = dict(lease_s=LEASE_S, redispatch_after_s=600, now=now)
+        assert sorted(recover_lost_jobs(ctx.session_factory, dispatched.append, **sweep)) == sorted([ids["dead"], ids["lost"]])
+        # A second sweeper at the same moment (another API process) finds nothing left to take.
+        assert recover_lost_jobs(ctx.session_factory, dispatched.append, **sweep) == []
+        assert sorted(dispatched) == sorted([ids["dead"], ids["lost"]])
+
+        dead = _job(ctx, ids["dead"])
+        assert (dead.status, dead.lease_token) == ("queued", None)
+        assert _job(ctx, ids["alive"]).lease_token == "t2" and _job(ctx, ids["alive"]).status == "running"
+        assert _job(ctx, ids["done"]).status == "succeeded"
+        with ctx.session_factory() as session:
+            messages = session.execute(select(JobEvent.message).where(JobEvent.job_id == ids["dead"])).scalars().all()
+        assert messages.count("Job dispatched again: its worker stopped renewing the lease") == 1
+        # The old holder of the dead job cannot renew: it was told to stop.
+        assert JobLease(ctx.session_factory, ids["dead"], "t1", LEASE_S).renew() is False
+        assert run_training_job(ids["dead"], ctx) == "succeeded"
+
+
+def test_a_sweep_whose_dispatch_fails_retries_on_the_next_sweep(tmp_path):
+    with _client(tmp_path) as client:
+        ctx = client.app.state.ctx
+        job_id = onboard(client, "gil")["job"]["id"]
+        _set(ctx, job_id, dispatched_at=utcnow() - timedelta(hours=1))
+
+        def broker_down(_job_id: str) -> None:
+            raise ConnectionError("broker down")
+
+        assert recover_lost_jobs(ctx.session_factory, broker_down, lease_s=LEASE_S, redispatch_after_s=600) == []
+        assert _job(ctx, job_id).status == "queued"
+        dispatched: list[str] = []
+        assert recover_lost_jobs(ctx.session_factory, dispatched.append, lease_s=LEASE_S, redispatch_after_s=600) == [job_id]
+        assert dispatched == [job_id]
