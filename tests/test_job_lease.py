@@ -105,7 +105,7 @@ def test_the_sweep_dispatches_each_lost_job_once_and_leaves_the_others(tmp_path)
         _set(ctx, ids["done"], status="succeeded", heartbeat_at=long_ago, dispatched_at=long_ago)
 
         dispatched: list[str] = []
-        sweep = dict(lease_s=LEASE_S, redispatch_after_s=600, now=now)
+        sweep = {"lease_s": LEASE_S, "redispatch_after_s": 600, "now": now}
         assert sorted(recover_lost_jobs(ctx.session_factory, dispatched.append, **sweep)) == sorted([ids["dead"], ids["lost"]])
         # A second sweeper at the same moment (another API process) finds nothing left to take.
         assert recover_lost_jobs(ctx.session_factory, dispatched.append, **sweep) == []

@@ -10,14 +10,9 @@ bounded wait and returns exactly the same text, served by the same worker proces
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import openai
 import pytest
@@ -30,34 +25,15 @@ from core.model import default_cache_root
 from core.service.context import build_context
 from tests.support.api import ADMIN_KEY, tiny_base_model
 from tests.support.inference import ServerThread, build_app, create_user, publish_random_prefix
+from tests.support.processes import end, spawn, tail
 from tests.support.services import PrivatePostgres, PrivateRedis
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
 REQUEST_TIMEOUT_S = 15  # each job's deadline
 WORKER_START_S = 120  # importing torch and loading the model on a busy two-core machine
 FAST_S = 10.0  # the outage must be reported within this
 RECOVER_S = 30.0  # after Redis is back, completions must work again within this
 GREEDY = {"prompt": "Tell me", "max_tokens": 6, "temperature": 0}
-
-
-def _spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("STEER_")}
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, *args], cwd=ROOT, env={**clean, **env, "STEER_ENV_FILE": ""},
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-
-def _end(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
 
 
 def _consumers(client: redis.Redis) -> list[str]:
@@ -68,14 +44,10 @@ def _consumers(client: redis.Redis) -> list[str]:
         return []
 
 
-def _tail(log_path: Path, lines: int = 40) -> str:
-    return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
-
-
 def test_inference_worker_and_api_survive_a_redis_restart(s3_server, tmp_path):
     pg, rd = PrivatePostgres(), PrivateRedis()
-    ctx = worker = probe = None
-    log_path = tmp_path / "infer.log"
+    ctx = worker = late = probe = None
+    log_path, late_log = tmp_path / "infer.log", tmp_path / "infer-late.log"
     try:
         pg.start()
         rd.start()
@@ -96,15 +68,15 @@ def test_inference_worker_and_api_survive_a_redis_restart(s3_server, tmp_path):
         ctx = build_context(settings, base_model=tiny_base_model())
         user = create_user(ctx, "redis-restart-user")
         publish_random_prefix(ctx, ctx.base_model(), user, seed=5)
-        worker = _spawn(["-m", "workers.infer"], env, log_path)
+        worker = spawn(["-m", "workers.infer"], env, log_path)
         probe = redis.Redis.from_url(rd.url)
 
         # The worker logs this once its model is loaded and its engine runs. (Redis 7.0 lists a
         # consumer only once it has been delivered an entry, so the group cannot tell us yet.)
         deadline = time.monotonic() + WORKER_START_S
         while "consuming " + REQUESTS_STREAM not in log_path.read_text(errors="replace"):
-            assert worker.poll() is None, f"the worker exited with {worker.returncode}:\n{_tail(log_path)}"
-            assert time.monotonic() < deadline, f"the worker did not start:\n{_tail(log_path)}"
+            assert worker.poll() is None, f"the worker exited with {worker.returncode}:\n{tail(log_path)}"
+            assert time.monotonic() < deadline, f"the worker did not start:\n{tail(log_path)}"
             time.sleep(0.2)
         consumer = f"{socket.gethostname()}-{worker.pid}"  # the name `workers.infer` gives itself
 
@@ -124,6 +96,8 @@ def test_inference_worker_and_api_survive_a_redis_restart(s3_server, tmp_path):
             assert info.value.status_code == 503, (info.value.status_code, info.value.message)
             assert "unavailable" in info.value.message, info.value.message
             assert took < FAST_S, f"the outage took {took:.1f} s to report"
+            # A second worker starting during the outage waits for Redis instead of exiting.
+            late = spawn(["-m", "workers.infer"], env, late_log)
             time.sleep(2)  # let the worker notice the outage and go through a few retries
 
             rd.start()  # on the same port, empty: no stream, no group, no reply streams
@@ -135,11 +109,11 @@ def test_inference_worker_and_api_survive_a_redis_restart(s3_server, tmp_path):
                     break
                 except openai.APIStatusError as exc:
                     # Only a clean 503 may be seen while the worker has not recreated the group yet.
-                    assert exc.status_code == 503, (exc.status_code, exc.message, _tail(log_path))
+                    assert exc.status_code == 503, (exc.status_code, exc.message, tail(log_path))
                     refusals.append(exc.message)
                 assert time.monotonic() - restarted < RECOVER_S, (
                     f"no completion {RECOVER_S:.0f} s after Redis came back; last refusals {refusals[-3:]}:\n"
-                    f"{_tail(log_path)}"
+                    f"{tail(log_path)}"
                 )
                 time.sleep(0.5)
             recovered = time.monotonic() - restarted
@@ -147,16 +121,22 @@ def test_inference_worker_and_api_survive_a_redis_restart(s3_server, tmp_path):
             assert after.choices[0].text == text, (after.choices[0].text, text)
             assert after.choices[0].finish_reason == "length"
             # Same worker process, never restarted, now consuming from the recreated group.
-            assert worker.poll() is None, f"the worker exited with {worker.returncode}:\n{_tail(log_path)}"
-            assert _consumers(probe) == [consumer], _consumers(probe)
+            assert worker.poll() is None, f"the worker exited with {worker.returncode}:\n{tail(log_path)}"
+            assert consumer in _consumers(probe), _consumers(probe)
+            deadline = time.monotonic() + WORKER_START_S
+            while "consuming " + REQUESTS_STREAM not in late_log.read_text(errors="replace"):
+                assert late.poll() is None, f"the late worker exited with {late.returncode}:\n{tail(late_log)}"
+                assert time.monotonic() < deadline, f"the late worker did not start:\n{tail(late_log)}"
+                time.sleep(0.2)
             print(f"\nRedis outage: 503 after {took:.2f} s; after the restart the same worker "
                   f"(pid {worker.pid}) answered again in {recovered:.1f} s ({len(refusals)} 503s meanwhile), "
                   f"same greedy text {text!r}")
     finally:
         if probe is not None:
             probe.close()
-        if worker is not None:
-            _end(worker)
+        for process in (worker, late):
+            if process is not None:
+                end(process)
         if ctx is not None:
             ctx.close()
         rd.close()

@@ -18,11 +18,9 @@ reclaimed the request with XAUTOCLAIM, within its deadline; the next request com
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -43,11 +41,11 @@ from core.service.context import build_context
 from core.service.registry import active_prefix
 from tests.support.api import ADMIN, ADMIN_KEY, SAMPLES, api_client, tiny_base_model
 from tests.support.inference import ServerThread, build_app, create_user, publish_random_prefix
+from tests.support.processes import end, spawn
 from tests.support.seaweed import flip_a_byte
 from tests.support.services import PrivatePostgres, PrivateRedis
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
 CRASH_POINTS = ("before_first_step", "mid_training", "after_upload")
 TRIALS_PER_POINT = 7  # one-shot kills: the redelivered attempt must succeed
 ALWAYS_CRASHING = 1  # jobs whose every attempt is killed after the upload: must fail cleanly
@@ -99,25 +97,6 @@ def private_services(s3_server, private_redis) -> Iterator[dict[str, str]]:
 
 def settings_of(env: dict[str, str]) -> Settings:
     return Settings(_env_file=None, **{k.removeprefix("STEER_").lower(): v for k, v in env.items() if k.startswith("STEER_")})  # type: ignore[call-arg]
-
-
-def spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("STEER_")}
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, *args], cwd=ROOT, env={**clean, **env, "STEER_ENV_FILE": ""},
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-
-def end(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
 
 
 def test_training_worker_killed_at_any_point_loses_no_job_and_leaves_no_orphan(private_services, s3_server, tmp_path):

@@ -87,7 +87,7 @@ class PromptTuning:
 
     def loss_sums(self, rows, users):
         ids, labels, mask = _padded(self.base, rows)
-        B, P = len(rows), self.prompt_len
+        P = self.prompt_len
         embeds = self.base.model.get_input_embeddings()(ids)  # (B, T, hidden)
         zero = torch.zeros(P, embeds.shape[-1], device=embeds.device)
         prompts = torch.stack([zero if u is None else self.prompts[u] for u in users]).to(embeds.dtype)  # (B, P, hidden)

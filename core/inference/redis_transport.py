@@ -172,8 +172,7 @@ class RedisInferenceWorker:
 
     def run(self) -> None:
         """Serve until `stop()`; the engine must already be started."""
-        ensure_group(self.client)
-        self._cancel_cursor = self._latest_cancel_id()
+        self._wait_for_redis()
         publisher = threading.Thread(target=self._publish_loop, name="steer-reply-publisher", daemon=True)
         publisher.start()
         log.info("inference worker %s consuming %s", self.consumer, REQUESTS_STREAM)
@@ -181,7 +180,7 @@ class RedisInferenceWorker:
             while not self._stop.is_set():
                 try:
                     self._serve_once()
-                except redis.ConnectionError as exc:  # Redis restarting: wait for it, keep the engine
+                except (redis.ConnectionError, redis.TimeoutError) as exc:  # Redis restarting: wait, keep the engine
                     log.warning("redis unavailable (%s); retrying", exc)
                     time.sleep(_REDIS_RETRY_S)
                 except redis.ResponseError as exc:
@@ -192,6 +191,17 @@ class RedisInferenceWorker:
         finally:
             self._outbox.put(None)
             publisher.join(5)
+
+    def _wait_for_redis(self) -> None:
+        """A worker may start before Redis (a host reboot, compose ordering): wait, do not exit."""
+        while not self._stop.is_set():
+            try:
+                ensure_group(self.client)
+                self._cancel_cursor = self._latest_cancel_id()
+                return
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("redis unavailable at start (%s); retrying", exc)
+                time.sleep(_REDIS_RETRY_S)
 
     def _serve_once(self) -> None:
         self._read_cancels()
