@@ -123,7 +123,7 @@ def test_tiny_evaluation_writes_json_markdown_and_charts_with_per_user_numbers(t
     general.write_text('{"user": "g", "text": "a general sentence about weather and the calendar of the year."}\n')
     spec = EvalSpec(
         data=str(data), general=str(general), methods=("prefix", "prompt"), max_steps=2, eval_every=1,
-        batch_size=2, max_seq_len=64, prefix_len=4, sweep="prefix_len", sweep_values=[2],
+        batch_size=2, max_seq_len=64, prefix_len=4, sweep="prefix_len", sweep_values=[2, 4],
         base_model="tiny", out=str(tmp_path / "out"),
     )
     results = run_evaluation(spec, progress=False, base=tiny)
@@ -141,4 +141,10 @@ def test_tiny_evaluation_writes_json_markdown_and_charts_with_per_user_numbers(t
             assert numbers["training"]["artifact_bytes"] > 0 and numbers["training"]["served_params"] > 0
     assert saved["methods"]["prefix"]["overall"]["served_params"] == tiny.geometry.numel(4)
     assert "| prefix |" in (out / "report.md").read_text()
-    assert [p["value"] for p in results["sweep"]["points"]] == [2]
+    points = results["sweep"]["points"]
+    assert [p["value"] for p in points] == [2, 4]
+    assert all(p["ratio_general"] > 0 for p in points)
+    # The point equal to the main run (prefix_len 4) reuses its numbers instead of training again.
+    main = saved["methods"]["prefix"]["overall"]
+    assert points[1]["ppl_plain"] == pytest.approx(main["ppl_plain"])
+    assert points[1]["ratio_general"] == pytest.approx(main["ppl_general"] / saved["base"]["ppl_general"])

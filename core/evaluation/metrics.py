@@ -179,3 +179,12 @@ def heldout_ppl(scorer: Scorer, sets: list[UserEvalSet], **kw) -> dict[str, dict
         cs, cc = score_rows(scorer, s.chat, [s.user] * len(s.chat), **kw)
         out[s.user] = {"ppl_plain": ppl(ps.sum(), pc.sum()), "ppl_chat": ppl(cs.sum(), cc.sum())}
     return out
+
+
+def general_ppl(scorer: Scorer, users: list[str], general: list[Example], **kw) -> dict[str, float]:
+    """Perplexity of the general (not-by-the-user) text with each user's adaptation attached."""
+    out = {}
+    for user in users:
+        sums, counts = score_rows(scorer, general, [user] * len(general), **kw)
+        out[user] = ppl(sums.sum(), counts.sum())
+    return out

@@ -18,7 +18,15 @@ from core.artifacts import Prefix, save_prefix
 from core.data import FORMAT_CHAT, FORMAT_PLAIN, build_examples, prepare_samples
 from core.evaluation import datasets
 from core.evaluation.baselines import LoRA, PromptTuning, GroupedScorer, lora_rank_for, train_baseline
-from core.evaluation.metrics import PrefixScorer, UserEvalSet, evaluate_base, evaluate_method, heldout_ppl, rows_needed
+from core.evaluation.metrics import (
+    PrefixScorer,
+    UserEvalSet,
+    evaluate_base,
+    evaluate_method,
+    general_ppl,
+    heldout_ppl,
+    rows_needed,
+)
 from core.model import BaseModel, load_base_model
 from core.prefix import PrefixConfig, PrefixEncoder
 from core.training import TrainingConfig, UserData, train_prefixes
@@ -254,7 +262,7 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, base: BaseModel | None
             results["methods"][name] = evaluated
             del scorer
         if spec.sweep:
-            results["sweep"] = run_sweep(base, spec, users, sets, bar)
+            results["sweep"] = run_sweep(base, spec, users, sets, general, results, bar)
     finally:
         bar.close()
     results["wall_seconds"] = time.monotonic() - started
@@ -262,15 +270,21 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, base: BaseModel | None
     return results
 
 
-def run_sweep(base, spec: EvalSpec, users, sets, bar: _Bar) -> dict:
-    """Held-out perplexity (own adaptation, plain and chat) as one setting varies.
+SWEPT_FIELDS = {"prefix_len": "prefix_len", "init": "init", "reparam": "reparameterize"}
 
-    The samples sweep trains every requested method (the low-data comparison); the others only prefixes.
+
+def run_sweep(base, spec: EvalSpec, users, sets, general, results: dict, bar: _Bar) -> dict:
+    """Held-out perplexity (own adaptation, plain and chat) and general-text perplexity (knowledge
+    preservation) as one setting varies: the trade-off a default has to pick a point on.
+
+    The samples sweep trains every requested method (the low-data comparison); the others only
+    prefixes. A point equal to the main run's setting reuses its numbers instead of training again.
     """
     if spec.sweep not in SWEEPS:
         raise ValueError(f"unknown sweep {spec.sweep!r}; choose from {sorted(SWEEPS)}")
     values = spec.sweep_values or SWEEPS[spec.sweep]
     methods = spec.methods if spec.sweep == "samples" else ("prefix",)
+    base_general = results["base"]["ppl_general"]
     points = []
     for value in values:
         if spec.sweep == "samples":
@@ -279,15 +293,24 @@ def run_sweep(base, spec: EvalSpec, users, sets, bar: _Bar) -> dict:
                 continue
             cut = {k: replace(u, train=u.train[: value or None]) for k, u in users.items()}
             variant = spec
+            same_as_main = not value or value == available
         else:
             cut = users
-            field_name = {"prefix_len": "prefix_len", "init": "init", "reparam": "reparameterize"}[spec.sweep]
-            variant = replace(spec, **{field_name: value})
+            variant = replace(spec, **{SWEPT_FIELDS[spec.sweep]: value})
+            same_as_main = variant == spec
         for name in methods:
-            scorer, train_metrics = train_method(base, name, variant, cut, bar, [])
-            bar.phase(f"sweep {spec.sweep}={value} {name}", 1)
-            per_user = heldout_ppl(scorer, sets)
-            bar.advance()
+            main = results["methods"].get(name)
+            if same_as_main and main is not None:
+                per_user = {u: {k: m[k] for k in ("ppl_plain", "ppl_chat", "ppl_general")} for u, m in main["per_user"].items()}
+                seconds = main["overall"]["train_seconds_per_user"]
+            else:
+                scorer, train_metrics = train_method(base, name, variant, cut, bar, [])
+                bar.phase(f"sweep {spec.sweep}={value} {name}", 1)
+                per_user = heldout_ppl(scorer, sets)
+                for user, ppl_general in general_ppl(scorer, list(per_user), general).items():
+                    per_user[user]["ppl_general"] = ppl_general
+                bar.advance()
+                seconds = sum(m["train_seconds"] for m in train_metrics.values()) / len(train_metrics)
             points.append({
                 "value": value,
                 "method": name,
@@ -295,6 +318,7 @@ def run_sweep(base, spec: EvalSpec, users, sets, bar: _Bar) -> dict:
                 "per_user": per_user,
                 "ppl_plain": sum(p["ppl_plain"] for p in per_user.values()) / len(per_user),
                 "ppl_chat": sum(p["ppl_chat"] for p in per_user.values()) / len(per_user),
-                "train_seconds_per_user": sum(m["train_seconds"] for m in train_metrics.values()) / len(train_metrics),
+                "ratio_general": sum(p["ppl_general"] for p in per_user.values()) / len(per_user) / base_general,
+                "train_seconds_per_user": seconds,
             })
     return {"name": spec.sweep, "points": points}
