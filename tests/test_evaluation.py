@@ -141,7 +141,8 @@ def test_tiny_evaluation_writes_json_markdown_and_charts_with_per_user_numbers(t
             assert numbers["training"]["artifact_bytes"] > 0 and numbers["training"]["served_params"] > 0
     assert saved["methods"]["prefix"]["overall"]["served_params"] == tiny.geometry.numel(4)
     assert "| prefix |" in (out / "report.md").read_text()
-    points = results["sweep"]["points"]
+    assert [sweep["name"] for sweep in results["sweeps"]] == ["prefix_len"]
+    points = results["sweeps"][0]["points"]
     assert [p["value"] for p in points] == [2, 4]
     assert all(p["ratio_general"] > 0 for p in points)
     # The point equal to the main run (prefix_len 4) reuses its numbers instead of training again.

@@ -35,7 +35,7 @@ def run(
     lr_prefix: float = typer.Option(2e-3, "--lr-prefix"),
     lr_prompt: float = typer.Option(3e-2, "--lr-prompt"),
     lr_lora: float = typer.Option(2e-3, "--lr-lora"),
-    sweep: Optional[str] = typer.Option(None, "--sweep", help=f"one of {','.join(SWEEPS)}"),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help=f"one or a comma list of {','.join(SWEEPS)}"),
     sweep_values: Optional[str] = typer.Option(None, "--sweep-values", help="comma list overriding the defaults"),
     out: str = typer.Option("eval-out", "--out"),
     base_model: str = typer.Option("smollm2", "--base-model", help="smollm2, tiny, or a model directory"),

@@ -74,8 +74,7 @@ def markdown(results: dict, charts: dict[str, str]) -> str:
             p = m["per_user"][user]
             cells += [_f(p["ppl_plain"], 2), _f(p["ppl_chat"], 2), _f(p["attribution_accuracy"], 2), _f(p["ratio_general"])]
         lines.append("| " + " | ".join(cells) + " |")
-    if "sweep" in results:
-        sweep = results["sweep"]
+    for sweep in results.get("sweeps", []):
         lines += [
             "", f"## Sweep: {sweep['name']}", "",
             "| value | method | train samples/user | ppl plain | ppl chat | general ppl ratio | train s/user |",
@@ -101,8 +100,9 @@ def charts(results: dict, out: Path) -> dict[str, Path]:
             )
     if any(results["curves"].values()):
         files["loss_curves"] = _loss_curves(results["curves"], out / "loss_curves.png")
-    if "sweep" in results and results["sweep"]["points"]:
-        files["sweep"] = _sweep(results["sweep"], out / f"ppl_by_{results['sweep']['name']}.png")
+    for sweep in results.get("sweeps", []):
+        if sweep["points"]:
+            files[f"sweep_{sweep['name']}"] = _sweep(sweep, out / f"ppl_by_{sweep['name']}.png")
     return files
 
 
@@ -170,7 +170,9 @@ def _loss_curves(curves: dict, path: Path) -> Path:
 
 
 def _sweep(sweep: dict, path: Path) -> Path:
+    """Held-out perplexity (left axis) and the general-text ratio (right axis) per setting."""
     fig, ax = plt.subplots(figsize=(6, 3.2))
+    general_ax = ax.twinx()
     by_method: dict[str, list] = {}
     for p in sweep["points"]:
         by_method.setdefault(p["method"], []).append(p)
@@ -180,10 +182,16 @@ def _sweep(sweep: dict, path: Path) -> Path:
         xs = xs if numeric else [str(x) for x in xs]
         ax.plot(xs, [p["ppl_plain"] for p in points], "o-", label=f"{name} plain")
         ax.plot(xs, [p["ppl_chat"] for p in points], "s--", label=f"{name} chat")
+        general = [p.get("ratio_general") for p in points]
+        if all(g is not None for g in general):
+            general_ax.plot(xs, general, "^:", color="grey", label=f"{name} general ratio")
     ax.set_xlabel("training samples per user" if sweep["name"] == "samples" else sweep["name"])
     ax.set_ylabel("held-out perplexity")
+    general_ax.set_ylabel("general ppl / base", fontsize=8)
     ax.set_title(f"Perplexity by {sweep['name']}")
-    ax.legend(fontsize=7)
+    lines, labels = ax.get_legend_handles_labels()
+    more_lines, more_labels = general_ax.get_legend_handles_labels()
+    ax.legend(lines + more_lines, labels + more_labels, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

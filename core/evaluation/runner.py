@@ -220,6 +220,7 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, base: BaseModel | None
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     torch.manual_seed(spec.seed)
+    sweep_names(spec)  # a typo fails now, not after an hour of training
     users = load_users(spec, out)
     base = base or load_base_model(spec.base_model)
     sets = eval_sets(base, users, spec.max_seq_len)
@@ -261,8 +262,8 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, base: BaseModel | None
             evaluated["overall"]["artifact_bytes"] = next(iter(train_metrics.values()))["artifact_bytes"]
             results["methods"][name] = evaluated
             del scorer
-        if spec.sweep:
-            results["sweep"] = run_sweep(base, spec, users, sets, general, results, bar)
+        for sweep in sweep_names(spec):
+            results.setdefault("sweeps", []).append(run_sweep(base, spec, sweep, users, sets, general, results, bar))
     finally:
         bar.close()
     results["wall_seconds"] = time.monotonic() - started
@@ -273,21 +274,30 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, base: BaseModel | None
 SWEPT_FIELDS = {"prefix_len": "prefix_len", "init": "init", "reparam": "reparameterize"}
 
 
-def run_sweep(base, spec: EvalSpec, users, sets, general, results: dict, bar: _Bar) -> dict:
+def sweep_names(spec: EvalSpec) -> list[str]:
+    """`spec.sweep` is one sweep or a comma list ("prefix_len,init"): one main run serves them all."""
+    names = [name.strip() for name in (spec.sweep or "").split(",") if name.strip()]
+    unknown = [name for name in names if name not in SWEEPS]
+    if unknown:
+        raise ValueError(f"unknown sweep {unknown[0]!r}; choose from {sorted(SWEEPS)}")
+    if spec.sweep_values and len(names) != 1:
+        raise ValueError("sweep values can be given for one sweep only")
+    return names
+
+
+def run_sweep(base, spec: EvalSpec, sweep: str, users, sets, general, results: dict, bar: _Bar) -> dict:
     """Held-out perplexity (own adaptation, plain and chat) and general-text perplexity (knowledge
     preservation) as one setting varies: the trade-off a default has to pick a point on.
 
     The samples sweep trains every requested method (the low-data comparison); the others only
     prefixes. A point equal to the main run's setting reuses its numbers instead of training again.
     """
-    if spec.sweep not in SWEEPS:
-        raise ValueError(f"unknown sweep {spec.sweep!r}; choose from {sorted(SWEEPS)}")
-    values = spec.sweep_values or SWEEPS[spec.sweep]
-    methods = spec.methods if spec.sweep == "samples" else ("prefix",)
+    values = spec.sweep_values or SWEEPS[sweep]
+    methods = spec.methods if sweep == "samples" else ("prefix",)
     base_general = results["base"]["ppl_general"]
     points = []
     for value in values:
-        if spec.sweep == "samples":
+        if sweep == "samples":
             available = max(len(u.train) for u in users.values())
             if value and value > available:
                 continue
@@ -296,7 +306,7 @@ def run_sweep(base, spec: EvalSpec, users, sets, general, results: dict, bar: _B
             same_as_main = not value or value == available
         else:
             cut = users
-            variant = replace(spec, **{SWEPT_FIELDS[spec.sweep]: value})
+            variant = replace(spec, **{SWEPT_FIELDS[sweep]: value})
             same_as_main = variant == spec
         for name in methods:
             main = results["methods"].get(name)
@@ -305,7 +315,7 @@ def run_sweep(base, spec: EvalSpec, users, sets, general, results: dict, bar: _B
                 seconds = main["overall"]["train_seconds_per_user"]
             else:
                 scorer, train_metrics = train_method(base, name, variant, cut, bar, [])
-                bar.phase(f"sweep {spec.sweep}={value} {name}", 1)
+                bar.phase(f"sweep {sweep}={value} {name}", 1)
                 per_user = heldout_ppl(scorer, sets)
                 for user, ppl_general in general_ppl(scorer, list(per_user), general).items():
                     per_user[user]["ppl_general"] = ppl_general
@@ -321,4 +331,4 @@ def run_sweep(base, spec: EvalSpec, users, sets, general, results: dict, bar: _B
                 "ratio_general": sum(p["ppl_general"] for p in per_user.values()) / len(per_user) / base_general,
                 "train_seconds_per_user": seconds,
             })
-    return {"name": spec.sweep, "points": points}
+    return {"name": sweep, "points": points}
