@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from core.data import FORMAT_CHAT, FORMAT_PLAIN, IGNORE, Example, build_examples, prepare_samples, split_samples
 from core.errors import InvalidTrainingData, TrainingCancelled
 from core.model import BaseModel
+from core.preservation import Anchors, kl_from_base, sample_anchors
 from core.prefix import INIT_ACTIVATIONS, PrefixConfig, PrefixEncoder, batch_prefixes, forward_with_prefixes, kv_from_text
 from core.prompts import text_ids
 
@@ -51,6 +52,14 @@ class TrainingConfig:
     prefix_len_candidates: tuple[int, ...] = ()
     """If set, each user trains one prefix per candidate length, all in the same shared passes, and
     keeps the one with the lowest validation loss: prefix length stops being a knob users must tune."""
+    preservation_weight: float = 0.0
+    """Weight of KL(base || prefixed) on base-model samples added to each user's loss
+    (core/preservation.py): keeps the prefix from changing the model on text not like the user's.
+    0 turns it off (no anchors are sampled, no extra rows)."""
+    preservation_anchors: int = 8
+    """How many anchor sequences the base model samples per job (each step uses one per user)."""
+    preservation_len: int = 48
+    """Tokens per anchor sequence."""
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -132,7 +141,9 @@ class _UserRun:
             self.max_steps = min(config.max_steps, max(1, math.ceil(config.epochs * per_epoch)))
         self.steps = 0
         self.tokens = 0
+        self.anchor_cursor = 0
         self.last_loss = float("nan")
+        self.last_kl: float | None = None
         self.best_val = math.inf
         self.best_step = 0
         self.base_val: float | None = None
@@ -177,6 +188,7 @@ class _UserRun:
             "train_samples": self.n_train_samples,
             "val_samples": self.n_val_samples,
             "tokens": self.tokens,
+            "preservation_kl": self.last_kl,
             "stopped_early": self.stopped_early,
             "train_seconds": round(time.monotonic() - started, 3),
         }
@@ -201,6 +213,9 @@ def train_prefixes(
     started = time.monotonic()
     base.model.requires_grad_(False)
     runs = [_UserRun(base, u, config) for u in users]
+    anchors = None
+    if config.preservation_weight > 0:
+        anchors = sample_anchors(base, config.preservation_anchors, config.preservation_len, config.seed)
     _evaluate(base, runs, config, initial=True)
     step = 0
     total_steps = max(r.max_steps for r in runs)
@@ -213,7 +228,7 @@ def train_prefixes(
         if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
             break
         step_started = time.monotonic()
-        tokens = _train_step(base, active, config)
+        tokens = _train_step(base, active, config, anchors)
         step += 1
         if any(r.val and r.steps % config.eval_every == 0 for r in active):
             _evaluate(base, [r for r in active if r.val and r.steps % config.eval_every == 0], config)
@@ -264,19 +279,35 @@ def _train_choosing_prefix_len(base, users, config, on_progress, should_cancel) 
     return chosen
 
 
-def _train_step(base: BaseModel, runs: list[_UserRun], config: TrainingConfig) -> int:
+def _train_step(base: BaseModel, runs: list[_UserRun], config: TrainingConfig, anchors: Anchors | None = None) -> int:
     """One optimizer step for every run in `runs`, from one shared forward/backward pass."""
     rows, owners = [], []
     for index, run in enumerate(runs):
         batch = run.next_batch(config.batch_size)
         rows.extend(batch)
         owners.extend([index] * len(batch))
+    picked = []  # (owner, anchor index): one anchor row per user, each user cycling on its own
+    if anchors is not None:
+        for index, run in enumerate(runs):
+            picked.append((index, run.anchor_cursor % len(anchors)))
+            run.anchor_cursor += 1
     prefixes = [run.encoder() for run in runs]
-    per_user, counts = _per_user_loss(base, rows, [prefixes[o] for o in owners], owners, len(runs))
+    all_rows = rows + [anchors.examples[k] for _, k in picked]  # (picked is empty without anchors)
+    hidden, labels = _hidden_states(base, all_rows, [prefixes[o] for o in owners] + [prefixes[o] for o, _ in picked])
+    per_user, counts = _per_user_mean(_scored_losses(base, hidden[: len(rows)], labels[: len(rows)]), owners, len(runs))
+    objective = per_user
+    if anchors is not None:
+        kl = torch.stack([
+            kl_from_base(hidden[len(rows) + j, : len(anchors.examples[k].input_ids)], base, anchors.log_probs[k])
+            for j, (_, k) in enumerate(picked)
+        ])
+        objective = per_user + config.preservation_weight * kl
+        for (index, _), value in zip(picked, kl.detach().tolist()):
+            runs[index].last_kl = value
     for run in runs:
         run.optimizer.zero_grad(set_to_none=True)
     # Sum of per-user means: each user's gradient is that of their own loss alone.
-    per_user.sum().backward()
+    objective.sum().backward()
     for index, run in enumerate(runs):
         params = [p for p in run.encoder.parameters() if p.requires_grad]
         if config.grad_clip:
@@ -320,9 +351,10 @@ def _mean_loss_over(base, runs, prefix_of, chunk: int) -> list[float]:
     return (sums / counts.clamp(min=1)).tolist()
 
 
-def _per_user_loss(base, rows, row_prefixes, owners, n_users):
-    """(per-user token-mean loss (U,), per-user scored token counts (U,)) for one mixed batch."""
-    token_sums, token_counts = _token_loss_sums(base, rows, row_prefixes)
+def _per_user_mean(losses_and_scored, owners, n_users):
+    """(per-user token-mean loss (U,), per-user scored token counts (U,)) from per-position losses."""
+    losses, scored = losses_and_scored
+    token_sums, token_counts = losses.sum(dim=1), scored.sum(dim=1).float()
     index = torch.tensor(owners, device=token_sums.device)
     sums = torch.zeros(n_users, device=token_sums.device).index_add(0, index, token_sums)
     counts = torch.zeros(n_users, device=token_sums.device).index_add(0, index, token_counts)
@@ -331,6 +363,12 @@ def _per_user_loss(base, rows, row_prefixes, owners, n_users):
 
 def token_losses(base: BaseModel, rows: list[Example], row_prefixes: list[torch.Tensor | None]):
     """Next-token cross-entropy per scored position: ((B, T-1) losses, (B, T-1) scored mask)."""
+    hidden, labels = _hidden_states(base, rows, row_prefixes)
+    return _scored_losses(base, hidden, labels)
+
+
+def _hidden_states(base: BaseModel, rows: list[Example], row_prefixes: list[torch.Tensor | None]):
+    """The last hidden state of every row under its prefix ((B, T, H)) and the labels ((B, T))."""
     T = max(len(ex.input_ids) for ex in rows)
     pad = base.tokenizer.pad_token_id
     device = base.device
@@ -344,6 +382,11 @@ def token_losses(base: BaseModel, rows: list[Example], row_prefixes: list[torch.
         mask[i, :n] = 1
     prefixes = batch_prefixes(row_prefixes, base.geometry, device=device, dtype=base.dtype)
     hidden = forward_with_prefixes(base, ids, mask, prefixes, hidden_states_only=True).last_hidden_state
+    return hidden, labels
+
+
+def _scored_losses(base: BaseModel, hidden: torch.Tensor, labels: torch.Tensor):
+    device = hidden.device
     targets = labels[:, 1:]
     scored = targets != IGNORE
     # The LM head (a fifth of SmolLM2's compute) runs only where a token is scored: chat templates

@@ -1,0 +1,70 @@
+"""Knowledge preservation: the KL-to-base term on base-model samples (core/preservation.py)."""
+
+from dataclasses import replace
+
+import torch
+
+from core.preservation import kl_from_base, sample_anchors
+from core.prefix import PrefixConfig
+from core.training import TrainingConfig, UserData, _hidden_states, train_prefixes
+from tests.engine_fixtures import tiny  # noqa: F401
+
+ALICE = [f"Alice writes about gardens, roses number {i}, and the quiet of early mornings." for i in range(8)]
+BOB = [f"Bob reports quarterly figures: revenue grew {i} percent and costs fell sharply." for i in range(10)]
+
+
+def _config(**overrides) -> TrainingConfig:
+    values = dict(
+        prefix=PrefixConfig(prefix_len=4, embedding_dim=16, hidden_dim=32),
+        learning_rate=3e-2, max_steps=12, batch_size=3, max_seq_len=48, eval_every=4, patience=100,
+        warmup_steps=1, seed=3, preservation_anchors=4, preservation_len=16,
+    )
+    values.update(overrides)
+    return TrainingConfig(**values)
+
+
+def _mean_kl(base, kv, anchors) -> float:
+    """KL(base || base with `kv` attached), averaged over `anchors`."""
+    with torch.no_grad():
+        hidden, _ = _hidden_states(base, anchors.examples, [kv] * len(anchors))
+        return float(torch.stack([
+            kl_from_base(hidden[i, : len(ex.input_ids)], base, anchors.log_probs[i]) for i, ex in enumerate(anchors.examples)
+        ]).mean())
+
+
+def test_anchors_are_base_model_samples_fixed_by_the_seed(tiny):
+    first, again, other = (sample_anchors(tiny, 3, 10, seed) for seed in (5, 5, 6))
+    assert [ex.input_ids for ex in first.examples] == [ex.input_ids for ex in again.examples]
+    assert [ex.input_ids for ex in first.examples] != [ex.input_ids for ex in other.examples]
+    assert all(len(ex.input_ids) == 11 for ex in first.examples)  # start token + 10 sampled
+    assert first.log_probs[0].shape == (10, tiny.model.config.vocab_size)
+    # With no prefix attached, the model is the base model: KL 0.
+    assert _mean_kl(tiny, None, first) < 1e-5
+
+
+def test_multi_user_batch_with_preservation_equals_each_user_alone(tiny):
+    config = _config(preservation_weight=1.0, max_steps=5)
+    together = train_prefixes(tiny, [UserData("alice", ALICE), UserData("bob", BOB)], config)
+    alone = train_prefixes(tiny, [UserData("bob", BOB)], config)[0]
+    torch.testing.assert_close(together[1].kv, alone.kv, atol=1e-5, rtol=1e-4)
+    assert together[1].metrics["preservation_kl"] is not None
+
+
+def test_preservation_keeps_the_prefixed_model_closer_to_the_base_on_unseen_text(tiny):
+    held_out = sample_anchors(tiny, 6, 16, seed=99)  # not the anchors training saw
+    free = train_prefixes(tiny, [UserData("bob", BOB)], _config())[0]
+    kept = train_prefixes(tiny, [UserData("bob", BOB)], _config(preservation_weight=5.0))[0]
+    assert _mean_kl(tiny, kept.kv, held_out) < 0.7 * _mean_kl(tiny, free.kv, held_out)
+    # ... and it still learned the user's text.
+    assert kept.metrics["val_loss"] < kept.metrics["initial_val_loss"]
+
+
+def test_preservation_off_samples_no_anchors_and_changes_nothing(tiny, monkeypatch):
+    import core.training
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("anchors sampled with preservation off")
+
+    monkeypatch.setattr(core.training, "sample_anchors", refuse)
+    result = train_prefixes(tiny, [UserData("bob", BOB)], replace(_config(), max_steps=2))[0]
+    assert result.metrics["preservation_kl"] is None
