@@ -149,3 +149,12 @@ def test_tiny_evaluation_writes_json_markdown_and_charts_with_per_user_numbers(t
     main = saved["methods"]["prefix"]["overall"]
     assert points[1]["ppl_plain"] == pytest.approx(main["ppl_plain"])
     assert points[1]["ratio_general"] == pytest.approx(main["ppl_general"] / saved["base"]["ppl_general"])
+
+
+def test_sweep_values_on_the_command_line_keep_their_types():
+    from core.evaluation.cli import _numbers
+
+    assert _numbers("4, 16") == [4, 16]
+    assert _numbers("0,0.5,2") == [0, 0.5, 2.0]
+    assert _numbers("random,activations") == ["random", "activations"]
+    assert _numbers("true,False") == [True, False]

@@ -9,12 +9,20 @@ import typer
 from core.evaluation.runner import METHODS, SWEEPS, EvalSpec, run_evaluation
 
 
-def _numbers(text: str):
-    out = []
-    for v in text.split(","):
-        v = v.strip()
-        out.append({"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v))
-    return out
+def _numbers(text: str) -> list:
+    """"4,8" -> [4, 8]; "0,0.5" -> [0, 0.5]; "true,false" -> [True, False]; anything else stays text."""
+    return [_value(v.strip()) for v in text.split(",")]
+
+
+def _value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def run(
@@ -35,6 +43,7 @@ def run(
     lr_prefix: float = typer.Option(2e-3, "--lr-prefix"),
     lr_prompt: float = typer.Option(3e-2, "--lr-prompt"),
     lr_lora: float = typer.Option(2e-3, "--lr-lora"),
+    preservation: float = typer.Option(0.0, "--preservation", help="KL-to-base weight of the prefix method (0: off)"),
     sweep: Optional[str] = typer.Option(None, "--sweep", help=f"one or a comma list of {','.join(SWEEPS)}"),
     sweep_values: Optional[str] = typer.Option(None, "--sweep-values", help="comma list overriding the defaults"),
     out: str = typer.Option("eval-out", "--out"),
@@ -61,6 +70,7 @@ def run(
         lr_prefix=lr_prefix,
         lr_prompt=lr_prompt,
         lr_lora=lr_lora,
+        preservation_weight=preservation,
         sweep=sweep,
         sweep_values=_numbers(sweep_values) if sweep_values else None,
         base_model=base_model,

@@ -37,6 +37,7 @@ SWEEPS = {
     "prefix_len": [4, 8, 16, 32, 64],
     "init": ["random", "activations"],
     "reparam": [True, False],
+    "preservation": [0.0, 0.5, 2.0],
 }
 # Paragraphs from other eras than the usual evaluation users: "general text not by that user".
 GENERAL_PRESIDENTS = ("Obama", "Reagan", "Kennedy", "Carter", "Washington", "Jefferson")
@@ -70,6 +71,8 @@ class EvalSpec:
     lr_prefix: float = 2e-3
     lr_prompt: float = 3e-2
     lr_lora: float = 2e-3
+    preservation_weight: float = 0.0
+    """KL-to-base weight of the prefix method (core/preservation.py); 0: off."""
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     sweep: str | None = None
     sweep_values: list | None = None
@@ -91,6 +94,7 @@ class EvalSpec:
             patience=self.patience,
             formats=(FORMAT_PLAIN, FORMAT_CHAT),
             seed=self.seed,
+            preservation_weight=self.preservation_weight,
         )
 
 
@@ -271,7 +275,12 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, base: BaseModel | None
     return results
 
 
-SWEPT_FIELDS = {"prefix_len": "prefix_len", "init": "init", "reparam": "reparameterize"}
+SWEPT_FIELDS = {
+    "prefix_len": "prefix_len",
+    "init": "init",
+    "reparam": "reparameterize",
+    "preservation": "preservation_weight",
+}
 
 
 def sweep_names(spec: EvalSpec) -> list[str]:
