@@ -181,6 +181,12 @@ class Settings(BaseSettings):
     train_max_seq_len: int | None = Field(
         default=None, gt=0, description="Longest training sequence in tokens; longer text is chunked. Unset: the engine's default."
     )
+    train_preservation_weight_default: float | None = Field(
+        default=None,
+        ge=0,
+        description="Weight of the KL-to-base term on base-model samples that keeps a prefix from changing "
+        "the model on unrelated text, unless a job asks otherwise (0: off). Unset: the engine's default.",
+    )
 
     @field_validator("data_dir", mode="after")
     @classmethod

@@ -39,6 +39,7 @@ BAD_ONBOARDINGS = [
     ({"external_id": "a", "samples": ["ok"], "hyperparameters": {"max_steps": "many"}}, "hyperparameters.max_steps"),
     ({"external_id": "a", "samples": ["ok"], "hyperparameters": {"init": "zeros"}}, "hyperparameters.init"),
     ({"external_id": "a", "samples": ["ok"], "hyperparameters": {"dropout": 0.1}}, "hyperparameters.dropout"),
+    ({"external_id": "a", "samples": ["ok"], "hyperparameters": {"preservation_weight": -0.5}}, "hyperparameters.preservation_weight"),
     ({"external_id": "a", "samples": ["ok"], "hyperparameters": {"learning_rate": float("nan")}}, None),
     ({"external_id": "a", "samples": ["ok"], "surprise": 1}, "surprise"),
 ]

@@ -18,7 +18,13 @@ from core.training import TrainingConfig
 AUTO = "auto"
 # name -> (type, minimum, maximum); None bounds are open.
 _INTS = {"prefix_len": (1, 512), "max_steps": (1, 100_000), "batch_size": (1, 256), "seed": (0, 2**31 - 1)}
-_FLOATS = {"n_epochs": (0.0, 1000.0), "learning_rate": (0.0, 1.0), "learning_rate_multiplier": (0.0, 100.0)}
+_FLOATS = {
+    "n_epochs": (0.0, 1000.0),
+    "learning_rate": (0.0, 1.0),
+    "learning_rate_multiplier": (0.0, 100.0),
+    "preservation_weight": (0.0, 100.0),
+}
+_ZERO_ALLOWED = {"preservation_weight"}  # 0 means "off"; the others must be positive
 _ALIASES = {"epochs": "n_epochs"}
 INITS = (INIT_RANDOM, INIT_ACTIVATIONS)
 KNOWN = tuple(_INTS) + tuple(_FLOATS) + ("init",)
@@ -48,8 +54,10 @@ def validate_hyperparameters(raw: object) -> dict[str, Any]:
         elif name in _FLOATS:
             low, high = _FLOATS[name]
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not ok or not low < value <= high:
-                raise InvalidInput(f"{key} must be \"auto\" or a number in ({low}, {high}]", param=param)
+            above_low = low <= value if name in _ZERO_ALLOWED else low < value
+            if not ok or not (above_low and value <= high):
+                bracket = "[" if name in _ZERO_ALLOWED else "("
+                raise InvalidInput(f"{key} must be \"auto\" or a number in {bracket}{low}, {high}]", param=param)
             value = float(value)
         elif value not in INITS:
             raise InvalidInput(f"init must be \"auto\" or one of {', '.join(INITS)}", param=param)
@@ -77,6 +85,7 @@ def resolve(values: dict[str, Any], settings: Settings) -> dict[str, Any]:
         "seed": 0,
         "n_epochs": None,  # no epoch bound: max_steps (and early stopping) decide
         "init": INIT_ACTIVATIONS,
+        "preservation_weight": _or_engine(settings.train_preservation_weight_default, "preservation_weight"),
     }
     resolved = {name: (defaults[name] if values[name] == AUTO else values[name]) for name in defaults}
     resolved["learning_rate"] = learning_rate
@@ -111,6 +120,7 @@ def training_config(resolved: dict[str, Any], settings: Settings) -> TrainingCon
         prefix_len_candidates=tuple(resolved.get("prefix_len_candidates") or ()),
         warmup_steps=min(10, max(0, max_steps // 10)),
         seed=resolved["seed"],
+        preservation_weight=resolved.get("preservation_weight", 0.0),
         # Stop training (keeping the best checkpoint) before the hard task time limit hits.
         time_budget_s=settings.train_time_limit_s * 0.9,
     )
