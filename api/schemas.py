@@ -1,4 +1,5 @@
-"""Request bodies and the JSON shapes of responses (OpenAI's where one exists)."""
+"""Request bodies, and the builders of response bodies from database rows (the response models
+themselves are in `api/responses.py`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api import responses
 from core.db import Job, JobEvent, PrefixVersion, Sample, User
 from core.service.model_ids import EXTERNAL_ID_PATTERN
 
@@ -61,90 +63,78 @@ def ts(value: datetime | None) -> int | None:
     return None if value is None else int(value.timestamp())
 
 
-def user_object(user: User, active: PrefixVersion | None = None) -> dict[str, Any]:
+def user_object(user: User, active: PrefixVersion | None = None) -> responses.User:
     from core.service.registry import model_id_of
 
-    return {
-        "object": "user",
-        "id": user.id,
-        "external_id": user.external_id,
-        "created_at": ts(user.created_at),
-        "fine_tuned_model": model_id_of(user, active) if active is not None else None,
-    }
+    return responses.User(
+        id=user.id,
+        external_id=user.external_id,
+        created_at=ts(user.created_at),
+        fine_tuned_model=model_id_of(user, active) if active is not None else None,
+    )
 
 
-def sample_object(sample: Sample) -> dict[str, Any]:
-    return {
-        "object": "sample",
-        "id": sample.id,
-        "user_id": sample.user_id,
-        "text": sample.text,
-        "sha256": sample.sha256,
-        "source": sample.source,
-        "created_at": ts(sample.created_at),
-    }
+def sample_object(sample: Sample) -> responses.Sample:
+    return responses.Sample(
+        id=sample.id,
+        user_id=sample.user_id,
+        text=sample.text,
+        sha256=sample.sha256,
+        source=sample.source,
+        created_at=ts(sample.created_at),
+    )
 
 
-def prefix_object(user: User, row: PrefixVersion) -> dict[str, Any]:
+def prefix_object(user: User, row: PrefixVersion) -> responses.PrefixVersion:
     from core.service.registry import model_id_of
 
-    return {
-        "object": "prefix_version",
-        "id": row.id,
-        "model": model_id_of(user, row),
-        "version": row.version,
-        "status": row.status,
-        "base_model": row.base_model_id,
-        "base_fingerprint": row.base_fingerprint,
-        "prefix_len": row.prefix_len,
-        "bytes": row.bytes,
-        "sha256": row.sha256,
-        "metrics": row.metrics,
-        "job_id": row.job_id,
-        "created_at": ts(row.created_at),
-    }
+    return responses.PrefixVersion(
+        id=row.id,
+        model=model_id_of(user, row),
+        version=row.version,
+        status=row.status,
+        base_model=row.base_model_id,
+        base_fingerprint=row.base_fingerprint,
+        prefix_len=row.prefix_len,
+        bytes=row.bytes,
+        sha256=row.sha256,
+        metrics=row.metrics,
+        job_id=row.job_id,
+        created_at=ts(row.created_at),
+    )
 
 
-def job_object(job: Job, base_model_id: str | None = None) -> dict[str, Any]:
-    error = None
-    if job.error:
-        error = {"code": "training_failed", "message": job.error, "param": None}
-    return {
-        "object": "fine_tuning.job",
-        "id": job.id,
-        "kind": job.kind,
-        "model": base_model_id,
-        "status": job.status,
-        "user_ids": job.user_ids,
-        "user": job.user_ids[0] if len(job.user_ids) == 1 else None,
-        "hyperparameters": job.hyperparameters,
-        "fine_tuned_model": job.fine_tuned_model,
-        "result": job.result,
-        "progress": job.progress,
-        "attempts": job.attempts,
-        "error": error,
-        "created_at": ts(job.created_at),
-        "started_at": ts(job.started_at),
-        "finished_at": ts(job.finished_at),
-    }
+def job_object(job: Job, base_model_id: str) -> responses.FineTuningJob:
+    error = responses.FineTuningJobError(message=job.error) if job.error else None
+    return responses.FineTuningJob(
+        id=job.id,
+        kind=job.kind,
+        model=base_model_id,
+        status=job.status,
+        user_ids=job.user_ids,
+        user=job.user_ids[0] if len(job.user_ids) == 1 else None,
+        hyperparameters=job.hyperparameters,
+        fine_tuned_model=job.fine_tuned_model,
+        result=job.result,
+        progress=job.progress,
+        attempts=job.attempts,
+        error=error,
+        created_at=ts(job.created_at),
+        started_at=ts(job.started_at),
+        finished_at=ts(job.finished_at),
+    )
 
 
-def event_object(event: JobEvent) -> dict[str, Any]:
-    return {
-        "object": "fine_tuning.job.event",
-        "id": f"ftevent-{event.id}",
-        "created_at": ts(event.created_at),
-        "level": event.level,
-        "message": event.message,
-        "data": event.data,
-        "type": "metrics" if event.data and "step" in event.data else "message",
-    }
+def event_object(event: JobEvent) -> responses.FineTuningJobEvent:
+    return responses.FineTuningJobEvent(
+        id=f"ftevent-{event.id}",
+        created_at=ts(event.created_at),
+        level=event.level,
+        message=event.message,
+        data=event.data,
+        type="metrics" if event.data and "step" in event.data else "message",
+    )
 
 
-def list_object(data: list[Any], has_more: bool) -> dict[str, Any]:
-    return {"object": "list", "data": data, "has_more": has_more}
-
-
-def api_key_object(key: str) -> dict[str, Any]:
-    return {"object": "api_key", "key": key, "note": "shown once; store it now"}
-
+def api_key_object(key: str) -> responses.ApiKey:
+    return responses.ApiKey(key=key, note="shown once; store it now")

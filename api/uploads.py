@@ -11,6 +11,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from pydantic import BaseModel, ValidationError
 
+from api.openapi import request_schema
 from core.config import Settings
 from core.service.errors import InvalidInput, PayloadTooLarge
 from core.service.samples import parse_sample_file
@@ -135,7 +136,7 @@ def upload_openapi(model: type[BaseModel], form_fields: dict[str, dict[str, Any]
         "requestBody": {
             "required": True,
             "content": {
-                "application/json": {"schema": model.model_json_schema()},
+                "application/json": {"schema": request_schema(model)},
                 MULTIPART: {"schema": {"type": "object", "properties": properties}},
             },
         }

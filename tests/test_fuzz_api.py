@@ -2,22 +2,30 @@
 
 For each operation, with the admin key, a user's key and an invalid key, schemathesis generates
 valid and invalid requests; every answer must be a non-5xx status the schema declares, with a body
-that matches the declared schema. Generated path ids are sometimes swapped for real ones (so the
-fuzzer reaches existing users, samples and jobs) and generated completions are kept short (so
-generation does not dominate the run).
+that matches the declared schema: success bodies (`api/responses.py`, and each server-sent event
+of a streamed completion) as much as errors. Generated path ids are sometimes swapped for real ones
+(so the fuzzer reaches existing users, samples and jobs) and generated completions are kept short
+(so generation does not dominate the run).
+
+Generation alone reaches a success of only some operations, so each operation is also called once
+with a known-good request and its success checked the same way; and the published document itself
+must give every success answer of every operation a schema (an untyped route fails here).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import traceback
 from pathlib import Path
+from typing import Any, get_args
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, reject, settings, strategies as st
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
@@ -25,7 +33,9 @@ from schemathesis.specs.openapi.checks import (
 )
 from sqlalchemy import select
 
+from api import responses
 from core.db import Sample
+from core.db.models import JOB_KINDS, JOB_STATUSES, PREFIX_STATUSES
 from tests.support.api import ADMIN_KEY, SAMPLES, RecordingDispatcher, api_client, make_settings, onboard
 from tests.support.inference import TestUser, publish_random_prefix
 
@@ -63,15 +73,15 @@ def world(tmp_path_factory):
         yield client, schema, ids
 
 
-def _operations():
-    # Collected from a throwaway app: the schema does not depend on the data.
+def _published_schema() -> dict:
+    # From a throwaway app: the schema does not depend on the data.
     with tempfile.TemporaryDirectory() as tmp:
         with api_client(make_settings(Path(tmp)), dispatcher=RecordingDispatcher()) as client:
-            spec = client.get("/openapi.json").json()
-    return [(method.upper(), path) for path, ops in spec["paths"].items() for method in ops]
+            return client.get("/openapi.json").json()
 
 
-OPERATIONS = _operations()
+SPEC = _published_schema()
+OPERATIONS = [(method.upper(), path) for path, ops in SPEC["paths"].items() for method in ops]
 
 
 def _raised_by_multipart_encoder(exc: BaseException) -> bool:
@@ -91,6 +101,8 @@ def _tame(case, ids: dict, use_real_ids: bool, model: int) -> None:
         for name in ("max_tokens", "max_completion_tokens"):
             if isinstance(case.body.get(name), int) and not isinstance(case.body.get(name), bool):
                 case.body[name] = max(1, min(case.body[name], 4))
+        if case.body.get("max_tokens") is None and case.body.get("max_completion_tokens") is None:
+            case.body["max_tokens"] = 4  # not the default 256 (a streamed one ran into the deadline)
         if isinstance(case.body.get("n"), int) and not isinstance(case.body.get("n"), bool):
             case.body["n"] = max(1, min(case.body["n"], 2))
 
@@ -137,3 +149,183 @@ def teardown_module():
 
         for key, codes in sorted(STATUSES.items()):
             print(key, dict(Counter(codes)))
+
+
+# -- every success answer is typed -----------------------------------------------------------------
+
+# Media types a success may have besides JSON, and where.
+EVENT_STREAM_OPERATIONS = {("POST", "/v1/chat/completions"), ("POST", "/v1/completions")}
+PLAIN_TEXT_OPERATIONS = {("GET", "/metrics")}
+
+
+def _refs(node: Any):
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str):
+            yield node["$ref"]
+        for value in node.values():
+            yield from _refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _refs(value)
+
+
+def test_the_schema_types_every_success_answer():
+    components = SPEC.get("components", {}).get("schemas", {})
+    untyped = []
+    for method, path in OPERATIONS:
+        operation = SPEC["paths"][path][method.lower()]
+        successes = {status: r for status, r in operation["responses"].items() if status.startswith("2")}
+        if not successes:
+            untyped.append(f"{method} {path}: no 2xx response declared")
+        for status, response in successes.items():
+            content = response.get("content") or {}
+            if not content:
+                untyped.append(f"{method} {path} {status}: no content")
+            for media_type, media in content.items():
+                schema = media.get("schema") or {}
+                where = f"{method} {path} {status} {media_type}"
+                if media_type == "application/json":
+                    if "$ref" not in schema or schema["$ref"].removeprefix("#/components/schemas/") not in components:
+                        untyped.append(f"{where}: not a named model ({schema})")
+                elif media_type == "text/event-stream" and (method, path) in EVENT_STREAM_OPERATIONS:
+                    if "data" not in schema.get("properties", {}):
+                        untyped.append(f"{where}: the events' data is not described ({schema})")
+                elif media_type == "text/plain" and (method, path) in PLAIN_TEXT_OPERATIONS:
+                    if schema.get("type") != "string":
+                        untyped.append(f"{where}: not a string")
+                else:
+                    untyped.append(f"{where}: unexpected media type")
+    assert not untyped, "\n".join(untyped)
+    dangling = {ref for ref in _refs(SPEC) if ref.removeprefix("#/components/schemas/") not in components}
+    assert not dangling
+
+
+def test_response_enumerations_match_the_database():
+    assert get_args(responses.JobKind) == JOB_KINDS
+    assert get_args(responses.JobStatus) == JOB_STATUSES
+    assert get_args(responses.PrefixStatus) == PREFIX_STATUSES
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    """An app of its own (the fuzzer's world is left in any state), with its schemathesis schema."""
+    app_settings = make_settings(tmp_path_factory.mktemp("typed"), request_timeout_s=60)
+    with api_client(app_settings, dispatcher=RecordingDispatcher()) as client:
+        yield client, schemathesis.openapi.from_dict(client.get("/openapi.json").json())
+
+
+class Calls:
+    """Sends one request as a schemathesis case and runs the fuzzer's checks on the answer."""
+
+    def __init__(self, client, schema):
+        self.client, self.schema, self.called = client, schema, set()
+
+    def case(self, method: str, path: str, path_parameters=None, query=None, body=None):
+        extra: dict[str, Any] = {} if body is None else {"body": body, "media_type": "application/json"}
+        return self.schema[path][method].Case(path_parameters=path_parameters or {}, query=query or {}, **extra)
+
+    def send(self, case, key: str):
+        kwargs = case.as_transport_kwargs(base_url="http://testserver", headers={"Authorization": f"Bearer {key}"})
+        kwargs.pop("base_url", None)
+        return self.client.request(**kwargs)
+
+    def __call__(self, method: str, path: str, status: int, key: str = ADMIN_KEY, **parts):
+        case = self.case(method, path, **parts)
+        response = self.send(case, key)
+        assert response.status_code == status, f"{method} {path}: {response.status_code} {response.text}"
+        case.validate_response(response, checks=CHECKS)
+        self.called.add((method, path))
+        return response
+
+
+def _events(response) -> list[str]:
+    assert response.headers["content-type"].startswith("text/event-stream")
+    return [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
+
+
+def test_every_operation_answers_a_success_that_matches_its_schema(fresh):
+    client, schema = fresh
+    call = Calls(client, schema)
+    for path in ("/healthz", "/readyz", "/metrics"):
+        call("GET", path, 200)
+    body = call("POST", "/v1/onboarding", 201, body={"external_id": "typed-user", "samples": SAMPLES}).json()
+    user_id, key, job_id = body["user"]["id"], body["api_key"], body["job"]["id"]
+    ctx = client.app.state.ctx
+    base = ctx.base_model()
+    version = publish_random_prefix(ctx, base, TestUser("typed-user", user_id, key), seed=2, prefix_len=2)
+    user = {"user_id": user_id}
+
+    call("GET", "/v1/users", 200, query={"external_id": "typed-user"})
+    call("GET", "/v1/users/{user_id}", 200, key=key, path_parameters=user)
+    call("POST", "/v1/users/{user_id}/api_keys", 201, path_parameters=user)
+    call("GET", "/v1/users/{user_id}/prefixes", 200, key=key, path_parameters=user)
+    call("POST", "/v1/users/{user_id}/prefixes/{version}/activate", 200, path_parameters={**user, "version": version})
+    call("GET", "/v1/users/{user_id}/samples", 200, key=key, path_parameters=user, query={"limit": 2})
+    added = call("POST", "/v1/users/{user_id}/samples", 201, key=key, path_parameters=user,
+                 body={"samples": ["One more sample, written for the schema test.", SAMPLES[0]]}).json()
+    assert added["duplicates"] == 1
+    sample = {**user, "sample_id": added["data"][0]["id"]}
+    call("DELETE", "/v1/users/{user_id}/samples/{sample_id}", 200, key=key, path_parameters=sample)
+
+    call("GET", "/v1/fine_tuning/jobs", 200, key=key)
+    call("GET", "/v1/fine_tuning/jobs/{job_id}", 200, path_parameters={"job_id": job_id})
+    call("GET", "/v1/fine_tuning/jobs/{job_id}/events", 200, path_parameters={"job_id": job_id})
+    retrain = call("POST", "/v1/fine_tuning/jobs", 201, key=key, body={"hyperparameters": {"n_epochs": 1}}).json()
+    cancelled = call("POST", "/v1/fine_tuning/jobs/{job_id}/cancel", 200, key=key, path_parameters={"job_id": retrain["id"]})
+    assert cancelled.json()["status"] == "cancelled"
+    call("POST", "/v1/admin/retrain", 201, body={"user_ids": [user_id]})
+
+    models = {m["id"] for m in call("GET", "/v1/models", 200, key=key).json()["data"]}
+    assert {base.model_id, "user:typed-user"} <= models
+    messages = [{"role": "user", "content": "Say hello."}]
+    for model in (base.model_id, "user:typed-user"):
+        chat = {"model": model, "messages": messages, "max_tokens": 3, "n": 2}
+        assert call("POST", "/v1/chat/completions", 200, key=key, body=chat).json()["object"] == "chat.completion"
+        stream = {**chat, "stream": True, "stream_options": {"include_usage": True}}
+        events = _events(call("POST", "/v1/chat/completions", 200, key=key, body=stream))
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] > 0
+        text = {"model": model, "prompt": "Once upon a time", "max_tokens": 3}
+        assert call("POST", "/v1/completions", 200, key=key, body=text).json()["object"] == "text_completion"
+        events = _events(call("POST", "/v1/completions", 200, key=key, body={**text, "stream": True}))
+        assert events[-1] == "[DONE]" and len(events) > 2
+
+    call("DELETE", "/v1/users/{user_id}", 200, path_parameters=user)
+    assert not set(OPERATIONS) - call.called, "operations without a success example here"
+
+
+def _tampered(response, content: str):
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+    tampered = type(response)(response.status_code, headers=headers, content=content.encode(), request=response.request)
+    tampered.elapsed = response.elapsed
+    return tampered
+
+
+def _assert_schema_violation(case, response) -> None:
+    with pytest.raises(FailureGroup) as failed:
+        case.validate_response(response, checks=CHECKS)
+    titles = [failure.title for failure in failed.value.exceptions]
+    assert any("violates" in title and "schema" in title for title in titles), titles
+
+
+def test_the_checks_reject_a_success_body_off_its_schema(fresh):
+    """The success schemas are not vacuous: a body one field off, or one event off, fails."""
+    client, schema = fresh
+    call = Calls(client, schema)
+    user_id = call("POST", "/v1/onboarding", 201, body={"external_id": "tampered", "samples": SAMPLES}).json()["user"]["id"]
+    case = call.case("GET", "/v1/users/{user_id}", path_parameters={"user_id": user_id})
+    response = call.send(case, ADMIN_KEY)
+    case.validate_response(response, checks=CHECKS)
+    good = response.json()
+    for bad in ({**good, "surprise": 1}, {k: v for k, v in good.items() if k != "fine_tuned_model"},
+                {**good, "object": "users"}, {**good, "created_at": "yesterday"}):
+        _assert_schema_violation(case, _tampered(response, json.dumps(bad)))
+
+    body = {"model": client.app.state.ctx.base_model().model_id, "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 2, "stream": True}
+    case = call.case("POST", "/v1/chat/completions", body=body)
+    response = call.send(case, ADMIN_KEY)
+    case.validate_response(response, checks=CHECKS)
+    first = json.loads(_events(response)[0])
+    for bad in ({**first, "object": "chat.completion"}, {**first, "choices": [{"index": 0}]}):
+        stream = response.text.replace(json.dumps(first, separators=(",", ":")), json.dumps(bad), 1)
+        _assert_schema_violation(case, _tampered(response, stream))

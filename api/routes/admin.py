@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter
 
 from api.deps import AdminDep, ContextDep, DispatcherDep, SessionDep
 from api.jobs_dispatch import commit_and_dispatch
 from api.openapi import ADMIN_ERRORS, BODY_ERRORS
-from api.schemas import RetrainRequest, job_object, list_object
+from api.responses import FineTuningJobList
+from api.schemas import RetrainRequest, job_object
 from core.service.retrain import RetrainSelection, create_retrain_jobs
 
 router = APIRouter(prefix="/admin", tags=["admin"], responses={**ADMIN_ERRORS, **BODY_ERRORS})
@@ -18,7 +17,7 @@ router = APIRouter(prefix="/admin", tags=["admin"], responses={**ADMIN_ERRORS, *
 @router.post("/retrain", status_code=201)
 def retrain(
     body: RetrainRequest, _admin: AdminDep, session: SessionDep, ctx: ContextDep, dispatcher: DispatcherDep
-) -> dict[str, Any]:
+) -> FineTuningJobList:
     """Retrain a list of users, all users, or users whose prefix is older than `trained_before`
     or was trained on another base model, as batched jobs of `users_per_job` users each."""
     other_fingerprint = ctx.base_model().fingerprint if body.other_base_model else None
@@ -30,4 +29,5 @@ def retrain(
     )
     jobs = create_retrain_jobs(session, selection, body.hyperparameters, body.users_per_job)
     commit_and_dispatch(session, dispatcher, jobs)
-    return list_object([job_object(job, ctx.base_model().model_id) for job in jobs], False)
+    base_model_id = ctx.base_model().model_id
+    return FineTuningJobList(data=[job_object(job, base_model_id) for job in jobs], has_more=False)

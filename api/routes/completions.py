@@ -22,7 +22,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CallerDep, get_context
-from api.openapi import errors
+from api.openapi import errors, event_stream, request_schema
+from api.responses import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChunk,
+    Model,
+    ModelList,
+)
 from api.uploads import parse_json
 from core.inference import catalog, metrics
 from core.inference.completer import Submission
@@ -71,14 +79,21 @@ router = APIRouter(prefix="/v1", tags=["completions"], lifespan=_serving)
 _GENERATION_ERRORS = errors(413, 429, 504)
 
 
+def _generated(model: type, chunk: type) -> dict:
+    """`responses=` of a generation route: `model` as JSON, or `chunk` events with `stream: true`."""
+    description = f"A {model.__name__} object; with `stream: true`, server-sent {chunk.__name__} events"
+    content = {"text/event-stream": event_stream(chunk)}
+    return {200: {"model": model, "description": description, "content": content}, **_GENERATION_ERRORS}
+
+
 def _json_body(model) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema(model)}}}}
 
 _DISCONNECT_POLL_S = 0.25
 
 
 @router.get("/models")
-async def list_models(request: Request, caller: CallerDep) -> dict:
+async def list_models(request: Request, caller: CallerDep) -> ModelList:
     context = get_context(request)
     base = context.base_model()
 
@@ -87,13 +102,14 @@ async def list_models(request: Request, caller: CallerDep) -> dict:
             return catalog.list_models(session, caller, base.model_id)
 
     entries = await run_in_threadpool(query)
-    return {
-        "object": "list",
-        "data": [{"id": e.id, "object": "model", "created": e.created, "owned_by": e.owned_by} for e in entries],
-    }
+    return ModelList(data=[Model(id=e.id, created=e.created, owned_by=e.owned_by) for e in entries])
 
 
-@router.post("/chat/completions", openapi_extra=_json_body(ChatCompletionBody), responses=_GENERATION_ERRORS)
+@router.post(
+    "/chat/completions",
+    openapi_extra=_json_body(ChatCompletionBody),
+    responses=_generated(ChatCompletion, ChatCompletionChunk),
+)
 async def chat_completions(request: Request, caller: CallerDep):
     body: ChatCompletionBody = parse_body(ChatCompletionBody, await _json(request))
     base = get_context(request).base_model()
@@ -108,7 +124,9 @@ async def chat_completions(request: Request, caller: CallerDep):
     return await _answer(request, caller, body, job, chat=True)
 
 
-@router.post("/completions", openapi_extra=_json_body(CompletionBody), responses=_GENERATION_ERRORS)
+@router.post(
+    "/completions", openapi_extra=_json_body(CompletionBody), responses=_generated(Completion, CompletionChunk)
+)
 async def completions(request: Request, caller: CallerDep):
     body: CompletionBody = parse_body(CompletionBody, await _json(request))
     base = get_context(request).base_model()

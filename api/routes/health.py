@@ -9,18 +9,25 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.deps import ContextDep
+from api.responses import Health, Readiness
 from core.db.migrate import schema_is_current
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+def healthz() -> Health:
     """The process is up (says nothing about its dependencies)."""
-    return {"status": "ok"}
+    return Health()
 
 
-@router.get("/readyz", responses={503: {"description": "Not ready: the failing checks"}})
+@router.get(
+    "/readyz",
+    responses={
+        200: {"model": Readiness, "description": "Ready: every check is \"ok\""},
+        503: {"model": Readiness, "description": "Not ready: the failing checks"},
+    },
+)
 def readyz(request: Request, ctx: ContextDep) -> JSONResponse:
     """Ready to serve: database reachable and migrated, broker reachable (distributed mode),
     blob store usable. 503 with the failing checks otherwise."""
@@ -42,7 +49,8 @@ def readyz(request: Request, ctx: ContextDep) -> JSONResponse:
     except Exception as exc:  # noqa: BLE001
         checks["store"] = f"unavailable: {exc}".splitlines()[0]
     ready = all(value == "ok" for value in checks.values())
-    return JSONResponse({"status": "ready" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503)
+    body = Readiness(status="ready" if ready else "unavailable", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 
 from api.deps import BaseModelIdDep, CallerDep, DispatcherDep, SessionDep, SettingsDep
 from api.jobs_dispatch import commit_and_dispatch
 from api.openapi import BODY_ERRORS, errors
-from api.schemas import CreateJobRequest, event_object, job_object, list_object
+from api.responses import FineTuningJob, FineTuningJobEventList, FineTuningJobList
+from api.schemas import CreateJobRequest, event_object, job_object
 from core.service.errors import InvalidInput
 from core.service.jobs import cancel_job, create_job, get_job, list_events, list_jobs
 from core.service.users import get_user
@@ -25,7 +26,7 @@ def create(
     settings: SettingsDep,
     base_model_id: BaseModelIdDep,
     dispatcher: DispatcherDep,
-) -> dict[str, Any]:
+) -> FineTuningJob:
     """Retrain a user on their current samples. A user key trains only itself."""
     user_id = body.user or caller.user_id
     if user_id is None:
@@ -46,14 +47,14 @@ def list_all(
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     user: str | None = None,
-) -> dict[str, Any]:
+) -> FineTuningJobList:
     """Jobs newest first; `after` is the last id of the previous page; filter by `user`."""
     page = list_jobs(session, caller, after=after, limit=limit, user_id=user)
-    return list_object([job_object(job, base_model_id) for job in page.items], page.has_more)
+    return FineTuningJobList(data=[job_object(job, base_model_id) for job in page.items], has_more=page.has_more)
 
 
 @router.get("/{job_id}")
-def get_one(job_id: str, session: SessionDep, caller: CallerDep, base_model_id: BaseModelIdDep) -> dict[str, Any]:
+def get_one(job_id: str, session: SessionDep, caller: CallerDep, base_model_id: BaseModelIdDep) -> FineTuningJob:
     return job_object(get_job(session, caller, job_id), base_model_id)
 
 
@@ -64,7 +65,7 @@ def events(
     caller: CallerDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-) -> dict[str, Any]:
+) -> FineTuningJobEventList:
     """The job's log, newest first: status changes and training metrics (step, losses, speed)."""
     job = get_job(session, caller, job_id)
     cursor = None
@@ -74,10 +75,10 @@ def events(
             raise InvalidInput(f"unknown cursor 'after={after}'", param="after")
         cursor = int(digits)
     rows, has_more = list_events(session, job, after=cursor, limit=limit)
-    return list_object([event_object(e) for e in rows], has_more)
+    return FineTuningJobEventList(data=[event_object(e) for e in rows], has_more=has_more)
 
 
 @router.post("/{job_id}/cancel", responses=errors(409))
-def cancel(job_id: str, session: SessionDep, caller: CallerDep, base_model_id: BaseModelIdDep) -> dict[str, Any]:
+def cancel(job_id: str, session: SessionDep, caller: CallerDep, base_model_id: BaseModelIdDep) -> FineTuningJob:
     """Cancel a queued job now, or ask a running one to stop at its next training step."""
     return job_object(cancel_job(session, caller, job_id), base_model_id)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 
 from api.deps import AdminDep, BaseModelIdDep, DispatcherDep, SessionDep, SettingsDep
 from api.jobs_dispatch import commit_and_dispatch
 from api.openapi import ADMIN_ERRORS, BODY_ERRORS
+from api.responses import Onboarding, OnboardingSamples
 from api.schemas import OnboardingRequest, job_object, user_object
 from api.uploads import read_sample_upload, upload_openapi
 from core.service.api_keys import issue_user_key
@@ -29,7 +28,7 @@ async def onboard(
     settings: SettingsDep,
     base_model_id: BaseModelIdDep,
     dispatcher: DispatcherDep,
-) -> dict[str, Any]:
+) -> Onboarding:
     """Create the user (or take the existing one with this external id), add the samples and
     start a training job. The user's API key is in the answer only when the user is new."""
     upload = await read_sample_upload(request, settings, OnboardingRequest)
@@ -39,11 +38,10 @@ async def onboard(
     job = create_job(session, "onboarding", [user], upload.fields.get("hyperparameters"))
     key = issue_user_key(session, user) if created else None
     commit_and_dispatch(session, dispatcher, [job])
-    return {
-        "object": "onboarding",
-        "user": user_object(user),
-        "created": created,
-        "api_key": key,
-        "samples": {"added": len(added), "duplicates": duplicates},
-        "job": job_object(job, base_model_id),
-    }
+    return Onboarding(
+        user=user_object(user),
+        created=created,
+        api_key=key,
+        samples=OnboardingSamples(added=len(added), duplicates=duplicates),
+        job=job_object(job, base_model_id),
+    )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 
 from api.deps import AdminDep, CallerDep, ContextDep, SessionDep
 from api.openapi import ADMIN_ERRORS
-from api.schemas import api_key_object, list_object, prefix_object, user_object
+from api.responses import ApiKey, PrefixVersion, PrefixVersionList, User, UserDeleted, UserList
+from api.schemas import api_key_object, prefix_object, user_object
 from core.service.api_keys import issue_user_key
 from core.service.registry import activate_version, active_prefix, list_versions
 from core.service.users import delete_user, get_user, list_users
@@ -23,41 +24,41 @@ def list_all(
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     external_id: str | None = None,
-) -> dict[str, Any]:
+) -> UserList:
     """Users (admin: all; a user key: itself), oldest first; filter by `external_id`."""
     page = list_users(session, caller, after=after, limit=limit, external_id=external_id)
-    return list_object([user_object(u, active_prefix(session, u.id)) for u in page.items], page.has_more)
+    return UserList(data=[user_object(u, active_prefix(session, u.id)) for u in page.items], has_more=page.has_more)
 
 
 @router.get("/{user_id}")
-def get_one(user_id: str, session: SessionDep, caller: CallerDep) -> dict[str, Any]:
+def get_one(user_id: str, session: SessionDep, caller: CallerDep) -> User:
     user = get_user(session, caller, user_id)
     return user_object(user, active_prefix(session, user.id))
 
 
 @router.delete("/{user_id}")
-def erase(user_id: str, ctx: ContextDep, caller: CallerDep) -> dict[str, Any]:
+def erase(user_id: str, ctx: ContextDep, caller: CallerDep) -> UserDeleted:
     """Erase the user: samples, keys, every prefix blob and index row, and their jobs."""
     delete_user(ctx.session_factory, ctx.store, caller, user_id)
-    return {"object": "user.deleted", "id": user_id, "deleted": True}
+    return UserDeleted(id=user_id, deleted=True)
 
 
 @router.post("/{user_id}/api_keys", status_code=201, responses=ADMIN_ERRORS)
-def new_key(user_id: str, session: SessionDep, admin: AdminDep) -> dict[str, Any]:
+def new_key(user_id: str, session: SessionDep, admin: AdminDep) -> ApiKey:
     """Issue another key for the user (e.g. the first one was lost). Shown once."""
     user = get_user(session, admin, user_id)
     return api_key_object(issue_user_key(session, user))
 
 
 @router.get("/{user_id}/prefixes")
-def prefixes(user_id: str, session: SessionDep, caller: CallerDep) -> dict[str, Any]:
+def prefixes(user_id: str, session: SessionDep, caller: CallerDep) -> PrefixVersionList:
     """Every trained prefix version of the user, oldest first; one is `active`."""
     user = get_user(session, caller, user_id)
-    return list_object([prefix_object(user, row) for row in list_versions(session, user.id)], False)
+    return PrefixVersionList(data=[prefix_object(user, row) for row in list_versions(session, user.id)], has_more=False)
 
 
 @router.post("/{user_id}/prefixes/{version}/activate")
-def activate(user_id: str, version: int, session: SessionDep, caller: CallerDep) -> dict[str, Any]:
+def activate(user_id: str, version: int, session: SessionDep, caller: CallerDep) -> PrefixVersion:
     """Serve this version from now on (roll back to an earlier one, or forward again)."""
     user = get_user(session, caller, user_id)
     return prefix_object(user, activate_version(session, user.id, version))

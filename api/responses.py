@@ -1,0 +1,298 @@
+"""The JSON bodies of successful answers, as published in the OpenAPI schema.
+
+Field names and values are exactly what the API has always sent (OpenAI's where one exists: the
+official `openai` client reads them). Every field is always present; a nullable one is sent as
+`null`. Unknown fields are refused, so the schema says `additionalProperties: false` and the fuzz
+suite (`tests/test_fuzz_api.py`) catches a route that sends more, or less, than it declares.
+
+The builders in `api/schemas.py` turn database rows into these; the routes declare them as their
+return type, so FastAPI documents them and checks every outgoing body against them. The OpenAI
+completion bodies are built as plain dicts on the generation path (`api/routes/completions.py`)
+and are checked against these models by the tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Kept equal to core.db.models.JOB_KINDS / JOB_STATUSES / PREFIX_STATUSES (a test checks it).
+JobKind = Literal["onboarding", "retrain", "admin-batch"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+PrefixStatus = Literal["active", "retired", "corrupt"]
+EventLevel = Literal["info", "warning", "error"]
+FinishReason = Literal["stop", "length"]
+
+Timestamp = int  # Unix seconds, as OpenAI's API returns times
+
+
+class Body(BaseModel):
+    """A response body: no fields beyond the declared ones; a field with a default (the fixed
+    `object` names) is still always sent, so the schema lists it as required."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
+
+
+# -- users, samples, prefixes ----------------------------------------------------------------------
+
+
+class User(Body):
+    object: Literal["user"] = "user"
+    id: str
+    external_id: str
+    created_at: Timestamp
+    fine_tuned_model: str | None = Field(description="The model id serving the user's active prefix; null before the first training.")
+
+
+class Sample(Body):
+    object: Literal["sample"] = "sample"
+    id: str
+    user_id: str
+    text: str
+    sha256: str
+    source: str = Field(description='How the sample arrived: "api" (JSON) or "upload" (a file).')
+    created_at: Timestamp
+
+
+class PrefixVersion(Body):
+    object: Literal["prefix_version"] = "prefix_version"
+    id: str
+    model: str = Field(description="The model id of this version, `ft:<base>:<external_id>:v<version>`.")
+    version: int
+    status: PrefixStatus
+    base_model: str
+    base_fingerprint: str
+    prefix_len: int
+    bytes: int
+    sha256: str
+    metrics: dict[str, Any]
+    job_id: str | None
+    created_at: Timestamp
+
+
+class ApiKey(Body):
+    object: Literal["api_key"] = "api_key"
+    key: str
+    note: str
+
+
+class UserDeleted(Body):
+    object: Literal["user.deleted"] = "user.deleted"
+    id: str
+    deleted: bool
+
+
+class SampleDeleted(Body):
+    object: Literal["sample.deleted"] = "sample.deleted"
+    id: str
+    deleted: bool
+
+
+# -- fine-tuning jobs ------------------------------------------------------------------------------
+
+
+class FineTuningJobError(Body):
+    code: Literal["training_failed"] = "training_failed"
+    message: str
+    param: None = None
+
+
+class FineTuningJob(Body):
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    id: str
+    kind: JobKind
+    model: str = Field(description="The served base model.")
+    status: JobStatus
+    user_ids: list[str]
+    user: str | None = Field(description="The user trained, when the job trains exactly one.")
+    hyperparameters: dict[str, Any]
+    fine_tuned_model: str | None
+    result: dict[str, Any] | None
+    progress: dict[str, Any]
+    attempts: int
+    error: FineTuningJobError | None
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+
+
+class FineTuningJobEvent(Body):
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    id: str
+    created_at: Timestamp
+    level: EventLevel
+    message: str
+    data: dict[str, Any] | None
+    type: Literal["message", "metrics"]
+
+
+# -- lists -----------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class ListObject(Body, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool
+
+
+class UserList(ListObject[User]):
+    pass
+
+
+class SampleList(ListObject[Sample]):
+    pass
+
+
+class SamplesAdded(ListObject[Sample]):
+    """The samples stored by this request (`has_more` is always false)."""
+
+    duplicates: int = Field(description="Samples skipped as duplicates of stored ones.")
+
+
+class PrefixVersionList(ListObject[PrefixVersion]):
+    pass
+
+
+class FineTuningJobList(ListObject[FineTuningJob]):
+    pass
+
+
+class FineTuningJobEventList(ListObject[FineTuningJobEvent]):
+    pass
+
+
+# -- onboarding ------------------------------------------------------------------------------------
+
+
+class OnboardingSamples(Body):
+    added: int
+    duplicates: int
+
+
+class Onboarding(Body):
+    object: Literal["onboarding"] = "onboarding"
+    user: User
+    created: bool = Field(description="Whether the user was created by this request.")
+    api_key: str | None = Field(description="The new user's API key (shown once); null for an existing user.")
+    samples: OnboardingSamples
+    job: FineTuningJob
+
+
+# -- operators -------------------------------------------------------------------------------------
+
+
+class Health(Body):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(Body):
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, str] = Field(description='Each dependency checked: "ok" or what is wrong with it.')
+
+
+# -- OpenAI-compatible inference -------------------------------------------------------------------
+
+
+class Model(Body):
+    id: str
+    object: Literal["model"] = "model"
+    created: Timestamp
+    owned_by: str
+
+
+class ModelList(Body):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+class CompletionUsage(Body):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionMessage(Body):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class ChatCompletionChoice(Body):
+    index: int
+    message: ChatCompletionMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(Body):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: Timestamp
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: CompletionUsage
+
+
+class CompletionChoice(Body):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class Completion(Body):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: Timestamp
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage
+
+
+# Streamed chunks (`stream: true`): each server-sent event's `data` is one of these, an error
+# object if generation fails mid-stream, or `[DONE]` at the end. `usage` is only in the last
+# chunk, with `stream_options.include_usage` (and `choices` empty); delta fields may be absent.
+
+
+class Chunk(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatCompletionChunkDelta(Chunk):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionChunkChoice(Chunk):
+    index: int
+    delta: ChatCompletionChunkDelta
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(Chunk):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: Timestamp
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: CompletionUsage | None = None
+
+
+class CompletionChunkChoice(Chunk):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class CompletionChunk(Chunk):
+    id: str
+    object: Literal["text_completion"]
+    created: Timestamp
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: CompletionUsage | None = None
