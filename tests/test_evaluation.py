@@ -151,10 +151,13 @@ def test_tiny_evaluation_writes_json_markdown_and_charts_with_per_user_numbers(t
     assert points[1]["ratio_general"] == pytest.approx(main["ppl_general"] / saved["base"]["ppl_general"])
 
 
-def test_sweep_values_on_the_command_line_keep_their_types():
-    from core.evaluation.cli import _numbers
+def test_sweeps_and_their_values_on_the_command_line_keep_their_types():
+    from core.evaluation.runner import SWEEPS, sweep_names
 
-    assert _numbers("4, 16") == [4, 16]
-    assert _numbers("0,0.5,2") == [0, 0.5, 2.0]
-    assert _numbers("random,activations") == ["random", "activations"]
-    assert _numbers("true,False") == [True, False]
+    assert sweep_names(EvalSpec(sweep="prefix_len=4/16, init,preservation=0/0.5")) == [
+        ("prefix_len", [4, 16]), ("init", SWEEPS["init"]), ("preservation", [0, 0.5])
+    ]
+    assert sweep_names(EvalSpec(sweep="reparam=true/False")) == [("reparam", [True, False])]
+    assert sweep_names(EvalSpec(sweep="prefix_len", sweep_values=[8])) == [("prefix_len", [8])]
+    with pytest.raises(ValueError, match="unknown sweep"):
+        sweep_names(EvalSpec(sweep="prefix_len,learning_rat"))

@@ -9,9 +9,9 @@ import typer
 from core.evaluation.runner import METHODS, SWEEPS, EvalSpec, run_evaluation
 
 
-def _numbers(text: str) -> list:
-    """"4,8" -> [4, 8]; "0,0.5" -> [0, 0.5]; "true,false" -> [True, False]; anything else stays text."""
-    return [_value(v.strip()) for v in text.split(",")]
+def parse_values(texts: list[str]) -> list:
+    """["4", "8"] -> [4, 8]; ["0", "0.5"] -> [0, 0.5]; ["true"] -> [True]; anything else stays text."""
+    return [_value(v.strip()) for v in texts]
 
 
 def _value(text: str):
@@ -44,7 +44,7 @@ def run(
     lr_prompt: float = typer.Option(3e-2, "--lr-prompt"),
     lr_lora: float = typer.Option(2e-3, "--lr-lora"),
     preservation: float = typer.Option(0.0, "--preservation", help="KL-to-base weight of the prefix method (0: off)"),
-    sweep: Optional[str] = typer.Option(None, "--sweep", help=f"one or a comma list of {','.join(SWEEPS)}"),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help=f"one or a comma list of {','.join(SWEEPS)}, each optionally with values: prefix_len=4/16/32"),
     sweep_values: Optional[str] = typer.Option(None, "--sweep-values", help="comma list overriding the defaults"),
     out: str = typer.Option("eval-out", "--out"),
     base_model: str = typer.Option("smollm2", "--base-model", help="smollm2, tiny, or a model directory"),
@@ -72,7 +72,7 @@ def run(
         lr_lora=lr_lora,
         preservation_weight=preservation,
         sweep=sweep,
-        sweep_values=_numbers(sweep_values) if sweep_values else None,
+        sweep_values=parse_values(sweep_values.split(",")) if sweep_values else None,
         base_model=base_model,
         seed=seed,
         out=out,

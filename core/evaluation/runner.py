@@ -266,8 +266,10 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, base: BaseModel | None
             evaluated["overall"]["artifact_bytes"] = next(iter(train_metrics.values()))["artifact_bytes"]
             results["methods"][name] = evaluated
             del scorer
-        for sweep in sweep_names(spec):
-            results.setdefault("sweeps", []).append(run_sweep(base, spec, sweep, users, sets, general, results, bar))
+        for sweep, values in sweep_names(spec):
+            results.setdefault("sweeps", []).append(
+                run_sweep(base, spec, sweep, values, users, sets, general, results, bar)
+            )
     finally:
         bar.close()
     results["wall_seconds"] = time.monotonic() - started
@@ -283,25 +285,36 @@ SWEPT_FIELDS = {
 }
 
 
-def sweep_names(spec: EvalSpec) -> list[str]:
-    """`spec.sweep` is one sweep or a comma list ("prefix_len,init"): one main run serves them all."""
-    names = [name.strip() for name in (spec.sweep or "").split(",") if name.strip()]
-    unknown = [name for name in names if name not in SWEEPS]
-    if unknown:
-        raise ValueError(f"unknown sweep {unknown[0]!r}; choose from {sorted(SWEEPS)}")
-    if spec.sweep_values and len(names) != 1:
-        raise ValueError("sweep values can be given for one sweep only")
-    return names
+def sweep_names(spec: EvalSpec) -> list[tuple[str, list]]:
+    """The sweeps of `spec.sweep` with their values: one sweep or a comma list, each optionally
+    with its own values ("prefix_len=4/16/32,init"); one main run serves them all."""
+    from core.evaluation.cli import parse_values
+
+    sweeps = []
+    for item in (part.strip() for part in (spec.sweep or "").split(",")):
+        if not item:
+            continue
+        name, _, own_values = item.partition("=")
+        if name not in SWEEPS:
+            raise ValueError(f"unknown sweep {name!r}; choose from {sorted(SWEEPS)}")
+        values = parse_values(own_values.split("/")) if own_values else None
+        sweeps.append((name, values))
+    if spec.sweep_values:
+        if len(sweeps) != 1:
+            raise ValueError("--sweep-values goes with one sweep only; give several as name=v1/v2")
+        sweeps = [(sweeps[0][0], list(spec.sweep_values))]
+    return [(name, values or SWEEPS[name]) for name, values in sweeps]
 
 
-def run_sweep(base, spec: EvalSpec, sweep: str, users, sets, general, results: dict, bar: _Bar) -> dict:
+def run_sweep(
+    base, spec: EvalSpec, sweep: str, values: list, users, sets, general, results: dict, bar: _Bar
+) -> dict:
     """Held-out perplexity (own adaptation, plain and chat) and general-text perplexity (knowledge
     preservation) as one setting varies: the trade-off a default has to pick a point on.
 
     The samples sweep trains every requested method (the low-data comparison); the others only
     prefixes. A point equal to the main run's setting reuses its numbers instead of training again.
     """
-    values = spec.sweep_values or SWEEPS[sweep]
     methods = spec.methods if sweep == "samples" else ("prefix",)
     base_general = results["base"]["ppl_general"]
     points = []
