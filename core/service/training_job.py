@@ -161,7 +161,7 @@ def _claim(ctx: ServiceContext, job_id: str) -> str | None:
         session.refresh(job)
         gave_up = job.attempts > MAX_ATTEMPTS
         if gave_up:
-            job.status, job.finished_at = "failed", utcnow()
+            job.status, job.finished_at, job.lease_token = "failed", utcnow(), None
             job.error = f"gave up after {MAX_ATTEMPTS} attempts (the worker was lost each time)"
             add_event(session, job_id, job.error, level="error")
         else:
