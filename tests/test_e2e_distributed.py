@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from core.config import Settings
 from core.db import ApiKey, Job, PrefixVersion, Sample, User
 from core.db.migrate import upgrade_to_head
 from core.storage import sha256_hex
 from tests.support.api import ADMIN, ADMIN_KEY, SAMPLES, api_client
+from tests.support.processes import settings_from_env
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def _wait_for_job(client, job_id: str, worker_log: Path) -> dict:
 
 
 def test_onboarding_to_erasure_on_real_services(distributed_env, celery_worker, s3_server, tmp_path):
-    settings = Settings(_env_file=None, **{k.removeprefix("STEER_").lower(): v for k, v in distributed_env.items() if k != "STEER_ENV_FILE"})  # type: ignore[call-arg]
+    settings = settings_from_env(distributed_env)
     assert settings.mode == "distributed" and settings.effective_blob_store == "s3"
     bucket = settings.s3_bucket
     with api_client(settings) as client:

@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import socket
 import time
-import uuid
 
 import openai
 import pytest
 import redis
 
-from core.config import Settings
 from core.db.migrate import upgrade_to_head
 from core.inference.redis_transport import GROUP, REQUESTS_STREAM
-from core.model import default_cache_root
 from core.service.context import build_context
-from tests.support.api import ADMIN_KEY, tiny_base_model
+from tests.support.api import tiny_base_model
 from tests.support.inference import ServerThread, build_app, create_user, publish_random_prefix
-from tests.support.processes import end, spawn, tail
+from tests.support.processes import distributed_env, end, settings_from_env, spawn, tail
 from tests.support.services import PrivatePostgres, PrivateRedis
 
 pytestmark = pytest.mark.integration
@@ -52,18 +49,10 @@ def test_inference_worker_and_api_survive_a_redis_restart(s3_server, tmp_path):
         pg.start()
         rd.start()
         upgrade_to_head(pg.url)
-        env = {
-            "STEER_DATABASE_URL": pg.url,
-            "STEER_REDIS_URL": rd.url,
-            **s3_server.settings_env(bucket=f"redis-restart-{uuid.uuid4().hex[:8]}"),
-            "STEER_ADMIN_KEY": ADMIN_KEY,
-            "STEER_BASE_MODEL": "tiny",
-            "STEER_DEVICE": "cpu",
-            "STEER_DATA_DIR": str(default_cache_root().parent),
-            "STEER_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
-            "OMP_NUM_THREADS": "1",
-        }
-        settings = Settings(_env_file=None, **{k.removeprefix("STEER_").lower(): v for k, v in env.items() if k.startswith("STEER_")})  # type: ignore[call-arg]
+        env = distributed_env(
+            pg.url, rd.url, s3_server, "redis-restart", STEER_REQUEST_TIMEOUT_S=str(REQUEST_TIMEOUT_S)
+        )
+        settings = settings_from_env(env)
         assert settings.mode == "distributed"
         ctx = build_context(settings, base_model=tiny_base_model())
         user = create_user(ctx, "redis-restart-user")

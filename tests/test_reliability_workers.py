@@ -22,7 +22,6 @@ import random
 import signal
 import subprocess
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,16 +31,14 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from core.config import Settings
 from core.db import Job, PrefixVersion
 from core.db.migrate import upgrade_to_head
 from core.inference.redis_transport import GROUP, REQUESTS_STREAM
-from core.model import default_cache_root
 from core.service.context import build_context
 from core.service.registry import active_prefix
-from tests.support.api import ADMIN, ADMIN_KEY, SAMPLES, api_client, tiny_base_model
+from tests.support.api import ADMIN, SAMPLES, api_client, tiny_base_model
 from tests.support.inference import ServerThread, build_app, create_user, publish_random_prefix
-from tests.support.processes import end, spawn
+from tests.support.processes import distributed_env, end, settings_from_env, spawn
 from tests.support.seaweed import flip_a_byte
 from tests.support.services import PrivatePostgres, PrivateRedis
 
@@ -73,30 +70,19 @@ def private_services(s3_server, private_redis) -> Iterator[dict[str, str]]:
     try:
         pg.start()
         upgrade_to_head(pg.url)
-        yield {
-            "STEER_DATABASE_URL": pg.url,
-            "STEER_REDIS_URL": rd.url,
-            **s3_server.settings_env(bucket=f"faults-{uuid.uuid4().hex[:8]}"),
-            "STEER_ADMIN_KEY": ADMIN_KEY,
-            "STEER_BASE_MODEL": "tiny",
-            "STEER_DEVICE": "cpu",
-            "STEER_DATA_DIR": str(default_cache_root().parent),
-            "STEER_TRAIN_MAX_STEPS_DEFAULT": "2",
-            "STEER_TRAIN_BATCH_SIZE_DEFAULT": "2",
-            "STEER_TRAIN_PREFIX_LEN_DEFAULT": "2",
-            "STEER_TRAIN_MAX_SEQ_LEN": "64",
-            "STEER_REQUEST_TIMEOUT_S": str(INFER_TIMEOUT_S),
-            "STEER_INFER_CLAIM_IDLE_S": "1",
-            "STEER_JOB_LEASE_S": str(LEASE_S),
-            "STEER_JOB_SWEEP_INTERVAL_S": "1",
-            "OMP_NUM_THREADS": "1",  # three pool children share two cores
-        }
+        yield distributed_env(
+            pg.url, rd.url, s3_server, "faults",
+            STEER_TRAIN_MAX_STEPS_DEFAULT="2",
+            STEER_TRAIN_BATCH_SIZE_DEFAULT="2",
+            STEER_TRAIN_PREFIX_LEN_DEFAULT="2",
+            STEER_TRAIN_MAX_SEQ_LEN="64",
+            STEER_REQUEST_TIMEOUT_S=str(INFER_TIMEOUT_S),
+            STEER_INFER_CLAIM_IDLE_S="1",
+            STEER_JOB_LEASE_S=str(LEASE_S),
+            STEER_JOB_SWEEP_INTERVAL_S="1",
+        )
     finally:
         pg.close()
-
-
-def settings_of(env: dict[str, str]) -> Settings:
-    return Settings(_env_file=None, **{k.removeprefix("STEER_").lower(): v for k, v in env.items() if k.startswith("STEER_")})  # type: ignore[call-arg]
 
 
 def test_training_worker_killed_at_any_point_loses_no_job_and_leaves_no_orphan(private_services, s3_server, tmp_path):
@@ -104,7 +90,7 @@ def test_training_worker_killed_at_any_point_loses_no_job_and_leaves_no_orphan(p
     crash_dir.mkdir()
     plan = [p for p in CRASH_POINTS for _ in range(TRIALS_PER_POINT)] + ["after_upload!"] * ALWAYS_CRASHING
     random.Random(6).shuffle(plan)
-    settings = settings_of(private_services)
+    settings = settings_from_env(private_services)
     with api_client(settings) as client:
         jobs: dict[str, str] = {}  # job id -> crash plan
         for index, point in enumerate(plan):
@@ -195,7 +181,7 @@ def _assert_store_matches_index(ctx) -> list[PrefixVersion]:
 def test_a_job_whose_whole_worker_host_died_is_run_again_after_its_lease_expires(private_services, tmp_path):
     crash_dir = tmp_path / "crashes"
     crash_dir.mkdir()
-    with api_client(settings_of(private_services)) as client:
+    with api_client(settings_from_env(private_services)) as client:
         body = client.post("/v1/onboarding", headers=ADMIN, json={"external_id": "host-loss", "samples": SAMPLES})
         assert body.status_code == 201, body.text
         job_id = body.json()["job"]["id"]
@@ -229,7 +215,7 @@ def test_a_job_whose_whole_worker_host_died_is_run_again_after_its_lease_expires
 
 def test_a_job_queued_in_a_broker_that_restarted_empty_is_dispatched_again(private_services, private_redis, tmp_path):
     env = {**private_services, "STEER_JOB_REDISPATCH_AFTER_S": "3"}
-    with api_client(settings_of(env)) as client:
+    with api_client(settings_from_env(env)) as client:
         body = client.post("/v1/onboarding", headers=ADMIN, json={"external_id": "broker-loss", "samples": SAMPLES})
         assert body.status_code == 201, body.text
         job_id = body.json()["job"]["id"]
@@ -264,7 +250,7 @@ def _serving_consumer(client: redis.Redis, deadline_s: float = 10) -> str:
 
 
 def test_inference_worker_killed_mid_stream_another_worker_answers_within_the_deadline(private_services, s3_server, tmp_path):
-    settings = settings_of(private_services)
+    settings = settings_from_env(private_services)
     ctx = build_context(settings, base_model=tiny_base_model())
     user = create_user(ctx, "stream-user")
     publish_random_prefix(ctx, ctx.base_model(), user, seed=3)

@@ -6,9 +6,36 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+from typing import Any
+
+from core.config import Settings
+from core.model import default_cache_root
+from tests.support.api import ADMIN_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def distributed_env(database_url: str, redis_url: str, s3_server: Any, bucket_prefix: str, **extra: str) -> dict[str, str]:
+    """STEER_* variables of a distributed deployment on the tiny model (a fresh bucket), plus `extra`."""
+    return {
+        "STEER_DATABASE_URL": database_url,
+        "STEER_REDIS_URL": redis_url,
+        **s3_server.settings_env(bucket=f"{bucket_prefix}-{uuid.uuid4().hex[:8]}"),
+        "STEER_ADMIN_KEY": ADMIN_KEY,
+        "STEER_BASE_MODEL": "tiny",
+        "STEER_DEVICE": "cpu",
+        "STEER_DATA_DIR": str(default_cache_root().parent),  # share the converted model cache
+        "OMP_NUM_THREADS": "1",  # worker processes share two cores with the test
+        **extra,
+    }
+
+
+def settings_from_env(env: dict[str, str]) -> Settings:
+    """The Settings a process started with `env` reads (STEER_FOO=v -> foo=v)."""
+    values = {k.removeprefix("STEER_").lower(): v for k, v in env.items() if k.startswith("STEER_") and k != "STEER_ENV_FILE"}
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 def spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
