@@ -79,14 +79,14 @@ def test_onboarding_trains_publishes_and_erasure_removes_everything(tmp_path: Pa
 def test_a_job_may_ask_for_the_preservation_term(tmp_path: Path):
     with api_client(make_settings(tmp_path), base=tiny_base_model(), dispatcher=RecordingDispatcher()) as client:
         ctx = client.app.state.ctx
-        default = onboard(client, "plain")["job"]["id"]
-        kept = onboard(client, "kept", hyperparameters={"preservation_weight": 0.5})["job"]["id"]
-        assert run_training_job(default, ctx) == run_training_job(kept, ctx) == "succeeded"
-        jobs = {job_id: client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=ADMIN).json() for job_id in (default, kept)}
-        assert jobs[default]["hyperparameters"]["preservation_weight"] == 0.0  # the engine's default: off
-        assert jobs[kept]["hyperparameters"]["preservation_weight"] == 0.5
+        default = onboard(client, "kept")["job"]["id"]
+        off = onboard(client, "free", hyperparameters={"preservation_weight": 0})["job"]["id"]
+        assert run_training_job(default, ctx) == run_training_job(off, ctx) == "succeeded"
+        jobs = {job_id: client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=ADMIN).json() for job_id in (default, off)}
+        assert jobs[default]["hyperparameters"]["preservation_weight"] == 0.5  # the engine's default
+        assert jobs[off]["hyperparameters"]["preservation_weight"] == 0.0
         metrics = {job_id: next(iter(job["result"]["users"].values()))["metrics"] for job_id, job in jobs.items()}
-        assert metrics[default]["preservation_kl"] is None and metrics[kept]["preservation_kl"] >= 0
+        assert metrics[default]["preservation_kl"] >= 0 and metrics[off]["preservation_kl"] is None
 
 
 def test_run_training_job_is_idempotent_by_job_id(tmp_path: Path):

@@ -132,6 +132,7 @@ def test_tiny_evaluation_writes_json_markdown_and_charts_with_per_user_numbers(t
                  "ppl_by_prefix_len.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())
+    assert saved["spec"]["out"] == "out" and saved["spec"]["data"] == "d.jsonl"  # names, no machine paths
     for method in ("prefix", "prompt"):
         per_user = saved["methods"][method]["per_user"]
         assert set(per_user) == set(WORDS)

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from core.evaluation.runner import METHODS, SWEEPS, EvalSpec, run_evaluation
+from core.training import TrainingConfig
 
 
 def parse_values(texts: list[str]) -> list:
@@ -43,7 +44,9 @@ def run(
     lr_prefix: float = typer.Option(2e-3, "--lr-prefix"),
     lr_prompt: float = typer.Option(3e-2, "--lr-prompt"),
     lr_lora: float = typer.Option(2e-3, "--lr-lora"),
-    preservation: float = typer.Option(0.0, "--preservation", help="KL-to-base weight of the prefix method (0: off)"),
+    preservation: float = typer.Option(
+        TrainingConfig.preservation_weight, "--preservation", help="KL-to-base weight of the prefix method (0: off)"
+    ),
     sweep: Optional[str] = typer.Option(None, "--sweep", help=f"one or a comma list of {','.join(SWEEPS)}, each optionally with values: prefix_len=4/16/32"),
     sweep_values: Optional[str] = typer.Option(None, "--sweep-values", help="comma list overriding the defaults"),
     out: str = typer.Option("eval-out", "--out"),

@@ -71,7 +71,7 @@ class EvalSpec:
     lr_prefix: float = 2e-3
     lr_prompt: float = 3e-2
     lr_lora: float = 2e-3
-    preservation_weight: float = 0.0
+    preservation_weight: float = TrainingConfig.preservation_weight
     """KL-to-base weight of the prefix method (core/preservation.py); 0: off."""
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     sweep: str | None = None
@@ -231,7 +231,7 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, base: BaseModel | None
     general = [exs[0] for t in general_texts(spec, list(users)) if (exs := build_examples(base.tokenizer, [t], spec.max_seq_len, (FORMAT_PLAIN,)))]
     bar = _Bar(progress)
     results: dict = {
-        "spec": asdict(spec),
+        "spec": _shareable(asdict(spec)),
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -304,6 +304,15 @@ def sweep_names(spec: EvalSpec) -> list[tuple[str, list]]:
             raise ValueError("--sweep-values goes with one sweep only; give several as name=v1/v2")
         sweeps = [(sweeps[0][0], list(spec.sweep_values))]
     return [(name, values or SWEEPS[name]) for name, values in sweeps]
+
+
+def _shareable(spec: dict) -> dict:
+    """The spec with file paths cut to their names: reports get committed and shared, and the
+    directories of the machine that ran them are nobody's business."""
+    for key in ("data", "general", "out"):
+        if spec.get(key):
+            spec[key] = Path(spec[key]).name
+    return spec
 
 
 def run_sweep(
