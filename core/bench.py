@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import typer
@@ -203,10 +203,15 @@ def _peft_step_seconds(base: BaseModel, config: TrainingConfig, steps: int) -> f
 
 
 def bench_training(base: BaseModel, steps: int, users: int, personalise_samples: int, time_budget_s: float) -> dict:
-    config = TrainingConfig(prefix=PrefixConfig(prefix_len=16), max_steps=steps, batch_size=4, eval_every=10**6)
+    # PEFT has no preservation term: the like-for-like step has it off; its cost is reported apart.
+    config = TrainingConfig(
+        prefix=PrefixConfig(prefix_len=16), max_steps=steps, batch_size=4, eval_every=10**6, preservation_weight=0.0
+    )
     ours = _train_step_seconds(base, [UserData("u0", _samples(40, "u0"))], config)
+    preserving = _train_step_seconds(base, [UserData("u0", _samples(40, "u0"))], replace(config, preservation_weight=0.5))
     peft = _peft_step_seconds(base, config, steps)
-    multi_cfg = TrainingConfig(prefix=PrefixConfig(prefix_len=16), max_steps=3, batch_size=2, eval_every=10**6)
+    # Compute only: with the preservation term on, each sequential job would also sample its own anchors.
+    multi_cfg = replace(config, max_steps=3, batch_size=2)
     group = [UserData(f"u{i}", _samples(20, f"u{i}")) for i in range(users)]
     together = _timed(lambda: train_prefixes(base, group, multi_cfg) and 1).seconds
     sequential = _timed(lambda: [train_prefixes(base, [u], multi_cfg) for u in group] and 1).seconds
@@ -216,6 +221,8 @@ def bench_training(base: BaseModel, steps: int, users: int, personalise_samples:
         "step_seconds_ours": round(ours, 3),
         "step_seconds_peft": round(peft, 3) if isinstance(peft, float) else peft,
         "ours/peft (goal <= 1.0)": round(ours / peft, 3) if isinstance(peft, float) else None,
+        "step_seconds_ours_with_preservation": round(preserving, 3),
+        "with/without preservation": round(preserving / ours, 3),
         f"multi_user_{users}_batched_seconds": round(together, 2),
         f"sequential_{users}_jobs_seconds": round(sequential, 2),
         "batched/sequential": round(together / sequential, 3),
