@@ -53,12 +53,9 @@ def sample_anchors(base: BaseModel, count: int, length: int, seed: int) -> Ancho
             min_new_tokens=length,
             pad_token_id=tokenizer.pad_token_id,
         )
-    examples, log_probs = [], []
-    for row in sampled.tolist():
-        examples.append(Example(row, list(row)))
-        logits = base.model(input_ids=torch.tensor([row], device=base.device)).logits[0, :-1].float()
-        log_probs.append(F.log_softmax(logits, dim=-1))
-    return Anchors(examples, log_probs)
+    # Every anchor has exactly 1 + `length` tokens (min_new_tokens): one unpadded forward scores all.
+    log_probs = F.log_softmax(base.model(input_ids=sampled).logits[:, :-1].float(), dim=-1)
+    return Anchors([Example(row, list(row)) for row in sampled.tolist()], list(log_probs))
 
 
 def kl_from_base(hidden: torch.Tensor, base: BaseModel, base_log_probs: torch.Tensor) -> torch.Tensor:

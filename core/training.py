@@ -295,7 +295,8 @@ def _train_step(base: BaseModel, runs: list[_UserRun], config: TrainingConfig, a
     prefixes = [run.encoder() for run in runs]
     all_rows = rows + [anchors.examples[k] for _, k in picked]  # (picked is empty without anchors)
     hidden, labels = _hidden_states(base, all_rows, [prefixes[o] for o in owners] + [prefixes[o] for o, _ in picked])
-    per_user, counts = _per_user_mean(_scored_losses(base, hidden[: len(rows)], labels[: len(rows)]), owners, len(runs))
+    token_sums, token_counts = _row_sums(*_scored_losses(base, hidden[: len(rows)], labels[: len(rows)]))
+    per_user, counts = _per_user_mean(token_sums, token_counts, owners, len(runs))
     objective = per_user
     if anchors is not None:
         kl = torch.stack([
@@ -352,10 +353,8 @@ def _mean_loss_over(base, runs, prefix_of, chunk: int) -> list[float]:
     return (sums / counts.clamp(min=1)).tolist()
 
 
-def _per_user_mean(losses_and_scored, owners, n_users):
-    """(per-user token-mean loss (U,), per-user scored token counts (U,)) from per-position losses."""
-    losses, scored = losses_and_scored
-    token_sums, token_counts = losses.sum(dim=1), scored.sum(dim=1).float()
+def _per_user_mean(token_sums, token_counts, owners, n_users):
+    """(per-user token-mean loss (U,), per-user scored token counts (U,)) from per-row sums."""
     index = torch.tensor(owners, device=token_sums.device)
     sums = torch.zeros(n_users, device=token_sums.device).index_add(0, index, token_sums)
     counts = torch.zeros(n_users, device=token_sums.device).index_add(0, index, token_counts)
@@ -399,7 +398,11 @@ def _scored_losses(base: BaseModel, hidden: torch.Tensor, labels: torch.Tensor):
 
 
 def _token_loss_sums(base, rows, row_prefixes):
-    losses, scored = token_losses(base, rows, row_prefixes)
+    return _row_sums(*token_losses(base, rows, row_prefixes))
+
+
+def _row_sums(losses: torch.Tensor, scored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: summed token loss and number of scored tokens."""
     return losses.sum(dim=1), scored.sum(dim=1).float()
 
 

@@ -6,24 +6,8 @@ from typing import Optional
 
 import typer
 
-from core.evaluation.runner import METHODS, SWEEPS, EvalSpec, run_evaluation
+from core.evaluation.runner import METHODS, SWEEPS, EvalSpec, parse_values, run_evaluation
 from core.training import TrainingConfig
-
-
-def parse_values(texts: list[str]) -> list:
-    """["4", "8"] -> [4, 8]; ["0", "0.5"] -> [0, 0.5]; ["true"] -> [True]; anything else stays text."""
-    return [_value(v.strip()) for v in texts]
-
-
-def _value(text: str):
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def run(

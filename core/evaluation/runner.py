@@ -224,7 +224,7 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, base: BaseModel | None
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     torch.manual_seed(spec.seed)
-    sweep_names(spec)  # a typo fails now, not after an hour of training
+    sweeps = sweep_names(spec)  # a typo fails now, not after an hour of training
     users = load_users(spec, out)
     base = base or load_base_model(spec.base_model)
     sets = eval_sets(base, users, spec.max_seq_len)
@@ -266,7 +266,7 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, base: BaseModel | None
             evaluated["overall"]["artifact_bytes"] = next(iter(train_metrics.values()))["artifact_bytes"]
             results["methods"][name] = evaluated
             del scorer
-        for sweep, values in sweep_names(spec):
+        for sweep, values in sweeps:
             results.setdefault("sweeps", []).append(
                 run_sweep(base, spec, sweep, values, users, sets, general, results, bar)
             )
@@ -288,8 +288,6 @@ SWEPT_FIELDS = {
 def sweep_names(spec: EvalSpec) -> list[tuple[str, list]]:
     """The sweeps of `spec.sweep` with their values: one sweep or a comma list, each optionally
     with its own values ("prefix_len=4/16/32,init"); one main run serves them all."""
-    from core.evaluation.cli import parse_values
-
     sweeps = []
     for item in (part.strip() for part in (spec.sweep or "").split(",")):
         if not item:
@@ -304,6 +302,22 @@ def sweep_names(spec: EvalSpec) -> list[tuple[str, list]]:
             raise ValueError("--sweep-values goes with one sweep only; give several as name=v1/v2")
         sweeps = [(sweeps[0][0], list(spec.sweep_values))]
     return [(name, values or SWEEPS[name]) for name, values in sweeps]
+
+
+def parse_values(texts: list[str]) -> list:
+    """["4", "8"] -> [4, 8]; ["0", "0.5"] -> [0, 0.5]; ["true"] -> [True]; anything else stays text."""
+    return [_value(v.strip()) for v in texts]
+
+
+def _value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _shareable(spec: dict) -> dict:

@@ -80,7 +80,7 @@ class JobLease:
     def release(self) -> None:
         """Stop renewing (before the holder's last write, which ends the lease)."""
         self._stopped.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
+        if self._thread.is_alive():
             self._thread.join(self.interval + 5)
 
     def renew(self) -> bool:
