@@ -7,12 +7,7 @@ and rows, checked directly in the store and the database.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,57 +17,35 @@ from sqlalchemy import func, select
 from core.db import ApiKey, Job, PrefixVersion, Sample, User
 from core.db.migrate import upgrade_to_head
 from core.storage import sha256_hex
-from tests.support.api import ADMIN, ADMIN_KEY, SAMPLES, api_client
-from tests.support.processes import settings_from_env
+from tests.support.api import ADMIN, SAMPLES, api_client
+from tests.support.processes import distributed_env as distributed_env_for
+from tests.support.processes import end, settings_from_env, spawn_train_worker
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 240
 
 
 @pytest.fixture
-def distributed_env(postgres_url: str, redis_url: str, s3_server, tmp_path: Path) -> dict[str, str]:
+def distributed_env(postgres_url: str, redis_url: str, s3_server) -> dict[str, str]:
     upgrade_to_head(postgres_url)
-    return {
-        "STEER_DATABASE_URL": postgres_url,
-        "STEER_REDIS_URL": redis_url,
-        **s3_server.settings_env(bucket=f"e2e-{uuid.uuid4().hex[:8]}"),
-        "STEER_ADMIN_KEY": ADMIN_KEY,
-        "STEER_BASE_MODEL": "tiny",
-        "STEER_DEVICE": "cpu",
-        # The model cache (the tokenizer of the tiny model) lives in the normal data dir.
-        "STEER_DATA_DIR": str(Path(os.environ.get("STEER_DATA_DIR", "~/.steer")).expanduser()),
-        "STEER_TRAIN_MAX_STEPS_DEFAULT": "3",
-        "STEER_TRAIN_BATCH_SIZE_DEFAULT": "2",
-        "STEER_TRAIN_PREFIX_LEN_DEFAULT": "2",
-        "STEER_TRAIN_MAX_SEQ_LEN": "64",
-        "STEER_ENV_FILE": "",
-    }
+    return distributed_env_for(
+        postgres_url, redis_url, s3_server, "e2e",
+        STEER_TRAIN_MAX_STEPS_DEFAULT="3",
+        STEER_TRAIN_BATCH_SIZE_DEFAULT="2",
+        STEER_TRAIN_PREFIX_LEN_DEFAULT="2",
+        STEER_TRAIN_MAX_SEQ_LEN="64",
+    )
 
 
 @pytest.fixture
 def celery_worker(distributed_env: dict[str, str], tmp_path: Path) -> Iterator[Path]:
     """A real `celery worker` process on queue `train`; yields the path of its log."""
     log_path = tmp_path / "worker.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STEER_")}
-    env.update(distributed_env)
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-             "--queues", "train", "--concurrency", "1", "--loglevel", "INFO", "--without-heartbeat",
-             "--without-gossip", "--without-mingle"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+    process = spawn_train_worker(distributed_env, log_path)
     try:
         yield log_path
     finally:
-        # Our own process group: the worker and its pool child.
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        end(process)
 
 
 def _wait_for_job(client, job_id: str, worker_log: Path) -> dict:

@@ -38,7 +38,7 @@ from core.service.context import build_context
 from core.service.registry import active_prefix
 from tests.support.api import ADMIN, SAMPLES, api_client, tiny_base_model
 from tests.support.inference import ServerThread, build_app, create_user, publish_random_prefix
-from tests.support.processes import distributed_env, end, settings_from_env, spawn
+from tests.support.processes import distributed_env, end, settings_from_env, spawn, spawn_train_worker
 from tests.support.seaweed import flip_a_byte
 from tests.support.services import PrivatePostgres, PrivateRedis
 
@@ -102,11 +102,7 @@ def test_training_worker_killed_at_any_point_loses_no_job_and_leaves_no_orphan(p
             (crash_dir / body.json()["job"]["id"]).write_text(point)
         # The worker starts only now, so every plan is in place before its job can run.
         log_path = tmp_path / "worker.log"
-        worker = spawn(
-            ["-m", "celery", "-A", "workers.celery_app", "worker", "--queues", "train", "--concurrency", "3",
-             "--loglevel", "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle"],
-            {**private_services, "STEER_TEST_CRASH_DIR": str(crash_dir)}, log_path,
-        )
+        worker = spawn_train_worker({**private_services, "STEER_TEST_CRASH_DIR": str(crash_dir)}, log_path, concurrency=3)
         started = time.monotonic()
         try:
             final = _wait_until_finished(client, list(jobs), log_path)
@@ -162,11 +158,7 @@ def _wait_until_finished(client, job_ids: list[str], log_path: Path, timeout_s: 
 
 def _train_worker(env: dict[str, str], log_path: Path, crash_dir: Path | None = None) -> subprocess.Popen:
     extra = {"STEER_TEST_CRASH_DIR": str(crash_dir)} if crash_dir else {}
-    return spawn(
-        ["-m", "celery", "-A", "workers.celery_app", "worker", "--queues", "train", "--concurrency", "1",
-         "--loglevel", "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle"],
-        {**env, **extra}, log_path,
-    )
+    return spawn_train_worker({**env, **extra}, log_path)
 
 
 def _assert_store_matches_index(ctx) -> list[PrefixVersion]:

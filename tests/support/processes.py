@@ -48,6 +48,15 @@ def spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Po
         )
 
 
+def spawn_train_worker(env: dict[str, str], log_path: Path, concurrency: int = 1) -> subprocess.Popen:
+    """A real `celery worker` on the `train` queue (prefork: a parent and `concurrency` children)."""
+    return spawn(
+        ["-m", "celery", "-A", "workers.celery_app", "worker", "--queues", "train", "--concurrency", str(concurrency),
+         "--loglevel", "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle"],
+        env, log_path,
+    )
+
+
 def end(process: subprocess.Popen) -> None:
     """SIGTERM the process group (a Celery worker's children too), SIGKILL if it lingers."""
     if process.poll() is None:
