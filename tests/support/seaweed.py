@@ -30,6 +30,7 @@ PORT_RANGE = (20000, 44999)
 # -admin.port.grpc says; keep the two consistent so the worker does not log failures forever.
 ADMIN_GRPC_OFFSET = 10000
 STOP_TIMEOUT_S = 15.0
+READY_PROBE_BUCKET = "steer-ready-probe"  # tests list their own buckets only, never this one
 
 
 def find_weed_binary() -> str:
@@ -105,6 +106,7 @@ class SeaweedServer:
         self.secret_key = secrets.token_urlsafe(30)
         self.ports = SeaweedPorts.pick()
         self.process: subprocess.Popen[bytes] | None = None
+        self._probe_written = False
         self._write_s3_config()
 
     @property
@@ -203,8 +205,10 @@ class SeaweedServer:
             raise
 
     def _wait_until_ready(self, timeout_s: float) -> None:
-        """Ready means: an authenticated S3 request succeeds, not just that the port is open
-        (the S3 gateway accepts connections before the filer behind it is up)."""
+        """Ready means the data path works, not just that a port is open: the S3 gateway accepts
+        connections before the filer is up, and after a restart the filer lists buckets while
+        reads still fail with 500 until the volume server has re-registered with the master.
+        So: write an object and read back one written at the first start."""
         from minio import Minio
 
         client = Minio(
@@ -220,7 +224,7 @@ class SeaweedServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.ports.s3), timeout=1):
                     pass
-                client.list_buckets()
+                self._probe_data_path(client)
                 return
             except Exception as exc:  # noqa: BLE001 - any failure just means "not yet"
                 last_error = exc
@@ -228,6 +232,23 @@ class SeaweedServer:
         raise TimeoutError(
             f"SeaweedFS S3 not ready after {timeout_s}s ({last_error}):\n{self.output_tail()}"
         )
+
+    def _probe_data_path(self, client) -> None:
+        import io
+
+        if not client.bucket_exists(READY_PROBE_BUCKET):
+            client.make_bucket(READY_PROBE_BUCKET)
+        for key in ("written-at-first-start", "written-now"):
+            if key == "written-now" or not self._probe_written:
+                client.put_object(READY_PROBE_BUCKET, key, io.BytesIO(b"ok"), length=2)
+            response = client.get_object(READY_PROBE_BUCKET, key)
+            try:
+                if response.read() != b"ok":
+                    raise RuntimeError(f"probe object {key} read back wrong")
+            finally:
+                response.close()
+                response.release_conn()
+        self._probe_written = True
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it does not exit in time; data is kept for a restart."""
