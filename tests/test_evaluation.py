@@ -146,10 +146,12 @@ def test_tiny_evaluation_writes_json_markdown_and_charts_with_per_user_numbers(t
     points = results["sweeps"][0]["points"]
     assert [p["value"] for p in points] == [2, 4]
     assert all(p["ratio_general"] > 0 for p in points)
+    assert all(0 <= p["attribution_accuracy"] <= 1 and 0 <= p["attribution_accuracy_calibrated"] <= 1 for p in points)
     # The point equal to the main run (prefix_len 4) reuses its numbers instead of training again.
     main = saved["methods"]["prefix"]["overall"]
     assert points[1]["ppl_plain"] == pytest.approx(main["ppl_plain"])
     assert points[1]["ratio_general"] == pytest.approx(main["ppl_general"] / saved["base"]["ppl_general"])
+    assert points[1]["attribution_accuracy"] == main["attribution_accuracy"]
 
 
 def test_sweeps_and_their_values_on_the_command_line_keep_their_types():
@@ -159,6 +161,7 @@ def test_sweeps_and_their_values_on_the_command_line_keep_their_types():
         ("prefix_len", [4, 16]), ("init", SWEEPS["init"]), ("preservation", [0, 0.5])
     ]
     assert sweep_names(EvalSpec(sweep="reparam=true/False")) == [("reparam", [True, False])]
+    assert sweep_names(EvalSpec(sweep="separation")) == [("separation", SWEEPS["separation"])]
     assert sweep_names(EvalSpec(sweep="prefix_len", sweep_values=[8])) == [("prefix_len", [8])]
     with pytest.raises(ValueError, match="unknown sweep"):
         sweep_names(EvalSpec(sweep="prefix_len,learning_rat"))

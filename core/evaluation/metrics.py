@@ -168,23 +168,3 @@ def _confusion_table(users: list[str], confusion: torch.Tensor) -> dict:
 
 def _accuracy(predicted: torch.Tensor, user_index: int) -> float:
     return float((predicted == user_index).double().mean()) if len(predicted) else float("nan")
-
-
-def heldout_ppl(scorer: Scorer, sets: list[UserEvalSet], **kw) -> dict[str, dict[str, float]]:
-    """Own-adaptation held-out perplexity per user, plain and chat (the cheap metric used by sweeps)."""
-    out = {}
-    for s in sets:
-        plain = [ex for chunks in s.plain for ex in chunks]
-        ps, pc = score_rows(scorer, plain, [s.user] * len(plain), **kw)
-        cs, cc = score_rows(scorer, s.chat, [s.user] * len(s.chat), **kw)
-        out[s.user] = {"ppl_plain": ppl(ps.sum(), pc.sum()), "ppl_chat": ppl(cs.sum(), cc.sum())}
-    return out
-
-
-def general_ppl(scorer: Scorer, users: list[str], general: list[Example], **kw) -> dict[str, float]:
-    """Perplexity of the general (not-by-the-user) text with each user's adaptation attached."""
-    out = {}
-    for user in users:
-        sums, counts = score_rows(scorer, general, [user] * len(general), **kw)
-        out[user] = ppl(sums.sum(), counts.sum())
-    return out

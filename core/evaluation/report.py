@@ -77,13 +77,14 @@ def markdown(results: dict, charts: dict[str, str]) -> str:
     for sweep in results.get("sweeps", []):
         lines += [
             "", f"## Sweep: {sweep['name']}", "",
-            "| value | method | train samples/user | ppl plain | ppl chat | general ppl ratio | train s/user |",
-            "|---|---|---|---|---|---|---|",
+            "| value | method | train samples/user | ppl plain | ppl chat | attribution (calibrated) | general ppl ratio | train s/user |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for p in sweep["points"]:
+            attribution = f"{_f(p.get('attribution_accuracy'), 2)} ({_f(p.get('attribution_accuracy_calibrated'), 2)})"
             lines.append(
                 f"| {p['value']} | {p['method']} | {_f(p['train_samples'], 1)} | {_f(p['ppl_plain'], 2)} | "
-                f"{_f(p['ppl_chat'], 2)} | {_f(p.get('ratio_general'))} | {_f(p['train_seconds_per_user'], 1)} |"
+                f"{_f(p['ppl_chat'], 2)} | {attribution} | {_f(p.get('ratio_general'))} | {_f(p['train_seconds_per_user'], 1)} |"
             )
     if charts:
         lines += ["", "## Charts", ""] + [f"![{k}]({v})" for k, v in sorted(charts.items())]

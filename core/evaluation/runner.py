@@ -23,8 +23,6 @@ from core.evaluation.metrics import (
     UserEvalSet,
     evaluate_base,
     evaluate_method,
-    general_ppl,
-    heldout_ppl,
     rows_needed,
 )
 from core.model import BaseModel, load_base_model
@@ -38,6 +36,7 @@ SWEEPS = {
     "init": ["random", "activations"],
     "reparam": [True, False],
     "preservation": [0.0, 0.5, 2.0],
+    "separation": [0.0, 1.0, 4.0],
 }
 # Paragraphs from other eras than the usual evaluation users: "general text not by that user".
 GENERAL_PRESIDENTS = ("Obama", "Reagan", "Kennedy", "Carter", "Washington", "Jefferson")
@@ -73,6 +72,8 @@ class EvalSpec:
     lr_lora: float = 2e-3
     preservation_weight: float = TrainingConfig.preservation_weight
     """KL-to-base weight of the prefix method (core/preservation.py); 0: off."""
+    separation_weight: float = TrainingConfig.separation_weight
+    """Weight of the prefix method's term that separates users of one job (core/training.py); 0: off."""
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     sweep: str | None = None
     sweep_values: list | None = None
@@ -95,6 +96,7 @@ class EvalSpec:
             formats=(FORMAT_PLAIN, FORMAT_CHAT),
             seed=self.seed,
             preservation_weight=self.preservation_weight,
+            separation_weight=self.separation_weight,
         )
 
 
@@ -282,6 +284,7 @@ SWEPT_FIELDS = {
     "init": "init",
     "reparam": "reparameterize",
     "preservation": "preservation_weight",
+    "separation": "separation_weight",
 }
 
 
@@ -332,8 +335,8 @@ def _shareable(spec: dict) -> dict:
 def run_sweep(
     base, spec: EvalSpec, sweep: str, values: list, users, sets, general, results: dict, bar: _Bar
 ) -> dict:
-    """Held-out perplexity (own adaptation, plain and chat) and general-text perplexity (knowledge
-    preservation) as one setting varies: the trade-off a default has to pick a point on.
+    """Held-out perplexity (own adaptation, plain and chat), attribution and general-text perplexity
+    (knowledge preservation) as one setting varies: the trade-offs a default has to pick a point on.
 
     The samples sweep trains every requested method (the low-data comparison); the others only
     prefixes. A point equal to the main run's setting reuses its numbers instead of training again.
@@ -356,16 +359,19 @@ def run_sweep(
         for name in methods:
             main = results["methods"].get(name)
             if same_as_main and main is not None:
-                per_user = {u: {k: m[k] for k in ("ppl_plain", "ppl_chat", "ppl_general")} for u, m in main["per_user"].items()}
-                seconds = main["overall"]["train_seconds_per_user"]
+                evaluated = main
             else:
                 scorer, train_metrics = train_method(base, name, variant, cut, bar, [])
-                bar.phase(f"sweep {sweep}={value} {name}", 1)
-                per_user = heldout_ppl(scorer, sets)
-                for user, ppl_general in general_ppl(scorer, list(per_user), general).items():
-                    per_user[user]["ppl_general"] = ppl_general
-                bar.advance()
-                seconds = sum(m["train_seconds"] for m in train_metrics.values()) / len(train_metrics)
+                bar.phase(f"sweep {sweep}={value} {name}", rows_needed(sets, general, list(cut)))
+                evaluated = evaluate_method(scorer, sets, general, results["base"], on_chunk=bar.advance)
+                evaluated["overall"]["train_seconds_per_user"] = sum(
+                    m["train_seconds"] for m in train_metrics.values()
+                ) / len(train_metrics)
+                del scorer
+            per_user = {
+                u: {k: m[k] for k in ("ppl_plain", "ppl_chat", "ppl_general")} for u, m in evaluated["per_user"].items()
+            }
+            overall = evaluated["overall"]
             points.append({
                 "value": value,
                 "method": name,
@@ -374,6 +380,8 @@ def run_sweep(
                 "ppl_plain": sum(p["ppl_plain"] for p in per_user.values()) / len(per_user),
                 "ppl_chat": sum(p["ppl_chat"] for p in per_user.values()) / len(per_user),
                 "ratio_general": sum(p["ppl_general"] for p in per_user.values()) / len(per_user) / base_general,
-                "train_seconds_per_user": seconds,
+                "attribution_accuracy": overall["attribution_accuracy"],
+                "attribution_accuracy_calibrated": overall["attribution_accuracy_calibrated"],
+                "train_seconds_per_user": overall["train_seconds_per_user"],
             })
     return {"name": sweep, "points": points}
