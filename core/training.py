@@ -331,11 +331,10 @@ def _train_step(
         per_row = _separation(token_sums, rival_sums, token_counts, config.separation_margin)
         objective = objective + config.separation_weight * _per_user_mean(per_row, torch.ones_like(per_row), owners, len(runs))[0]
     if anchors is not None:
-        kl = torch.stack([
-            kl_from_base(hidden[len(rows) + j, : len(anchors.examples[k].input_ids)], base, anchors.log_probs[k])
-            for j, (_, k) in enumerate(picked)
-        ])
-        objective = per_user + config.preservation_weight * kl
+        anchor_len = len(anchors.examples[0].input_ids)  # all anchors have one length
+        anchor_hidden = hidden[len(rows) : len(rows) + len(picked), :anchor_len]
+        kl = kl_from_base(anchor_hidden, base, anchors.log_probs[torch.tensor([k for _, k in picked])])
+        objective = objective + config.preservation_weight * kl
         for (index, _), value in zip(picked, kl.detach().tolist()):
             runs[index].last_kl = value
     for run in runs:

@@ -3,6 +3,7 @@ users' prefixes of the same job do (what attribution asks of a prefix)."""
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from core.data import FORMAT_PLAIN, build_examples
@@ -21,7 +22,8 @@ def _config(**overrides) -> TrainingConfig:
     values = dict(
         prefix=PrefixConfig(prefix_len=4, embedding_dim=16, hidden_dim=32),
         learning_rate=3e-2, max_steps=16, batch_size=3, max_seq_len=48, eval_every=4, patience=100,
-        warmup_steps=1, seed=3, preservation_weight=0.0, formats=(FORMAT_PLAIN,),
+        warmup_steps=1, seed=3, preservation_weight=0.0, preservation_anchors=4, preservation_len=16,
+        formats=(FORMAT_PLAIN,),
     )
     values.update(overrides)
     return TrainingConfig(**values)
@@ -43,10 +45,12 @@ def _gaps(base, trained) -> list[float]:
     ]
 
 
-def test_separation_tells_the_users_of_a_job_apart_on_unseen_text(tiny):
+@pytest.mark.parametrize("preservation_weight", [0.0, 1.0])
+def test_separation_tells_the_users_of_a_job_apart_on_unseen_text(tiny, preservation_weight):
     users = [UserData("alice", ALICE), UserData("bob", BOB)]
-    plain = _gaps(tiny, train_prefixes(tiny, users, _config()))
-    separated = train_prefixes(tiny, users, _config(separation_weight=4.0, separation_margin=1.0))
+    base_config = _config(preservation_weight=preservation_weight)  # the two terms add up
+    plain = _gaps(tiny, train_prefixes(tiny, users, base_config))
+    separated = train_prefixes(tiny, users, replace(base_config, separation_weight=4.0, separation_margin=1.0))
     apart = _gaps(tiny, separated)
     assert all(a > p + 0.05 for a, p in zip(apart, plain)), (plain, apart)
     # ... and each user still learned their own text.
