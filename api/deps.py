@@ -36,7 +36,7 @@ ContextDep = Annotated[ServiceContext, Depends(get_context)]
 
 def get_base_model_id(ctx: ContextDep) -> str:
     """The served base model's id, as `/v1/models` and `fine_tuned_model` spell it."""
-    return ctx.base_model().model_id
+    return ctx.model_card().model_id
 
 
 BaseModelIdDep = Annotated[str, Depends(get_base_model_id)]

@@ -51,6 +51,18 @@ class PrefixGeometry:
         return self.num_layers * 2 * self.num_kv_heads * prefix_len * self.head_dim
 
 
+@dataclass(frozen=True)
+class ModelCard:
+    """What a process that only routes requests needs of the base model, without its weights:
+    the API process of the distributed mode tokenizes, checks context lengths and names models,
+    while the inference and training workers hold the weights."""
+
+    model_id: str
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: str
+    max_context: int
+
+
 @dataclass
 class BaseModel:
     """A frozen causal LM plus what the engine needs to know about it."""
@@ -80,13 +92,20 @@ class BaseModel:
 
     @property
     def max_context(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+        return _max_context(self.model.config)
+
+    def card(self) -> ModelCard:
+        return ModelCard(self.model_id, self.tokenizer, self.fingerprint, self.max_context)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+def _max_context(config) -> int:
+    return int(getattr(config, "max_position_embeddings", 2048))
 
 
 def geometry_of(config) -> PrefixGeometry:
@@ -213,7 +232,7 @@ def load_base_model(
     fingerprint = None
     if name in (SMOLLM2, TINY):
         directory = _cached_smollm2_dir(cache_root)
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        tokenizer = _tokenizer(directory)
         if name == TINY:
             model, model_id = tiny_model(tokenizer), TINY_MODEL_ID
         else:
@@ -224,11 +243,9 @@ def load_base_model(
         directory = Path(name).expanduser()
         if not (directory / "config.json").is_file():
             raise ModelLoadError(f"base model {name!r} is neither 'smollm2', 'tiny' nor a model directory")
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        tokenizer = _tokenizer(directory)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
         model_id = directory.name
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     # The fingerprint is of the fp32 weights as stored, so a prefix trained on a GPU in bf16 still
     # binds to the same base as one served on a CPU in fp32.
     fingerprint = fingerprint or weights_fingerprint(model)
@@ -242,3 +259,26 @@ def load_base_model(
         fingerprint=fingerprint,
         geometry=geometry_of(model.config),
     )
+
+
+def _tokenizer(directory: Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_card(name: str = SMOLLM2, *, cache_root: Path | None = None) -> ModelCard:
+    """The card of the base model `load_base_model(name)` would load, reading no weights where the
+    cache allows: for the bundled model, the tokenizer, config and recorded fingerprint of its
+    cached copy (made on first use). Other models need their weights hashed once, so they are
+    loaded for that and dropped."""
+    if name != SMOLLM2:
+        return load_base_model(name, device="cpu", dtype="float32", cache_root=cache_root).card()
+    from transformers import AutoConfig
+
+    directory = _cached_smollm2_dir(cache_root or default_cache_root())
+    tokenizer = _tokenizer(directory)
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    fingerprint = json.loads((directory / _FINGERPRINT_FILE).read_text())["fingerprint"]
+    return ModelCard(SMOLLM2_MODEL_ID, tokenizer, fingerprint, _max_context(config))

@@ -33,6 +33,23 @@ def test_prefix_kv_of_real_text_equals_feeding_the_text_on_smollm2(smollm2):
     _prefix_of_text_equals_text(smollm2)
 
 
+@pytest.mark.slow
+def test_the_model_card_of_smollm2_matches_the_loaded_model_without_loading_weights(smollm2, monkeypatch):
+    import core.model
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("weights loaded for a model card")
+
+    monkeypatch.setattr(core.model.AutoModelForCausalLM, "from_pretrained", refuse)
+    card = core.model.load_model_card("smollm2")
+    assert (card.model_id, card.fingerprint, card.max_context) == (
+        smollm2.model_id, smollm2.fingerprint, smollm2.max_context
+    )
+    text = "Dear Sir, the State of the Union is strong."
+    assert card.tokenizer(text).input_ids == smollm2.tokenizer(text).input_ids
+    assert card.tokenizer.pad_token_id == smollm2.tokenizer.pad_token_id is not None
+
+
 def test_prefix_shape_is_per_kv_head(tiny):
     kv = kv_from_text(tiny, text_ids(tiny.tokenizer, CONTEXT)[:5])
     g = tiny.geometry

@@ -70,8 +70,8 @@ def start_worker(env: dict[str, str]) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def service(env):
     settings = Settings(**{k.removeprefix("STEER_").lower(): v for k, v in env.items()})
-    base = load_base_model("tiny", device="cpu", dtype="float32")
-    ctx = build_context(settings, base_model=base)
+    base = load_base_model("tiny", device="cpu", dtype="float32")  # the test's own copy, to compare with
+    ctx = build_context(settings)  # as `steer serve` builds it: the API loads what it needs itself
     users = {name: create_user(ctx, name) for name in ("dist-alice", "dist-bob")}
     for seed, user in enumerate(users.values(), start=1):
         publish_random_prefix(ctx, base, user, seed=seed)
@@ -122,6 +122,10 @@ def test_users_and_base_model_through_redis_and_a_worker_process(service):
     )
     assert base_reply.choices[0].message.content == direct(base, ctx, None)
     assert len({*texts.values(), base_reply.choices[0].message.content}) == 3
+    # Tokenizing, context checks and model ids came from the model card: the API process of the
+    # distributed mode never loaded the weights.
+    assert not ctx.base_model_loaded
+    assert ctx.model_card().fingerprint == base.fingerprint
 
 
 def test_another_users_model_is_404_before_reaching_the_workers(service):

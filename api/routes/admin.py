@@ -20,7 +20,7 @@ def retrain(
 ) -> FineTuningJobList:
     """Retrain a list of users, all users, or users whose prefix is older than `trained_before`
     or was trained on another base model, as batched jobs of `users_per_job` users each."""
-    other_fingerprint = ctx.base_model().fingerprint if body.other_base_model else None
+    other_fingerprint = ctx.model_card().fingerprint if body.other_base_model else None
     selection = RetrainSelection(
         user_ids=body.user_ids,
         all_users=body.all,
@@ -29,5 +29,5 @@ def retrain(
     )
     jobs = create_retrain_jobs(session, selection, body.hyperparameters, body.users_per_job)
     commit_and_dispatch(session, dispatcher, jobs)
-    base_model_id = ctx.base_model().model_id
+    base_model_id = ctx.model_card().model_id
     return FineTuningJobList(data=[job_object(job, base_model_id) for job in jobs], has_more=False)

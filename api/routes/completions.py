@@ -60,7 +60,7 @@ async def _serving(app: FastAPI) -> AsyncIterator[None]:
     ctx = app.state.ctx
     completer = getattr(app.state, "completer", None)
     if completer is None:
-        completer = build_completer(ctx.settings, ctx.base_model(), ctx.store)
+        completer = build_completer(ctx.settings, ctx.base_model, ctx.store)
         app.state.completer = completer
     registry = getattr(app.state, "metrics_registry", None)
     if registry is not None:
@@ -95,7 +95,7 @@ _DISCONNECT_POLL_S = 0.25
 @router.get("/models")
 async def list_models(request: Request, caller: CallerDep) -> ModelList:
     context = get_context(request)
-    base = context.base_model()
+    base = context.model_card()
 
     def query():
         with context.session_factory() as session:
@@ -112,7 +112,7 @@ async def list_models(request: Request, caller: CallerDep) -> ModelList:
 )
 async def chat_completions(request: Request, caller: CallerDep):
     body: ChatCompletionBody = parse_body(ChatCompletionBody, await _json(request))
-    base = get_context(request).base_model()
+    base = get_context(request).model_card()
     params = body.sampling(DEFAULT_MAX_TOKENS, base.max_context)
     try:
         prompt_ids = chat_prompt_ids(base.tokenizer, body.plain_messages())
@@ -129,7 +129,7 @@ async def chat_completions(request: Request, caller: CallerDep):
 )
 async def completions(request: Request, caller: CallerDep):
     body: CompletionBody = parse_body(CompletionBody, await _json(request))
-    base = get_context(request).base_model()
+    base = get_context(request).model_card()
     params = body.sampling(DEFAULT_COMPLETION_MAX_TOKENS, base.max_context)
     prompt = body.prompt_text_or_ids()
     prompt_ids = text_ids(base.tokenizer, prompt) if isinstance(prompt, str) else prompt
@@ -151,7 +151,7 @@ async def _resolve(request: Request, caller: Caller, model: str):
 
     def resolve():
         with context.session_factory() as session:
-            return catalog.resolve_model(session, caller, model, context.base_model().model_id)
+            return catalog.resolve_model(session, caller, model, context.model_card().model_id)
 
     return await run_in_threadpool(resolve)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from core.config import Settings
 from core.inference.completer import Completer, InProcessCompleter
 from core.inference.engine import InferenceEngine
@@ -18,8 +20,9 @@ def build_engine(settings: Settings, base: BaseModel, store: BlobStore) -> Infer
     return InferenceEngine(base, cache, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue)
 
 
-def build_completer(settings: Settings, base: BaseModel, store: BlobStore) -> Completer:
-    """Embedded mode: an in-process engine. Distributed mode: jobs go to `steer worker infer` via Redis."""
+def build_completer(settings: Settings, load_base: Callable[[], BaseModel], store: BlobStore) -> Completer:
+    """Embedded mode: an in-process engine. Distributed mode: jobs go to `steer worker infer` via
+    Redis, and the base model is never loaded here (`load_base` is not called)."""
     if settings.redis_url is None:
-        return InProcessCompleter(build_engine(settings, base, store))
+        return InProcessCompleter(build_engine(settings, load_base(), store))
     return RedisCompleter(settings.redis_url, settings.max_queue)

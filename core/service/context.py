@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
 from core.db import make_engine, make_session_factory
-from core.model import BaseModel, load_base_model
+from core.model import BaseModel, ModelCard, load_base_model, load_model_card
 from core.service.admin_key import admin_key_hashes
 from core.storage import BlobStore, make_blob_store
 
@@ -28,6 +28,7 @@ class ServiceContext:
     admin_key_hashes: frozenset[str] = frozenset()
     """sha256 hex of every key accepted as admin (STEER_ADMIN_KEY, or the embedded key file)."""
     _base_model: BaseModel | None = None
+    _model_card: ModelCard | None = None
     _model_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def base_model(self) -> BaseModel:
@@ -40,6 +41,20 @@ class ServiceContext:
                         s.base_model, device=s.device, dtype=s.dtype, cache_root=s.model_cache_dir
                     )
         return self._base_model
+
+    def model_card(self) -> ModelCard:
+        """Id, tokenizer, fingerprint and context size of the base model. Read off the weights
+        where this process holds them; otherwise loaded without them (the distributed API process
+        never needs the weights: about 0.5 GB of RAM for SmolLM2)."""
+        if self._base_model is not None:
+            return self._base_model.card()
+        with self._model_lock:
+            if self._base_model is not None:
+                return self._base_model.card()
+            if self._model_card is None:
+                s = self.settings
+                self._model_card = load_model_card(s.base_model, cache_root=s.model_cache_dir)
+            return self._model_card
 
     @property
     def base_model_loaded(self) -> bool:
