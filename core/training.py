@@ -61,14 +61,6 @@ class TrainingConfig:
     """How many anchor sequences the base model samples per job (each step uses one per user)."""
     preservation_len: int = 48
     """Tokens per anchor sequence."""
-    separation_weight: float = 0.0
-    """Weight of a margin term that asks each user's prefix to fit the user's own rows better than
-    another user's prefix of the same job does (see `_separation`). It is what attribution needs
-    (telling users apart), but it couples the users of one job: a prefix then also depends on the
-    other users' text, and a multi-user job no longer equals each user alone. Off by default; it
-    has no effect on a job of one user."""
-    separation_margin: float = 0.1
-    """Nats per token by which the own prefix should beat the other user's on the user's rows."""
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -226,7 +218,6 @@ def train_prefixes(
     if config.preservation_weight > 0:
         anchors = sample_anchors(base, config.preservation_anchors, config.preservation_len, config.seed)
     _evaluate(base, runs, config, initial=True)
-    pairing = random.Random(config.seed) if config.separation_weight > 0 and len(runs) > 1 else None
     step = 0
     total_steps = max(r.max_steps for r in runs)
     while True:
@@ -238,12 +229,7 @@ def train_prefixes(
         if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
             break
         step_started = time.monotonic()
-        # Each row of a user meets the prefix of another active user: row slot j of every user is
-        # paired by one random rotation, so each prefix is the rival on exactly one user's row j.
-        rival_shifts = None
-        if pairing is not None and len(active) > 1:
-            rival_shifts = [pairing.randrange(1, len(active)) for _ in range(config.batch_size)]
-        tokens = _train_step(base, active, config, anchors, rival_shifts)
+        tokens = _train_step(base, active, config, anchors)
         step += 1
         if any(r.val and r.steps % config.eval_every == 0 for r in active):
             _evaluate(base, [r for r in active if r.val and r.steps % config.eval_every == 0], config)
@@ -294,47 +280,29 @@ def _train_choosing_prefix_len(base, users, config, on_progress, should_cancel) 
     return chosen
 
 
-def _train_step(
-    base: BaseModel,
-    runs: list[_UserRun],
-    config: TrainingConfig,
-    anchors: Anchors | None = None,
-    rival_shifts: list[int] | None = None,
-) -> int:
-    """One optimizer step for every run in `runs`, from one shared forward/backward pass.
-
-    The batch holds, in order: each user's rows under their own prefix; with preservation on, one
-    anchor row per user; with separation on, each user's rows again, row j under the prefix of the
-    user `rival_shifts[j]` places further on."""
-    rows, owners, slots = [], [], []
+def _train_step(base: BaseModel, runs: list[_UserRun], config: TrainingConfig, anchors: Anchors | None = None) -> int:
+    """One optimizer step for every run in `runs`, from one shared forward/backward pass."""
+    rows, owners = [], []
     for index, run in enumerate(runs):
         batch = run.next_batch(config.batch_size)
         rows.extend(batch)
         owners.extend([index] * len(batch))
-        slots.extend(range(len(batch)))
     picked = []  # (owner, anchor index): one anchor row per user, each user cycling on its own
     if anchors is not None:
         for index, run in enumerate(runs):
             picked.append((index, run.anchor_cursor % len(anchors)))
             run.anchor_cursor += 1
-    rivals = [(o + rival_shifts[j]) % len(runs) for o, j in zip(owners, slots)] if rival_shifts else []
     prefixes = [run.encoder() for run in runs]
-    all_rows = rows + [anchors.examples[k] for _, k in picked] + (rows if rivals else [])
-    row_prefixes = [prefixes[o] for o in owners] + [prefixes[o] for o, _ in picked] + [prefixes[r] for r in rivals]
-    hidden, labels = _hidden_states(base, all_rows, row_prefixes)
+    all_rows = rows + [anchors.examples[k] for _, k in picked]  # (picked is empty without anchors)
+    hidden, labels = _hidden_states(base, all_rows, [prefixes[o] for o in owners] + [prefixes[o] for o, _ in picked])
     token_sums, token_counts = _row_sums(*_scored_losses(base, hidden[: len(rows)], labels[: len(rows)]))
     per_user, counts = _per_user_mean(token_sums, token_counts, owners, len(runs))
     objective = per_user
-    if rivals:
-        rival_start = len(rows) + len(picked)
-        rival_sums, _ = _row_sums(*_scored_losses(base, hidden[rival_start:], labels[rival_start:]))
-        per_row = _separation(token_sums, rival_sums, token_counts, config.separation_margin)
-        objective = objective + config.separation_weight * _per_user_mean(per_row, torch.ones_like(per_row), owners, len(runs))[0]
     if anchors is not None:
         anchor_len = len(anchors.examples[0].input_ids)  # all anchors have one length
         anchor_hidden = hidden[len(rows) : len(rows) + len(picked), :anchor_len]
         kl = kl_from_base(anchor_hidden, base, anchors.log_probs[torch.tensor([k for _, k in picked])])
-        objective = objective + config.preservation_weight * kl
+        objective = per_user + config.preservation_weight * kl
         for (index, _), value in zip(picked, kl.detach().tolist()):
             runs[index].last_kl = value
     for run in runs:
@@ -351,15 +319,6 @@ def _train_step(
         run.tokens += int(counts[index])
         run.last_loss = float(per_user[index].detach())
     return int(counts.sum())
-
-
-def _separation(own_sums: torch.Tensor, rival_sums: torch.Tensor, counts: torch.Tensor, margin: float) -> torch.Tensor:
-    """Per row: how far the own prefix's token-mean loss falls short of beating the rival's by
-    `margin`, hinged at 0. The gradient reaches both prefixes (the own one fits the row better, the
-    rival fits it worse) and stops once a row is separated: a margin, not an unbounded push that
-    would wreck the rival's general ability."""
-    own, rival = own_sums / counts.clamp(min=1), rival_sums / counts.clamp(min=1)
-    return F.relu(margin - (rival - own))
 
 
 @torch.no_grad()

@@ -161,7 +161,6 @@ def test_sweeps_and_their_values_on_the_command_line_keep_their_types():
         ("prefix_len", [4, 16]), ("init", SWEEPS["init"]), ("preservation", [0, 0.5])
     ]
     assert sweep_names(EvalSpec(sweep="reparam=true/False")) == [("reparam", [True, False])]
-    assert sweep_names(EvalSpec(sweep="separation")) == [("separation", SWEEPS["separation"])]
     assert sweep_names(EvalSpec(sweep="prefix_len", sweep_values=[8])) == [("prefix_len", [8])]
     with pytest.raises(ValueError, match="unknown sweep"):
         sweep_names(EvalSpec(sweep="prefix_len,learning_rat"))

@@ -31,10 +31,6 @@ def run(
     preservation: float = typer.Option(
         TrainingConfig.preservation_weight, "--preservation", help="KL-to-base weight of the prefix method (0: off)"
     ),
-    separation: float = typer.Option(
-        TrainingConfig.separation_weight, "--separation",
-        help="weight of the prefix method's term that tells the users of one job apart (0: off)",
-    ),
     sweep: Optional[str] = typer.Option(None, "--sweep", help=f"one or a comma list of {','.join(SWEEPS)}, each optionally with values: prefix_len=4/16/32"),
     sweep_values: Optional[str] = typer.Option(None, "--sweep-values", help="comma list overriding the defaults"),
     out: str = typer.Option("eval-out", "--out"),
@@ -62,7 +58,6 @@ def run(
         lr_prompt=lr_prompt,
         lr_lora=lr_lora,
         preservation_weight=preservation,
-        separation_weight=separation,
         sweep=sweep,
         sweep_values=parse_values(sweep_values.split(",")) if sweep_values else None,
         base_model=base_model,

@@ -36,7 +36,6 @@ SWEEPS = {
     "init": ["random", "activations"],
     "reparam": [True, False],
     "preservation": [0.0, 0.5, 2.0],
-    "separation": [0.0, 1.0, 4.0],
 }
 # Paragraphs from other eras than the usual evaluation users: "general text not by that user".
 GENERAL_PRESIDENTS = ("Obama", "Reagan", "Kennedy", "Carter", "Washington", "Jefferson")
@@ -72,8 +71,6 @@ class EvalSpec:
     lr_lora: float = 2e-3
     preservation_weight: float = TrainingConfig.preservation_weight
     """KL-to-base weight of the prefix method (core/preservation.py); 0: off."""
-    separation_weight: float = TrainingConfig.separation_weight
-    """Weight of the prefix method's term that separates users of one job (core/training.py); 0: off."""
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     sweep: str | None = None
     sweep_values: list | None = None
@@ -96,7 +93,6 @@ class EvalSpec:
             formats=(FORMAT_PLAIN, FORMAT_CHAT),
             seed=self.seed,
             preservation_weight=self.preservation_weight,
-            separation_weight=self.separation_weight,
         )
 
 
@@ -284,7 +280,6 @@ SWEPT_FIELDS = {
     "init": "init",
     "reparam": "reparameterize",
     "preservation": "preservation_weight",
-    "separation": "separation_weight",
 }
 
 
