@@ -25,9 +25,13 @@ from api.deps import CallerDep, get_context
 from api.openapi import errors, event_stream, request_schema
 from api.responses import (
     ChatCompletion,
+    ChatCompletionChoice,
     ChatCompletionChunk,
+    ChatCompletionMessage,
     Completion,
+    CompletionChoice,
     CompletionChunk,
+    CompletionUsage,
     Model,
     ModelList,
 )
@@ -207,7 +211,7 @@ async def _answer(request: Request, caller: Caller, body, job: InferenceJob, *, 
     rows = await _results_unless_disconnected(request, submission)
     if rows is None:
         return JSONResponse({}, status_code=499)  # nobody is listening any more
-    return JSONResponse(shape.full(rows), headers={"X-Request-Id": job.request_id})
+    return JSONResponse(shape.full(rows).model_dump(mode="json"), headers={"X-Request-Id": job.request_id})
 
 
 async def _results_unless_disconnected(request: Request, submission: Submission) -> list[RowFinished] | None:
@@ -265,8 +269,8 @@ class _Shape:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
-    def _envelope(self, choices: list[dict], chunk: bool) -> dict:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+    def _chunk(self, choices: list[dict]) -> dict:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
     def _usage(self, rows: list[RowFinished]) -> dict:
@@ -274,31 +278,40 @@ class _Shape:
         prompt = len(self.job.prompt_ids)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _choice(self, index: int, text: str | None, finish_reason: str | None, chunk: bool) -> dict:
+    def _choice(self, index: int, text: str | None, finish_reason: str | None) -> dict:
+        """One streamed choice (chunks stay plain dicts: one per token, checked against their
+        schema by the tests rather than built through pydantic on the hot path)."""
         if not self.chat:
             return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        if chunk:
-            delta = {} if text is None else {"content": text}
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        message = {"role": "assistant", "content": text, "refusal": None}
-        return {"index": index, "message": message, "logprobs": None, "finish_reason": finish_reason}
+        delta = {} if text is None else {"content": text}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
-    def full(self, rows: list[RowFinished]) -> dict:
-        choices = [self._choice(r.index, r.text, r.finish_reason, chunk=False) for r in rows]
-        return {**self._envelope(choices, chunk=False), "usage": self._usage(rows)}
+    def full(self, rows: list[RowFinished]) -> ChatCompletion | Completion:
+        """The whole answer, built through its response model: a field out of shape fails here."""
+        usage = CompletionUsage(**self._usage(rows))
+        if self.chat:
+            chat_choices = [
+                ChatCompletionChoice(
+                    index=r.index, message=ChatCompletionMessage(content=r.text), finish_reason=r.finish_reason
+                )
+                for r in rows
+            ]
+            return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=chat_choices, usage=usage)
+        choices = [CompletionChoice(index=r.index, text=r.text, finish_reason=r.finish_reason) for r in rows]
+        return Completion(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
 
     def opening(self, index: int) -> dict:
         if self.chat:
             choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         else:
-            choice = self._choice(index, "", None, chunk=True)
-        return self._envelope([choice], chunk=True)
+            choice = self._choice(index, "", None)
+        return self._chunk([choice])
 
     def delta(self, index: int, text: str) -> dict:
-        return self._envelope([self._choice(index, text, None, chunk=True)], chunk=True)
+        return self._chunk([self._choice(index, text, None)])
 
     def finish(self, row: RowFinished) -> dict:
-        return self._envelope([self._choice(row.index, None if self.chat else "", row.finish_reason, chunk=True)], chunk=True)
+        return self._chunk([self._choice(row.index, None if self.chat else "", row.finish_reason)])
 
     def usage_chunk(self, rows: list[RowFinished]) -> dict:
-        return {**self._envelope([], chunk=True), "usage": self._usage(rows)}
+        return {**self._chunk([]), "usage": self._usage(rows)}
