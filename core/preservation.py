@@ -28,8 +28,8 @@ class Anchors:
     """Base-model samples and the base model's log-probabilities at each of their positions."""
 
     examples: list[Example]
-    log_probs: torch.Tensor
-    """(count, len - 1, vocab) float32: the base model's prediction of each next token."""
+    log_probs: list[torch.Tensor]
+    """Per anchor, (len - 1, vocab) float32: the base model's prediction of each next token."""
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -55,14 +55,13 @@ def sample_anchors(base: BaseModel, count: int, length: int, seed: int) -> Ancho
         )
     # Every anchor has exactly 1 + `length` tokens (min_new_tokens): one unpadded forward scores all.
     log_probs = F.log_softmax(base.model(input_ids=sampled).logits[:, :-1].float(), dim=-1)
-    return Anchors([Example(row, list(row)) for row in sampled.tolist()], log_probs)
+    return Anchors([Example(row, list(row)) for row in sampled.tolist()], list(log_probs))
 
 
 def kl_from_base(hidden: torch.Tensor, base: BaseModel, base_log_probs: torch.Tensor) -> torch.Tensor:
-    """Token-mean KL(base || prefixed) per anchor row: `hidden` (..., T, H) is the prefixed model's
-    last hidden state at the anchors' positions (the last one is not scored), `base_log_probs`
-    (..., T - 1, V) the base model's. One LM-head call scores every row given."""
-    logits = base.model.get_output_embeddings()(hidden[..., :-1, :]).float()
+    """Token-mean KL(base || prefixed) over one anchor row: `hidden` (T, H) is the prefixed model's
+    last hidden state at the anchor's positions (the last one is not scored)."""
+    logits = base.model.get_output_embeddings()(hidden[:-1]).float()
     log_probs = F.log_softmax(logits, dim=-1)
     # kl_div(input=log q, target=log p) sums p * (log p - log q): KL(base || prefixed) per position.
-    return F.kl_div(log_probs, base_log_probs, log_target=True, reduction="none").sum(-1).mean(-1)
+    return F.kl_div(log_probs, base_log_probs, log_target=True, reduction="none").sum(-1).mean()

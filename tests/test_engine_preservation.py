@@ -37,20 +37,9 @@ def test_anchors_are_base_model_samples_fixed_by_the_seed(tiny):
     assert [ex.input_ids for ex in first.examples] == [ex.input_ids for ex in again.examples]
     assert [ex.input_ids for ex in first.examples] != [ex.input_ids for ex in other.examples]
     assert all(len(ex.input_ids) == 11 for ex in first.examples)  # start token + 10 sampled
-    assert first.log_probs.shape == (3, 10, tiny.model.config.vocab_size)
+    assert first.log_probs[0].shape == (10, tiny.model.config.vocab_size)
     # With no prefix attached, the model is the base model: KL 0.
     assert _mean_kl(tiny, None, first) < 1e-5
-
-
-def test_one_call_over_many_anchors_equals_one_call_per_anchor(tiny):
-    anchors = sample_anchors(tiny, 3, 10, seed=5)
-    kv = train_prefixes(tiny, [UserData("bob", BOB)], _config(max_steps=2))[0].kv
-    with torch.no_grad():
-        hidden, _ = _hidden_states(tiny, anchors.examples, [kv] * len(anchors))
-        together = kl_from_base(hidden, tiny, anchors.log_probs)
-        one_by_one = torch.stack([kl_from_base(hidden[i], tiny, anchors.log_probs[i]) for i in range(len(anchors))])
-    assert together.shape == (3,) and bool((together > 0).all())
-    torch.testing.assert_close(together, one_by_one)
 
 
 def test_multi_user_batch_with_preservation_equals_each_user_alone(tiny):
