@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from api.dispatch import JobDispatcher
-from core.db import Job, utcnow
+from core.db import Job, database_now, utcnow
 from core.service.errors import DispatchError
 from core.service.jobs import add_event
 
@@ -13,8 +13,9 @@ from core.service.jobs import add_event
 def commit_and_dispatch(session: Session, dispatcher: JobDispatcher, jobs: list[Job]) -> None:
     """Commit the session, then hand each job over. A job the broker refused is marked failed
     (so it does not sit queued forever) and the caller gets 503."""
+    dispatched_at = database_now(session)  # compared with the database's clock by the lost-job sweep
     for job in jobs:
-        job.dispatched_at = utcnow()
+        job.dispatched_at = dispatched_at
     session.commit()
     for job in jobs:
         try:

@@ -120,3 +120,26 @@ def s3_server() -> Iterator[SeaweedServer]:
             server.close()
         return
     pytest.fail(f"could not start SeaweedFS: {last_error}", pytrace=False)
+
+
+@pytest.fixture
+def fresh_postgres_database(postgres_url: str) -> Iterator[str]:
+    """A brand-new database on the test server, for tests that must start from nothing."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    from core.db import make_engine
+
+    name = f"steer_fresh_{uuid.uuid4().hex[:12]}"
+    server = make_engine(
+        make_url(postgres_url).set(database="postgres").render_as_string(hide_password=False),
+        isolation_level="AUTOCOMMIT",
+    )
+    try:
+        with server.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+        with server.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        server.dispose()

@@ -11,8 +11,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, delete, func, inspect, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, delete, func, inspect, select
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -39,24 +38,6 @@ from core.db.migrate import (
 )
 
 EXPECTED_TABLES = {"users", "api_keys", "samples", "prefix_versions", "jobs", "job_events"}
-
-
-@pytest.fixture
-def fresh_postgres_database(postgres_url: str) -> Iterator[str]:
-    """A brand-new database on the test server, for tests that must start from nothing."""
-    name = f"steer_fresh_{uuid.uuid4().hex[:12]}"
-    server = make_engine(
-        make_url(postgres_url).set(database="postgres").render_as_string(hide_password=False),
-        isolation_level="AUTOCOMMIT",
-    )
-    try:
-        with server.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-        with server.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        server.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])

@@ -1,19 +1,22 @@
 """Job leases: a live attempt keeps its job, an expired one is taken over, a taken-over attempt
 writes nothing, and the sweep dispatches each lost job exactly once.
 
-Embedded mode (SQLite) with a recording dispatcher, tiny model; the distributed versions of the
+Embedded mode (SQLite, and Postgres for the clock test) with a recording dispatcher, tiny model; the distributed versions of the
 same guarantees (real Celery worker host killed, broker restarted empty) are in
 tests/test_reliability_workers.py.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import select
 
-from core.db import Job, JobEvent, PrefixVersion, utcnow
+import core.db.models
+import core.db.session
+from core.db import Job, JobEvent, PrefixVersion, database_now, utcnow
+from core.db.migrate import upgrade_to_head
 from core.service.job_lease import JobLease, recover_lost_jobs
 from core.service.training_job import _claim, _Run, _run_claimed, run_training_job
 from tests.support.api import RecordingDispatcher, api_client, make_settings, onboard, tiny_base_model
@@ -137,3 +140,36 @@ def test_a_sweep_whose_dispatch_fails_retries_on_the_next_sweep(tmp_path):
         dispatched: list[str] = []
         assert recover_lost_jobs(ctx.session_factory, dispatched.append, lease_s=LEASE_S, redispatch_after_s=600) == [job_id]
         assert dispatched == [job_id]
+
+
+class _HourSlowClock(datetime):
+    """`datetime` as seen on a host whose clock is an hour behind."""
+
+    @classmethod
+    def now(cls, tz=None):
+        return datetime.now(tz) - timedelta(hours=1)
+
+
+def test_on_postgres_lease_times_come_from_the_database_clock_not_the_hosts(tmp_path, fresh_postgres_database, monkeypatch):
+    """A worker whose clock is an hour slow claims a job; an API host with a correct clock then
+    sweeps. Written with the worker's clock, the heartbeat would look an hour old and the live job
+    would be taken away; written with the database's, it is fresh."""
+    upgrade_to_head(fresh_postgres_database)
+    settings = make_settings(tmp_path, database_url=fresh_postgres_database, job_lease_s=LEASE_S)
+    with api_client(settings, base=tiny_base_model(), dispatcher=RecordingDispatcher()) as client:
+        ctx = client.app.state.ctx
+        job_id = onboard(client, "slow-clock")["job"]["id"]
+        with monkeypatch.context() as worker_host:
+            worker_host.setattr(core.db.models, "datetime", _HourSlowClock)  # what utcnow() reads
+            worker_host.setattr(core.db.session, "datetime", _HourSlowClock)
+            assert utcnow() < datetime.now(UTC) - timedelta(minutes=59)  # the skew is in place
+            token = _claim(ctx, job_id)
+            assert token is not None
+            assert JobLease(ctx.session_factory, job_id, token, LEASE_S).renew()
+        with ctx.session_factory() as session:
+            database_clock = database_now(session)
+        assert abs(_job(ctx, job_id).heartbeat_at - database_clock) < timedelta(seconds=30)
+        dispatched: list[str] = []
+        assert recover_lost_jobs(ctx.session_factory, dispatched.append, lease_s=LEASE_S, redispatch_after_s=900) == []
+        job = _job(ctx, job_id)
+        assert (job.status, job.lease_token, dispatched) == ("running", token, [])

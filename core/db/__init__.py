@@ -16,7 +16,7 @@ from core.db.models import (
     new_job_id,
     utcnow,
 )
-from core.db.session import make_engine, make_session_factory, session_scope
+from core.db.session import database_now, make_engine, make_session_factory, session_scope
 
 __all__ = [
     "ApiKey",
@@ -26,6 +26,7 @@ __all__ = [
     "PrefixVersion",
     "Sample",
     "User",
+    "database_now",
     "make_engine",
     "make_session_factory",
     "new_id",

@@ -7,7 +7,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -77,3 +79,14 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def database_now(session: Session) -> datetime:
+    """The database server's clock, timezone-aware UTC. Times that different hosts write and
+    compare (job leases) are taken from here, so a worker whose clock is off cannot make a live
+    job look lost, nor a lost one look alive. SQLite has no server (one host): its clock is ours."""
+    if session.get_bind().dialect.name == "postgresql":
+        # clock_timestamp(), not now(): now() is the transaction's start, and a lease renewal may
+        # run in a transaction that waited on a row lock.
+        return session.execute(select(func.clock_timestamp())).scalar_one().astimezone(UTC)
+    return datetime.now(UTC)

@@ -27,7 +27,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import Job, session_scope, utcnow
+from core.db import Job, database_now, session_scope
 from core.service.errors import ServiceError
 from core.service.jobs import add_event
 
@@ -43,9 +43,10 @@ def new_lease_token() -> str:
     return uuid.uuid4().hex
 
 
-def lease_expired(lease_s: float, now: datetime | None = None):
-    """SQL condition: the job is running and its holder has not renewed within `lease_s`."""
-    stale_before = (now or utcnow()) - timedelta(seconds=lease_s)
+def lease_expired(lease_s: float, now: datetime):
+    """SQL condition: the job is running and its holder has not renewed within `lease_s` of `now`
+    (the database's clock, `database_now`, like every lease time)."""
+    stale_before = now - timedelta(seconds=lease_s)
     return and_(Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before))
 
 
@@ -91,7 +92,7 @@ class JobLease:
                 renewed = session.execute(
                     update(Job)
                     .where(Job.id == self.job_id, Job.lease_token == self.token, Job.status == "running")
-                    .values(heartbeat_at=utcnow())
+                    .values(heartbeat_at=database_now(session))
                     .execution_options(synchronize_session=False)
                 ).rowcount
         except DBAPIError:
@@ -122,14 +123,14 @@ def recover_lost_jobs(
     dispatch it once. Taking a running job clears its lease: the old attempt, should it still be
     alive, finds that out at its next renewal or publish and stops.
     """
-    now = now or utcnow()
-    silent_since = now - timedelta(seconds=redispatch_after_s)
-    lost = or_(
-        lease_expired(lease_s, now),
-        # NULL: the last dispatch failed (or the job predates dispatch times): dispatch it now.
-        and_(Job.status == "queued", or_(Job.dispatched_at.is_(None), Job.dispatched_at < silent_since)),
-    )
     with session_scope(factory) as session:
+        now = now or database_now(session)
+        silent_since = now - timedelta(seconds=redispatch_after_s)
+        lost = or_(
+            lease_expired(lease_s, now),
+            # NULL: the last dispatch failed (or the job predates dispatch times): dispatch it now.
+            and_(Job.status == "queued", or_(Job.dispatched_at.is_(None), Job.dispatched_at < silent_since)),
+        )
         candidates = session.execute(select(Job.id, Job.status).where(lost).order_by(Job.created_at)).all()
     recovered = []
     for job_id, status in candidates:

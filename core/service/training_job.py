@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core.artifacts import Prefix, load_training_state, save_prefix, save_training_state
 from core.data import prepare_samples
-from core.db import Job, PrefixVersion, User, session_scope, utcnow
+from core.db import Job, PrefixVersion, User, database_now, session_scope, utcnow
 from core.db.models import JOB_FINISHED_STATUSES
 from core.errors import ArtifactError, InvalidTrainingData, SteerError, TrainingCancelled
 from core.model import BaseModel
@@ -135,9 +135,9 @@ def _claim(ctx: ServiceContext, job_id: str) -> str | None:
     alive (a duplicate delivery; if that attempt dies, the lost-job sweep dispatches it again).
     """
     token = new_lease_token()
-    now = utcnow()
-    claimable = or_(Job.status == "queued", lease_expired(ctx.settings.job_lease_s, now))
     with session_scope(ctx.session_factory) as session:
+        now = database_now(session)
+        claimable = or_(Job.status == "queued", lease_expired(ctx.settings.job_lease_s, now))
         claimed = session.execute(
             update(Job)
             .where(Job.id == job_id, claimable, Job.cancel_requested.is_(False))
@@ -309,7 +309,7 @@ def _requeue(ctx: ServiceContext, run: _Run, message: str, level: str = "info") 
             requeued = session.execute(
                 update(Job)
                 .where(Job.id == run.job_id, Job.status == "running", Job.lease_token == run.lease.token)
-                .values(status="queued", lease_token=None, dispatched_at=utcnow())
+                .values(status="queued", lease_token=None, dispatched_at=database_now(session))
             ).rowcount
             if requeued:
                 add_event(session, run.job_id, message, level=level)
