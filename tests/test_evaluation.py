@@ -90,6 +90,17 @@ def test_attribution_confusion_matrix_is_users_by_users_and_row_normalized():
     assert result["overall"]["attribution_accuracy"] == pytest.approx(10 / 12)
     assert result["per_user"]["a"]["ratio_chat"] == pytest.approx(math.exp(1 - 2))  # own loss 1 vs base 2
 
+def test_grouped_attribution_pools_three_samples_so_one_misleading_sample_is_outvoted():
+    users = ["a", "b", "c"]
+    sets = [UserEvalSet(u, [[Example([i, k, 0], [i, k, 0])] for k in range(7)], []) for i, u in enumerate(users)]
+    scorer = _AuthorScorer(users, confuse={1: "a", 4: "a"})  # one of every three samples looks like a's
+    base = evaluate_base(scorer, sets, [Example([0, 9, 0], [0, 9, 0])])
+    overall = evaluate_method(scorer, sets, [Example([0, 9, 0], [0, 9, 0])], base)["overall"]
+    assert overall["attribution_accuracy"] == pytest.approx(17 / 21)  # b and c lose samples 1 and 4
+    assert overall["attribution_group_size"] == 3
+    assert overall["attribution_accuracy_grouped"] == 1.0  # 6 decisions (sample 6 is a remainder), all right
+
+
 class _GenericallyBetterScorer(_AuthorScorer):
     """Like `_AuthorScorer`, but user a's adaptation lowers the loss of every text by more than an
     author's own adaptation does: raw attribution sends everything to a, calibration undoes that."""
@@ -147,6 +158,7 @@ def test_tiny_evaluation_writes_json_markdown_and_charts_with_per_user_numbers(t
     assert [p["value"] for p in points] == [2, 4]
     assert all(p["ratio_general"] > 0 for p in points)
     assert all(0 <= p["attribution_accuracy"] <= 1 and 0 <= p["attribution_accuracy_calibrated"] <= 1 for p in points)
+    assert all("attribution_accuracy_grouped" in p for p in points)
     # The point equal to the main run (prefix_len 4) reuses its numbers instead of training again.
     main = saved["methods"]["prefix"]["overall"]
     assert points[1]["ppl_plain"] == pytest.approx(main["ppl_plain"])

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from core.evaluation.metrics import ATTRIBUTION_GROUP
 from core.evaluation.runner import METHODS, SWEEPS, EvalSpec, parse_values, run_evaluation
 from core.training import TrainingConfig
 
@@ -67,9 +68,12 @@ def run(
     results = run_evaluation(spec, progress=not quiet)
     for name, m in results["methods"].items():
         o = m["overall"]
+        grouped = o["attribution_accuracy_grouped"]
         typer.echo(
             f"{name:7s} ppl ratio plain {o['ratio_plain']:.3f} chat {o['ratio_chat']:.3f} "
-            f"attribution {o['attribution_accuracy']:.3f} (calibrated {o['attribution_accuracy_calibrated']:.3f}) general {o['ratio_general']:.3f}"
+            f"attribution {o['attribution_accuracy']:.3f} (calibrated {o['attribution_accuracy_calibrated']:.3f}, "
+            f"{ATTRIBUTION_GROUP} samples at a time {'-' if grouped is None else f'{grouped:.3f}'}) "
+            f"general {o['ratio_general']:.3f}"
         )
     typer.echo(f"report: {out}/report.md")
 

@@ -377,6 +377,7 @@ def run_sweep(
                 "ratio_general": sum(p["ppl_general"] for p in per_user.values()) / len(per_user) / base_general,
                 "attribution_accuracy": overall["attribution_accuracy"],
                 "attribution_accuracy_calibrated": overall["attribution_accuracy_calibrated"],
+                "attribution_accuracy_grouped": overall["attribution_accuracy_grouped"],
                 "train_seconds_per_user": overall["train_seconds_per_user"],
             })
     return {"name": sweep, "points": points}
