@@ -43,9 +43,9 @@ class ServiceContext:
         return self._base_model
 
     def model_card(self) -> ModelCard:
-        """Id, tokenizer, fingerprint and context size of the base model. Read off the weights
-        where this process holds them; otherwise loaded without them (the distributed API process
-        never needs the weights: about 0.5 GB of RAM for SmolLM2)."""
+        """Id, tokenizer, fingerprint and context size of the base model. Read off the model where
+        this process holds it; otherwise loaded without the weights, which the distributed API
+        process never needs (they would cost it memory, and device memory on a GPU host)."""
         if self._base_model is not None:
             return self._base_model.card()
         with self._model_lock:
