@@ -99,11 +99,11 @@ _DISCONNECT_POLL_S = 0.25
 @router.get("/models")
 async def list_models(request: Request, caller: CallerDep) -> ModelList:
     context = get_context(request)
-    base = context.model_card()
+    card = context.model_card()
 
     def query():
         with context.session_factory() as session:
-            return catalog.list_models(session, caller, base.model_id)
+            return catalog.list_models(session, caller, card.model_id)
 
     entries = await run_in_threadpool(query)
     return ModelList(data=[Model(id=e.id, created=e.created, owned_by=e.owned_by) for e in entries])
@@ -116,10 +116,10 @@ async def list_models(request: Request, caller: CallerDep) -> ModelList:
 )
 async def chat_completions(request: Request, caller: CallerDep):
     body: ChatCompletionBody = parse_body(ChatCompletionBody, await _json(request))
-    base = get_context(request).model_card()
-    params = body.sampling(DEFAULT_MAX_TOKENS, base.max_context)
+    card = get_context(request).model_card()
+    params = body.sampling(DEFAULT_MAX_TOKENS, card.max_context)
     try:
-        prompt_ids = chat_prompt_ids(base.tokenizer, body.plain_messages())
+        prompt_ids = chat_prompt_ids(card.tokenizer, body.plain_messages())
     except InvalidInput:
         raise
     except Exception as exc:  # the chat template refused the conversation
@@ -133,11 +133,11 @@ async def chat_completions(request: Request, caller: CallerDep):
 )
 async def completions(request: Request, caller: CallerDep):
     body: CompletionBody = parse_body(CompletionBody, await _json(request))
-    base = get_context(request).model_card()
-    params = body.sampling(DEFAULT_COMPLETION_MAX_TOKENS, base.max_context)
+    card = get_context(request).model_card()
+    params = body.sampling(DEFAULT_COMPLETION_MAX_TOKENS, card.max_context)
     prompt = body.prompt_text_or_ids()
-    prompt_ids = text_ids(base.tokenizer, prompt) if isinstance(prompt, str) else prompt
-    if any(not 0 <= t < len(base.tokenizer) for t in prompt_ids):
+    prompt_ids = text_ids(card.tokenizer, prompt) if isinstance(prompt, str) else prompt
+    if any(not 0 <= t < len(card.tokenizer) for t in prompt_ids):
         raise InvalidInput("prompt holds token ids outside the vocabulary", param="prompt")
     job = await _job(request, caller, body, prompt_ids, params)
     return await _answer(request, caller, body, job, chat=False)
