@@ -9,7 +9,8 @@ completions (a user's own `user:` model once its prefix is trained, the base mod
   Retry-After, never timeouts or 5xx.
 
 Reported per phase and request kind: throughput, p50/p99 latency (time to first token for
-streams too), status counts, errors; and the server's RSS at start, middle and end.
+streams too), status counts, errors; and the server's RSS at start, middle and end, and its
+median over readings every half second.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import random
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +33,7 @@ from pathlib import Path
 import httpx
 
 ADMIN_KEY = "sk-steer-admin-loadtest"
+MEMORY_SAMPLE_S = 0.5
 TEXTS = [
     "I like to begin with the weather, then wander off to whatever is on my mind that morning.",
     "Short sentences. Plain words. That is how I write notes to the people I work with.",
@@ -271,14 +274,22 @@ class LoadRun:
                 else:
                     await self.stream(kinds[kind], allow_429)
 
+        samples = [rss["start"]]
+
         async def sample_memory() -> None:
-            await asyncio.sleep(phase.duration_s / 2)
-            rss["middle"] = memory.rss_bytes()
+            # Every half second: a training job in flight (the embedded executor trains the
+            # onboarded users meanwhile) lifts a single reading by 100+ MiB; the median does not.
+            while time.perf_counter() < deadline:
+                await asyncio.sleep(MEMORY_SAMPLE_S)
+                samples.append(memory.rss_bytes())
+                if "middle" not in rss and time.perf_counter() >= deadline - phase.duration_s / 2:
+                    rss["middle"] = samples[-1]
 
         started = time.perf_counter()
         await asyncio.gather(sample_memory(), *[client_loop() for _ in range(phase.clients)])
         seconds = time.perf_counter() - started
         rss["end"] = memory.rss_bytes()
+        rss["median"] = statistics.median(samples + [rss["end"]])
         total = sum(k.count for k in kinds.values())
         return {
             "phase": phase.name,
