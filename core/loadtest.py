@@ -289,6 +289,7 @@ class LoadRun:
         await asyncio.gather(sample_memory(), *[client_loop() for _ in range(phase.clients)])
         seconds = time.perf_counter() - started
         rss["end"] = memory.rss_bytes()
+        rss.setdefault("middle", samples[len(samples) // 2])  # a phase too short to reach its midpoint
         rss["median"] = statistics.median(samples + [rss["end"]])
         total = sum(k.count for k in kinds.values())
         return {
