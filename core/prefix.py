@@ -16,12 +16,12 @@ kept in a separate optional artifact so training can continue where it stopped.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache
-
+from core.batch_cache import BatchCache, Prefix
 from core.model import BaseModel, PrefixGeometry
 
 INIT_RANDOM = "random"
@@ -112,70 +112,29 @@ def _init_linear(layer: nn.Linear, generator: torch.Generator | None) -> None:
 @torch.no_grad()
 def kv_from_text(base: BaseModel, token_ids: list[int]) -> torch.Tensor:
     """The KV the frozen model builds for `token_ids`, as a prefix (L, 2, H, len, D), fp32 on CPU."""
-    ids = torch.tensor([token_ids], device=base.device)
-    cache = DynamicCache(config=base.model.config)
-    base.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
-    return kv.float().cpu()
-
-
-@dataclass
-class PrefixBatch:
-    """Per-row prefixes of a batch, left-padded to a common length, ready to be a model cache."""
-
-    kv: torch.Tensor | None  # (L, 2, B, H, Pmax, D), or None when no row has a prefix
-    mask: torch.Tensor  # (B, Pmax) 1 = real prefix slot, 0 = padding
-    lengths: torch.Tensor  # (B,) each row's own prefix length (0 = base model)
-
-    @property
-    def max_len(self) -> int:
-        return self.mask.shape[1]
-
-    def as_cache(self, config) -> DynamicCache:
-        if self.kv is None:
-            return DynamicCache(config=config)
-        return DynamicCache(ddp_cache_data=[(layer[0], layer[1]) for layer in self.kv], config=config)
+    cache = batch_prefixes([None], base.geometry, device=base.device, dtype=base.dtype)
+    base.model(**cache.model_inputs(torch.tensor([token_ids], device=base.device)), logits_to_keep=1)
+    return cache.row_kv(0).float().cpu()
 
 
 def batch_prefixes(
-    rows: list[torch.Tensor | None],
+    rows: Sequence[Prefix],
     geometry: PrefixGeometry,
     *,
     device: torch.device,
     dtype: torch.dtype,
-) -> PrefixBatch:
-    """Stack per-row prefix KVs (each (L, 2, H, P_i, D) or None) into one left-padded batch.
-
-    Differentiable: gradients flow back to each row's own prefix, which is what lets one
-    forward/backward pass train many users at once.
-    """
-    lengths = [0 if kv is None else kv.shape[3] for kv in rows]
-    p_max = max(lengths, default=0)
-    mask = torch.zeros(len(rows), p_max, dtype=torch.long, device=device)
-    for i, n in enumerate(lengths):
-        mask[i, p_max - n :] = 1
-    if p_max == 0:
-        return PrefixBatch(None, mask, torch.zeros(len(rows), dtype=torch.long, device=device))
-    L, H, D = geometry.num_layers, geometry.num_kv_heads, geometry.head_dim
-    padded = []
-    for kv, n in zip(rows, lengths):
-        if kv is None:
-            padded.append(torch.zeros(L, 2, H, p_max, D, device=device, dtype=dtype))
-        else:
-            kv = kv.to(device=device, dtype=dtype)
-            padded.append(nn.functional.pad(kv, (0, 0, p_max - n, 0)))
-    return PrefixBatch(
-        kv=torch.stack(padded, dim=2),  # (L, 2, B, H, Pmax, D)
-        mask=mask,
-        lengths=torch.tensor(lengths, dtype=torch.long, device=device),
-    )
+) -> BatchCache:
+    """A batch cache holding each row's prefix (one KV (L, 2, H, P_i, D), several composed in order,
+    or None), left-padded to the longest. Differentiable: gradients flow back to each row's own
+    prefix, which is what lets one forward/backward pass train many users at once."""
+    return BatchCache.from_prefixes(rows, geometry, device=device, dtype=dtype)
 
 
 def forward_with_prefixes(
     base: BaseModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    prefixes: PrefixBatch,
+    prefixes: BatchCache,
     *,
     logits_to_keep: int = 0,
     hidden_states_only: bool = False,
@@ -184,14 +143,11 @@ def forward_with_prefixes(
 
     `input_ids`/`attention_mask` are (B, T); padding may sit on either side. Positions of real tokens
     start at each row's own prefix length, so a row's result does not depend on its neighbours.
-    Returns the model output (`.logits`, and `.cache` holding prefix + tokens), or with
+    Returns the model output (`.logits`; `prefixes` now also holds the tokens' K/V), or with
     `hidden_states_only` the decoder's output (`.last_hidden_state`) so a caller can apply the LM head
     to the positions it scores only.
     """
-    cache = prefixes.as_cache(base.model.config)
-    full_mask = torch.cat([prefixes.mask, attention_mask], dim=1)
-    positions = prefixes.lengths[:, None] + (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    inputs = dict(input_ids=input_ids, attention_mask=full_mask, position_ids=positions, cache=cache, use_cache=True)
+    inputs = prefixes.model_inputs(input_ids, attention_mask)
     if hidden_states_only:
         return base.model.base_model(**inputs)
     return base.model(**inputs, logits_to_keep=logits_to_keep)

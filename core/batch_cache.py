@@ -1,0 +1,567 @@
+"""BatchCache: the one owner of a batch's key/value cache, attention mask and positions.
+
+Every row of a batch carries a *prefix part* and a *token part*. The prefix part is zero or more
+adapters' KV composed in order — e.g. a shared population prefix, then the user's own, then attribute
+prefixes — each (L, 2, H, P_i, D); the row's prefix is their concatenation along P. The token part is
+the K/V of every token the model has seen for that row.
+
+Layout (L layers, B rows, H key/value heads, S cache columns shared by all rows, D head dim):
+
+    keys, values per layer   (B, H, S, D)   a row's columns are right-aligned; padding sits on the left
+    mask                     (B, S)         1 where a column is real for that row, 0 = padding
+    next_position            (B,)           the position the row's next token takes
+
+Keys are stored as the attention layer sees them (already position-encoded), so a prefix taken from
+real activations is exactly the cache the model would have built for that text; a row's real tokens
+take positions P, P+1, ... after its own prefix of length P, whatever its neighbours' widths, and its
+padding columns stay masked for it in every later pass. That is what makes a row's result independent
+of the batch it shares.
+
+This module is the only code that knows transformers' cache classes. In generation the per-layer
+tensors keep spare columns at the end, so a decoding step writes one column in place instead of
+re-concatenating the whole cache (transformers' DynamicLayer does a `torch.cat` per step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.nn import functional as F
+from transformers import Cache, DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from core.model import PrefixGeometry
+
+Prefix = torch.Tensor | Sequence[torch.Tensor] | None
+"""One row's prefix: None (the base model), one KV (L, 2, H, P, D), or several composed in order."""
+
+_SPARE_COLUMNS = 64
+"""Columns reserved beyond the current width when a generation cache grows (amortises reallocation)."""
+
+
+def compose(prefix: Prefix) -> torch.Tensor | None:
+    """A row's prefix as one KV tensor (L, 2, H, P, D): composed adapters concatenated in order."""
+    if prefix is None or isinstance(prefix, torch.Tensor):
+        return prefix
+    parts = [p for p in prefix if p is not None]
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
+
+
+def prefix_length(prefix: Prefix) -> int:
+    """Virtual tokens a row's prefix puts in front of its input (0 for the base model)."""
+    if prefix is None:
+        return 0
+    if isinstance(prefix, torch.Tensor):
+        return prefix.shape[3]
+    return sum(p.shape[3] for p in prefix if p is not None)
+
+
+class _ReservedLayer(DynamicLayer):
+    """A cache layer whose tensors are views of buffers with spare columns at the end.
+
+    `update` writes new columns into the spare space when it can (inference); when gradients must
+    flow to the cached prefix (training) it concatenates, as transformers' own layer does.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare: int = 0):
+        super().__init__()
+        self.device = keys.device
+        self.is_initialized = True
+        self.hold(keys, values, spare)
+
+    def hold(self, keys: torch.Tensor, values: torch.Tensor, spare: int) -> None:
+        """Hold these (B, H, S, D) tensors, copied into buffers with `spare` free columns if > 0."""
+        self._start = 0  # where `keys` begins inside the buffer (trimming moves it forward)
+        if spare == 0:
+            self._key_buffer = self._value_buffer = None
+            self.keys, self.values = keys, values
+            return
+        B, H, S, D = keys.shape
+        self._key_buffer = keys.new_empty(B, H, S + spare, D)
+        self._value_buffer = values.new_empty(B, H, S + spare, D)
+        self._key_buffer[:, :, :S] = keys
+        self._value_buffer[:, :, :S] = values
+        self._expose(S)
+
+    def _expose(self, end: int) -> None:
+        self.keys = self._key_buffer[:, :, self._start : end]
+        self.values = self._value_buffer[:, :, self._start : end]
+
+    def drop_leading(self, n: int) -> None:
+        """Forget the first n columns (views: the spare columns at the end stay reserved)."""
+        self._start += n
+        self.keys, self.values = self.keys[:, :, n:], self.values[:, :, n:]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        new = key_states.shape[2]
+        differentiable = torch.is_grad_enabled() and (key_states.requires_grad or self.keys.requires_grad)
+        if differentiable or self._key_buffer is None:
+            self.keys = torch.cat([self.keys, key_states], dim=2)
+            self.values = torch.cat([self.values, value_states], dim=2)
+            return self.keys, self.values
+        end = self._start + self.keys.shape[2]
+        if end + new > self._key_buffer.shape[2]:
+            self.hold(self.keys, self.values, max(_SPARE_COLUMNS, new))
+            end = self.keys.shape[2]
+        self._key_buffer[:, :, end : end + new] = key_states
+        self._value_buffer[:, :, end : end + new] = value_states
+        self._expose(end + new)
+        return self.keys, self.values
+
+
+class _LayeredKV(DynamicCache):
+    """transformers' cache interface over our own layers."""
+
+    def __init__(self, layers: list[_ReservedLayer]):
+        Cache.__init__(self, layers=layers)
+
+
+class BatchCache:
+    """K/V, attention mask and positions of every row of one batch (see the module docstring)."""
+
+    def __init__(self, layers: list[_ReservedLayer], mask: torch.Tensor, next_position: torch.Tensor, spare: int):
+        self._layers = layers
+        self._kv = _LayeredKV(layers)
+        self.mask = mask  # (B, S)
+        self.next_position = next_position  # (B,)
+        self._spare = spare
+
+    # -- building ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_prefixes(
+        cls,
+        rows: Sequence[Prefix],
+        geometry: PrefixGeometry,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        reserve: bool = False,
+    ) -> BatchCache:
+        """A cache holding each row's (composed) prefix, left-padded to the longest.
+
+        Differentiable: gradients flow back to each row's own prefix tensors, which is what lets one
+        forward/backward pass train many users at once. `reserve` keeps spare columns for decoding.
+        """
+        kvs = [compose(p) for p in rows]
+        lengths = [0 if kv is None else kv.shape[3] for kv in kvs]
+        p_max = max(lengths, default=0)
+        L, H, D = geometry.num_layers, geometry.num_kv_heads, geometry.head_dim
+        mask = torch.zeros(len(kvs), p_max, dtype=torch.long, device=device)
+        padded = []
+        for i, (kv, n) in enumerate(zip(kvs, lengths)):
+            mask[i, p_max - n :] = 1
+            if kv is None:
+                padded.append(torch.zeros(L, 2, H, p_max, D, device=device, dtype=dtype))
+            else:
+                padded.append(F.pad(kv.to(device=device, dtype=dtype), (0, 0, p_max - n, 0)))
+        stacked = torch.stack(padded, dim=2) if padded else torch.zeros(L, 2, 0, H, 0, D, device=device, dtype=dtype)
+        spare = _SPARE_COLUMNS if reserve else 0
+        layers = [_ReservedLayer(stacked[layer, 0], stacked[layer, 1], spare) for layer in range(L)]  # (B, H, P, D)
+        positions = torch.tensor(lengths, dtype=torch.long, device=device)
+        return cls(layers, mask, positions, spare)
+
+    # -- running the model ------------------------------------------------------------------------
+
+    def model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+        """Keyword arguments for the forward pass that feeds `input_ids` (B, T) to every row.
+
+        Padding may sit on either side of `attention_mask` (B, T). The pass appends T columns to the
+        cache, so the mask and positions here advance with it: call the model with exactly these.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.mask.dtype)
+        positions = self.next_position[:, None] + (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+        self.mask = torch.cat([self.mask, attention_mask], dim=1)
+        self.next_position = self.next_position + attention_mask.sum(dim=1)
+        return dict(
+            input_ids=input_ids,
+            attention_mask=self.mask,
+            position_ids=positions,
+            cache=self._kv,
+            use_cache=True,
+        )
+
+    # -- rows joining, leaving, and unused columns ------------------------------------------------
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Keep only `rows` (in that order), then drop the columns none of them uses."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
+        self.mask = self.mask.index_select(0, index)
+        self.next_position = self.next_position.index_select(0, index)
+        for layer in self._layers:
+            layer.hold(layer.keys.index_select(0, index), layer.values.index_select(0, index), self._spare)
+        self.trim()
+
+    def append_rows(self, other: BatchCache) -> None:
+        """Add `other`'s rows after this cache's, left-padding whichever side is narrower."""
+        width = max(self.width, other.width)
+        mine, theirs = width - self.width, width - other.width
+        self.mask = torch.cat([F.pad(self.mask, (mine, 0)), F.pad(other.mask, (theirs, 0))])
+        self.next_position = torch.cat([self.next_position, other.next_position])
+        for layer, new in zip(self._layers, other._layers):
+            keys = torch.cat([_left_pad(layer.keys, mine), _left_pad(new.keys, theirs)])
+            values = torch.cat([_left_pad(layer.values, mine), _left_pad(new.values, theirs)])
+            layer.hold(keys, values, self._spare)
+        self.trim()
+
+    def trim(self) -> None:
+        """Drop leading columns no row uses (departed rows, shared padding)."""
+        if self.batch_size == 0:
+            return
+        first = int((self.mask.cumsum(dim=1) == 0).sum(dim=1).min())
+        if first:
+            self.mask = self.mask[:, first:]
+            for layer in self._layers:
+                layer.drop_leading(first)
+
+    def row_kv(self, row: int) -> torch.Tensor:
+        """Row `row`'s real columns as a prefix KV (L, 2, H, n, D): what it has seen, reusable as a prefix."""
+        real = self.mask[row].bool()
+        return torch.stack([torch.stack([layer.keys[row][:, real], layer.values[row][:, real]]) for layer in self._layers])
+
+
+def _left_pad(tensor: torch.Tensor, n: int) -> torch.Tensor:
+    """Pad a (B, H, S, D) cache tensor with n zero columns on the left of S."""
+    return F.pad(tensor, (0, 0, n, 0)) if n else tensor
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoder-decoder models (T5 and BART families): Li & Liang's [PREFIX; x; PREFIX'; y]
+# ------------------------------------------------------------------------------------------------
+#
+# A seq2seq prefix is still one KV tensor (L_enc + L_dec, 2, H, P, D): its first L_enc layers sit in
+# front of the encoder's input (encoder self-attention, every layer), the rest in front of the
+# decoder's (decoder self-attention, every layer). Artifacts, the registry, the prefix cache and
+# composition along P are unchanged; a composed row is split after composing.
+#
+# The decoder part is an ordinary BatchCache (the self-attention half of transformers'
+# EncoderDecoderCache); the cross-attention half is filled by the model at the first decoder pass and
+# then kept row by row beside each row's encoder output. transformers' encoders take no cache, so the
+# encoder part enters through the attention-function registry: the model runs with our registered
+# implementation (sdpa underneath), which, for the encoder's self-attention modules only and only
+# inside an encoder pass that carries prefixes, puts each row's prefix K/V in front of the keys and
+# values. Every other attention call is plain sdpa, so a model without prefixes computes as before.
+#
+# Positions: a row's real tokens follow its own prefix, as in running text, in both stacks. T5's
+# relative bias is computed from cache columns, so each row's real columns are kept contiguous (prefix
+# left-padded, tokens right-padded in the encoder; the decoder feeds one token per row per pass), and a
+# prefix column gets the bias of a token standing that far before the text. BART's learned absolute
+# positions are taken per row (P_row, P_row + 1, ...) through a forward hook on its position embedding,
+# because its encoder and decoder accept no position ids.
+
+import contextvars  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+_SEQ2SEQ_ATTENTION = "steer_seq2seq"
+_SUPPORTED_ATTENTION = ("T5Attention", "BartAttention")
+
+
+@dataclass
+class _EncoderPrefix:
+    """One encoder pass's prefixes: per encoder layer (B, H, P, D) keys and values, left-padded."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    key_mask: torch.Tensor  # (B, 1, 1, P + T) bool: prefix columns, then the tokens
+    width: int  # P
+    layer_of: dict[int, int]  # id(encoder self-attention module) -> encoder layer
+    capture: list | None = None  # if a list: each encoder layer appends its tokens' (keys, values)
+    bias: torch.Tensor | None = None  # T5: the relative bias over prefix + token columns (layer 0 makes it)
+
+
+@dataclass
+class _Pass:
+    encoder: _EncoderPrefix | None = None
+    positions: dict[int, torch.Tensor] = field(default_factory=dict)  # id(position embedding) -> (B, T)
+
+
+_PASS: contextvars.ContextVar[_Pass | None] = contextvars.ContextVar("steer_seq2seq_pass", default=None)
+
+
+@contextmanager
+def _running(state: _Pass):
+    token = _PASS.set(state)
+    try:
+        yield
+    finally:
+        _PASS.reset(token)
+
+
+def _seq2seq_attention(module, query, key, value, attention_mask, **kwargs):
+    """sdpa, except in an encoder pass with prefixes: the row's prefix K/V go in front of the keys."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    state = _PASS.get()
+    encoder = None if state is None else state.encoder
+    layer = None if encoder is None else encoder.layer_of.get(id(module))
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if encoder.capture is not None:
+        encoder.capture.append((key, value))
+    if encoder.width == 0:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    key = torch.cat([encoder.keys[layer].to(key.dtype), key], dim=2)
+    value = torch.cat([encoder.values[layer].to(value.dtype), value], dim=2)
+    if kwargs.get("position_bias") is not None:  # T5: computed by layer 0 (the only one with the table)
+        if encoder.bias is None:
+            encoder.bias = module.compute_bias(
+                query.shape[2], key.shape[2], device=query.device, past_seen_tokens=encoder.width
+            )
+        kwargs["position_bias"] = encoder.bias
+    return sdpa_attention_forward(module, query, key, value, encoder.key_mask, **kwargs)
+
+
+@dataclass
+class _Seq2SeqHooks:
+    """What the engine installed on one encoder-decoder model."""
+
+    encoder_layers: int
+    decoder_layers: int
+    encoder_attention: dict[int, int]  # id(encoder self-attention module) -> layer
+    encoder_positions: torch.nn.Module | None  # BART's learned position embeddings (T5 has none)
+    decoder_positions: torch.nn.Module | None
+    decoder_start_token_id: int
+
+
+def _position_hook(module, args, output):
+    state = _PASS.get()
+    positions = None if state is None else state.positions.get(id(module))
+    if positions is None:
+        return output
+    return F.embedding(positions + module.offset, module.weight).to(output.dtype)
+
+
+def seq2seq_hooks(model) -> _Seq2SeqHooks:
+    """Install (once) the prefix attention and per-row positions on an encoder-decoder model."""
+    hooks = getattr(model, "_steer_seq2seq", None)
+    if hooks is not None:
+        return hooks
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from core.model import encoder_decoder_layers
+
+    encoder, decoder = model.get_encoder(), model.get_decoder()
+    attention = [m for m in encoder.modules() if type(m).__name__ in _SUPPORTED_ATTENTION]
+    n_encoder, n_decoder = encoder_decoder_layers(model.config)
+    if len(attention) != n_encoder:
+        names = sorted({type(m).__name__ for m in encoder.modules() if type(m).__name__.endswith("Attention")})
+        raise ValueError(
+            f"encoder-decoder prefixes support the T5 and BART families ({', '.join(_SUPPORTED_ATTENTION)}); "
+            f"this model's encoder attention is {names or 'unknown'}"
+        )
+    AttentionInterface.register(_SEQ2SEQ_ATTENTION, _seq2seq_attention)
+    AttentionMaskInterface.register(_SEQ2SEQ_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(_SEQ2SEQ_ATTENTION)
+    positions = []
+    for stack in (encoder, decoder):
+        embed = getattr(stack, "embed_positions", None)
+        if embed is not None and hasattr(embed, "offset"):
+            embed.register_forward_hook(_position_hook)
+            positions.append(embed)
+        else:
+            positions.append(None)
+    start = model.config.decoder_start_token_id
+    if start is None:
+        start = model.config.pad_token_id
+    hooks = _Seq2SeqHooks(
+        encoder_layers=n_encoder,
+        decoder_layers=n_decoder,
+        encoder_attention={id(m): i for i, m in enumerate(attention)},
+        encoder_positions=positions[0],
+        decoder_positions=positions[1],
+        decoder_start_token_id=int(start),
+    )
+    model._steer_seq2seq = hooks
+    return hooks
+
+
+def split_prefix(prefix: Prefix, encoder_layers: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A row's (composed) seq2seq prefix as (encoder part (L_enc, ...), decoder part (L_dec, ...))."""
+    kv = compose(prefix)
+    if kv is None:
+        return None, None
+    return kv[:encoder_layers], kv[encoder_layers:]
+
+
+class Seq2SeqBatchCache:
+    """A batch of an encoder-decoder model: each row's encoder output (its source read under its
+    encoder prefix), the decoder's self-attention cache (a BatchCache holding the decoder prefix and
+    every decoder token) and the cross-attention K/V the model computed from the encoder output.
+
+    Rows join, leave and are trimmed as in BatchCache; the encoder side is right-padded per row and
+    masked for it. `decode` runs the model on new decoder tokens, so the per-row positions and the
+    prefix attention are in force exactly during that pass.
+    """
+
+    def __init__(self, model, hooks: _Seq2SeqHooks, decoder: BatchCache, states: torch.Tensor, source_mask: torch.Tensor):
+        self.model = model
+        self.hooks = hooks
+        self.decoder = decoder
+        self.encoder_states = states  # (B, S, hidden)
+        self.encoder_mask = source_mask  # (B, S)
+        self._cross: list[_ReservedLayer] | None = None  # per decoder layer (B, H, S, D), after the first pass
+
+    # -- building: the encoder pass -----------------------------------------------------------------
+
+    @classmethod
+    def encode(
+        cls,
+        model,
+        sources: Sequence[Sequence[int]],
+        rows: Sequence[Prefix],
+        geometry: PrefixGeometry,
+        *,
+        pad_token_id: int,
+        reserve: bool = False,
+        capture: list | None = None,
+    ) -> Seq2SeqBatchCache:
+        """Encode each row's source under its encoder prefix; hold its decoder prefix for decoding.
+
+        `rows[i]`: None, one (L_enc + L_dec, 2, H, P, D) KV or several composed in order.
+        Differentiable in the prefixes. With `capture` (a list), each encoder layer appends the
+        (B, H, T, D) keys and values of the source tokens, in layer order.
+        """
+        hooks = seq2seq_hooks(model)
+        n_enc, n_dec = hooks.encoder_layers, hooks.decoder_layers
+        if geometry.num_layers != n_enc + n_dec:
+            raise ValueError(f"geometry has {geometry.num_layers} layers, the model {n_enc} + {n_dec}")
+        parts = [split_prefix(p, n_enc) for p in rows]
+        device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        enc_geometry = PrefixGeometry(n_enc, geometry.num_kv_heads, geometry.head_dim)
+        dec_geometry = PrefixGeometry(n_dec, geometry.num_kv_heads, geometry.head_dim)
+        prefixes = BatchCache.from_prefixes([e for e, _ in parts], enc_geometry, device=device, dtype=dtype)
+        width = max(len(s) for s in sources)
+        ids = torch.full((len(sources), width), pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(sources), width), dtype=torch.long, device=device)
+        for i, source in enumerate(sources):  # right padding: prefix and tokens stay contiguous (T5)
+            ids[i, : len(source)] = torch.tensor(list(source), device=device)
+            mask[i, : len(source)] = 1
+        state = _Pass()
+        if prefixes.width or capture is not None:
+            state.encoder = _EncoderPrefix(
+                keys=[layer.keys for layer in prefixes._layers],
+                values=[layer.values for layer in prefixes._layers],
+                key_mask=torch.cat([prefixes.mask, mask], dim=1).bool()[:, None, None, :],
+                width=prefixes.width,
+                layer_of=hooks.encoder_attention,
+                capture=capture,
+            )
+        if hooks.encoder_positions is not None:
+            state.positions[id(hooks.encoder_positions)] = prefixes.next_position[:, None] + torch.arange(width, device=device)
+        with _running(state):
+            states = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        decoder = BatchCache.from_prefixes([d for _, d in parts], dec_geometry, device=device, dtype=dtype, reserve=reserve)
+        return cls(model, hooks, decoder, states, mask)
+
+    # -- running the decoder --------------------------------------------------------------------
+
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Feed decoder tokens `input_ids` (B, T) to every row; returns the model output (`.logits`).
+
+        Padding, if any, must sit on the right and only in a row's last pass (training); generation
+        feeds one token per row per pass.
+        """
+        from transformers import EncoderDecoderCache
+        from transformers.modeling_outputs import BaseModelOutput
+
+        inputs = self.decoder.model_inputs(input_ids, attention_mask)
+        cross = _LayeredKV(self._cross) if self._cross is not None else DynamicCache()
+        cache = EncoderDecoderCache(inputs["cache"], cross)
+        state = _Pass()
+        if self.hooks.decoder_positions is not None:
+            state.positions[id(self.hooks.decoder_positions)] = inputs["position_ids"]
+        with _running(state):
+            out = self.model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder_states),
+                attention_mask=self.encoder_mask,
+                decoder_input_ids=input_ids,
+                decoder_attention_mask=inputs["attention_mask"],
+                cache=cache,
+                use_cache=True,
+                **kwargs,
+            )
+        if self._cross is None:
+            self._cross = [_ReservedLayer(layer.keys, layer.values) for layer in cross.layers]
+        return out
+
+    def start(self, **kwargs):
+        """The first decoder pass: every row's decoder start token. Returns the model output."""
+        ids = torch.full((self.batch_size, 1), self.hooks.decoder_start_token_id, device=self.encoder_mask.device)
+        return self.decode(ids, **kwargs)
+
+    # -- rows joining, leaving ------------------------------------------------------------------
+
+    @property
+    def batch_size(self) -> int:
+        return self.decoder.batch_size
+
+    @property
+    def next_position(self) -> torch.Tensor:
+        return self.decoder.next_position
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.decoder.mask
+
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Keep only `rows` (in that order), then drop columns none of them uses."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.encoder_mask.device)
+        self.decoder.keep_rows(rows)
+        self.encoder_states = self.encoder_states.index_select(0, index)
+        self.encoder_mask = self.encoder_mask.index_select(0, index)
+        if self._cross is not None:
+            for layer in self._cross:
+                layer.hold(layer.keys.index_select(0, index), layer.values.index_select(0, index), 0)
+        self._trim_source()
+
+    def append_rows(self, other: Seq2SeqBatchCache) -> None:
+        """Add `other`'s rows after this cache's (both past their first decoder pass)."""
+        if self._cross is None or other._cross is None:
+            raise ValueError("rows join a running batch only after their first decoder pass")
+        self.decoder.append_rows(other.decoder)
+        width = max(self.encoder_mask.shape[1], other.encoder_mask.shape[1])
+
+        def right(t: torch.Tensor, dim: int) -> torch.Tensor:
+            n = width - t.shape[dim]
+            if not n:
+                return t
+            pad = [0, 0] * (t.dim() - dim - 1) + [0, n]
+            return F.pad(t, pad)
+
+        self.encoder_states = torch.cat([right(self.encoder_states, 1), right(other.encoder_states, 1)])
+        self.encoder_mask = torch.cat([right(self.encoder_mask, 1), right(other.encoder_mask, 1)])
+        for layer, new in zip(self._cross, other._cross):
+            keys = torch.cat([right(layer.keys, 2), right(new.keys, 2)])
+            values = torch.cat([right(layer.values, 2), right(new.values, 2)])
+            layer.hold(keys, values, 0)
+
+    def _trim_source(self) -> None:
+        """Drop trailing source columns no row uses."""
+        if self.batch_size == 0:
+            return
+        used = int(self.encoder_mask.sum(dim=1).max())
+        if used < self.encoder_mask.shape[1]:
+            self.encoder_states = self.encoder_states[:, :used]
+            self.encoder_mask = self.encoder_mask[:, :used]
+            if self._cross is not None:
+                for layer in self._cross:
+                    layer.hold(layer.keys[:, :, :used], layer.values[:, :, :used], 0)
+
+    def decoder_kv(self, row: int) -> torch.Tensor:
+        """Row `row`'s decoder self-attention columns as a decoder prefix part (L_dec, 2, H, n, D)."""
+        return self.decoder.row_kv(row)

@@ -1,0 +1,71 @@
+"""The runner: executes a step's forward passes over the batch's `BatchCache`. Model calls only.
+
+It knows rows by their index in the running batch; what a row is for (its request, its text) is
+the generator's business. Every pass returns one logits row per batch row, (B, V) float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from core.batch_cache import BatchCache, Prefix, prefix_length
+from core.model import BaseModel
+
+
+class BatchRunner:
+    """Forward passes over one running batch of rows, each with its own (composed) prefix."""
+
+    def __init__(self, base: BaseModel):
+        self.base = base
+        self.cache: BatchCache | None = None
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.cache is None else self.cache.batch_size
+
+    def prefill(self, prompts: Sequence[list[int]], prefixes: Sequence[Prefix]) -> tuple[torch.Tensor, BatchCache]:
+        """Run new rows' prefixes + prompts in one pass; returns their last-token logits (N, V) and
+        their cache, which `join` adds to the running batch."""
+        base = self.base
+        device = base.device
+        cache = BatchCache.from_prefixes(prefixes, base.geometry, device=device, dtype=base.dtype, reserve=True)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), base.tokenizer.pad_token_id, device=device)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+        for i, prompt in enumerate(prompts):  # left padding: every row's last token is the last column
+            ids[i, width - len(prompt) :] = torch.tensor(prompt, device=device)
+            mask[i, width - len(prompt) :] = 1
+        out = base.model(**cache.model_inputs(ids, mask), logits_to_keep=1)
+        return out.logits[:, -1].float(), cache
+
+    def join(self, cache: BatchCache, rows: Sequence[int]) -> None:
+        """Add `rows` of a prefilled cache to the running batch (after the rows already there)."""
+        if len(rows) != cache.batch_size:
+            cache.keep_rows(rows)
+        if self.cache is None or self.cache.batch_size == 0:
+            self.cache = cache
+        else:
+            self.cache.append_rows(cache)
+
+    def decode(self, last_tokens: Sequence[int]) -> torch.Tensor:
+        """Feed each running row its last token; returns next-token logits (B, V)."""
+        ids = torch.tensor(last_tokens, device=self.base.device)[:, None]  # (B, 1)
+        out = self.base.model(**self.cache.model_inputs(ids), logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only `rows` of the running batch (finished rows leave)."""
+        if not rows:
+            self.cache = None
+        elif len(rows) != self.cache.batch_size:
+            self.cache.keep_rows(rows)
+
+    def next_positions(self) -> list[int]:
+        return [] if self.cache is None else self.cache.next_position.tolist()
+
+
+def request_width(prompt: list[int], prefix: Prefix) -> int:
+    """Columns a request's prefill needs: its prefix plus its prompt."""
+    return prefix_length(prefix) + len(prompt)
