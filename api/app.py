@@ -2,11 +2,13 @@
 
 `create_app()` builds the app for the process settings; tests pass their own `Settings` (or a
 ready `ServiceContext`). Startup (lifespan) starts the background machinery of the mode:
-embedded -> the in-process training executor; distributed -> a Celery client for `steer.train`.
+embedded -> the in-process training executor and inference engine; distributed -> a Celery client
+for `steer.train` and a Redis Streams client for the inference workers.
 
-Extension point for serving: `app.state.ctx` is the `ServiceContext` (settings, sessions, blob
-store, shared base model) from the moment the app exists; `api/routes/completions.py` is
-included like any other router and may bring its own `APIRouter(lifespan=...)`.
+`app.state.ctx` is the `ServiceContext` (settings, sessions, blob store, shared base model) from
+the moment the app exists. `app.state.completer` is the mode's `Completer` (set it before startup
+to replace it), started and closed by the lifespan; `app.state.completions` is the
+`CompletionService` the completion routes submit to.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from api.openapi import V1_ERRORS, install_openapi
 from api.routes import admin, completions, health, jobs, onboarding, samples, users
 from core.config import Settings, get_settings
 from core.db.migrate import upgrade_to_head
+from core.inference import metrics as inference_metrics
+from core.inference.service import CompletionService, build_completer
 from core.service.context import ServiceContext, build_context
 
 log = logging.getLogger(__name__)
@@ -50,10 +54,17 @@ def create_app(
             # `steer migrate` (the compose `migrate` service) before the API starts.
             upgrade_to_head(ctx.settings.effective_database_url)
         app.state.dispatcher.start()
-        log.info("Steer API ready (%s mode)", ctx.settings.mode)
         try:
+            if app.state.completer is None:
+                app.state.completer = build_completer(ctx.settings, ctx.base_model, ctx.store)
+            completer = app.state.completer
+            app.state.completions = CompletionService(completer, ctx.session_factory, ctx.settings.request_timeout_s)
+            await completer.start()
+            log.info("Steer API ready (%s mode)", ctx.settings.mode)
             yield
         finally:
+            if app.state.completer is not None:
+                await app.state.completer.close()
             app.state.dispatcher.stop()
             if owns_context:
                 ctx.close()
@@ -67,6 +78,8 @@ def create_app(
     app.state.ctx = ctx
     app.state.dispatcher = dispatcher or make_dispatcher(ctx)
     app.state.metrics_registry = make_registry(ctx, getattr(app.state.dispatcher, "queue_depth", None))
+    inference_metrics.register_all(app.state.metrics_registry)
+    app.state.completer = None  # the mode's own, made at startup, unless set before
     install_error_handlers(app)
     install_openapi(app)
     app.add_middleware(BodySizeLimit, limit=ctx.settings.max_upload_bytes)

@@ -90,11 +90,12 @@ def worker_train(
     metrics_port: Annotated[int | None, typer.Option(help="Serve training metrics on this port.")] = None,
 ) -> None:
     """A Celery training worker on queue `train`, one job at a time (run one per GPU)."""
+    if metrics_port is not None:
+        # Before the settings are read: the pool processes, which train, read it from them.
+        os.environ["STEER_WORKER_METRICS_PORT"] = str(metrics_port)
     settings = _settings()
     if settings.mode != "distributed":
         raise typer.BadParameter("set STEER_REDIS_URL: training workers are for the distributed mode")
-    if metrics_port is not None:
-        os.environ["STEER_WORKER_METRICS_PORT"] = str(metrics_port)
     from workers.celery_app import app as celery_app
 
     celery_app.worker_main(["worker", "--queues", "train", "--concurrency", "1", "--loglevel", loglevel])
@@ -114,17 +115,15 @@ _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_
 @app.command(context_settings=_PASSTHROUGH)
 def eval(ctx: typer.Context) -> None:  # noqa: A001 - the command is called `eval`
     """Evaluate personalization quality (see `steer eval --help`)."""
-    from core.evaluation.cli import run
+    from api.commands.evaluate import app as evaluation
 
-    evaluation = typer.Typer(add_completion=False)
-    evaluation.command()(run)
     _delegate(evaluation, ctx.args, "steer eval")
 
 
 @app.command(context_settings=_PASSTHROUGH)
 def bench(ctx: typer.Context) -> None:
     """Benchmarks of the engine (see `steer bench --help`)."""
-    from core.bench import app as bench_app
+    from api.commands.bench import app as bench_app
 
     _delegate(bench_app, ctx.args, "steer bench")
 

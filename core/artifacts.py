@@ -42,10 +42,6 @@ class Prefix:
     def prefix_len(self) -> int:
         return self.kv.shape[3]
 
-    @property
-    def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
-
 def _tensor_sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 

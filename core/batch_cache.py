@@ -255,14 +255,21 @@ def _left_pad(tensor: torch.Tensor, n: int) -> torch.Tensor:
 # inside an encoder pass that carries prefixes, puts each row's prefix K/V in front of the keys and
 # values. Every other attention call is plain sdpa, so a model without prefixes computes as before.
 #
-# Positions: a row's real tokens follow its own prefix, as in running text, in both stacks. T5's
-# relative bias is computed from cache columns, so each row's real columns are kept contiguous (prefix
-# left-padded, tokens right-padded in the encoder; the decoder feeds one token per row per pass), and a
-# prefix column gets the bias of a token standing that far before the text. BART's learned absolute
-# positions are taken per row (P_row, P_row + 1, ...) through a forward hook on its position embedding,
-# because its encoder and decoder accept no position ids.
+# Positions, per family:
+# - T5 (relative bias, computed from cache columns): each row's real columns are kept contiguous
+#   (prefix left-padded, tokens right-padded in the encoder; the decoder feeds one token per row per
+#   pass), so a prefix column gets the bias of a token standing that far before the text, as in running
+#   text (and as transformers' T5 did with past key/values). Rows do not see each other's widths.
+# - BART (learned absolute positions): a row's tokens take positions 0, 1, ... whatever its prefix
+#   (Li & Liang's BART setup), set per row through a forward hook on the position embedding, because
+#   BART's stacks accept no position ids and would otherwise count the batch's padded cache width.
+#   Measured on a toy BART trained in tests/test_engine_seq2seq.py (positions 0..5 seen in training):
+#   a 4-token prefix taught to reverse reached 0.88 exact match with tokens at 0, 1, ...; 0.02 with
+#   tokens after the prefix (P, P + 1, ...: positions the model had not learned). The other rule,
+#   `positions_after_prefix = True`, makes a prefix taken from text exactly a continuation of it.
 
 import contextvars  # noqa: E402
+import threading  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
@@ -335,6 +342,9 @@ class _Seq2SeqHooks:
     encoder_positions: torch.nn.Module | None  # BART's learned position embeddings (T5 has none)
     decoder_positions: torch.nn.Module | None
     decoder_start_token_id: int
+    positions_after_prefix: bool = False
+    """Learned absolute positions (BART): a row's tokens take P_row, P_row + 1, ... (True) or 0, 1, ...
+    whatever its prefix (False)."""
 
 
 def _position_hook(module, args, output):
@@ -345,11 +355,20 @@ def _position_hook(module, args, output):
     return F.embedding(positions + module.offset, module.weight).to(output.dtype)
 
 
+_INSTALLING = threading.Lock()
+
+
 def seq2seq_hooks(model) -> _Seq2SeqHooks:
     """Install (once) the prefix attention and per-row positions on an encoder-decoder model."""
     hooks = getattr(model, "_steer_seq2seq", None)
     if hooks is not None:
         return hooks
+    with _INSTALLING:  # the inference thread and a training job may meet a fresh model together
+        hooks = getattr(model, "_steer_seq2seq", None)
+        return hooks if hooks is not None else _install(model)
+
+
+def _install(model) -> _Seq2SeqHooks:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -415,6 +434,7 @@ class Seq2SeqBatchCache:
         self.encoder_states = states  # (B, S, hidden)
         self.encoder_mask = source_mask  # (B, S)
         self._cross: list[_ReservedLayer] | None = None  # per decoder layer (B, H, S, D), after the first pass
+        self.prefix_lengths = decoder.next_position.clone()  # (B,) each row's decoder prefix length
 
     # -- building: the encoder pass -----------------------------------------------------------------
 
@@ -462,7 +482,8 @@ class Seq2SeqBatchCache:
                 capture=capture,
             )
         if hooks.encoder_positions is not None:
-            state.positions[id(hooks.encoder_positions)] = prefixes.next_position[:, None] + torch.arange(width, device=device)
+            first = prefixes.next_position if hooks.positions_after_prefix else torch.zeros_like(prefixes.next_position)
+            state.positions[id(hooks.encoder_positions)] = first[:, None] + torch.arange(width, device=device)
         with _running(state):
             states = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         decoder = BatchCache.from_prefixes([d for _, d in parts], dec_geometry, device=device, dtype=dtype, reserve=reserve)
@@ -484,7 +505,10 @@ class Seq2SeqBatchCache:
         cache = EncoderDecoderCache(inputs["cache"], cross)
         state = _Pass()
         if self.hooks.decoder_positions is not None:
-            state.positions[id(self.hooks.decoder_positions)] = inputs["position_ids"]
+            positions = inputs["position_ids"]
+            if not self.hooks.positions_after_prefix:
+                positions = positions - self.prefix_lengths[:, None]
+            state.positions[id(self.hooks.decoder_positions)] = positions
         with _running(state):
             out = self.model(
                 encoder_outputs=BaseModelOutput(last_hidden_state=self.encoder_states),
@@ -522,6 +546,7 @@ class Seq2SeqBatchCache:
         """Keep only `rows` (in that order), then drop columns none of them uses."""
         index = torch.tensor(list(rows), dtype=torch.long, device=self.encoder_mask.device)
         self.decoder.keep_rows(rows)
+        self.prefix_lengths = self.prefix_lengths.index_select(0, index)
         self.encoder_states = self.encoder_states.index_select(0, index)
         self.encoder_mask = self.encoder_mask.index_select(0, index)
         if self._cross is not None:
@@ -534,6 +559,7 @@ class Seq2SeqBatchCache:
         if self._cross is None or other._cross is None:
             raise ValueError("rows join a running batch only after their first decoder pass")
         self.decoder.append_rows(other.decoder)
+        self.prefix_lengths = torch.cat([self.prefix_lengths, other.prefix_lengths])
         width = max(self.encoder_mask.shape[1], other.encoder_mask.shape[1])
 
         def right(t: torch.Tensor, dim: int) -> torch.Tensor:

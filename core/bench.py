@@ -1,4 +1,5 @@
-"""`steer bench ...`: the engine's performance figures, as ratios measured within one run.
+"""The engine's performance figures, as ratios measured within one run (`steer bench serve|train`,
+api/commands/bench.py, prints them).
 
 Timings on a shared CPU are noisy, so every figure is compared with a reference measured in the
 same process, minutes apart at most; absolute numbers are printed for context only.
@@ -6,22 +7,18 @@ same process, minutes apart at most; absolute numbers are printed for context on
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import dataclass, replace
 
 import torch
-import typer
 
 from core.generation import GenerationRequest, MixedBatchGenerator
-from core.model import BaseModel, load_base_model
+from core.model import BaseModel
 from core.prefix import PrefixConfig, kv_from_text
 from core.prompts import chat_prompt_ids, text_ids
 from core.sampling import SamplingParams
 from core.training import TrainingConfig, UserData, train_prefixes
-
-app = typer.Typer(help="Benchmarks of the prefix engine (ratios measured in one run).", no_args_is_help=True)
 
 TOPICS = [
     "the harvest", "the railways", "the navy", "public schools", "the currency", "foreign trade", "the post office",
@@ -229,69 +226,3 @@ def bench_training(base: BaseModel, steps: int, users: int, personalise_samples:
         f"personalise_{personalise_samples}_samples_seconds (goal <= 60)": round(personalise.seconds, 1),
         "artifact_bytes/base_bytes (goal <= 0.002)": round(base.geometry.numel(16) * 2 / base.weight_bytes(), 5),
     }
-
-
-def _emit(name: str, result: dict, as_json: bool) -> None:
-    payload = {"benchmark": name, "machine": machine_info(), **result}
-    if as_json:
-        typer.echo(json.dumps(payload, indent=2))
-        return
-    from rich.console import Console
-    from rich.pretty import pprint
-
-    Console().rule(f"steer bench {name}")
-    pprint(payload, expand_all=True)
-
-
-@app.command("serve")
-def serve_command(
-    requests: int = typer.Option(32, help="Concurrent requests (one user each in the mixed run)."),
-    new_tokens: int = typer.Option(64, help="Tokens generated per request."),
-    prefix_len: int = typer.Option(16),
-    serial_requests: int = typer.Option(8, help="Requests timed one at a time (throughput is per token)."),
-    base_model: str = typer.Option("smollm2"),
-    device: str = typer.Option("auto"),
-    dtype: str = typer.Option("auto"),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
-) -> None:
-    """Serving throughput: mixed users vs one user vs serial prefix swapping vs the bare base model."""
-    base = load_base_model(base_model, device=device, dtype=dtype)
-    _emit("serve", bench_serving(base, requests, new_tokens, prefix_len, serial_requests), as_json)
-
-
-@app.command("train")
-def train_command(
-    steps: int = typer.Option(6, help="Timed training steps (first excluded)."),
-    users: int = typer.Option(8, help="Users in the multi-user vs sequential comparison."),
-    personalise_samples: int = typer.Option(50),
-    time_budget_s: float = typer.Option(55.0, help="Budget given to the one-user personalisation run."),
-    base_model: str = typer.Option("smollm2"),
-    device: str = typer.Option("auto"),
-    dtype: str = typer.Option("auto"),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
-) -> None:
-    """Training: step time vs PEFT, multi-user batching vs sequential jobs, time to personalise."""
-    base = load_base_model(base_model, device=device, dtype=dtype)
-    _emit("train", bench_training(base, steps, users, personalise_samples, time_budget_s), as_json)
-
-
-@app.command("load")
-def load_command(
-    users: int = typer.Option(120, help="Users onboarded before the timed phases (more join during them)."),
-    duration_s: float = typer.Option(60.0, "--duration", help="Seconds of load, split between the two phases."),
-    below_clients: int = typer.Option(8, help="Concurrent clients below capacity."),
-    above_clients: int = typer.Option(64, help="Concurrent clients above capacity."),
-    max_queue: int = typer.Option(16, help="The server's STEER_MAX_QUEUE."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
-) -> None:
-    """HTTP load on a spawned `steer serve` (tiny model): zero errors below capacity, 429s above."""
-    from core.loadtest import LoadConfig, run_load_test, verdict
-
-    config = LoadConfig(
-        users=users, duration_s=duration_s, below_clients=below_clients, above_clients=above_clients, max_queue=max_queue
-    )
-    report = run_load_test(config)
-    problems = verdict(report)
-    _emit("load", {**report, "problems": problems}, as_json)
-    if problems:
-        raise typer.Exit(1)

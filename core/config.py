@@ -187,6 +187,13 @@ class Settings(BaseSettings):
         description="Weight of the KL-to-base term on base-model samples that keeps a prefix from changing "
         "the model on unrelated text, unless a job asks otherwise (0: off). Unset: the engine's default.",
     )
+    worker_metrics_port: int | None = Field(
+        default=None,
+        gt=0,
+        lt=65536,
+        description="Distributed mode: the TCP port on which a training worker serves its training step "
+        "metrics (Prometheus); `steer worker train --metrics-port` sets it. Unset: not served.",
+    )
 
     @field_validator("data_dir", mode="after")
     @classmethod

@@ -108,13 +108,55 @@ def _max_context(config) -> int:
     return int(getattr(config, "max_position_embeddings", 2048))
 
 
+def encoder_decoder_layers(config) -> tuple[int, int]:
+    """(encoder layers, decoder layers) of an encoder-decoder config (T5 and BART naming)."""
+    if hasattr(config, "encoder_layers"):  # BART family
+        return config.encoder_layers, config.decoder_layers
+    return config.num_layers, getattr(config, "num_decoder_layers", None) or config.num_layers  # T5 family
+
+
+def _encoder_decoder_geometry(config) -> PrefixGeometry:
+    """One prefix tensor for both stacks: the first L_enc layers go to the encoder's self-attention,
+    the rest to the decoder's (core/batch_cache.py, Seq2SeqBatchCache). That needs one head shape."""
+    encoder, decoder = encoder_decoder_layers(config)
+    if hasattr(config, "encoder_attention_heads"):
+        heads = (config.encoder_attention_heads, config.decoder_attention_heads)
+        head_dims = (config.d_model // heads[0], config.d_model // heads[1])
+    else:
+        heads = (config.num_heads, getattr(config, "num_decoder_heads", None) or config.num_heads)
+        head_dims = (config.d_kv, config.d_kv)
+    if heads[0] != heads[1] or head_dims[0] != head_dims[1]:
+        raise ModelLoadError(
+            f"encoder and decoder attention shapes differ ({heads[0]}x{head_dims[0]} vs {heads[1]}x{head_dims[1]} "
+            "heads x head dim): a prefix is one (L, 2, H, P, D) tensor, so both stacks need the same H and D"
+        )
+    return PrefixGeometry(num_layers=encoder + decoder, num_kv_heads=heads[0], head_dim=head_dims[0])
+
+
 def geometry_of(config) -> PrefixGeometry:
-    heads = config.num_attention_heads
+    if getattr(config, "is_encoder_decoder", False):
+        return _encoder_decoder_geometry(config)
+    _refuse_sliding_window(config)
+    heads = config.num_attention_heads  # GPT-2's n_head, n_layer, n_embd answer to these names too
     return PrefixGeometry(
         num_layers=config.num_hidden_layers,
         num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
     )
+
+
+def _refuse_sliding_window(config) -> None:
+    """Sliding-window attention layers (Mistral, Gemma 2/3, Qwen2 with use_sliding_window) measure the
+    window in cache columns, and a batch's columns hold other rows' padding (core/batch_cache.py): a
+    row's result would depend on its neighbours, so such a model is refused rather than served wrongly."""
+    layer_types = getattr(config, "layer_types", None) or ()
+    window = getattr(config, "sliding_window", None)
+    if any(t != "full_attention" for t in layer_types) or (not layer_types and window):
+        kinds = sorted(set(layer_types) - {"full_attention"}) or ["sliding_attention"]
+        raise ModelLoadError(
+            f"{type(config).__name__} has {', '.join(kinds)} layers (sliding window {window}): mixed batches "
+            "of prefixed rows support full attention only"
+        )
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -158,8 +200,10 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _cached_smollm2_dir(cache_root: Path) -> Path:
+def _cached_smollm2_dir(cache_root: Path | None) -> Path:
     """Dequantize the GGUF once into a safetensors directory; later loads read that directory."""
+    if cache_root is None:
+        raise ValueError("the bundled model needs a cache_root (Settings.model_cache_dir)")
     target = cache_root / SMOLLM2_MODEL_ID
     if (target / _FINGERPRINT_FILE).is_file():
         return target
@@ -214,10 +258,6 @@ def tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> LlamaForCau
     return model
 
 
-def default_cache_root() -> Path:
-    return Path(os.environ.get("STEER_DATA_DIR", "~/.steer")).expanduser() / "models"
-
-
 def load_base_model(
     name: str = SMOLLM2,
     *,
@@ -225,8 +265,10 @@ def load_base_model(
     dtype: str = "auto",
     cache_root: Path | None = None,
 ) -> BaseModel:
-    """Load a frozen base model: "smollm2" (bundled), "tiny" (random test model) or a local directory."""
-    cache_root = cache_root or default_cache_root()
+    """Load a frozen base model: "smollm2" (bundled), "tiny" (random test model) or a local directory.
+
+    `cache_root` is where the bundled model's converted copy lives (`Settings.model_cache_dir`):
+    needed by "smollm2" and "tiny" (its tokenizer), not by a model directory."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     fingerprint = None
@@ -244,7 +286,7 @@ def load_base_model(
         if not (directory / "config.json").is_file():
             raise ModelLoadError(f"base model {name!r} is neither 'smollm2', 'tiny' nor a model directory")
         tokenizer = _tokenizer(directory)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
+        model = _auto_class(directory).from_pretrained(directory, dtype=torch.float32, local_files_only=True)
         model_id = directory.name
     # The fingerprint is of the fp32 weights as stored, so a prefix trained on a GPU in bf16 still
     # binds to the same base as one served on a CPU in fp32.
@@ -259,6 +301,14 @@ def load_base_model(
         fingerprint=fingerprint,
         geometry=geometry_of(model.config),
     )
+
+
+def _auto_class(directory: Path):
+    """AutoModelForSeq2SeqLM for an encoder-decoder directory (T5, BART), else AutoModelForCausalLM."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
 
 def _tokenizer(directory: Path) -> PreTrainedTokenizerBase:
@@ -277,7 +327,7 @@ def load_model_card(name: str = SMOLLM2, *, cache_root: Path | None = None) -> M
         return load_base_model(name, device="cpu", dtype="float32", cache_root=cache_root).card()
     from transformers import AutoConfig
 
-    directory = _cached_smollm2_dir(cache_root or default_cache_root())
+    directory = _cached_smollm2_dir(cache_root)
     tokenizer = _tokenizer(directory)
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
     fingerprint = json.loads((directory / _FINGERPRINT_FILE).read_text())["fingerprint"]

@@ -1,10 +1,13 @@
-"""Training prefixes: one user, or many users sharing every forward/backward pass.
+"""The training loop of every tuning method: one user, or many users sharing every forward/backward pass.
 
-Each user keeps their own PrefixEncoder, optimizer, schedule, data order and early-stopping state;
+A method (core/tuning.py's TuningMethod: prefixes in core/tuning.py, prompt tuning and LoRA in
+core/evaluation/baselines.py) supplies each user's trainable module and how it enters the forward
+pass; everything else lives here once. Each user keeps their own module, optimizer, schedule, data order and early-stopping state;
 only the forward/backward pass over the frozen base is shared. The loss is a *sum over users* of each
 user's own token-mean loss, so user u's gradient is exactly the gradient of u's loss alone: training K
 users together gives each of them what training them alone would (same seed, same data order), up to
 float rounding from padding. That makes batch retraining of many users cost about one job, not K.
+A method that cannot mix users in one forward gets one forward/backward per user from the same loop.
 """
 
 from __future__ import annotations
@@ -16,14 +19,15 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from core.data import FORMAT_CHAT, FORMAT_PLAIN, IGNORE, Example, build_examples, prepare_samples, split_samples
 from core.errors import InvalidTrainingData, TrainingCancelled
 from core.model import BaseModel
 from core.preservation import Anchors, kl_from_base, sample_anchors
-from core.prefix import INIT_ACTIVATIONS, PrefixConfig, PrefixEncoder, batch_prefixes, forward_with_prefixes, kv_from_text
-from core.prompts import text_ids
+from core.prefix import PrefixConfig
+from core.tuning import PrefixMethod, TuningMethod, prefix_hidden_states
 
 
 @dataclass
@@ -83,7 +87,8 @@ class UserData:
     user_id: str
     samples: list[str]
     resume_state: dict[str, torch.Tensor] | None = None
-    """A PrefixEncoder state_dict from an earlier job: continue from there instead of initialising."""
+    """The user module's state_dict from an earlier job (a PrefixEncoder's for prefixes): continue
+    from there instead of initialising."""
     prefix: PrefixConfig | None = None
     """This user's own prefix shape, instead of the job's `config.prefix`."""
 
@@ -109,10 +114,20 @@ class TrainedPrefix:
     metrics: dict
 
 
+@dataclass
+class TrainedUser:
+    """One user's result of any method: the module holds the best validation checkpoint."""
+
+    user_id: str
+    module: nn.Module
+    state: dict[str, torch.Tensor]  # module state_dict at that checkpoint, on CPU (for resuming)
+    metrics: dict
+
+
 class _UserRun:
     """Everything one user owns during a (possibly shared) training job."""
 
-    def __init__(self, base: BaseModel, data: UserData, config: TrainingConfig):
+    def __init__(self, base: BaseModel, method: TuningMethod, data: UserData, config: TrainingConfig):
         self.user_id = data.user_id
         samples = prepare_samples(data.samples)
         if not samples:
@@ -123,16 +138,15 @@ class _UserRun:
         self.val = build_examples(tokenizer, val, config.max_seq_len, config.formats)
         if not self.train:
             raise InvalidTrainingData(f"user {data.user_id}: samples too short to train on")
-        generator = torch.Generator().manual_seed(config.seed)
-        init_kv = None
-        prefix = data.prefix or config.prefix
-        if data.resume_state is None and prefix.init == INIT_ACTIVATIONS:
-            init_kv = kv_from_text(base, _init_tokens(tokenizer, train, prefix.prefix_len))
-        self.encoder = PrefixEncoder(base.geometry, prefix, init_kv, generator).to(base.device)
+        # A generator of the user's own, not one drawn from by every user in turn: a user
+        # initialises the same alone or beside others.
+        self.module = method.new_user(data, train, torch.Generator().manual_seed(config.seed))
         if data.resume_state is not None:
-            self.encoder.load_state_dict(data.resume_state)
-        params = [p for p in self.encoder.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+            self.module.load_state_dict(data.resume_state)
+        # Every parameter of the module, whatever its requires_grad now: PEFT flips that flag on
+        # the adapters it is not running, and a user's optimizer must still own all of theirs.
+        self.params = list(self.module.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_then_linear(config))
         self.order = random.Random(config.seed)
         self.stream: list[int] = []
@@ -152,7 +166,7 @@ class _UserRun:
         self.bad_evals = 0
         self.done = False
         self.stopped_early = False
-        self.best_state = _snapshot(self.encoder)
+        self.best_state = _snapshot(self.module)
         self.n_train_samples, self.n_val_samples = len(train), len(val)
 
     def next_batch(self, batch_size: int) -> list[Example]:
@@ -167,16 +181,16 @@ class _UserRun:
     def record_eval(self, val_loss: float, patience: int) -> None:
         if val_loss < self.best_val - 1e-4:
             self.best_val, self.best_step, self.bad_evals = val_loss, self.steps, 0
-            self.best_state = _snapshot(self.encoder)
+            self.best_state = _snapshot(self.module)
         else:
             self.bad_evals += 1
             if self.bad_evals >= patience:
                 self.done, self.stopped_early = True, True
 
-    def result(self, started: float) -> TrainedPrefix:
+    def result(self, started: float) -> TrainedUser:
         if not self.val:  # nothing to select on: the last state is the result
-            self.best_state = _snapshot(self.encoder)
-        self.encoder.load_state_dict(self.best_state)
+            self.best_state = _snapshot(self.module)
+        self.module.load_state_dict(self.best_state)
         metrics = {
             "steps": self.steps,
             "best_step": self.best_step,
@@ -193,7 +207,7 @@ class _UserRun:
             "stopped_early": self.stopped_early,
             "train_seconds": round(time.monotonic() - started, 3),
         }
-        return TrainedPrefix(self.user_id, self.encoder.export(), dict(self.best_state), self.encoder.config, metrics)
+        return TrainedUser(self.user_id, self.module, dict(self.best_state), metrics)
 
 
 def train_prefixes(
@@ -205,19 +219,48 @@ def train_prefixes(
     should_cancel: Callable[[], bool] | None = None,
 ) -> list[TrainedPrefix]:
     """Train one prefix per user, all users sharing each forward/backward pass over the frozen base."""
+    _check_fits_context(base, users, config)
+    if config.prefix_len_candidates:
+        return _train_choosing_prefix_len(base, users, config, on_progress, should_cancel)
+    method = PrefixMethod(base, config.prefix)
+    trained = train_users(base, method, users, config, on_progress=on_progress, should_cancel=should_cancel)
+    return [TrainedPrefix(t.user_id, method.export(t.module), t.state, t.module.config, t.metrics) for t in trained]
+
+
+def _check_fits_context(base: BaseModel, users: list[UserData], config: TrainingConfig) -> None:
+    """A prefix and the longest row must fit the base model's context window: past it, models with
+    learned positions (GPT-2) index out of range and rotary ones silently extrapolate."""
+    lengths = [(u.prefix or config.prefix).prefix_len for u in users] + list(config.prefix_len_candidates)
+    longest_row = max(config.max_seq_len, config.preservation_len + 1 if config.preservation_weight > 0 else 0)
+    if max(lengths, default=0) + longest_row > base.max_context:
+        raise InvalidTrainingData(
+            f"prefix of {max(lengths)} tokens plus rows of up to {longest_row} tokens exceed the base "
+            f"model's context window of {base.max_context} tokens"
+        )
+
+
+def train_users(
+    base: BaseModel,
+    method: TuningMethod,
+    users: list[UserData],
+    config: TrainingConfig,
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> list[TrainedUser]:
+    """Train `method` for every user (in `users`' order), sharing forward/backward passes as far
+    as the method allows; each user's result equals training them alone."""
     if not users:
         raise InvalidTrainingData("no users to train")
     if len({u.user_id for u in users}) != len(users):
         raise InvalidTrainingData("a user appears twice in one training job")
-    if config.prefix_len_candidates:
-        return _train_choosing_prefix_len(base, users, config, on_progress, should_cancel)
     started = time.monotonic()
     base.model.requires_grad_(False)
-    runs = [_UserRun(base, u, config) for u in users]
+    runs = [_UserRun(base, method, u, config) for u in users]
     anchors = None
     if config.preservation_weight > 0:
         anchors = sample_anchors(base, config.preservation_anchors, config.preservation_len, config.seed)
-    _evaluate(base, runs, config, initial=True)
+    _evaluate(base, method, runs, config, initial=True)
     step = 0
     total_steps = max(r.max_steps for r in runs)
     while True:
@@ -229,29 +272,32 @@ def train_prefixes(
         if config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s:
             break
         step_started = time.monotonic()
-        tokens = _train_step(base, active, config, anchors)
+        tokens = _train_step(base, method, active, config, anchors)
         step += 1
-        if any(r.val and r.steps % config.eval_every == 0 for r in active):
-            _evaluate(base, [r for r in active if r.val and r.steps % config.eval_every == 0], config)
+        due = [r for r in active if r.val and r.steps % config.eval_every == 0]
+        if due:
+            _evaluate(base, method, due, config)
         if on_progress is not None:
-            elapsed = time.monotonic() - started
-            seconds = max(time.monotonic() - step_started, 1e-9)
-            evaluated = [r.best_val for r in active if not math.isinf(r.best_val)]
-            on_progress(
-                Progress(
-                    step=step,
-                    max_steps=total_steps,
-                    active_users=len(active),
-                    loss=sum(r.last_loss for r in active) / len(active),
-                    val_loss=sum(evaluated) / len(evaluated) if evaluated else None,
-                    tokens_per_s=tokens / seconds,
-                    elapsed_s=elapsed,
-                    eta_s=elapsed / step * max(total_steps - step, 0),
-                )
-            )
+            on_progress(_progress(step, total_steps, active, tokens, started, step_started))
     final = [r for r in runs if r.val and not r.done and r.steps % config.eval_every != 0]
-    _evaluate(base, final, config)  # the last steps may hold the best validation loss
+    _evaluate(base, method, final, config)  # the last steps may hold the best validation loss
     return [r.result(started) for r in runs]
+
+
+def _progress(step: int, total_steps: int, active: list[_UserRun], tokens: int, started: float, step_started: float):
+    elapsed = time.monotonic() - started
+    seconds = max(time.monotonic() - step_started, 1e-9)
+    evaluated = [r.best_val for r in active if not math.isinf(r.best_val)]
+    return Progress(
+        step=step,
+        max_steps=total_steps,
+        active_users=len(active),
+        loss=sum(r.last_loss for r in active) / len(active),
+        val_loss=sum(evaluated) / len(evaluated) if evaluated else None,
+        tokens_per_s=tokens / seconds,
+        elapsed_s=elapsed,
+        eta_s=elapsed / step * max(total_steps - step, 0),
+    )
 
 
 def _train_choosing_prefix_len(base, users, config, on_progress, should_cancel) -> list[TrainedPrefix]:
@@ -280,60 +326,73 @@ def _train_choosing_prefix_len(base, users, config, on_progress, should_cancel) 
     return chosen
 
 
-def _train_step(base: BaseModel, runs: list[_UserRun], config: TrainingConfig, anchors: Anchors | None = None) -> int:
-    """One optimizer step for every run in `runs`, from one shared forward/backward pass."""
+def _train_step(
+    base: BaseModel, method: TuningMethod, runs: list[_UserRun], config: TrainingConfig, anchors: Anchors | None
+) -> int:
+    """One optimizer step for every run: one shared forward/backward pass, or one per user when the
+    method cannot mix users (gradients land in each user's own parameters either way)."""
+    for run in runs:
+        run.optimizer.zero_grad(set_to_none=True)
+    groups = [runs] if method.mixes_users else [[run] for run in runs]
+    tokens = sum(_backward_group(base, method, group, config, anchors) for group in groups)
+    for run in runs:
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(run.params, config.grad_clip)
+        run.optimizer.step()
+        run.schedule.step()
+        run.steps += 1
+    return tokens
+
+
+def _backward_group(
+    base: BaseModel, method: TuningMethod, runs: list[_UserRun], config: TrainingConfig, anchors: Anchors | None
+) -> int:
+    """Forward + backward of one batch of `runs`' rows; returns the scored training tokens."""
     rows, owners = [], []
     for index, run in enumerate(runs):
         batch = run.next_batch(config.batch_size)
         rows.extend(batch)
         owners.extend([index] * len(batch))
-    picked = []  # (owner, anchor index): one anchor row per user, each user cycling on its own
+    picked = []  # one anchor index per user, each user cycling on its own
     if anchors is not None:
-        for index, run in enumerate(runs):
-            picked.append((index, run.anchor_cursor % len(anchors)))
+        for run in runs:
+            picked.append(run.anchor_cursor % len(anchors))
             run.anchor_cursor += 1
-    prefixes = [run.encoder() for run in runs]
-    all_rows = rows + [anchors.examples[k] for _, k in picked]  # (picked is empty without anchors)
-    hidden, labels = _hidden_states(base, all_rows, [prefixes[o] for o in owners] + [prefixes[o] for o, _ in picked])
+    all_rows = rows + [anchors.examples[k] for k in picked]  # (picked is empty without anchors)
+    modules = [runs[o].module for o in owners] + ([run.module for run in runs] if picked else [])
+    hidden, labels = _method_hidden_states(base, method, all_rows, modules)  # (B, T, hidden), (B, T)
     token_sums, token_counts = _row_sums(*_scored_losses(base, hidden[: len(rows)], labels[: len(rows)]))
-    per_user, counts = _per_user_mean(token_sums, token_counts, owners, len(runs))
+    per_user, counts = _per_user_mean(token_sums, token_counts, owners, len(runs))  # (U,), (U,)
     objective = per_user
     if anchors is not None:
         # One LM-head call per anchor row: one call over all rows was measured 4-19% slower on the
         # CPU (8 users, forward + backward), likely its users x tokens x vocabulary intermediates.
         kl = torch.stack([
             kl_from_base(hidden[len(rows) + j, : len(anchors.examples[k].input_ids)], base, anchors.log_probs[k])
-            for j, (_, k) in enumerate(picked)
-        ])
+            for j, k in enumerate(picked)
+        ])  # (U,)
         objective = per_user + config.preservation_weight * kl
-        for (index, _), value in zip(picked, kl.detach().tolist()):
-            runs[index].last_kl = value
-    for run in runs:
-        run.optimizer.zero_grad(set_to_none=True)
+        for run, value in zip(runs, kl.detach().tolist()):
+            run.last_kl = value
     # Sum of per-user means: each user's gradient is that of their own loss alone.
     objective.sum().backward()
     for index, run in enumerate(runs):
-        params = [p for p in run.encoder.parameters() if p.requires_grad]
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        run.optimizer.step()
-        run.schedule.step()
-        run.steps += 1
         run.tokens += int(counts[index])
         run.last_loss = float(per_user[index].detach())
     return int(counts.sum())
 
 
 @torch.no_grad()
-def _evaluate(base: BaseModel, runs: list[_UserRun], config: TrainingConfig, initial: bool = False) -> None:
+def _evaluate(
+    base: BaseModel, method: TuningMethod, runs: list[_UserRun], config: TrainingConfig, initial: bool = False
+) -> None:
     """Validation loss per user (token mean over their validation examples), users batched together."""
     runs = [r for r in runs if r.val]
     if not runs:
         return
-    kvs = [r.encoder() for r in runs]
-    losses = _mean_loss_over(base, runs, lambda i: kvs[i], config.batch_size * 2)
+    losses = _mean_loss_over(base, method, runs, lambda run: run.module, config.batch_size * 2)
     if initial:
-        base_losses = _mean_loss_over(base, runs, lambda i: None, config.batch_size * 2)
+        base_losses = _mean_loss_over(base, method, runs, lambda run: None, config.batch_size * 2)
         for run, loss, base_loss in zip(runs, losses, base_losses):
             run.initial_val, run.base_val = loss, base_loss
             run.best_val = loss
@@ -342,17 +401,37 @@ def _evaluate(base: BaseModel, runs: list[_UserRun], config: TrainingConfig, ini
         run.record_eval(loss, config.patience)
 
 
-def _mean_loss_over(base, runs, prefix_of, chunk: int) -> list[float]:
+def _mean_loss_over(base, method, runs: list[_UserRun], module_of, chunk: int) -> list[float]:
     rows = [(i, ex) for i, run in enumerate(runs) for ex in run.val]
     sums = torch.zeros(len(runs), dtype=torch.float64)
     counts = torch.zeros(len(runs), dtype=torch.float64)
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
         owners = [i for i, _ in part]
-        token_sums, token_counts = _token_loss_sums(base, [ex for _, ex in part], [prefix_of(i) for i in owners])
+        modules = [module_of(runs[i]) for i in owners]
+        token_sums, token_counts = loss_sums(base, method, [ex for _, ex in part], modules)
         sums.index_add_(0, torch.tensor(owners), token_sums.double().cpu())
         counts.index_add_(0, torch.tensor(owners), token_counts.double().cpu())
     return (sums / counts.clamp(min=1)).tolist()
+
+
+@torch.no_grad()
+def loss_sums(base: BaseModel, method: TuningMethod, rows: list[Example], modules: list[nn.Module | None]):
+    """Per row, summed next-token loss and scored-token count ((B,), (B,)), row i under modules[i]
+    (None = base model); rows of different users in one forward only when the method allows it."""
+    if method.mixes_users:
+        groups = [list(range(len(rows)))]
+    else:
+        by_module: dict[int, list[int]] = {}
+        for i, m in enumerate(modules):
+            by_module.setdefault(id(m), []).append(i)
+        groups = list(by_module.values())
+    sums = torch.zeros(len(rows), device=base.device)
+    counts = torch.zeros(len(rows), device=base.device)
+    for group in groups:
+        hidden, labels = _method_hidden_states(base, method, [rows[i] for i in group], [modules[i] for i in group])
+        sums[group], counts[group] = _row_sums(*_scored_losses(base, hidden, labels))
+    return sums, counts
 
 
 def _per_user_mean(token_sums, token_counts, owners, n_users):
@@ -364,27 +443,37 @@ def _per_user_mean(token_sums, token_counts, owners, n_users):
 
 
 def token_losses(base: BaseModel, rows: list[Example], row_prefixes: list[torch.Tensor | None]):
-    """Next-token cross-entropy per scored position: ((B, T-1) losses, (B, T-1) scored mask)."""
+    """Next-token cross-entropy per scored position under prefix KVs: ((B, T-1) losses, (B, T-1) scored mask)."""
     hidden, labels = _hidden_states(base, rows, row_prefixes)
     return _scored_losses(base, hidden, labels)
 
 
 def _hidden_states(base: BaseModel, rows: list[Example], row_prefixes: list[torch.Tensor | None]):
-    """The last hidden state of every row under its prefix ((B, T, H)) and the labels ((B, T))."""
+    """The last hidden state of every row under its prefix KV ((B, T, H)) and the labels ((B, T))."""
+    ids, mask, labels = _padded(base, rows)
+    return prefix_hidden_states(base, ids, mask, row_prefixes), labels
+
+
+def _method_hidden_states(base: BaseModel, method: TuningMethod, rows: list[Example], modules: list):
+    """The last hidden state of every row under its user's module ((B, T, H)) and the labels ((B, T))."""
+    ids, mask, labels = _padded(base, rows)
+    return method.hidden_states(ids, mask, modules), labels
+
+
+def _padded(base: BaseModel, rows: list[Example]):
+    """Right-padded (B, T) ids, mask and labels: real tokens keep positions 0, 1, ... after whatever
+    the method puts in front of them."""
     T = max(len(ex.input_ids) for ex in rows)
-    pad = base.tokenizer.pad_token_id
     device = base.device
-    ids = torch.full((len(rows), T), pad, dtype=torch.long, device=device)
+    ids = torch.full((len(rows), T), base.tokenizer.pad_token_id, dtype=torch.long, device=device)
     labels = torch.full((len(rows), T), IGNORE, dtype=torch.long, device=device)
     mask = torch.zeros((len(rows), T), dtype=torch.long, device=device)
-    for i, ex in enumerate(rows):  # right padding: real tokens keep positions P, P+1, ...
+    for i, ex in enumerate(rows):
         n = len(ex.input_ids)
         ids[i, :n] = torch.tensor(ex.input_ids)
         labels[i, :n] = torch.tensor(ex.labels)
         mask[i, :n] = 1
-    prefixes = batch_prefixes(row_prefixes, base.geometry, device=device, dtype=base.dtype)
-    hidden = forward_with_prefixes(base, ids, mask, prefixes, hidden_states_only=True).last_hidden_state
-    return hidden, labels
+    return ids, mask, labels
 
 
 def _scored_losses(base: BaseModel, hidden: torch.Tensor, labels: torch.Tensor):
@@ -392,32 +481,16 @@ def _scored_losses(base: BaseModel, hidden: torch.Tensor, labels: torch.Tensor):
     targets = labels[:, 1:]
     scored = targets != IGNORE
     # The LM head (a fifth of SmolLM2's compute) runs only where a token is scored: chat templates
-    # and padding cost nothing there.
+    # and padding cost nothing there. It is the base model's, shared by every method.
     logits = base.model.get_output_embeddings()(hidden[:, :-1][scored]).float()  # (N, V)
     losses = torch.zeros(scored.shape, dtype=logits.dtype, device=device)
     losses[scored] = F.cross_entropy(logits, targets[scored], reduction="none")
     return losses, scored
 
 
-def _token_loss_sums(base, rows, row_prefixes):
-    return _row_sums(*token_losses(base, rows, row_prefixes))
-
-
 def _row_sums(losses: torch.Tensor, scored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: summed token loss and number of scored tokens."""
     return losses.sum(dim=1), scored.sum(dim=1).float()
-
-
-def _init_tokens(tokenizer, samples: list[str], n: int) -> list[int]:
-    """The first n tokens of the user's own text (samples joined if one is too short)."""
-    ids: list[int] = []
-    for text in samples:
-        ids.extend(text_ids(tokenizer, text + "\n"))
-        if len(ids) >= n:
-            break
-    if len(ids) < n:
-        ids = (ids * (n // max(len(ids), 1) + 1)) if ids else [tokenizer.eos_token_id] * n
-    return ids[:n]
 
 
 def _warmup_then_linear(config: TrainingConfig) -> Callable[[int], float]:
@@ -430,5 +503,5 @@ def _warmup_then_linear(config: TrainingConfig) -> Callable[[int], float]:
     return factor
 
 
-def _snapshot(encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone().cpu() for k, v in encoder.state_dict().items()}
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from core.db import Job, JobEvent, PrefixVersion, Sample, User
 from core.service.model_ids import format_model_id, parse_model_id
-from core.service.registry import PrefixArtifacts, load_prefix_bytes, publish_prefix
+from core.service.registry import PrefixArtifacts, publish_prefix
 from core.service.training_job import run_training_job
 from core.storage import sha256_hex
 from tests.support.api import ADMIN, SAMPLES, RecordingDispatcher, api_client, make_settings, onboard, tiny_base_model
@@ -55,7 +55,7 @@ def test_onboarding_trains_publishes_and_erasure_removes_everything(tmp_path: Pa
         with ctx.session_factory() as session:
             row = session.execute(select(PrefixVersion).where(PrefixVersion.user_id == user_id)).scalar_one()
             assert row.status == "active" and row.job_id == job["id"]
-            data = load_prefix_bytes(ctx.store, row)
+            data = ctx.store.get(row.blob_key, expected_sha256=row.sha256)
             assert sha256_hex(data) == row.sha256 and len(data) == row.bytes
         assert set(ctx.store.list(f"users/{user_id}/")) == {row.blob_key, row.state_blob_key}
 

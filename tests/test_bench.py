@@ -2,7 +2,8 @@
 
 from typer.testing import CliRunner
 
-from core.bench import app, bench_serving, bench_training
+from api.commands.bench import app
+from core.bench import bench_serving, bench_training
 from tests.engine_fixtures import tiny  # noqa: F401
 
 

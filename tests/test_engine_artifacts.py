@@ -10,6 +10,7 @@ from core.prefix import PrefixConfig, PrefixEncoder, batch_prefixes, forward_wit
 from core.prompts import text_ids
 from core.training import TrainingConfig, UserData, train_prefixes
 from tests.engine_fixtures import smollm2, tiny  # noqa: F401
+from tests.support.models import model_cache_dir
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_training_state_round_trip_rebuilds_the_same_prefix(tiny, trained):
 
 
 def test_prefix_of_another_base_model_is_rejected(tiny, trained):
-    other = load_base_model("tiny")
+    other = load_base_model("tiny", cache_root=model_cache_dir())
     other.fingerprint = "0" * 64  # same shapes, different weights
     with pytest.raises(IncompatibleBaseModel, match="trained on base model"):
         load_prefix(save_prefix(_prefix(tiny, trained.kv)), other)

@@ -6,6 +6,7 @@ import torch
 from core.prefix import PrefixConfig, PrefixEncoder, batch_prefixes, forward_with_prefixes, kv_from_text
 from core.prompts import text_ids
 from tests.engine_fixtures import smollm2, tiny  # noqa: F401
+from tests.support.models import model_cache_dir
 
 CONTEXT = "We the People of the United States, in Order to form a more perfect Union,"
 CONTINUATION = " establish Justice, insure domestic Tranquility, provide for the common defence"
@@ -41,7 +42,7 @@ def test_the_model_card_of_smollm2_matches_the_loaded_model_without_loading_weig
         raise AssertionError("weights loaded for a model card")
 
     monkeypatch.setattr(core.model.AutoModelForCausalLM, "from_pretrained", refuse)
-    card = core.model.load_model_card("smollm2")
+    card = core.model.load_model_card("smollm2", cache_root=model_cache_dir())
     assert (card.model_id, card.fingerprint, card.max_context) == (
         smollm2.model_id, smollm2.fingerprint, smollm2.max_context
     )

@@ -13,6 +13,7 @@ from core.evaluation import datasets
 from core.evaluation.metrics import UserEvalSet, evaluate_base, evaluate_method
 from core.evaluation.runner import EvalSpec, run_evaluation
 from core.model import load_base_model
+from tests.support.models import model_cache_dir
 
 WORDS = {
     "ada": "the engine computes numbers and patterns with careful notes on every operation",
@@ -125,7 +126,7 @@ def test_calibrated_attribution_removes_an_adaptation_that_fits_every_text_bette
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_base_model("tiny")
+    return load_base_model("tiny", cache_root=model_cache_dir())
 
 
 def test_tiny_evaluation_writes_json_markdown_and_charts_with_per_user_numbers(tmp_path, tiny):

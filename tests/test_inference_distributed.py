@@ -17,17 +17,19 @@ from pathlib import Path
 import openai
 import pytest
 
-from core.artifacts import load_prefix
 from core.config import Settings
 from core.db.migrate import upgrade_to_head
 from core.generation import GenerationRequest, MixedBatchGenerator
+from core.inference.catalog import prefix_ref
+from core.inference.prefix_cache import store_loader
 from core.inference.redis_transport import RedisCompleter
-from core.model import default_cache_root, load_base_model
+from core.model import load_base_model
 from core.prompts import chat_prompt_ids
 from core.sampling import SamplingParams
 from core.service.context import build_context
-from core.service.registry import active_prefix, load_prefix_bytes
+from core.service.registry import active_prefix
 from tests.support.inference import ADMIN_KEY, ServerThread, build_app, create_user, publish_random_prefix
+from tests.support.models import model_cache_dir
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def env(tmp_path_factory, postgres_url, redis_url, s3_server):
     data_dir = tmp_path_factory.mktemp("steer-dist")
     # Share the already converted base model files instead of converting them again.
-    (data_dir / "models").symlink_to(default_cache_root(), target_is_directory=True)
+    (data_dir / "models").symlink_to(model_cache_dir(), target_is_directory=True)
     values = {
         "STEER_DATA_DIR": str(data_dir),
         "STEER_DATABASE_URL": postgres_url,
@@ -70,7 +72,8 @@ def start_worker(env: dict[str, str]) -> subprocess.Popen:
 @pytest.fixture(scope="module")
 def service(env):
     settings = Settings(**{k.removeprefix("STEER_").lower(): v for k, v in env.items()})
-    base = load_base_model("tiny", device="cpu", dtype="float32")  # the test's own copy, to compare with
+    # The test's own copy of the model, to compare with.
+    base = load_base_model("tiny", device="cpu", dtype="float32", cache_root=settings.model_cache_dir)
     ctx = build_context(settings)  # as `steer serve` builds it: the API loads what it needs itself
     users = {name: create_user(ctx, name) for name in ("dist-alice", "dist-bob")}
     for seed, user in enumerate(users.values(), start=1):
@@ -96,7 +99,7 @@ def direct(base, ctx, user_id: str | None, max_tokens: int = 10) -> str:
     kv = None
     if user_id is not None:
         with ctx.session_factory() as session:
-            kv = load_prefix(load_prefix_bytes(ctx.store, active_prefix(session, user_id)), base).kv
+            kv = store_loader(ctx.store, base)(prefix_ref(active_prefix(session, user_id)))
     ids = chat_prompt_ids(base.tokenizer, MESSAGES)
     request = GenerationRequest(ids, SamplingParams(max_tokens=max_tokens, temperature=0), kv)
     return MixedBatchGenerator(base).generate([request])[0].text

@@ -18,14 +18,16 @@ import pytest
 from core.config import Settings
 from core.db.migrate import upgrade_to_head
 from core.generation import GenerationRequest, MixedBatchGenerator
+from core.inference.catalog import prefix_ref
 from core.inference.completer import InProcessCompleter
+from core.inference.prefix_cache import store_loader
 from core.model import load_base_model
 from core.prompts import chat_prompt_ids, text_ids
 from core.sampling import SamplingParams
 from core.service.context import build_context
-from core.service.registry import active_prefix, load_prefix_bytes
-from core.artifacts import load_prefix
+from core.service.registry import active_prefix
 from tests.support.inference import ADMIN_KEY, ServerThread, build_app, create_user, publish_random_prefix
+from tests.support.models import model_cache_dir
 
 MESSAGES = [{"role": "user", "content": "Write one sentence about the sea."}]
 PROMPT = "The weather today is"
@@ -33,7 +35,7 @@ PROMPT = "The weather today is"
 
 @pytest.fixture(scope="module")
 def base():
-    return load_base_model("tiny", device="cpu", dtype="float32")
+    return load_base_model("tiny", device="cpu", dtype="float32", cache_root=model_cache_dir())
 
 
 def _service(tmp_path_factory, base, **limits):
@@ -68,7 +70,7 @@ def direct(base, ctx, user_id: str | None, prompt_ids: list[int], max_tokens: in
     if user_id is not None:
         with ctx.session_factory() as session:
             row = active_prefix(session, user_id)
-        kv = load_prefix(load_prefix_bytes(ctx.store, row), base).kv
+        kv = store_loader(ctx.store, base)(prefix_ref(row))
     request = GenerationRequest(prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0), kv)
     return MixedBatchGenerator(base).generate([request])[0].text
 

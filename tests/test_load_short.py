@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.loadtest import LoadConfig, run_load_test, verdict
+from api.commands.loadtest import LoadConfig, run_load_test, verdict
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,15 @@ import uuid
 import openai
 import pytest
 
-from core.artifacts import load_prefix
 from core.config import Settings
 from core.db.migrate import upgrade_to_head
 from core.generation import GenerationRequest, MixedBatchGenerator
+from core.inference.catalog import prefix_ref
+from core.inference.prefix_cache import store_loader
 from core.prompts import chat_prompt_ids
 from core.sampling import SamplingParams
 from core.service.context import build_context
-from core.service.registry import list_versions, load_prefix_bytes
+from core.service.registry import list_versions
 from tests.support.api import tiny_base_model
 from tests.support.inference import ADMIN_KEY, ServerThread, build_app, create_user, publish_random_prefix
 from tests.support.seaweed import flip_a_byte
@@ -62,7 +63,7 @@ def store_setup(request, tmp_path):
 
 def _direct(ctx, row) -> str:
     base = ctx.base_model()
-    kv = load_prefix(load_prefix_bytes(ctx.store, row), base).kv
+    kv = store_loader(ctx.store, base)(prefix_ref(row))
     request = GenerationRequest(chat_prompt_ids(base.tokenizer, MESSAGES), SamplingParams(max_tokens=10, temperature=0), kv)
     return MixedBatchGenerator(base).generate([request])[0].text
 

@@ -19,11 +19,11 @@ import pytest
 
 from core.config import Settings
 from core.db.migrate import upgrade_to_head
-from core.model import default_cache_root
 from core.service.context import build_context
-from core.service.registry import active_prefix, load_prefix_bytes
+from core.service.registry import active_prefix
 from tests.support.api import ADMIN, ADMIN_KEY, SAMPLES, tiny_base_model
 from tests.support.inference import ServerThread, build_app, create_user, publish_random_prefix
+from tests.support.models import model_cache_dir
 from tests.support.services import PrivatePostgres, PrivateRedis
 
 pytestmark = pytest.mark.integration
@@ -60,7 +60,7 @@ def service(s3_server) -> Iterator[Service]:
         upgrade_to_head(pg.url)
         settings = Settings(  # type: ignore[call-arg]
             _env_file=None, database_url=pg.url, redis_url=rd.url, base_model="tiny", device="cpu",
-            admin_key=ADMIN_KEY, data_dir=default_cache_root().parent, request_timeout_s=5,
+            admin_key=ADMIN_KEY, data_dir=model_cache_dir().parent, request_timeout_s=5,
             **{k.removeprefix("STEER_").lower(): v for k, v in s3_server.settings_env(f"deps-{uuid.uuid4().hex[:8]}").items()},
         )
         ctx = build_context(settings, base_model=tiny_base_model())
@@ -160,4 +160,4 @@ def test_s3_outage_answers_503_and_recovers_without_restart(service):
     assert service.ctx.store.list(f"users/{doomed.user_id}/") == []
     with service.ctx.session_factory() as session:
         row = active_prefix(session, kept.user_id)
-        assert load_prefix_bytes(service.ctx.store, row)  # sha256-checked: intact after the outage
+        assert service.ctx.store.get(row.blob_key, expected_sha256=row.sha256)  # intact after the outage

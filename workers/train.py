@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
 from celery import shared_task
@@ -19,7 +18,6 @@ from core.storage import BlobStoreUnavailable
 
 log = logging.getLogger(__name__)
 MAX_RETRIES = 5
-METRICS_PORT_VARIABLE = "STEER_WORKER_METRICS_PORT"
 
 _context: ServiceContext | None = None
 _context_lock = threading.Lock()
@@ -54,9 +52,9 @@ def train(self, job_id: str) -> str | None:
 @worker_process_init.connect
 def _serve_metrics(**_kwargs: object) -> None:
     """Expose the training step histogram from the process that trains (the pool child)."""
-    port = os.environ.get(METRICS_PORT_VARIABLE)
-    if port:
+    port = get_settings().worker_metrics_port
+    if port is not None:
         registry = CollectorRegistry()
         registry.register(TRAIN_STEP_SECONDS)
-        start_http_server(int(port), registry=registry)
+        start_http_server(port, registry=registry)
         log.info("training metrics on :%s/metrics", port)

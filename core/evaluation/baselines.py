@@ -1,10 +1,14 @@
-"""Baselines trained through the same data, step budget, schedule and checkpoint selection as prefixes.
+"""Baselines trained through the one training loop (core/training.py), exactly as prefixes are.
+
+Data split, step budget, epochs, time budget, schedule, preservation term, early stopping and
+checkpoint selection are the loop's; a baseline only says what a user trains and how it enters the
+forward pass (core/tuning.py's TuningMethod).
 
 - Prompt tuning (Lester et al. 2021): P trainable input embeddings per user placed before the tokens;
   the frozen model is unchanged. Mixed-user batches work as for prefixes.
 - LoRA (Hu et al. 2021) via PEFT, an optional extra: one adapter per user on a private copy of the base
-  model (PEFT would otherwise patch the shared model in place). PEFT trains one adapter at a time, so
-  each step runs one forward/backward per user.
+  model (PEFT would otherwise patch the shared model in place). PEFT runs one adapter per forward, so
+  the loop runs one forward/backward per user (its anchors for the preservation term included).
 Full fine-tuning is not offered: a 135M-parameter copy plus AdamW state per user (~2 GB) and a full
 backward per user-step does not fit this harness's CPU budget.
 """
@@ -13,20 +17,16 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from safetensors.torch import save as st_save
 from torch import nn
-from torch.nn import functional as F
 
-from core.data import IGNORE, Example, build_examples, prepare_samples, split_samples
 from core.model import BaseModel
-from core.prompts import text_ids
-from core.training import TrainingConfig, UserData, _warmup_then_linear
+from core.training import Progress, TrainingConfig, UserData, loss_sums, train_users
+from core.tuning import init_tokens, once_per_module
 
 LORA_TARGETS = ("q_proj", "v_proj")
 
@@ -41,73 +41,61 @@ def lora_rank_for(base: BaseModel, target_params: int, targets=LORA_TARGETS) -> 
     return rank, rank * per_rank
 
 
-def _row_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (B, T, V) for labels (B, T): per-row summed next-token loss and scored count."""
-    targets = labels[:, 1:]
-    scored = targets != IGNORE
-    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none")
-    return (losses * scored).sum(dim=1), scored.sum(dim=1).float()
+class _SoftPrompt(nn.Module):
+    """One user's soft prompt: `forward()` returns the (P, hidden) input embeddings."""
 
+    def __init__(self, start: torch.Tensor):
+        super().__init__()
+        self.prompt = nn.Parameter(start)
 
-def _padded(base: BaseModel, rows: list[Example]):
-    """Right-padded (B, T) ids, labels and mask."""
-    T = max(len(ex.input_ids) for ex in rows)
-    ids = torch.full((len(rows), T), base.tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, ex in enumerate(rows):
-        n = len(ex.input_ids)
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(ex.input_ids), torch.tensor(ex.labels), 1
-    return ids.to(base.device), labels.to(base.device), mask.to(base.device)
+    def forward(self) -> torch.Tensor:
+        return self.prompt
 
 
 class PromptTuning:
-    """Per-user soft prompts (P, hidden) over `inputs_embeds`; rows tagged None see no prompt."""
+    """Per-user soft prompts (P, hidden) over `inputs_embeds`; rows of any users share one forward."""
 
     name = "prompt"
     mixes_users = True
 
     def __init__(self, base: BaseModel, prompt_len: int):
         self.base, self.prompt_len = base, prompt_len
-        self.prompts: dict[str, nn.Parameter] = {}
+        self.modules: dict[str, _SoftPrompt] = {}  # by user id, for scoring after training
 
-    def add_user(self, user: str, samples: list[str]) -> None:
+    def new_user(self, data: UserData, train_texts: list[str], generator: torch.Generator) -> _SoftPrompt:
         # Start from the embeddings of the user's own first tokens (Lester et al.'s vocab init).
-        ids: list[int] = []
-        for text in samples:
-            ids.extend(text_ids(self.base.tokenizer, text + "\n"))
-            if len(ids) >= self.prompt_len:
-                break
-        ids = (ids * self.prompt_len)[: self.prompt_len] or [self.base.tokenizer.eos_token_id] * self.prompt_len
+        ids = init_tokens(self.base.tokenizer, train_texts, self.prompt_len)
         table = self.base.model.get_input_embeddings().weight
-        self.prompts[user] = nn.Parameter(table[torch.tensor(ids, device=table.device)].detach().float().clone())
+        module = _SoftPrompt(table[torch.tensor(ids, device=table.device)].detach().float().clone())
+        self.modules[data.user_id] = module
+        return module
 
-    def params(self, user: str) -> list[nn.Parameter]:
-        return [self.prompts[user]]
-
-    def loss_sums(self, rows, users):
-        ids, labels, mask = _padded(self.base, rows)
+    def hidden_states(self, ids, mask, modules):
         P = self.prompt_len
         embeds = self.base.model.get_input_embeddings()(ids)  # (B, T, hidden)
         zero = torch.zeros(P, embeds.shape[-1], device=embeds.device)
-        prompts = torch.stack([zero if u is None else self.prompts[u] for u in users]).to(embeds.dtype)  # (B, P, hidden)
-        prompt_mask = torch.tensor([[0 if u is None else 1] * P for u in users], device=mask.device)
-        full_mask = torch.cat([prompt_mask, mask], dim=1)
+        row_prompts = [zero if p is None else p for p in once_per_module(modules, lambda m: m())]
+        prompts = torch.stack(row_prompts).to(embeds.dtype)  # (B, P, hidden)
+        prompt_mask = torch.tensor([[0 if m is None else 1] * P for m in modules], device=mask.device)
+        full_mask = torch.cat([prompt_mask, mask], dim=1)  # (B, P + T)
         positions = (full_mask.cumsum(dim=1) - 1).clamp(min=0)  # unprompted rows start at position 0
-        out = self.base.model(
+        out = self.base.model.base_model(
             inputs_embeds=torch.cat([prompts, embeds], dim=1), attention_mask=full_mask, position_ids=positions
         )
-        return _row_loss_sums(out.logits[:, P:], labels)
+        return out.last_hidden_state[:, P:]  # (B, T, hidden): the tokens' positions only
 
-    def state(self, user: str) -> dict[str, torch.Tensor]:
-        return {"prompt": self.prompts[user].detach().clone().cpu()}
+    def export(self, module: _SoftPrompt) -> dict[str, torch.Tensor]:
+        return {"prompt": module.prompt.detach().clone().cpu()}
 
-    def load_state(self, user: str, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.prompts[user].copy_(state["prompt"])
 
-    def served_params(self, user: str) -> int:
-        return self.prompts[user].numel()
+class _Adapter(nn.Module):
+    """One user's LoRA weights: the very Parameters inside the PEFT model (not copies), so the
+    loop's optimizer steps and best-checkpoint restore act on the adapter the model runs."""
+
+    def __init__(self, user: str, named: dict[str, nn.Parameter]):
+        super().__init__()
+        self.user, self.names = user, list(named)
+        self.weights = nn.ParameterList(named.values())
 
 
 class LoRA:
@@ -125,61 +113,52 @@ class LoRA:
         )
         self._get_peft_model = get_peft_model
         self.model = None
-        self.users: list[str] = []
+        self.modules: dict[str, _Adapter] = {}  # by user id (= adapter name)
 
-    def add_user(self, user: str, samples: list[str]) -> None:
+    def new_user(self, data: UserData, train_texts: list[str], generator: torch.Generator) -> _Adapter:
+        user = data.user_id
         if self.model is None:
             self.model = self._get_peft_model(copy.deepcopy(self.base.model), self.config, adapter_name=user)
         else:
             self.model.add_adapter(user, self.config)
-        self.users.append(user)
-
-    def _named(self, user: str) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.model.named_parameters() if f".{user}." in n and "lora_" in n}
-
-    def params(self, user: str) -> list[nn.Parameter]:
-        return list(self._named(user).values())
-
-    def loss_sums(self, rows, users):
-        (user,) = set(users)  # PEFT trains one adapter per forward; the caller groups rows by user
-        ids, labels, mask = _padded(self.base, rows)
-        if user is None:
-            with self.model.disable_adapter():
-                return _row_loss_sums(self.model(input_ids=ids, attention_mask=mask).logits, labels)
-        self.model.set_adapter(user)
-        for p in self.params(user):
-            p.requires_grad_(True)
-        return _row_loss_sums(self.model(input_ids=ids, attention_mask=mask).logits, labels)
-
-    def state(self, user: str) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone().cpu() for n, p in self._named(user).items()}
-
-    def load_state(self, user: str, state: dict[str, torch.Tensor]) -> None:
+        named = {n: p for n, p in self.model.named_parameters() if f".{user}." in n and "lora_" in n}
         with torch.no_grad():
-            for n, p in self._named(user).items():
-                p.copy_(state[n])
+            # PEFT's own initialisation of A (kaiming, a=sqrt(5); B = 0) draws from the global RNG,
+            # so it would depend on who was added before: redraw it from this user's generator.
+            for name, p in named.items():
+                if "lora_A" in name:
+                    p.copy_(nn.init.kaiming_uniform_(torch.empty(p.shape), a=math.sqrt(5), generator=generator))
+        module = _Adapter(user, named)
+        self.modules[user] = module
+        return module
 
-    def served_params(self, user: str) -> int:
-        return sum(p.numel() for p in self.params(user))
+    def hidden_states(self, ids, mask, modules):
+        (module,) = set(modules)  # the loop gives this method rows of one user (or the base) at a time
+        decoder = self.model.get_base_model().base_model  # the decoder, its layers patched by PEFT
+        if module is None:
+            with self.model.disable_adapter():
+                return decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        self.model.set_adapter(module.user)
+        for p in module.parameters():  # set_adapter may leave a freshly added adapter frozen
+            p.requires_grad_(True)
+        return decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def export(self, module: _Adapter) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone().cpu() for n, p in zip(module.names, module.weights)}
 
 
 class GroupedScorer:
-    """A Scorer over a method: rows of one user per forward when the method cannot mix users."""
+    """A Scorer (core/evaluation/metrics.py) over a trained baseline, rows tagged by user id (None =
+    base model), scored by the training loop's own `loss_sums` (one user per forward when the
+    method cannot mix users)."""
 
     def __init__(self, method):
         self.method = method
 
-    @torch.no_grad()
     def loss_sums(self, rows, users):
-        if self.method.mixes_users:
-            s, c = self.method.loss_sums(rows, users)
-            return s.detach().cpu(), c.cpu()
-        sums, counts = torch.zeros(len(rows)), torch.zeros(len(rows))
-        for u in dict.fromkeys(users):
-            idx = [i for i, v in enumerate(users) if v == u]
-            s, c = self.method.loss_sums([rows[i] for i in idx], [u] * len(idx))
-            sums[idx], counts[idx] = s.detach().cpu().float(), c.cpu()
-        return sums, counts
+        modules = [None if u is None else self.method.modules[u] for u in users]
+        sums, counts = loss_sums(self.method.base, self.method, rows, modules)
+        return sums.cpu(), counts.cpu()
 
 
 def artifact_bytes(state: dict[str, torch.Tensor]) -> int:
@@ -187,136 +166,27 @@ def artifact_bytes(state: dict[str, torch.Tensor]) -> int:
     return len(st_save({k: v.to(torch.float16).contiguous() for k, v in state.items()}))
 
 
-@dataclass
-class _Run:
-    user: str
-    train: list[Example]
-    val: list[Example]
-    optimizer: torch.optim.Optimizer
-    schedule: object
-    order: random.Random
-    best_state: dict
-    stream: list[int] = field(default_factory=list)
-    steps: int = 0
-    best_val: float = math.inf
-    best_step: int = 0
-    initial_val: float | None = None
-    bad_evals: int = 0
-    done: bool = False
-    last_loss: float = float("nan")
-
-    def next_batch(self, n: int) -> list[Example]:
-        while len(self.stream) < n:
-            epoch = list(range(len(self.train)))
-            self.order.shuffle(epoch)
-            self.stream.extend(epoch)
-        picked, self.stream = self.stream[:n], self.stream[n:]
-        return [self.train[i] for i in picked]
-
-
 def train_baseline(
     base: BaseModel,
     method,
     users: list[UserData],
     config: TrainingConfig,
-    on_step: Callable[[int, float, float | None], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> dict[str, dict]:
-    """Train `method` for every user with train_prefixes' data split, schedule, steps and early stopping.
+    """Train `method` for every user through the training loop of prefixes (core/training.py).
 
     Returns per-user metrics; the method is left holding each user's best-validation state.
     """
     started = time.monotonic()
-    runs = []
-    for data in users:
-        samples = prepare_samples(data.samples)
-        train, val = split_samples(samples, config.val_fraction, config.seed)
-        method.add_user(data.user_id, train)
-        optimizer = torch.optim.AdamW(method.params(data.user_id), lr=config.learning_rate, weight_decay=config.weight_decay)
-        runs.append(
-            _Run(
-                user=data.user_id,
-                train=build_examples(base.tokenizer, train, config.max_seq_len, config.formats),
-                val=build_examples(base.tokenizer, val, config.max_seq_len, config.formats),
-                optimizer=optimizer,
-                schedule=torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_linear(config)),
-                order=random.Random(config.seed),
-                best_state=method.state(data.user_id),
-            )
-        )
-    scorer = GroupedScorer(method)
-
-    def validate(active: list[_Run]) -> list[float]:
-        rows = [ex for r in active for ex in r.val]
-        tags = [r.user for r in active for _ in r.val]
-        from core.evaluation.metrics import score_rows
-
-        sums, counts = score_rows(scorer, rows, tags, chunk=config.batch_size * 2)
-        out, k = [], 0
-        for r in active:
-            n = len(r.val)
-            out.append(float(sums[k : k + n].sum() / max(counts[k : k + n].sum(), 1)))
-            k += n
-        return out
-
-    with_val = [r for r in runs if r.val]
-    for r, loss in zip(with_val, validate(with_val) if with_val else []):
-        r.initial_val = r.best_val = loss
-    for step in range(1, config.max_steps + 1):
-        active = [r for r in runs if not r.done]
-        if not active or (config.time_budget_s and time.monotonic() - started > config.time_budget_s):
-            break
-        for r in active:
-            r.optimizer.zero_grad(set_to_none=True)
-        groups = [active] if method.mixes_users else [[r] for r in active]
-        for group in groups:
-            rows, tags = [], []
-            for r in group:
-                batch = r.next_batch(config.batch_size)
-                rows += batch
-                tags += [r.user] * len(batch)
-            sums, counts = method.loss_sums(rows, tags)
-            total = 0
-            for r in group:
-                idx = [i for i, t in enumerate(tags) if t == r.user]
-                loss = sums[idx].sum() / counts[idx].sum().clamp(min=1)  # this user's token mean
-                r.last_loss = float(loss.detach())
-                total = total + loss
-            total.backward()  # sum of per-user means: each user's gradient is its own loss's
-        for r in active:
-            params = method.params(r.user)
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            r.optimizer.step()
-            r.schedule.step()
-            r.steps += 1
-        due = [r for r in active if r.val and (r.steps % config.eval_every == 0 or r.steps == config.max_steps)]
-        val_mean = None
-        if due:
-            losses = validate(due)
-            val_mean = sum(losses) / len(losses)
-            for r, loss in zip(due, losses):
-                if loss < r.best_val - 1e-4:
-                    r.best_val, r.best_step, r.bad_evals = loss, r.steps, 0
-                    r.best_state = method.state(r.user)
-                else:
-                    r.bad_evals += 1
-                    r.done = r.bad_evals >= config.patience
-        if on_step is not None:
-            on_step(step, sum(r.last_loss for r in active) / len(active), val_mean)
+    trained = train_users(base, method, users, config, on_progress=on_progress)
     seconds = time.monotonic() - started
     results = {}
-    for r in runs:
-        if not r.val:
-            r.best_state = method.state(r.user)
-        method.load_state(r.user, r.best_state)
-        results[r.user] = {
-            "steps": r.steps,
-            "best_step": r.best_step,
-            "val_loss": None if math.isinf(r.best_val) else r.best_val,
-            "initial_val_loss": r.initial_val,
-            "train_examples": len(r.train),
-            "train_seconds": seconds / len(runs),
-            "served_params": method.served_params(r.user),
-            "artifact_bytes": artifact_bytes(r.best_state),
+    for t in trained:
+        served = method.export(t.module)
+        results[t.user_id] = {
+            **t.metrics,
+            "train_seconds": seconds / len(trained),
+            "served_params": sum(v.numel() for v in served.values()),
+            "artifact_bytes": artifact_bytes(served),
         }
     return results

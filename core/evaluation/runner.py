@@ -1,7 +1,8 @@
 """Run an evaluation: train every method for every user, score them all with the same metrics.
 
 Prefixes train through `core.training.train_prefixes` (all users in shared forward/backward passes),
-exactly as the workers train them; baselines through `baselines.train_baseline` with the same config.
+exactly as the workers train them; baselines through `baselines.train_baseline`: the same training
+loop and the same config (preservation term included).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from core.evaluation.metrics import (
     evaluate_method,
     rows_needed,
 )
-from core.model import BaseModel, load_base_model
+from core.model import BaseModel
 from core.prefix import PrefixConfig, PrefixEncoder
 from core.training import TrainingConfig, UserData, train_prefixes
 
@@ -70,7 +71,7 @@ class EvalSpec:
     lr_prompt: float = 3e-2
     lr_lora: float = 2e-3
     preservation_weight: float = TrainingConfig.preservation_weight
-    """KL-to-base weight of the prefix method (core/preservation.py); 0: off."""
+    """KL-to-base weight (core/preservation.py) of every method, baselines included; 0: off."""
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     sweep: str | None = None
     sweep_values: list | None = None
@@ -170,14 +171,14 @@ def eval_sets(base: BaseModel, users: dict[str, datasets.UserTexts], max_len: in
 def train_method(base, name, spec: EvalSpec, users: dict[str, datasets.UserTexts], bar: _Bar, curve: list, **overrides):
     """Train one method for all users: (scorer, per-user training metrics)."""
     data = [UserData(u.user, u.train) for u in users.values()]
+
+    def on_progress(p):
+        curve.append({"step": p.step, "train_loss": p.loss, "val_loss": p.val_loss})
+        bar.advance(1, f"loss {p.loss:.3f}")
+
     if name == "prefix":
         config = spec.training_config(spec.lr_prefix, **overrides)
         bar.phase(f"train prefix ({len(data)} users)", config.max_steps)
-
-        def on_progress(p):
-            curve.append({"step": p.step, "train_loss": p.loss, "val_loss": p.val_loss})
-            bar.advance(1, f"loss {p.loss:.3f}")
-
         started = time.monotonic()
         trained = train_prefixes(base, data, config, on_progress=on_progress)
         seconds = time.monotonic() - started
@@ -201,12 +202,7 @@ def train_method(base, name, spec: EvalSpec, users: dict[str, datasets.UserTexts
     else:
         raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
     bar.phase(f"train {name} ({len(data)} users)", config.max_steps)
-
-    def on_step(step, loss, val):
-        curve.append({"step": step, "train_loss": loss, "val_loss": val})
-        bar.advance(1, f"loss {loss:.3f}")
-
-    metrics = train_baseline(base, method, data, config, on_step)
+    metrics = train_baseline(base, method, data, config, on_progress)
     for m in metrics.values():
         m["trained_params"] = m["served_params"]
         if name == "lora":
@@ -214,8 +210,9 @@ def train_method(base, name, spec: EvalSpec, users: dict[str, datasets.UserTexts
     return GroupedScorer(method), metrics
 
 
-def run_evaluation(spec: EvalSpec, progress: bool = True, base: BaseModel | None = None) -> dict:
-    """Train, evaluate, sweep; write the JSON/Markdown/PNG report to `spec.out`; return the results."""
+def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) -> dict:
+    """Train, evaluate, sweep on `base` (the model `spec.base_model` names); write the JSON/Markdown/PNG
+    report to `spec.out`; return the results."""
     from core.evaluation.report import write_report
 
     out = Path(spec.out)
@@ -224,7 +221,6 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, base: BaseModel | None
     torch.manual_seed(spec.seed)
     sweeps = sweep_names(spec)  # a typo fails now, not after an hour of training
     users = load_users(spec, out)
-    base = base or load_base_model(spec.base_model)
     sets = eval_sets(base, users, spec.max_seq_len)
     general = [exs[0] for t in general_texts(spec, list(users)) if (exs := build_examples(base.tokenizer, [t], spec.max_seq_len, (FORMAT_PLAIN,)))]
     bar = _Bar(progress)

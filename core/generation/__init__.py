@@ -17,6 +17,7 @@ positions and mask are its own, so a row's output does not depend on its neighbo
 from __future__ import annotations
 
 import uuid
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -50,7 +51,8 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     prefix: Prefix = None
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: Hashable = field(default_factory=lambda: uuid.uuid4().hex)
+    """Any hashable id, unique among the generator's requests (the inference engine uses ints)."""
     on_text: Callable[[str], None] | None = None
     """Called with each new piece of text as soon as it is final (stop strings are never streamed)."""
 
@@ -62,7 +64,7 @@ class GenerationRequest:
 
 @dataclass
 class GenerationResult:
-    request_id: str
+    request_id: Hashable
     token_ids: list[int]
     text: str
     finish_reason: str
@@ -103,8 +105,13 @@ class MixedBatchGenerator:
         return self.scheduler.max_batch_size
 
     def submit(self, request: GenerationRequest) -> None:
-        """Queue a request; it joins the running batch at the next step with room."""
+        """Validate and queue a request; it joins the running batch at the next step with room."""
         self.validate(request)
+        self.enqueue(request)
+
+    def enqueue(self, request: GenerationRequest) -> None:
+        """Queue a request that already passed `validate` (the inference engine validates off its
+        model thread, once per job)."""
         self.scheduler.add(request)
 
     def validate(self, request: GenerationRequest) -> None:
@@ -117,7 +124,7 @@ class MixedBatchGenerator:
                 f"of {self.base.max_context} tokens"
             )
 
-    def cancel(self, request_id: str) -> None:
+    def cancel(self, request_id: Hashable) -> None:
         """Stop a request (queued or running); its slot frees at the next step."""
         self.scheduler.cancel(request_id)
 

@@ -9,12 +9,13 @@ cancelled running rows are finished by the step that sees the cancellation.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 
 class Schedulable(Protocol):
-    request_id: str
+    request_id: Hashable
 
     @property
     def width(self) -> int:
@@ -29,13 +30,13 @@ class StepPlan:
     """Cancelled while queued: answered as cancelled without running."""
     prefill: list[list[Schedulable]] = field(default_factory=list)
     """Groups of newly admitted requests; each group is one joint forward pass."""
-    cancelled: list[str] = field(default_factory=list)
+    cancelled: list[Hashable] = field(default_factory=list)
     """Running rows that finish as cancelled this step."""
 
     def __str__(self) -> str:
-        groups = " ".join("[" + " ".join(r.request_id for r in g) + "]" for g in self.prefill) or "-"
-        dropped = " ".join(r.request_id for r in self.dropped) or "-"
-        cancelled = " ".join(self.cancelled) or "-"
+        groups = " ".join("[" + _ids(g) + "]" for g in self.prefill) or "-"
+        dropped = _ids(self.dropped) or "-"
+        cancelled = " ".join(map(str, self.cancelled)) or "-"
         return f"prefill {groups} | cancel {cancelled} | drop {dropped}"
 
 
@@ -48,17 +49,17 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.prefill_token_budget = prefill_token_budget
         self.queue: deque[Schedulable] = deque()
-        self.running: set[str] = set()
-        self._cancelled: set[str] = set()
+        self.running: set[Hashable] = set()
+        self._cancelled: set[Hashable] = set()
 
     def add(self, request: Schedulable) -> None:
         self.queue.append(request)
 
-    def cancel(self, request_id: str) -> None:
+    def cancel(self, request_id: Hashable) -> None:
         """Mark a request (queued or running) cancelled; the next plan acts on it."""
         self._cancelled.add(request_id)
 
-    def finished(self, request_id: str) -> None:
+    def finished(self, request_id: Hashable) -> None:
         """A running row left the batch."""
         self.running.discard(request_id)
         self._cancelled.discard(request_id)
@@ -71,7 +72,7 @@ class Scheduler:
             for request in plan.dropped:
                 self.queue.remove(request)
                 self._cancelled.discard(request.request_id)
-            plan.cancelled = sorted(self._cancelled & self.running)
+            plan.cancelled = [r for r in self._cancelled if r in self.running]
         room = self.max_batch_size - len(self.running)
         while self.queue and room > 0:
             group = self._next_group(room)
@@ -90,3 +91,7 @@ class Scheduler:
             group.append(self.queue.popleft())
             widest = width
         return group
+
+
+def _ids(requests: list[Schedulable]) -> str:
+    return " ".join(str(r.request_id) for r in requests)

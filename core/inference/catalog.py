@@ -76,7 +76,12 @@ def resolve_model(session: Session, caller: Caller, model: str, base_model_id: s
             f"The model '{model}' is corrupt in storage (checksum mismatch) and cannot be served; "
             f"use 'user:{external_id}' for the user's current good version."
         )
-    return PrefixRef(user_id=user.id, version=row.version, blob_key=row.blob_key, sha256=row.sha256)
+    return prefix_ref(row)
+
+
+def prefix_ref(row: PrefixVersion) -> PrefixRef:
+    """What a job needs to load the prefix version `row` (the index row's key and checksum)."""
+    return PrefixRef(user_id=row.user_id, version=row.version, blob_key=row.blob_key, sha256=row.sha256)
 
 
 def list_models(session: Session, caller: Caller, base_model_id: str, base_created: int = 0) -> list[ModelEntry]:

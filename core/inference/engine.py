@@ -12,6 +12,7 @@ an expired job is cancelled in the batch (freeing its slot) and gets `JobFailed(
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -36,6 +37,7 @@ _IDLE_WAIT_S = 0.05
 class _Tracked:
     job: InferenceJob
     sink: Sink
+    row_ids: list[int] = field(default_factory=list)  # the generator's id of each choice's row
     submitted: float = field(default_factory=time.perf_counter)
     rows_left: int = 0
     first_text: bool = False
@@ -62,6 +64,8 @@ class InferenceEngine:
         self._generator_queued = 0  # rows in the generator's queue after the last step
         self._running = 0
         self._jobs: dict[str, _Tracked] = {}  # engine thread only
+        self._rows: dict[int, tuple[_Tracked, int]] = {}  # row id -> (its job, choice index); engine thread only
+        self._row_ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._window = (time.perf_counter(), 0)  # tokens/s: (window start, tokens in window)
@@ -111,17 +115,15 @@ class InferenceEngine:
                 metrics.REJECTED.inc()
                 raise QueueFull()
             self._inbox_rows += job.n
+            row_ids = [next(self._row_ids) for _ in range(job.n)]
         try:
             kv = None
             if job.prefix is not None:
                 if self.prefixes is None:
                     raise RuntimeError("this engine has no prefix cache")
                 kv = self.prefixes.get(job.prefix)
-            requests = [
-                GenerationRequest(job.prompt_ids, job.row_params(i), kv, job.row_id(i)) for i in range(job.n)
-            ]
-            for request in requests:
-                self._generator.validate(request)  # pure checks, safe off the engine thread
+            requests = [GenerationRequest(job.prompt_ids, job.row_params(i), kv, row_ids[i]) for i in range(job.n)]
+            self._generator.validate(requests[0])  # pure checks, safe off the engine thread; rows differ only in seed
         except BaseException:
             with self._lock:
                 self._inbox_rows -= job.n
@@ -163,11 +165,12 @@ class InferenceEngine:
                 break
 
     def _admit(self, job: InferenceJob, sink: Sink, requests: list[GenerationRequest]) -> None:
-        tracked = _Tracked(job, sink, rows_left=job.n)
+        tracked = _Tracked(job, sink, row_ids=[r.request_id for r in requests], rows_left=job.n)
         self._jobs[job.request_id] = tracked
         for index, request in enumerate(requests):
+            self._rows[request.request_id] = (tracked, index)
             request.on_text = self._text_callback(tracked, index)
-            self._generator.submit(request)
+            self._generator.enqueue(request)  # validated in submit(), off this thread
         with self._lock:
             self._inbox_rows -= job.n
             self._generator_queued = self._generator.queued
@@ -190,8 +193,8 @@ class InferenceEngine:
         tracked = self._jobs.pop(request_id, None)
         if tracked is None:
             return
-        for index in range(tracked.job.n):
-            self._generator.cancel(tracked.job.row_id(index))
+        for row_id in tracked.row_ids:
+            self._generator.cancel(row_id)
         log.info("cancelled request_id=%s", request_id)
 
     def _expire_deadlines(self) -> None:
@@ -211,13 +214,13 @@ class InferenceEngine:
         metrics.QUEUE_DEPTH.set(self.waiting)
         self._count_tokens(self._running + len(results))
         for result in results:
-            request_id, _, index = result.request_id.rpartition(":")
-            tracked = self._jobs.get(request_id)
-            if tracked is None or result.finish_reason == FINISH_CANCELLED:
+            tracked, index = self._rows.pop(result.request_id, (None, 0))
+            request_id = tracked.job.request_id if tracked else None
+            if tracked is None or self._jobs.get(request_id) is not tracked or result.finish_reason == FINISH_CANCELLED:
                 continue  # cancelled or expired: its consumer is gone
             self._first_text(tracked)
             tracked.sink(
-                RowFinished(int(index), result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens)
+                RowFinished(index, result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens)
             )
             tracked.rows_left -= 1
             if tracked.rows_left == 0:
@@ -240,6 +243,7 @@ class InferenceEngine:
             self._cancel(request_id)
             tracked.sink(JobFailed("error", message))
         self._generator = MixedBatchGenerator(self.base, self._generator.max_batch_size)
+        self._rows.clear()
         self._running = 0
         with self._lock:
             self._generator_queued = 0

@@ -35,9 +35,6 @@ class InferenceJob:
         seed = None if p.seed is None else p.seed + index
         return SamplingParams(p.max_tokens, p.temperature, p.top_p, list(p.stop), seed)
 
-    def row_id(self, index: int) -> str:
-        return f"{self.request_id}:{index}"
-
     def to_dict(self) -> dict:
         return {
             "prompt_ids": self.prompt_ids,

@@ -115,13 +115,6 @@ class PrefixCache:
         pending.set_result(kv)
         return kv
 
-    def invalidate_user(self, user_id: str) -> None:
-        """Forget every cached version of a user (e.g. when the user is erased)."""
-        with self._lock:
-            for key in [k for k in self._entries if k[0] == user_id]:
-                self.bytes -= _nbytes(self._entries.pop(key))
-            self._changed()
-
     # -- internals (lock held) ---------------------------------------------------------------
 
     def _insert(self, key: tuple[str, int], kv: torch.Tensor) -> None:

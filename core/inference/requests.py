@@ -1,27 +1,63 @@
-"""OpenAI request bodies for completions, validated into an `InferenceJob`'s parts.
+"""OpenAI request bodies for completions, validated once into a `CompletionRequest`.
+
+    body = parse_body(ChatCompletionBody, data)      # shape: types, ranges, required fields
+    request = body.to_request(card)                  # meaning: sampling, prompt tokens, context
 
 Everything a client can get wrong is caught here and raised as `InvalidInput` (HTTP 400) with the
-offending parameter named, before the request goes anywhere near a queue.
+offending parameter named, before the request goes anywhere near a queue. The `CompletionRequest`
+is what travels on: it becomes the `InferenceJob` whose prompt and sampling parameters the engine
+puts in its batch rows as they are. The engine checks a job once more where its prefix is loaded
+(the prefix and the prompt must fit the context window together), once per job.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from core.errors import InvalidRequest
+from core.inference.jobs import InferenceJob
+from core.inference.prefix_cache import PrefixRef
+from core.prompts import chat_prompt_ids, text_ids
 from core.sampling import SamplingParams
 from core.service.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from core.model import ModelCard
 
 MAX_N = 16
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # what OpenAI's legacy completions endpoint defaults to
 
 
+@dataclass(frozen=True)
+class CompletionRequest:
+    """One validated completion request: what to generate, and how the client wants the answer."""
+
+    model: str
+    chat: bool
+    """`/v1/chat/completions` (True) or the legacy `/v1/completions`: decides the answer's shape."""
+    prompt_ids: list[int]
+    params: SamplingParams
+    n: int
+    stream: bool
+    include_usage: bool
+
+    def job(self, prefix: PrefixRef | None, deadline: float) -> InferenceJob:
+        """The job that runs this request with `prefix` (None: the base model)."""
+        return InferenceJob(prompt_ids=self.prompt_ids, params=self.params, n=self.n, prefix=prefix, deadline=deadline)
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    chat: ClassVar[bool]
+    default_max_tokens: ClassVar[int]
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -46,8 +82,19 @@ class _Common(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.get("include_usage"))
 
-    def sampling(self, default_max_tokens: int, max_context: int) -> SamplingParams:
-        max_tokens = self.max_tokens or default_max_tokens
+    def to_request(self, card: ModelCard) -> CompletionRequest:
+        """The request this body asks for on the base model of `card`, or `InvalidInput`."""
+        params = self.sampling(card.max_context)
+        prompt_ids = self.prompt_ids(card.tokenizer)
+        if not prompt_ids:
+            raise InvalidInput("the prompt is empty", param="prompt")
+        return CompletionRequest(self.model, self.chat, prompt_ids, params, self.n, self.stream, self.include_usage)
+
+    def prompt_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        raise NotImplementedError
+
+    def sampling(self, max_context: int) -> SamplingParams:
+        max_tokens = self.max_tokens or self.default_max_tokens
         if max_tokens >= max_context:
             raise InvalidInput(f"max_tokens must be below the context window of {max_context}", param="max_tokens")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -79,13 +126,23 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionBody(_Common):
+    chat: ClassVar[bool] = True
+    default_max_tokens: ClassVar[int] = DEFAULT_MAX_TOKENS
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
-    def sampling(self, default_max_tokens: int, max_context: int) -> SamplingParams:
+    def sampling(self, max_context: int) -> SamplingParams:
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
-        return super().sampling(default_max_tokens, max_context)
+        return super().sampling(max_context)
+
+    def prompt_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        messages = self.plain_messages()
+        try:
+            return chat_prompt_ids(tokenizer, messages)
+        except Exception as exc:  # the chat template refused the conversation
+            raise InvalidInput(f"messages cannot be rendered: {exc}", param="messages") from exc
 
     def plain_messages(self) -> list[dict[str, str]]:
         allowed = {"system", "user", "assistant", "developer"}
@@ -102,8 +159,18 @@ class ChatCompletionBody(_Common):
 
 
 class CompletionBody(_Common):
+    chat: ClassVar[bool] = False
+    default_max_tokens: ClassVar[int] = DEFAULT_COMPLETION_MAX_TOKENS
+
     prompt: str | list[str] | list[int]
     echo: bool = False
+
+    def prompt_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        prompt = self.prompt_text_or_ids()
+        ids = text_ids(tokenizer, prompt) if isinstance(prompt, str) else prompt
+        if any(not 0 <= t < len(tokenizer) for t in ids):
+            raise InvalidInput("prompt holds token ids outside the vocabulary", param="prompt")
+        return ids
 
     def prompt_text_or_ids(self) -> str | list[int]:
         prompt = self.prompt

@@ -1,17 +1,35 @@
-"""Assembling serving for a process: the engine with its prefix cache, and the right `Completer`."""
+"""Serving for a process: the engine with its prefix cache, the right `Completer`, and the
+`CompletionService` that turns a caller's validated request into a running submission."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import time
+import uuid
 from collections.abc import Callable
 
+from anyio import to_thread
+from sqlalchemy.orm import Session, sessionmaker
+
 from core.config import Settings
-from core.inference.completer import Completer, InProcessCompleter
+from core.errors import CorruptArtifact
+from core.inference import catalog
+from core.inference.completer import Completer, InProcessCompleter, Submission
 from core.inference.engine import InferenceEngine
+from core.inference.errors import CorruptPrefix, InferenceFailed
+from core.inference.jobs import InferenceJob
 from core.inference.metrics import PrefixCacheMetrics
-from core.inference.prefix_cache import PrefixCache, store_loader
+from core.inference.prefix_cache import PrefixCache, PrefixRef, store_loader
 from core.inference.redis_transport import RedisCompleter
+from core.inference.requests import CompletionRequest
 from core.model import BaseModel
+from core.service.api_keys import Caller
+from core.service.registry import quarantine_version
 from core.storage import BlobStore
+
+log = logging.getLogger(__name__)
+MAX_CORRUPT_FALLBACKS = 3
 
 
 def build_engine(settings: Settings, base: BaseModel, store: BlobStore) -> InferenceEngine:
@@ -26,3 +44,54 @@ def build_completer(settings: Settings, load_base: Callable[[], BaseModel], stor
     if settings.redis_url is None:
         return InProcessCompleter(build_engine(settings, load_base(), store))
     return RedisCompleter(settings.redis_url, settings.max_queue)
+
+
+class CompletionService:
+    """Runs validated completion requests on `completer` for callers.
+
+    The `model` of a request is authorized for the caller and resolved to a prefix version
+    (`catalog.resolve_model`) before anything is queued. A prefix whose stored bytes fail their
+    checksum is never used: its version is quarantined (marked corrupt, the previous good version
+    activated: `registry.quarantine_version`) and the model is resolved again, up to
+    `MAX_CORRUPT_FALLBACKS` times, so `user:<id>` falls back while an explicit corrupt version
+    gets a clear error. The completer's lifetime is its owner's (`start`/`close`), not this one's."""
+
+    def __init__(self, completer: Completer, session_factory: sessionmaker[Session], request_timeout_s: float):
+        self.completer = completer
+        self.session_factory = session_factory
+        self.request_timeout_s = request_timeout_s
+
+    async def submit(self, caller: Caller, request: CompletionRequest, base_model_id: str) -> Submission:
+        """Queue `request` for `caller`; the submission's `job` is the one that runs.
+
+        Raises what resolution raises (NotFound, NoTrainedPrefix, CorruptModel), what the
+        completer raises (QueueFull, InvalidRequest, InferenceUnavailable, ...), or
+        InferenceFailed when no intact prefix version could be loaded."""
+        prefix = await self._resolve(caller, request.model, base_model_id)
+        job = request.job(prefix, deadline=time.time() + self.request_timeout_s)
+        for _ in range(MAX_CORRUPT_FALLBACKS):
+            try:
+                submission = await self.completer.submit(job)
+                if job.prefix is not None:
+                    await submission.wait_started()  # distributed: the worker reports a corrupt prefix
+                return submission
+            except (CorruptArtifact, CorruptPrefix) as exc:
+                if job.prefix is None:
+                    raise
+                await self._quarantine(job, exc)
+                prefix = await self._resolve(caller, request.model, base_model_id)
+                job = dataclasses.replace(job, prefix=prefix, request_id=uuid.uuid4().hex)
+        raise InferenceFailed("no intact prefix version could be loaded for this model")
+
+    async def _resolve(self, caller: Caller, model: str, base_model_id: str) -> PrefixRef | None:
+        def resolve() -> PrefixRef | None:
+            with self.session_factory() as session:
+                return catalog.resolve_model(session, caller, model, base_model_id)
+
+        return await to_thread.run_sync(resolve)
+
+    async def _quarantine(self, job: InferenceJob, exc: Exception) -> None:
+        ref = job.prefix
+        log.error("request_id=%s: prefix v%d of user %s failed verification: %s",
+                  job.request_id, ref.version, ref.user_id, exc)
+        await to_thread.run_sync(quarantine_version, self.session_factory, ref.user_id, ref.version, str(exc))

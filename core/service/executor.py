@@ -28,10 +28,6 @@ class EmbeddedExecutor:
         self._queue: queue.Queue[object] = queue.Queue()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pending = 0
-        self._pending_lock = threading.Lock()
-        self._idle = threading.Event()
-        self._idle.set()
 
     def start(self) -> None:
         if self._thread is not None:
@@ -52,9 +48,6 @@ class EmbeddedExecutor:
         self._thread.start()
 
     def submit(self, job_id: str) -> None:
-        with self._pending_lock:
-            self._pending += 1
-            self._idle.clear()
         self._queue.put(job_id)
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -65,10 +58,6 @@ class EmbeddedExecutor:
         self._queue.put(_STOP)
         self._thread.join(timeout)
         self._thread = None
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until every submitted job has been run (for tests and tools)."""
-        return self._idle.wait(timeout)
 
     def _loop(self) -> None:
         while True:
@@ -81,8 +70,3 @@ class EmbeddedExecutor:
                 return
             except Exception:  # noqa: BLE001 - the job row records it; keep serving others
                 log.exception("training job %s failed", item)
-            finally:
-                with self._pending_lock:
-                    self._pending -= 1
-                    if self._pending == 0:
-                        self._idle.set()

@@ -26,7 +26,7 @@ from core.db import PrefixVersion, User
 from core.service.crash_points import crash_point
 from core.service.errors import Conflict, NotFound
 from core.service.job_lease import LeaseLost, holds_lease
-from core.service.model_ids import ModelRef, format_model_id
+from core.service.model_ids import format_model_id
 from core.storage import BlobStore, prefix_blob_key, prefix_state_key, sha256_hex, user_blob_prefix
 
 log = logging.getLogger(__name__)
@@ -227,11 +227,6 @@ def activate_version(session: Session, user_id: str, version: int) -> PrefixVers
     return row
 
 
-def load_prefix_bytes(store: BlobStore, version: PrefixVersion) -> bytes:
-    """The artifact bytes of a version, sha256-checked against the index."""
-    return store.get(version.blob_key, expected_sha256=version.sha256)
-
-
 def load_state_bytes(store: BlobStore, version: PrefixVersion) -> bytes | None:
     if not version.state_blob_key:
         return None
@@ -240,23 +235,3 @@ def load_state_bytes(store: BlobStore, version: PrefixVersion) -> bytes | None:
 
 def model_id_of(user: User, version: PrefixVersion) -> str:
     return format_model_id(version.base_model_id, user.external_id, version.version)
-
-
-def resolve_model(session: Session, ref: ModelRef) -> tuple[User, PrefixVersion]:
-    """The user and prefix version a fine-tuned model id names (for the completion API).
-
-    `NotFound` if the user, the version, or a version on that base model does not exist."""
-    user = session.execute(
-        select(User).where(User.external_id == ref.external_id, User.deleted_at.is_(None))
-    ).scalar_one_or_none()
-    if user is None:
-        raise NotFound(f"no model for user {ref.external_id!r}")
-    if ref.version is None:
-        version = active_prefix(session, user.id)
-    else:
-        version = session.execute(
-            select(PrefixVersion).where(PrefixVersion.user_id == user.id, PrefixVersion.version == ref.version)
-        ).scalar_one_or_none()
-    if version is None or version.base_model_id != ref.base_model_id:
-        raise NotFound(f"model {format_model_id(ref.base_model_id, ref.external_id, ref.version)!r} does not exist")
-    return user, version

@@ -14,6 +14,7 @@ from api.app import create_app
 from core.config import Settings
 from core.model import BaseModel, load_base_model
 from core.service.context import build_context
+from tests.support.models import model_cache_dir
 
 ADMIN_KEY = "sk-steer-admin-test-key"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -44,7 +45,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
 @lru_cache(maxsize=1)
 def tiny_base_model() -> BaseModel:
     """The tiny random model, loaded once per test process and shared (it is frozen)."""
-    return load_base_model("tiny", device="cpu")
+    return load_base_model("tiny", device="cpu", cache_root=model_cache_dir())
 
 
 class RecordingDispatcher:

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from core.config import Settings
-from core.model import default_cache_root
 from tests.support.api import ADMIN_KEY
+from tests.support.models import model_cache_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,7 @@ def distributed_env(database_url: str, redis_url: str, s3_server: Any, bucket_pr
         "STEER_ADMIN_KEY": ADMIN_KEY,
         "STEER_BASE_MODEL": "tiny",
         "STEER_DEVICE": "cpu",
-        "STEER_DATA_DIR": str(default_cache_root().parent),  # share the converted model cache
+        "STEER_DATA_DIR": str(model_cache_dir().parent),  # share the converted model cache
         "OMP_NUM_THREADS": "1",  # worker processes share two cores with the test
         **extra,
     }

@@ -1,4 +1,4 @@
-"""`steer eval`: a typer command over `runner.run_evaluation` (mounted by api/cli.py)."""
+"""`steer eval`: a typer command over `core.evaluation.runner.run_evaluation` (mounted by api/cli.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ from typing import Optional
 
 import typer
 
+from core.config import get_settings
 from core.evaluation.metrics import ATTRIBUTION_GROUP
 from core.evaluation.runner import METHODS, SWEEPS, EvalSpec, parse_values, run_evaluation
+from core.model import load_base_model
 from core.training import TrainingConfig
 
 
@@ -65,7 +67,8 @@ def run(
         seed=seed,
         out=out,
     )
-    results = run_evaluation(spec, progress=not quiet)
+    base = load_base_model(spec.base_model, cache_root=get_settings().model_cache_dir)
+    results = run_evaluation(spec, progress=not quiet, base=base)
     for name, m in results["methods"].items():
         o = m["overall"]
         grouped = o["attribution_accuracy_grouped"]

@@ -1,0 +1,91 @@
+"""`steer bench serve|train|load`: the engine's figures (core/bench.py) and the HTTP load test
+(api/commands/loadtest.py), printed as JSON or a readable tree."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from core.bench import bench_serving, bench_training, machine_info
+from core.config import get_settings
+from core.model import BaseModel, load_base_model
+
+app = typer.Typer(help="Benchmarks of the prefix engine (ratios measured in one run).", no_args_is_help=True)
+
+# Options every engine benchmark takes.
+BaseModelName = Annotated[str, typer.Option("--base-model", help="smollm2, tiny, or a model directory.")]
+Device = Annotated[str, typer.Option(help="Torch device; auto picks CUDA when available.")]
+Dtype = Annotated[str, typer.Option(help="Torch dtype; auto: float32 on CPU, bfloat16 on CUDA.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON only.")]
+
+
+def _base_model(name: str, device: str, dtype: str) -> BaseModel:
+    return load_base_model(name, device=device, dtype=dtype, cache_root=get_settings().model_cache_dir)
+
+
+def _emit(name: str, result: dict, as_json: bool) -> None:
+    payload = {"benchmark": name, "machine": machine_info(), **result}
+    if as_json:
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    from rich.console import Console
+    from rich.pretty import pprint
+
+    Console().rule(f"steer bench {name}")
+    pprint(payload, expand_all=True)
+
+
+@app.command("serve")
+def serve_command(
+    requests: int = typer.Option(32, help="Concurrent requests (one user each in the mixed run)."),
+    new_tokens: int = typer.Option(64, help="Tokens generated per request."),
+    prefix_len: int = typer.Option(16),
+    serial_requests: int = typer.Option(8, help="Requests timed one at a time (throughput is per token)."),
+    base_model: BaseModelName = "smollm2",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    as_json: AsJson = False,
+) -> None:
+    """Serving throughput: mixed users vs one user vs serial prefix swapping vs the bare base model."""
+    base = _base_model(base_model, device, dtype)
+    _emit("serve", bench_serving(base, requests, new_tokens, prefix_len, serial_requests), as_json)
+
+
+@app.command("train")
+def train_command(
+    steps: int = typer.Option(6, help="Timed training steps (first excluded)."),
+    users: int = typer.Option(8, help="Users in the multi-user vs sequential comparison."),
+    personalise_samples: int = typer.Option(50),
+    time_budget_s: float = typer.Option(55.0, help="Budget given to the one-user personalisation run."),
+    base_model: BaseModelName = "smollm2",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    as_json: AsJson = False,
+) -> None:
+    """Training: step time vs PEFT, multi-user batching vs sequential jobs, time to personalise."""
+    base = _base_model(base_model, device, dtype)
+    _emit("train", bench_training(base, steps, users, personalise_samples, time_budget_s), as_json)
+
+
+@app.command("load")
+def load_command(
+    users: int = typer.Option(120, help="Users onboarded before the timed phases (more join during them)."),
+    duration_s: float = typer.Option(60.0, "--duration", help="Seconds of load, split between the two phases."),
+    below_clients: int = typer.Option(8, help="Concurrent clients below capacity."),
+    above_clients: int = typer.Option(64, help="Concurrent clients above capacity."),
+    max_queue: int = typer.Option(16, help="The server's STEER_MAX_QUEUE."),
+    as_json: AsJson = False,
+) -> None:
+    """HTTP load on a spawned `steer serve` (tiny model): zero errors below capacity, 429s above."""
+    from api.commands.loadtest import LoadConfig, run_load_test, verdict
+
+    config = LoadConfig(
+        users=users, duration_s=duration_s, below_clients=below_clients, above_clients=above_clients, max_queue=max_queue
+    )
+    report = run_load_test(config)
+    problems = verdict(report)
+    _emit("load", {**report, "problems": problems}, as_json)
+    if problems:
+        raise typer.Exit(1)
