@@ -150,7 +150,12 @@ class _Shape:
 
     def opening(self, index: int) -> dict:
         if self.chat:
-            choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            choice = {
+                "index": index,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
         else:
             choice = self._choice(index, "", None)
         return self._chunk([choice])

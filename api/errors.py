@@ -96,14 +96,20 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _database_down(_request: Request, exc: Exception) -> JSONResponse:
     log.warning("database unavailable: %s", exc)
-    return error_response(503, "the database is unavailable; retry later", "service_unavailable", code="database_unavailable")
+    return error_response(
+        503, "the database is unavailable; retry later", "service_unavailable", code="database_unavailable"
+    )
 
 
 async def _database_busy(_request: Request, exc: Exception) -> JSONResponse:
     # Every pooled connection stayed busy for the pool's whole timeout: overload, not a bug.
     log.warning("database connection pool exhausted: %s", exc)
     return error_response(
-        503, "the database is busy; retry later", "service_unavailable", code="database_busy", headers={"Retry-After": "1"}
+        503,
+        "the database is busy; retry later",
+        "service_unavailable",
+        code="database_busy",
+        headers={"Retry-After": "1"},
     )
 
 

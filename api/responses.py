@@ -42,7 +42,9 @@ class User(Body):
     id: str
     external_id: str
     created_at: Timestamp
-    fine_tuned_model: str | None = Field(description="The model id serving the user's active prefix; null before the first training.")
+    fine_tuned_model: str | None = Field(
+        description="The model id serving the user's active prefix; null before the first training."
+    )
 
 
 class Sample(Body):

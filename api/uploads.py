@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from starlette.datastructures import UploadFile
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
 
 from api.openapi import request_schema
 from core.config import Settings

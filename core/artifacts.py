@@ -28,6 +28,7 @@ FORMAT_VERSION = "1"
 STATE_FORMAT = "steer-prefix-state"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
+
 @dataclass
 class Prefix:
     """A servable prefix: its KV tensor and where it came from."""
@@ -42,11 +43,14 @@ class Prefix:
     def prefix_len(self) -> int:
         return self.kv.shape[3]
 
+
 def _tensor_sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
+
 def _geometry_meta(g: PrefixGeometry) -> dict[str, str]:
     return {"num_layers": str(g.num_layers), "num_kv_heads": str(g.num_kv_heads), "head_dim": str(g.head_dim)}
+
 
 def save_prefix(prefix: Prefix, dtype: str = "float16") -> bytes:
     """Serialize a prefix to safetensors bytes (the export form)."""
@@ -68,6 +72,7 @@ def save_prefix(prefix: Prefix, dtype: str = "float16") -> bytes:
     }
     return st_save({"kv": kv}, metadata=metadata)
 
+
 def _read(data: bytes, expected_format: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         tensors = st_load(data)
@@ -79,6 +84,7 @@ def _read(data: bytes, expected_format: str) -> tuple[dict[str, torch.Tensor], d
         raise CorruptArtifact(f"not a {expected_format} artifact (format={metadata.get('format')!r})")
     return tensors, metadata
 
+
 def _header_metadata(data: bytes) -> dict[str, str]:
     """Metadata from the safetensors header (8-byte little-endian length, then JSON)."""
     if len(data) < 8:
@@ -87,6 +93,7 @@ def _header_metadata(data: bytes) -> dict[str, str]:
     if n > len(data) - 8:
         raise ValueError("header length beyond end of file")
     return json.loads(data[8 : 8 + n].decode("utf-8")).get("__metadata__") or {}
+
 
 def check_compatible(metadata: dict[str, str], base: BaseModel) -> None:
     if metadata.get("base_model_id") != base.model_id or metadata.get("base_fingerprint") != base.fingerprint:
@@ -97,6 +104,7 @@ def check_compatible(metadata: dict[str, str], base: BaseModel) -> None:
         )
     if _geometry_meta(base.geometry) != {k: metadata.get(k) for k in ("num_layers", "num_kv_heads", "head_dim")}:
         raise IncompatibleBaseModel("prefix geometry does not match the base model")
+
 
 def load_prefix(data: bytes, base: BaseModel) -> Prefix:
     """Parse, verify and bind a prefix artifact to `base`. Raises CorruptArtifact / IncompatibleBaseModel."""
@@ -122,6 +130,7 @@ def load_prefix(data: bytes, base: BaseModel) -> Prefix:
         metrics=json.loads(metadata.get("metrics") or "{}"),
     )
 
+
 def save_training_state(state: dict[str, torch.Tensor], config: dict, base: BaseModel) -> bytes:
     """Serialize a PrefixEncoder state_dict (reparameterization included) so training can resume."""
     tensors = {k: v.detach().cpu().float().contiguous() for k, v in state.items()}
@@ -134,6 +143,7 @@ def save_training_state(state: dict[str, torch.Tensor], config: dict, base: Base
         "prefix_config": json.dumps(config, sort_keys=True),
     }
     return st_save(tensors, metadata=metadata)
+
 
 def load_training_state(data: bytes, base: BaseModel) -> tuple[dict[str, torch.Tensor], dict]:
     """Inverse of `save_training_state`: (state_dict, prefix config dict)."""

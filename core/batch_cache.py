@@ -230,7 +230,9 @@ class BatchCache:
     def row_kv(self, row: int) -> torch.Tensor:
         """Row `row`'s real columns as a prefix KV (L, 2, H, n, D): what it has seen, reusable as a prefix."""
         real = self.mask[row].bool()
-        return torch.stack([torch.stack([layer.keys[row][:, real], layer.values[row][:, real]]) for layer in self._layers])
+        return torch.stack(
+            [torch.stack([layer.keys[row][:, real], layer.values[row][:, real]]) for layer in self._layers]
+        )
 
 
 def _left_pad(tensor: torch.Tensor, n: int) -> torch.Tensor:
@@ -427,7 +429,9 @@ class Seq2SeqBatchCache:
     prefix attention are in force exactly during that pass.
     """
 
-    def __init__(self, model, hooks: _Seq2SeqHooks, decoder: BatchCache, states: torch.Tensor, source_mask: torch.Tensor):
+    def __init__(
+        self, model, hooks: _Seq2SeqHooks, decoder: BatchCache, states: torch.Tensor, source_mask: torch.Tensor
+    ):
         self.model = model
         self.hooks = hooks
         self.decoder = decoder
@@ -486,7 +490,9 @@ class Seq2SeqBatchCache:
             state.positions[id(hooks.encoder_positions)] = first[:, None] + torch.arange(width, device=device)
         with _running(state):
             states = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        decoder = BatchCache.from_prefixes([d for _, d in parts], dec_geometry, device=device, dtype=dtype, reserve=reserve)
+        decoder = BatchCache.from_prefixes(
+            [d for _, d in parts], dec_geometry, device=device, dtype=dtype, reserve=reserve
+        )
         return cls(model, hooks, decoder, states, mask)
 
     # -- running the decoder --------------------------------------------------------------------

@@ -21,10 +21,38 @@ from core.sampling import SamplingParams
 from core.training import TrainingConfig, UserData, train_prefixes
 
 TOPICS = [
-    "the harvest", "the railways", "the navy", "public schools", "the currency", "foreign trade", "the post office",
-    "the census", "veterans", "the frontier", "tariffs", "the courts", "immigration", "public lands", "the army",
-    "canals", "the treasury", "agriculture", "science", "the mail", "taxes", "bridges", "the ports", "the weather",
-    "medicine", "music", "the budget", "libraries", "the police", "the coast", "newspapers", "the telegraph",
+    "the harvest",
+    "the railways",
+    "the navy",
+    "public schools",
+    "the currency",
+    "foreign trade",
+    "the post office",
+    "the census",
+    "veterans",
+    "the frontier",
+    "tariffs",
+    "the courts",
+    "immigration",
+    "public lands",
+    "the army",
+    "canals",
+    "the treasury",
+    "agriculture",
+    "science",
+    "the mail",
+    "taxes",
+    "bridges",
+    "the ports",
+    "the weather",
+    "medicine",
+    "music",
+    "the budget",
+    "libraries",
+    "the police",
+    "the coast",
+    "newspapers",
+    "the telegraph",
 ]
 
 
@@ -78,7 +106,9 @@ def _serial(base, prompts, prefixes, new_tokens) -> int:
     """One request at a time, the prefix swapped between requests: how a one-adapter server runs."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     engine = MixedBatchGenerator(base, 1)
-    return sum(engine.generate([GenerationRequest(p, params, kv)])[0].completion_tokens for p, kv in zip(prompts, prefixes))
+    return sum(
+        engine.generate([GenerationRequest(p, params, kv)])[0].completion_tokens for p, kv in zip(prompts, prefixes)
+    )
 
 
 @torch.inference_mode()
@@ -101,7 +131,9 @@ def _hf_continuous_batching(base, prompts, new_tokens) -> int:
     reference that decides whether owning a small scheduler is worth it."""
     from transformers import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=base.tokenizer.pad_token_id)
+    config = GenerationConfig(
+        max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=base.tokenizer.pad_token_id
+    )
     outputs = base.model.generate_batch(inputs=prompts, generation_config=config)
     return sum(len(o.generated_tokens) for o in outputs.values())
 
@@ -205,7 +237,9 @@ def bench_training(base: BaseModel, steps: int, users: int, personalise_samples:
         prefix=PrefixConfig(prefix_len=16), max_steps=steps, batch_size=4, eval_every=10**6, preservation_weight=0.0
     )
     ours = _train_step_seconds(base, [UserData("u0", _samples(40, "u0"))], config)
-    preserving = _train_step_seconds(base, [UserData("u0", _samples(40, "u0"))], replace(config, preservation_weight=0.5))
+    preserving = _train_step_seconds(
+        base, [UserData("u0", _samples(40, "u0"))], replace(config, preservation_weight=0.5)
+    )
     peft = _peft_step_seconds(base, config, steps)
     # Compute only: with the preservation term on, each sequential job would also sample its own anchors.
     multi_cfg = replace(config, max_steps=3, batch_size=2)

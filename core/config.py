@@ -67,13 +67,9 @@ class Settings(BaseSettings):
     )
     s3_access_key: str | None = Field(default=None, description="S3 access key id.")
     s3_secret_key: SecretStr | None = Field(default=None, description="S3 secret access key.")
-    s3_bucket: str = Field(
-        default="steer", description="S3 bucket for artifacts; created if it does not exist."
-    )
+    s3_bucket: str = Field(default="steer", description="S3 bucket for artifacts; created if it does not exist.")
     s3_secure: bool = Field(default=False, description="Use HTTPS to talk to the S3 endpoint.")
-    s3_region: str | None = Field(
-        default=None, description="S3 region; unset lets the client discover it."
-    )
+    s3_region: str | None = Field(default=None, description="S3 region; unset lets the client discover it.")
 
     # --- access ------------------------------------------------------------------------------
     admin_key: SecretStr | None = Field(
@@ -100,12 +96,8 @@ class Settings(BaseSettings):
     max_samples_per_request: int = Field(
         default=1000, gt=0, description="Most writing samples accepted in one upload request."
     )
-    max_sample_chars: int = Field(
-        default=20_000, gt=0, description="Longest accepted writing sample, in characters."
-    )
-    min_sample_chars: int = Field(
-        default=1, ge=1, description="Shortest accepted writing sample, in characters."
-    )
+    max_sample_chars: int = Field(default=20_000, gt=0, description="Longest accepted writing sample, in characters.")
+    min_sample_chars: int = Field(default=1, ge=1, description="Shortest accepted writing sample, in characters.")
     max_upload_bytes: int = Field(
         default=5_000_000, gt=0, description="Largest accepted request body for sample uploads."
     )
@@ -114,18 +106,13 @@ class Settings(BaseSettings):
     )
 
     # --- inference ---------------------------------------------------------------------------
-    max_batch_size: int = Field(
-        default=32, gt=0, description="Most generation requests batched into one forward pass."
-    )
+    max_batch_size: int = Field(default=32, gt=0, description="Most generation requests batched into one forward pass.")
     max_queue: int = Field(
         default=256,
         gt=0,
-        description="Most generation requests waiting for a batch; beyond it requests get 429 "
-        "with Retry-After.",
+        description="Most generation requests waiting for a batch; beyond it requests get 429 with Retry-After.",
     )
-    request_timeout_s: float = Field(
-        default=120, gt=0, description="Seconds a generation request may wait and run."
-    )
+    request_timeout_s: float = Field(default=120, gt=0, description="Seconds a generation request may wait and run.")
     infer_claim_idle_s: float = Field(
         default=30,
         gt=0,
@@ -161,10 +148,14 @@ class Settings(BaseSettings):
         description="Distributed mode: how often each API process looks for lost jobs to dispatch again.",
     )
     train_max_steps_default: int | None = Field(
-        default=None, gt=0, description="Optimizer steps of a training job unless it asks otherwise. Unset: the engine's default."
+        default=None,
+        gt=0,
+        description="Optimizer steps of a training job unless it asks otherwise. Unset: the engine's default.",
     )
     train_prefix_len_default: int | None = Field(
-        default=None, gt=0, description="Virtual prefix tokens per layer unless a job asks otherwise. Unset: the engine's default."
+        default=None,
+        gt=0,
+        description="Virtual prefix tokens per layer unless a job asks otherwise. Unset: the engine's default.",
     )
     train_prefix_len_candidates: tuple[int, ...] = Field(
         default=(),
@@ -173,13 +164,21 @@ class Settings(BaseSettings):
         "row group per candidate; worth it on a GPU). Empty: no search.",
     )
     train_learning_rate_default: float | None = Field(
-        default=None, gt=0, description="Learning rate of a training job unless it asks otherwise. Unset: the engine's default."
+        default=None,
+        gt=0,
+        description="Learning rate of a training job unless it asks otherwise. Unset: the engine's default.",
     )
     train_batch_size_default: int | None = Field(
-        default=None, gt=0, description="Training batch size (rows per user per step) unless a job asks otherwise. Unset: the engine's default."
+        default=None,
+        gt=0,
+        description=(
+            "Training batch size (rows per user per step) unless a job asks otherwise. Unset: the engine's default."
+        ),
     )
     train_max_seq_len: int | None = Field(
-        default=None, gt=0, description="Longest training sequence in tokens; longer text is chunked. Unset: the engine's default."
+        default=None,
+        gt=0,
+        description="Longest training sequence in tokens; longer text is chunked. Unset: the engine's default.",
     )
     train_preservation_weight_default: float | None = Field(
         default=None,

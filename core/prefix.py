@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
 from core.batch_cache import BatchCache, Prefix
 from core.model import BaseModel, PrefixGeometry
 

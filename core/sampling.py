@@ -45,7 +45,9 @@ def make_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
-def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]) -> list[int]:
+def sample_tokens(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+) -> list[int]:
     """One token per row of `logits` (B, V), each row with its own parameters and generator.
 
     Vectorised over the batch: one argmax for the greedy rows; for the sampled ones one softmax and

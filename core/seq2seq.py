@@ -247,12 +247,18 @@ def train_seq2seq_prefixes(
             run.steps = step
         if on_progress is not None:
             elapsed = time.monotonic() - started
-            on_progress(Progress(
-                step=step, max_steps=total, active_users=len(runs),
-                loss=sum(r.loss for r in runs) / len(runs), val_loss=None,
-                tokens_per_s=float(tokens.sum()) / max(time.monotonic() - step_started, 1e-9),
-                elapsed_s=elapsed, eta_s=elapsed / step * (total - step),
-            ))
+            on_progress(
+                Progress(
+                    step=step,
+                    max_steps=total,
+                    active_users=len(runs),
+                    loss=sum(r.loss for r in runs) / len(runs),
+                    val_loss=None,
+                    tokens_per_s=float(tokens.sum()) / max(time.monotonic() - step_started, 1e-9),
+                    elapsed_s=elapsed,
+                    eta_s=elapsed / step * (total - step),
+                )
+            )
     seconds = round(time.monotonic() - started, 3)
     return [
         TrainedPrefix(
@@ -260,8 +266,13 @@ def train_seq2seq_prefixes(
             run.encoder.export(),
             {k: v.detach().clone().cpu() for k, v in run.encoder.state_dict().items()},
             run.prefix,
-            {"steps": run.steps, "train_loss": run.loss, "tokens": run.tokens,
-             "train_examples": len(run.user.examples), "train_seconds": seconds},
+            {
+                "steps": run.steps,
+                "train_loss": run.loss,
+                "tokens": run.tokens,
+                "train_examples": len(run.user.examples),
+                "train_seconds": seconds,
+            },
         )
         for run in everyone
     ]

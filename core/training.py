@@ -2,12 +2,13 @@
 
 A method (core/tuning.py's TuningMethod: prefixes in core/tuning.py, prompt tuning and LoRA in
 core/evaluation/baselines.py) supplies each user's trainable module and how it enters the forward
-pass; everything else lives here once. Each user keeps their own module, optimizer, schedule, data order and early-stopping state;
-only the forward/backward pass over the frozen base is shared. The loss is a *sum over users* of each
-user's own token-mean loss, so user u's gradient is exactly the gradient of u's loss alone: training K
-users together gives each of them what training them alone would (same seed, same data order), up to
-float rounding from padding. That makes batch retraining of many users cost about one job, not K.
-A method that cannot mix users in one forward gets one forward/backward per user from the same loop.
+pass; everything else lives here once. Each user keeps their own module, optimizer, schedule, data
+order and early-stopping state; only the forward/backward pass over the frozen base is shared. The
+loss is a *sum over users* of each user's own token-mean loss, so user u's gradient is exactly the
+gradient of u's loss alone: training K users together gives each of them what training them alone
+would (same seed, same data order), up to float rounding from padding. That makes batch retraining
+of many users cost about one job, not K. A method that cannot mix users in one forward gets one
+forward/backward per user from the same loop.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
 
 import torch
 from torch import nn
@@ -25,8 +26,8 @@ from torch.nn import functional as F
 from core.data import FORMAT_CHAT, FORMAT_PLAIN, IGNORE, Example, build_examples, prepare_samples, split_samples
 from core.errors import InvalidTrainingData, TrainingCancelled
 from core.model import BaseModel
-from core.preservation import Anchors, kl_from_base, sample_anchors
 from core.prefix import PrefixConfig
+from core.preservation import Anchors, kl_from_base, sample_anchors
 from core.tuning import PrefixMethod, TuningMethod, prefix_hidden_states
 
 
@@ -73,7 +74,7 @@ class TrainingConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainingConfig":
+    def from_dict(cls, data: dict) -> TrainingConfig:
         data = dict(data)
         prefix = PrefixConfig(**data.pop("prefix", {}))
         for name in ("formats", "prefix_len_candidates"):
@@ -367,10 +368,12 @@ def _backward_group(
     if anchors is not None:
         # One LM-head call per anchor row: one call over all rows was measured 4-19% slower on the
         # CPU (8 users, forward + backward), likely its users x tokens x vocabulary intermediates.
-        kl = torch.stack([
-            kl_from_base(hidden[len(rows) + j, : len(anchors.examples[k].input_ids)], base, anchors.log_probs[k])
-            for j, k in enumerate(picked)
-        ])  # (U,)
+        kl = torch.stack(
+            [
+                kl_from_base(hidden[len(rows) + j, : len(anchors.examples[k].input_ids)], base, anchors.log_probs[k])
+                for j, k in enumerate(picked)
+            ]
+        )  # (U,)
         objective = per_user + config.preservation_weight * kl
         for run, value in zip(runs, kl.detach().tolist()):
             run.last_kl = value

@@ -22,7 +22,14 @@ import torch
 from torch import nn
 
 from core.model import BaseModel
-from core.prefix import INIT_ACTIVATIONS, PrefixConfig, PrefixEncoder, batch_prefixes, forward_with_prefixes, kv_from_text
+from core.prefix import (
+    INIT_ACTIVATIONS,
+    PrefixConfig,
+    PrefixEncoder,
+    batch_prefixes,
+    forward_with_prefixes,
+    kv_from_text,
+)
 from core.prompts import text_ids
 
 if TYPE_CHECKING:

@@ -3,8 +3,8 @@
 #
 # Idempotent on a fresh machine with Python 3.11: creates .venv, installs Steer with its test
 # extras, starts PostgreSQL and Redis if they are not already answering (installing them with
-# apt if needed), runs pytest, and stops only the services it started. pytest's exit code is
-# passed through unchanged (5 = "no tests collected" is a failure, not a success).
+# apt if needed), lints with ruff, runs pytest, and stops only the services it started. pytest's
+# exit code is passed through unchanged (5 = "no tests collected" is a failure, not a success).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -90,6 +90,10 @@ if ! port_open "$REDIS_PORT"; then
     STARTED_REDIS=1
     wait_for_port "$REDIS_PORT" Redis
 fi
+
+# --- lint ---------------------------------------------------------------------------------
+# Configuration in pyproject.toml ([tool.ruff]); a finding fails the run before any test.
+ruff check .
 
 # --- tests --------------------------------------------------------------------------------
 # Missing Postgres/Redis/S3 must fail the run here, not skip the integration tests.

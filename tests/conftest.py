@@ -55,9 +55,7 @@ def postgres_url() -> Iterator[str]:
     errors = []
     for candidate in POSTGRES_USERS:
         try:
-            admin = psycopg2.connect(
-                host=POSTGRES_HOST, port=POSTGRES_PORT, user=candidate, dbname="postgres"
-            )
+            admin = psycopg2.connect(host=POSTGRES_HOST, port=POSTGRES_PORT, user=candidate, dbname="postgres")
             user = candidate
             break
         except psycopg2.OperationalError as exc:

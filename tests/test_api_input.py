@@ -24,7 +24,8 @@ def client(tmp_path: Path):
 def _counts(client) -> tuple[int, ...]:
     with client.app.state.ctx.session_factory() as session:
         return tuple(
-            session.execute(select(func.count()).select_from(model)).scalar_one() for model in (User, ApiKey, Sample, Job)
+            session.execute(select(func.count()).select_from(model)).scalar_one()
+            for model in (User, ApiKey, Sample, Job)
         )
 
 
@@ -39,7 +40,10 @@ BAD_ONBOARDINGS = [
     ({"external_id": "a", "samples": ["ok"], "hyperparameters": {"max_steps": "many"}}, "hyperparameters.max_steps"),
     ({"external_id": "a", "samples": ["ok"], "hyperparameters": {"init": "zeros"}}, "hyperparameters.init"),
     ({"external_id": "a", "samples": ["ok"], "hyperparameters": {"dropout": 0.1}}, "hyperparameters.dropout"),
-    ({"external_id": "a", "samples": ["ok"], "hyperparameters": {"preservation_weight": -0.5}}, "hyperparameters.preservation_weight"),
+    (
+        {"external_id": "a", "samples": ["ok"], "hyperparameters": {"preservation_weight": -0.5}},
+        "hyperparameters.preservation_weight",
+    ),
     ({"external_id": "a", "samples": ["ok"], "hyperparameters": {"learning_rate": float("nan")}}, None),
     ({"external_id": "a", "samples": ["ok"], "surprise": 1}, "surprise"),
 ]
@@ -48,7 +52,11 @@ BAD_ONBOARDINGS = [
 @pytest.mark.parametrize(("body", "param"), BAD_ONBOARDINGS)
 def test_bad_onboarding_is_400_and_changes_nothing(client, body, param):
     before = _counts(client)
-    response = client.post("/v1/onboarding", headers=ADMIN, content=json.dumps(body), )
+    response = client.post(
+        "/v1/onboarding",
+        headers=ADMIN,
+        content=json.dumps(body),
+    )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["message"]
@@ -67,14 +75,15 @@ def test_non_utf8_and_malformed_uploads_are_refused(client):
         ("notes.pdf", b"%PDF-1.4"),
     ]
     for name, data in files:
-        response = client.post(
-            "/v1/onboarding", headers=ADMIN, data={"external_id": "a"}, files={"file": (name, data)}
-        )
+        response = client.post("/v1/onboarding", headers=ADMIN, data={"external_id": "a"}, files={"file": (name, data)})
         assert response.status_code == 400, (name, response.text)
         assert response.json()["error"]["param"] == "file"
-    assert "UTF-8" in client.post(
-        "/v1/onboarding", headers=ADMIN, data={"external_id": "a"}, files={"file": files[0]}
-    ).json()["error"]["message"]
+    assert (
+        "UTF-8"
+        in client.post("/v1/onboarding", headers=ADMIN, data={"external_id": "a"}, files={"file": files[0]}).json()[
+            "error"
+        ]["message"]
+    )
     assert _counts(client) == before
 
 

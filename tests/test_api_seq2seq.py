@@ -68,12 +68,14 @@ def test_onboard_train_and_serve_on_a_local_bart(tmp_path: Path, bart_dir: Path)
         key = bearer(body["api_key"]["key"] if isinstance(body["api_key"], dict) else body["api_key"])
         messages = [{"role": "user", "content": "Write one sentence about the sea."}]
         chat = client.post(
-            "/v1/chat/completions", headers=key,
+            "/v1/chat/completions",
+            headers=key,
             json={"model": "user:alice", "messages": messages, "max_tokens": 8, "temperature": 0},
         )
         assert chat.status_code == 200, chat.text
         plain = client.post(
-            "/v1/completions", headers=key,
+            "/v1/completions",
+            headers=key,
             json={"model": "user:alice", "prompt": "The weather today is", "max_tokens": 6, "temperature": 0},
         )
         assert plain.status_code == 200, plain.text

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import StatementError
 
 from core.db import Job, JobEvent, PrefixVersion, Sample, User
 from core.service.model_ids import format_model_id, parse_model_id
@@ -125,10 +126,14 @@ def test_publish_removes_the_blob_when_the_index_row_cannot_be_committed(tmp_pat
         ctx = client.app.state.ctx
         user_id = onboard(client, "dan")["user"]["id"]
         artifacts = PrefixArtifacts(
-            prefix=b"prefix-bytes", state=b"state-bytes", base_model_id="m", base_fingerprint="f",
-            prefix_len=2, metrics={"not json": object()},  # the INSERT fails to serialize this
+            prefix=b"prefix-bytes",
+            state=b"state-bytes",
+            base_model_id="m",
+            base_fingerprint="f",
+            prefix_len=2,
+            metrics={"not json": object()},  # the INSERT fails to serialize this
         )
-        with pytest.raises(Exception):
+        with pytest.raises(StatementError):  # object() is not JSON: the INSERT fails
             publish_prefix(ctx.session_factory, ctx.store, user_id, artifacts, job_id=None)
         assert ctx.store.list("users/") == []
         with ctx.session_factory() as session:
@@ -178,7 +183,9 @@ def test_auto_prefix_len_searches_the_configured_candidates(tmp_path: Path):
         ctx = client.app.state.ctx
         searched = onboard(client, "sam")
         fixed = client.post(
-            "/v1/fine_tuning/jobs", headers=ADMIN, json={"user": searched["user"]["id"], "hyperparameters": {"prefix_len": 3}}
+            "/v1/fine_tuning/jobs",
+            headers=ADMIN,
+            json={"user": searched["user"]["id"], "hyperparameters": {"prefix_len": 3}},
         ).json()
         assert run_training_job(searched["job"]["id"], ctx) == "succeeded"
         assert run_training_job(fixed["id"], ctx) == "succeeded"

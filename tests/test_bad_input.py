@@ -131,7 +131,9 @@ def test_invalid_utf8_bodies_and_uploads_are_400(client, alice, _sample):
         response = client.post(path, headers={**ADMIN, "content-type": "application/json"}, content=bad)
         _refused(client, response)
     for name, data in (("s.txt", b"\xff\xfe\x00bad"), ("s.jsonl", b'{"text": "\xc3\x28"}\n')):
-        response = client.post("/v1/onboarding", headers=ADMIN, data={"external_id": "u8"}, files={"file": (name, data)})
+        response = client.post(
+            "/v1/onboarding", headers=ADMIN, data={"external_id": "u8"}, files={"file": (name, data)}
+        )
         assert _refused(client, response)["param"] == "file"
 
 
@@ -173,12 +175,18 @@ def test_control_characters_in_samples_are_stripped_not_stored(world):
 def test_prompts_beyond_the_context_window_are_400(client, alice, _sample):
     window = client.app.state.ctx.base_model().max_context
     too_long_ids = [1] * (window + 10)
-    response = client.post("/v1/completions", headers=ADMIN, json={"model": BASE[0], "prompt": too_long_ids, "max_tokens": 2})
+    response = client.post(
+        "/v1/completions", headers=ADMIN, json={"model": BASE[0], "prompt": too_long_ids, "max_tokens": 2}
+    )
     assert "context" in _refused(client, response)["message"]
     text = "word " * (window + window // 2)  # at least a token a word, under the body limit
-    response = client.post("/v1/chat/completions", headers=ADMIN, json=_chat(messages=[{"role": "user", "content": text}]))
+    response = client.post(
+        "/v1/chat/completions", headers=ADMIN, json=_chat(messages=[{"role": "user", "content": text}])
+    )
     _refused(client, response)
-    response = client.post("/v1/completions", headers=ADMIN, json={"model": BASE[0], "prompt": "hi", "max_tokens": window})
+    response = client.post(
+        "/v1/completions", headers=ADMIN, json={"model": BASE[0], "prompt": "hi", "max_tokens": window}
+    )
     assert _refused(client, response)["param"] == "max_tokens"
 
 
@@ -217,8 +225,14 @@ def test_nan_and_infinity_sampling_parameters_are_400(client, alice, _sample):
     # Python's json accepts these non-standard literals; the API must not pass them on.
     for literal in NON_FINITE:
         for name in ("temperature", "top_p", "max_tokens", "n", "seed"):
-            body = '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "%s": %s}' % (BASE[0], name, literal)
-            response = client.post("/v1/chat/completions", headers={**ADMIN, "content-type": "application/json"}, content=body)
+            body = '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "%s": %s}' % (
+                BASE[0],
+                name,
+                literal,
+            )
+            response = client.post(
+                "/v1/chat/completions", headers={**ADMIN, "content-type": "application/json"}, content=body
+            )
             # Not JSON at all (RFC 8259 has no NaN or Infinity): refused before any field is read.
             assert "not valid JSON" in _refused(client, response)["message"], (name, literal)
     for literal in NON_FINITE:
@@ -229,8 +243,24 @@ def test_nan_and_infinity_sampling_parameters_are_400(client, alice, _sample):
 
 # -- ids -------------------------------------------------------------------------------------------
 
-TRAVERSALS = ["..", "%2e%2e", "..%2f..%2fsteer.db", "%2e%2e%2f%2e%2e%2fetc%2fpasswd", "..%5c..%5cwindows", "%252e%252e", "%00"]
-SQL = ["' OR '1'='1", "1; DROP TABLE users; --", "\" OR 1=1 --", "%", "_", "*", "1' UNION SELECT key_hash FROM api_keys --"]
+TRAVERSALS = [
+    "..",
+    "%2e%2e",
+    "..%2f..%2fsteer.db",
+    "%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+    "..%5c..%5cwindows",
+    "%252e%252e",
+    "%00",
+]
+SQL = [
+    "' OR '1'='1",
+    "1; DROP TABLE users; --",
+    '" OR 1=1 --',
+    "%",
+    "_",
+    "*",
+    "1' UNION SELECT key_hash FROM api_keys --",
+]
 
 
 def _raw_request(client, method: str, raw_path: str) -> tuple[int, bytes]:
@@ -239,10 +269,18 @@ def _raw_request(client, method: str, raw_path: str) -> tuple[int, bytes]:
     from urllib.parse import unquote
 
     scope = {
-        "type": "http", "http_version": "1.1", "method": method, "scheme": "http", "root_path": "",
-        "path": unquote(raw_path), "raw_path": raw_path.encode(), "query_string": b"",
+        "type": "http",
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "root_path": "",
+        "path": unquote(raw_path),
+        "raw_path": raw_path.encode(),
+        "query_string": b"",
         "headers": [(b"host", b"testserver"), (b"authorization", ADMIN["Authorization"].encode())],
-        "client": ("127.0.0.1", 1234), "server": ("testserver", 80), "state": {},
+        "client": ("127.0.0.1", 1234),
+        "server": ("testserver", 80),
+        "state": {},
     }
     sent: list[dict] = []
 

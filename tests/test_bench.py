@@ -16,15 +16,21 @@ def test_serving_benchmark_generates_every_token_it_counts(tiny):
 
 def test_training_benchmark_reports_every_figure_the_docs_quote(tiny):
     result = bench_training(tiny, steps=3, users=2, personalise_samples=8, time_budget_s=1.0)
-    for key in ("step_seconds_ours", "step_seconds_ours_with_preservation", "with/without preservation",
-                "batched/sequential", "personalise_8_samples_seconds (goal <= 60)"):
+    for key in (
+        "step_seconds_ours",
+        "step_seconds_ours_with_preservation",
+        "with/without preservation",
+        "batched/sequential",
+        "personalise_8_samples_seconds (goal <= 60)",
+    ):
         assert result[key] > 0, (key, result[key])
     assert isinstance(result["step_seconds_peft"], float), result["step_seconds_peft"]
 
 
 def test_bench_cli_prints_json_with_machine_info(monkeypatch):
     out = CliRunner().invoke(
-        app, ["serve", "--base-model", "tiny", "--requests", "2", "--new-tokens", "2", "--serial-requests", "1", "--json"]
+        app,
+        ["serve", "--base-model", "tiny", "--requests", "2", "--new-tokens", "2", "--serial-requests", "1", "--json"],
     )
     assert out.exit_code == 0, out.output
     assert '"benchmark": "serve"' in out.output and '"torch"' in out.output

@@ -29,7 +29,10 @@ JOB_TIMEOUT_S = 240
 def distributed_env(postgres_url: str, redis_url: str, s3_server) -> dict[str, str]:
     upgrade_to_head(postgres_url)
     return distributed_env_for(
-        postgres_url, redis_url, s3_server, "e2e",
+        postgres_url,
+        redis_url,
+        s3_server,
+        "e2e",
         STEER_TRAIN_MAX_STEPS_DEFAULT="3",
         STEER_TRAIN_BATCH_SIZE_DEFAULT="2",
         STEER_TRAIN_PREFIX_LEN_DEFAULT="2",

@@ -65,7 +65,9 @@ def test_rows_kept_appended_and_trimmed_equal_the_same_rows_alone(tiny):
     second = [(attribute, text_ids(tok, "Seven")), ([user, attribute], text_ids(tok, "Eight nine ten"))]
 
     def prefilled(rows):
-        cache = BatchCache.from_prefixes([p for p, _ in rows], tiny.geometry, device=tiny.device, dtype=tiny.dtype, reserve=True)
+        cache = BatchCache.from_prefixes(
+            [p for p, _ in rows], tiny.geometry, device=tiny.device, dtype=tiny.dtype, reserve=True
+        )
         width = max(len(ids) for _, ids in rows)
         ids = torch.full((len(rows), width), tok.pad_token_id)
         mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -84,7 +86,9 @@ def test_rows_kept_appended_and_trimmed_equal_the_same_rows_alone(tiny):
     for _ in range(3):  # decoding steps write into reserved columns
         logits = tiny.model(**batch.model_inputs(step), logits_to_keep=1).logits[:, -1]
         for i, (prefix, prompt) in enumerate(kept):
-            alone = _logits_alone(tiny, prefix, prompt + [11 + i] * (step.shape[1] and _steps_done(batch, i, prompt, prefix)))
+            alone = _logits_alone(
+                tiny, prefix, prompt + [11 + i] * (step.shape[1] and _steps_done(batch, i, prompt, prefix))
+            )
             torch.testing.assert_close(logits[i], alone[-1], atol=1e-5, rtol=0)
 
 
@@ -110,9 +114,13 @@ def test_generation_with_composed_prefixes_equals_each_request_alone(tiny):
 
     def requests():
         return [
-            GenerationRequest(text_ids(tok, "The weather"), SamplingParams(12, temperature=0), [shared, user, attribute]),
+            GenerationRequest(
+                text_ids(tok, "The weather"), SamplingParams(12, temperature=0), [shared, user, attribute]
+            ),
             GenerationRequest(text_ids(tok, "Say hi"), SamplingParams(10, temperature=0), [user]),
-            GenerationRequest(text_ids(tok, "Once"), SamplingParams(14, temperature=0.9, top_p=0.8, seed=5), [shared, user]),
+            GenerationRequest(
+                text_ids(tok, "Once"), SamplingParams(14, temperature=0.9, top_p=0.8, seed=5), [shared, user]
+            ),
             GenerationRequest(text_ids(tok, "Hello"), SamplingParams(8, temperature=0), None),
         ]
 

@@ -267,7 +267,10 @@ def test_base_row_matches_transformers_generate(family):
     ours = MixedBatchGenerator(base).generate([GenerationRequest(prompt, SamplingParams(20, temperature=0))])[0]
     with torch.no_grad():
         theirs = base.model.generate(
-            torch.tensor([prompt]), attention_mask=_ones(len(prompt)), max_new_tokens=20, do_sample=False,
+            torch.tensor([prompt]),
+            attention_mask=_ones(len(prompt)),
+            max_new_tokens=20,
+            do_sample=False,
             pad_token_id=base.tokenizer.pad_token_id,
         )
     expected = theirs[0, len(prompt) :].tolist()

@@ -123,9 +123,11 @@ def test_cancelled_request_frees_its_slot(tiny):
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny):
     prompt = text_ids(tiny.tokenizer, "Once upon a time")
-    run = lambda seed: MixedBatchGenerator(tiny).generate(  # noqa: E731
-        [GenerationRequest(prompt, SamplingParams(20, temperature=1.0, seed=seed))]
-    )[0].token_ids
+
+    def run(seed):
+        request = GenerationRequest(prompt, SamplingParams(20, temperature=1.0, seed=seed))
+        return MixedBatchGenerator(tiny).generate([request])[0].token_ids
+
     assert run(1) == run(1)
     assert run(1) != run(2)
 

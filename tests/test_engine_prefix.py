@@ -44,7 +44,9 @@ def test_the_model_card_of_smollm2_matches_the_loaded_model_without_loading_weig
     monkeypatch.setattr(core.model.AutoModelForCausalLM, "from_pretrained", refuse)
     card = core.model.load_model_card("smollm2", cache_root=model_cache_dir())
     assert (card.model_id, card.fingerprint, card.max_context) == (
-        smollm2.model_id, smollm2.fingerprint, smollm2.max_context
+        smollm2.model_id,
+        smollm2.fingerprint,
+        smollm2.max_context,
     )
     text = "Dear Sir, the State of the Union is strong."
     assert card.tokenizer(text).input_ids == smollm2.tokenizer(text).input_ids

@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import torch
 
-from core.preservation import kl_from_base, sample_anchors
 from core.prefix import PrefixConfig
+from core.preservation import kl_from_base, sample_anchors
 from core.training import TrainingConfig, UserData, _hidden_states, train_prefixes
 from tests.engine_fixtures import tiny  # noqa: F401
 
@@ -16,8 +16,16 @@ BOB = [f"Bob reports quarterly figures: revenue grew {i} percent and costs fell 
 def _config(**overrides) -> TrainingConfig:
     values = dict(
         prefix=PrefixConfig(prefix_len=4, embedding_dim=16, hidden_dim=32),
-        learning_rate=3e-2, max_steps=12, batch_size=3, max_seq_len=48, eval_every=4, patience=100,
-        warmup_steps=1, seed=3, preservation_anchors=4, preservation_len=16,
+        learning_rate=3e-2,
+        max_steps=12,
+        batch_size=3,
+        max_seq_len=48,
+        eval_every=4,
+        patience=100,
+        warmup_steps=1,
+        seed=3,
+        preservation_anchors=4,
+        preservation_len=16,
     )
     values.update(overrides)
     return TrainingConfig(**values)
@@ -27,9 +35,14 @@ def _mean_kl(base, kv, anchors) -> float:
     """KL(base || base with `kv` attached), averaged over `anchors`."""
     with torch.no_grad():
         hidden, _ = _hidden_states(base, anchors.examples, [kv] * len(anchors))
-        return float(torch.stack([
-            kl_from_base(hidden[i, : len(ex.input_ids)], base, anchors.log_probs[i]) for i, ex in enumerate(anchors.examples)
-        ]).mean())
+        return float(
+            torch.stack(
+                [
+                    kl_from_base(hidden[i, : len(ex.input_ids)], base, anchors.log_probs[i])
+                    for i, ex in enumerate(anchors.examples)
+                ]
+            ).mean()
+        )
 
 
 def test_anchors_are_base_model_samples_fixed_by_the_seed(tiny):

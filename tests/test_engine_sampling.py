@@ -1,7 +1,6 @@
 """Vectorised sampling: each row's token depends only on its own logits, parameters and generator."""
 
 import torch
-from transformers import AutoTokenizer
 
 from core.generation.output import FINISH_LENGTH, FINISH_STOP, IncrementalDetokenizer, OutputProcessor
 from core.sampling import SamplingParams, make_generator, sample_tokens
@@ -49,7 +48,11 @@ def test_an_overflowing_temperature_falls_back_to_greedy():
 def test_incremental_detokenisation_equals_a_full_decode(tiny):
     tok = tiny.tokenizer
     text = "Héllo wörld — naïve café 日本語 text 🙂 with  spaces\nand lines."
-    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] + tok("end", add_special_tokens=False)["input_ids"]
+    ids = (
+        tok(text, add_special_tokens=False)["input_ids"]
+        + [tok.eos_token_id]
+        + tok("end", add_special_tokens=False)["input_ids"]
+    )
     detok = IncrementalDetokenizer(tok)
     pieces = [detok.add(t) for t in ids]
     assert "".join(pieces) == detok.text == tok.decode(ids, skip_special_tokens=True)

@@ -33,23 +33,50 @@ from tests.engine_fixtures import tiny  # noqa: F401
 ENC, DEC, HEADS, HEAD_DIM = 2, 3, 4, 8
 
 
-def t5_model(vocab: int, pad: int, eos: int, seed: int = 0, d_model: int = 32, ff: int = 64) -> T5ForConditionalGeneration:
+def t5_model(
+    vocab: int, pad: int, eos: int, seed: int = 0, d_model: int = 32, ff: int = 64
+) -> T5ForConditionalGeneration:
     torch.manual_seed(seed)
     config = T5Config(
-        vocab_size=vocab, d_model=d_model, d_kv=HEAD_DIM, d_ff=ff, num_layers=ENC, num_decoder_layers=DEC,
-        num_heads=HEADS, relative_attention_num_buckets=32, relative_attention_max_distance=64, dropout_rate=0.0,
-        decoder_start_token_id=pad, pad_token_id=pad, eos_token_id=eos,
+        vocab_size=vocab,
+        d_model=d_model,
+        d_kv=HEAD_DIM,
+        d_ff=ff,
+        num_layers=ENC,
+        num_decoder_layers=DEC,
+        num_heads=HEADS,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=64,
+        dropout_rate=0.0,
+        decoder_start_token_id=pad,
+        pad_token_id=pad,
+        eos_token_id=eos,
     )
     return T5ForConditionalGeneration(config)
 
 
-def bart_model(vocab: int, pad: int, eos: int, seed: int = 0, d_model: int = 32, ff: int = 64) -> BartForConditionalGeneration:
+def bart_model(
+    vocab: int, pad: int, eos: int, seed: int = 0, d_model: int = 32, ff: int = 64
+) -> BartForConditionalGeneration:
     torch.manual_seed(seed)
     config = BartConfig(
-        vocab_size=vocab, d_model=d_model, encoder_layers=ENC, decoder_layers=DEC, encoder_attention_heads=HEADS,
-        decoder_attention_heads=HEADS, encoder_ffn_dim=ff, decoder_ffn_dim=ff, max_position_embeddings=256,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=pad, bos_token_id=eos,
-        eos_token_id=eos, decoder_start_token_id=eos, forced_eos_token_id=None,
+        vocab_size=vocab,
+        d_model=d_model,
+        encoder_layers=ENC,
+        decoder_layers=DEC,
+        encoder_attention_heads=HEADS,
+        decoder_attention_heads=HEADS,
+        encoder_ffn_dim=ff,
+        decoder_ffn_dim=ff,
+        max_position_embeddings=256,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        pad_token_id=pad,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        decoder_start_token_id=eos,
+        forced_eos_token_id=None,
     )
     return BartForConditionalGeneration(config)
 
@@ -118,8 +145,12 @@ def test_without_prefixes_the_engine_equals_the_plain_model(s2s):
     source, target = _ids(7, 1), _ids(5, 2)
     start = s2s.model.config.decoder_start_token_id
     with torch.no_grad():
-        expected = s2s.model(input_ids=torch.tensor([source]), decoder_input_ids=torch.tensor([[start] + target])).logits
-        cache = Seq2SeqBatchCache.encode(s2s.model, [source], [None], s2s.geometry, pad_token_id=s2s.tokenizer.pad_token_id)
+        expected = s2s.model(
+            input_ids=torch.tensor([source]), decoder_input_ids=torch.tensor([[start] + target])
+        ).logits
+        cache = Seq2SeqBatchCache.encode(
+            s2s.model, [source], [None], s2s.geometry, pad_token_id=s2s.tokenizer.pad_token_id
+        )
         got = torch.cat([cache.start().logits, cache.decode(torch.tensor([target])).logits], dim=1)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
@@ -149,7 +180,9 @@ def test_encoder_prefix_of_text_read_alone_is_exact_only_at_the_first_layer(s2s)
     with torch.no_grad():
         prefix = seq2seq_kv_from_text(s2s, a)
         capture: list = []
-        Seq2SeqBatchCache.encode(s2s.model, [a + b], [None], s2s.geometry, pad_token_id=s2s.tokenizer.pad_token_id, capture=capture)
+        Seq2SeqBatchCache.encode(
+            s2s.model, [a + b], [None], s2s.geometry, pad_token_id=s2s.tokenizer.pad_token_id, capture=capture
+        )
     joint = torch.stack([torch.stack([k[0, :, : len(a)], v[0, :, : len(a)]]) for k, v in capture])
     torch.testing.assert_close(prefix[0], joint[0], atol=1e-5, rtol=1e-4)
     assert (prefix[1] - joint[1]).abs().max() > 1e-4  # >10x the tolerance of the exact layer
@@ -206,7 +239,9 @@ def _requests(base):
         GenerationRequest(_ids(7, 21), SamplingParams(12, temperature=0, ignore_eos=True), _prefix(base, 5, 1)),
         GenerationRequest(_ids(3, 22), SamplingParams(8, temperature=0), None),
         GenerationRequest(_ids(10, 23), SamplingParams(10, temperature=0.9, top_p=0.9, seed=3), _prefix(base, 2, 2)),
-        GenerationRequest(_ids(4, 24), SamplingParams(6, temperature=1.0, seed=11, ignore_eos=True), _prefix(base, 5, 1)),
+        GenerationRequest(
+            _ids(4, 24), SamplingParams(6, temperature=1.0, seed=11, ignore_eos=True), _prefix(base, 5, 1)
+        ),
         GenerationRequest(_ids(6, 25), SamplingParams(9, temperature=0), [_prefix(base, 2, 2), _prefix(base, 3, 4)]),
     ]
 
@@ -259,8 +294,11 @@ def test_writing_samples_become_source_target_pairs(s2s):
 def _users(base):
     return [
         Seq2SeqUser("u1", [Seq2SeqExample(_ids(6, 30 + i), _ids(5, 40 + i)) for i in range(5)]),
-        Seq2SeqUser("u2", [Seq2SeqExample(_ids(4, 50 + i), _ids(7, 60 + i)) for i in range(3)],
-                    prefix=PrefixConfig(prefix_len=3, embedding_dim=16, hidden_dim=16, init=INIT_RANDOM)),
+        Seq2SeqUser(
+            "u2",
+            [Seq2SeqExample(_ids(4, 50 + i), _ids(7, 60 + i)) for i in range(3)],
+            prefix=PrefixConfig(prefix_len=3, embedding_dim=16, hidden_dim=16, init=INIT_RANDOM),
+        ),
         Seq2SeqUser("u3", [Seq2SeqExample(_ids(9, 70 + i), _ids(3, 80 + i)) for i in range(4)]),
     ]
 
@@ -268,7 +306,11 @@ def _users(base):
 def _config(**overrides) -> TrainingConfig:
     values = {
         "prefix": PrefixConfig(prefix_len=4, embedding_dim=16, hidden_dim=16),
-        "learning_rate": 5e-3, "max_steps": 6, "batch_size": 2, "warmup_steps": 2, "preservation_weight": 0.0,
+        "learning_rate": 5e-3,
+        "max_steps": 6,
+        "batch_size": 2,
+        "warmup_steps": 2,
+        "preservation_weight": 0.0,
     }
     return TrainingConfig(**{**values, **overrides})
 
@@ -379,7 +421,10 @@ def test_a_prefix_steers_the_frozen_model_to_reverse(family, pretrain_steps, lea
     examples = [Seq2SeqExample(s, s[::-1] + [EOS]) for s in (_sequence(rng) for _ in range(128))]
     config = _config(
         prefix=PrefixConfig(prefix_len=4, embedding_dim=32, hidden_dim=64, init=INIT_RANDOM),
-        learning_rate=learning_rate, max_steps=150, batch_size=32, warmup_steps=5,
+        learning_rate=learning_rate,
+        max_steps=150,
+        batch_size=32,
+        warmup_steps=5,
     )
     trained = train_seq2seq_prefixes(base, [Seq2SeqUser("reverser", examples)], config)[0]
     before = _exact_match(base, test, reversed_, None)

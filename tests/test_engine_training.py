@@ -140,5 +140,7 @@ def test_prefix_length_search_keeps_the_best_candidate_per_user(tiny):
         assert result.prefix_config.prefix_len == int(min(search, key=search.get))
         assert result.kv.shape[3] == result.prefix_config.prefix_len
     # each candidate is what training that length alone gives
-    alone = train_prefixes(tiny, [UserData("bob", BOB, prefix=replace(config.prefix, prefix_len=6))], _config(max_steps=4))
+    alone = train_prefixes(
+        tiny, [UserData("bob", BOB, prefix=replace(config.prefix, prefix_len=6))], _config(max_steps=4)
+    )
     assert abs(results[1].metrics["prefix_len_search"]["6"] - alone[0].metrics["val_loss"]) < 1e-4

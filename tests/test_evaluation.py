@@ -40,9 +40,7 @@ def test_split_rule_keeps_the_last_fifth_and_at_least_five_for_test(tmp_path):
 
 def test_explicit_split_is_respected(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text(
-        '{"user": "a", "text": "x", "split": "test"}\n{"user": "a", "text": "y", "split": "train"}\n'
-    )
+    path.write_text('{"user": "a", "text": "x", "split": "test"}\n{"user": "a", "text": "y", "split": "train"}\n')
     users = datasets.load_jsonl(path)
     assert users["a"].train == ["y"] and users["a"].test == ["x"]
 
@@ -91,6 +89,7 @@ def test_attribution_confusion_matrix_is_users_by_users_and_row_normalized():
     assert result["overall"]["attribution_accuracy"] == pytest.approx(10 / 12)
     assert result["per_user"]["a"]["ratio_chat"] == pytest.approx(math.exp(1 - 2))  # own loss 1 vs base 2
 
+
 def test_grouped_attribution_pools_three_samples_so_one_misleading_sample_is_outvoted():
     users = ["a", "b", "c"]
     sets = [UserEvalSet(u, [[Example([i, k, 0], [i, k, 0])] for k in range(7)], []) for i, u in enumerate(users)]
@@ -134,14 +133,29 @@ def test_tiny_evaluation_writes_json_markdown_and_charts_with_per_user_numbers(t
     general = tmp_path / "general.jsonl"
     general.write_text('{"user": "g", "text": "a general sentence about weather and the calendar of the year."}\n')
     spec = EvalSpec(
-        data=str(data), general=str(general), methods=("prefix", "prompt"), max_steps=2, eval_every=1,
-        batch_size=2, max_seq_len=64, prefix_len=4, sweep="prefix_len", sweep_values=[2, 4],
-        base_model="tiny", out=str(tmp_path / "out"),
+        data=str(data),
+        general=str(general),
+        methods=("prefix", "prompt"),
+        max_steps=2,
+        eval_every=1,
+        batch_size=2,
+        max_seq_len=64,
+        prefix_len=4,
+        sweep="prefix_len",
+        sweep_values=[2, 4],
+        base_model="tiny",
+        out=str(tmp_path / "out"),
     )
     results = run_evaluation(spec, progress=False, base=tiny)
     out = tmp_path / "out"
-    for name in ("results.json", "report.md", "ppl_by_method.png", "confusion_prefix.png", "loss_curves.png",
-                 "ppl_by_prefix_len.png"):
+    for name in (
+        "results.json",
+        "report.md",
+        "ppl_by_method.png",
+        "confusion_prefix.png",
+        "loss_curves.png",
+        "ppl_by_prefix_len.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())
     assert saved["spec"]["out"] == "out" and saved["spec"]["data"] == "d.jsonl"  # names, no machine paths
@@ -171,7 +185,9 @@ def test_sweeps_and_their_values_on_the_command_line_keep_their_types():
     from core.evaluation.runner import SWEEPS, sweep_names
 
     assert sweep_names(EvalSpec(sweep="prefix_len=4/16, init,preservation=0/0.5")) == [
-        ("prefix_len", [4, 16]), ("init", SWEEPS["init"]), ("preservation", [0, 0.5])
+        ("prefix_len", [4, 16]),
+        ("init", SWEEPS["init"]),
+        ("preservation", [0, 0.5]),
     ]
     assert sweep_names(EvalSpec(sweep="reparam=true/False")) == [("reparam", [True, False])]
     assert sweep_names(EvalSpec(sweep="prefix_len", sweep_values=[8])) == [("prefix_len", [8])]

@@ -23,7 +23,8 @@ from typing import Any, get_args
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, reject, settings, strategies as st
+from hypothesis import HealthCheck, given, reject, settings
+from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import (
@@ -261,8 +262,14 @@ def test_every_operation_answers_a_success_that_matches_its_schema(fresh):
     call("GET", "/v1/users/{user_id}/prefixes", 200, key=key, path_parameters=user)
     call("POST", "/v1/users/{user_id}/prefixes/{version}/activate", 200, path_parameters={**user, "version": version})
     call("GET", "/v1/users/{user_id}/samples", 200, key=key, path_parameters=user, query={"limit": 2})
-    added = call("POST", "/v1/users/{user_id}/samples", 201, key=key, path_parameters=user,
-                 body={"samples": ["One more sample, written for the schema test.", SAMPLES[0]]}).json()
+    added = call(
+        "POST",
+        "/v1/users/{user_id}/samples",
+        201,
+        key=key,
+        path_parameters=user,
+        body={"samples": ["One more sample, written for the schema test.", SAMPLES[0]]},
+    ).json()
     assert added["duplicates"] == 1
     sample = {**user, "sample_id": added["data"][0]["id"]}
     call("DELETE", "/v1/users/{user_id}/samples/{sample_id}", 200, key=key, path_parameters=sample)
@@ -271,7 +278,9 @@ def test_every_operation_answers_a_success_that_matches_its_schema(fresh):
     call("GET", "/v1/fine_tuning/jobs/{job_id}", 200, path_parameters={"job_id": job_id})
     call("GET", "/v1/fine_tuning/jobs/{job_id}/events", 200, path_parameters={"job_id": job_id})
     retrain = call("POST", "/v1/fine_tuning/jobs", 201, key=key, body={"hyperparameters": {"n_epochs": 1}}).json()
-    cancelled = call("POST", "/v1/fine_tuning/jobs/{job_id}/cancel", 200, key=key, path_parameters={"job_id": retrain["id"]})
+    cancelled = call(
+        "POST", "/v1/fine_tuning/jobs/{job_id}/cancel", 200, key=key, path_parameters={"job_id": retrain["id"]}
+    )
     assert cancelled.json()["status"] == "cancelled"
     call("POST", "/v1/admin/retrain", 201, body={"user_ids": [user_id]})
 
@@ -311,17 +320,27 @@ def test_the_checks_reject_a_success_body_off_its_schema(fresh):
     """The success schemas are not vacuous: a body one field off, or one event off, fails."""
     client, schema = fresh
     call = Calls(client, schema)
-    user_id = call("POST", "/v1/onboarding", 201, body={"external_id": "tampered", "samples": SAMPLES}).json()["user"]["id"]
+    user_id = call("POST", "/v1/onboarding", 201, body={"external_id": "tampered", "samples": SAMPLES}).json()["user"][
+        "id"
+    ]
     case = call.case("GET", "/v1/users/{user_id}", path_parameters={"user_id": user_id})
     response = call.send(case, ADMIN_KEY)
     case.validate_response(response, checks=CHECKS)
     good = response.json()
-    for bad in ({**good, "surprise": 1}, {k: v for k, v in good.items() if k != "fine_tuned_model"},
-                {**good, "object": "users"}, {**good, "created_at": "yesterday"}):
+    for bad in (
+        {**good, "surprise": 1},
+        {k: v for k, v in good.items() if k != "fine_tuned_model"},
+        {**good, "object": "users"},
+        {**good, "created_at": "yesterday"},
+    ):
         _assert_schema_violation(case, _tampered(response, json.dumps(bad)))
 
-    body = {"model": client.app.state.ctx.base_model().model_id, "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": 2, "stream": True}
+    body = {
+        "model": client.app.state.ctx.base_model().model_id,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 2,
+        "stream": True,
+    }
     case = call.case("POST", "/v1/chat/completions", body=body)
     response = call.send(case, ADMIN_KEY)
     case.validate_response(response, checks=CHECKS)

@@ -40,7 +40,10 @@ def base():
 
 def _service(tmp_path_factory, base, **limits):
     settings = Settings(
-        data_dir=tmp_path_factory.mktemp("steer"), base_model="tiny", admin_key=ADMIN_KEY, request_timeout_s=30,
+        data_dir=tmp_path_factory.mktemp("steer"),
+        base_model="tiny",
+        admin_key=ADMIN_KEY,
+        request_timeout_s=30,
         **limits,
     )
     upgrade_to_head(settings.effective_database_url)
@@ -94,7 +97,11 @@ def test_chat_completion_and_stream_give_each_user_their_own_output(service, bas
         assert reply.usage.completion_tokens > 0
         assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
         stream = c.chat.completions.create(
-            model=f"user:{name}", messages=MESSAGES, max_tokens=12, temperature=0, stream=True,
+            model=f"user:{name}",
+            messages=MESSAGES,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
             stream_options={"include_usage": True},
         )
         chunks = list(stream)
@@ -223,9 +230,7 @@ def test_n_choices_are_seeded_rows(service):
     c = client(server, users["alice"].key)
 
     def sample():
-        reply = c.completions.create(
-            model="user:alice", prompt=PROMPT, max_tokens=8, temperature=1.0, n=3, seed=7
-        )
+        reply = c.completions.create(model="user:alice", prompt=PROMPT, max_tokens=8, temperature=1.0, n=3, seed=7)
         return [choice.text for choice in sorted(reply.choices, key=lambda ch: ch.index)]
 
     first = sample()
@@ -254,7 +259,9 @@ def _wait_for(condition, timeout: float = 20.0) -> None:
 
 
 def _long_stream(server, key, model):
-    return client(server, key).completions.create(model=model, prompt=PROMPT, max_tokens=400, temperature=0, stream=True)
+    return client(server, key).completions.create(
+        model=model, prompt=PROMPT, max_tokens=400, temperature=0, stream=True
+    )
 
 
 def test_a_full_queue_answers_429_with_retry_after(small_service, base):
@@ -279,7 +286,10 @@ def test_a_client_that_disconnects_frees_its_batch_slot(small_service, base):
     engine, user, server = small_service
     _wait_for(lambda: engine.load == 0)
     with httpx.stream(
-        "POST", f"{server.base_url}/completions", headers={"Authorization": f"Bearer {user.key}"}, timeout=30,
+        "POST",
+        f"{server.base_url}/completions",
+        headers={"Authorization": f"Bearer {user.key}"},
+        timeout=30,
         json={"model": base.model_id, "prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "stream": True},
     ) as response:
         lines = response.iter_lines()  # kept: an abandoned iterator would close the response early

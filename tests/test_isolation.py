@@ -53,7 +53,9 @@ def world(tmp_path_factory):
         members = []
         for i in range(N_USERS):
             external_id = f"member{i}-{rng.randrange(10**6):06d}"
-            body = onboard(client, external_id, [f"Sample {j} written by {external_id}, quite personal." for j in range(3)])
+            body = onboard(
+                client, external_id, [f"Sample {j} written by {external_id}, quite personal." for j in range(3)]
+            )
             user = TestUser(external_id, body["user"]["id"], body["api_key"])
             version = publish_random_prefix(ctx, base, user, seed=i, prefix_len=2)
             with ctx.session_factory() as session:
@@ -90,7 +92,12 @@ def _probes(victim: Member, base_model: str, me: Member) -> list[tuple[str, str,
         ("POST", "/v1/chat/completions", chat(f"ft:{base_model}:{v.external_id}:v{v.version}"), [v.external_id]),
         ("POST", "/v1/chat/completions", chat(f"ft:{base_model}:{v.external_id}"), [v.external_id]),
         ("POST", "/v1/chat/completions", chat(f"user:{v.external_id}"), [v.external_id]),
-        ("POST", "/v1/completions", {"model": f"user:{v.external_id}", "prompt": "hi", "max_tokens": 1}, [v.external_id]),
+        (
+            "POST",
+            "/v1/completions",
+            {"model": f"user:{v.external_id}", "prompt": "hi", "max_tokens": 1},
+            [v.external_id],
+        ),
     ]
 
 
@@ -159,7 +166,9 @@ def test_each_key_lists_only_its_own_users_jobs_and_models(world):
         models = {e["id"] for e in client.get("/v1/models", headers=bearer(m.key)).json()["data"]}
         assert models == {base_model, f"ft:{base_model}:{m.external_id}:v{m.version}", f"user:{m.external_id}"}
         own = client.post(
-            "/v1/completions", headers=bearer(m.key), json={"model": f"user:{m.external_id}", "prompt": "hi", "max_tokens": 1}
+            "/v1/completions",
+            headers=bearer(m.key),
+            json={"model": f"user:{m.external_id}", "prompt": "hi", "max_tokens": 1},
         )
         assert own.status_code == 200, own.text
 
@@ -171,7 +180,10 @@ def test_admin_endpoints_refuse_user_keys_without_revealing_anything(world):
     for target in (me.user_id, other.user_id, uuid.uuid4().hex):
         response = client.post(f"/v1/users/{target}/api_keys", headers=bearer(me.key))
         assert response.status_code == 403 and response.json()["error"]["type"] == "permission_error"
-    assert client.post("/v1/onboarding", headers=bearer(me.key), json={"external_id": "x", "samples": ["s"]}).status_code == 403
+    assert (
+        client.post("/v1/onboarding", headers=bearer(me.key), json={"external_id": "x", "samples": ["s"]}).status_code
+        == 403
+    )
     for body in ({"all": True}, {"user_ids": [other.user_id]}):
         assert client.post("/v1/admin/retrain", headers=bearer(me.key), json=body).status_code == 403
     assert _counts(client) == before
@@ -211,7 +223,12 @@ def test_prefixes_are_read_only_as_safetensors_from_index_recorded_keys(world, m
 
     source = inspect.getsource(artifacts)
     assert "from safetensors.torch import load" in source and not UNSAFE_LOADERS.search(source)
-    for module in ("core/inference/prefix_cache.py", "core/service/registry.py", "core/storage/local.py", "core/storage/s3.py"):
+    for module in (
+        "core/inference/prefix_cache.py",
+        "core/service/registry.py",
+        "core/storage/local.py",
+        "core/storage/s3.py",
+    ):
         assert not UNSAFE_LOADERS.search((Path(__file__).parent.parent / module).read_text()), module
     store = client.app.state.ctx.store
     completer_store = getattr(client.app.state.completer, "store", None)
@@ -231,9 +248,16 @@ def test_prefixes_are_read_only_as_safetensors_from_index_recorded_keys(world, m
     ctx = client.app.state.ctx
     version = publish_random_prefix(ctx, ctx.base_model(), TestUser(me.external_id, me.user_id, me.key), 99, 2)
     models = [f"user:{me.external_id}", f"ft:{base_model}:{me.external_id}:v{version}"]
-    hostile = [f"ft:{base_model}:../../{me.external_id}:v1", "/etc/passwd", f"user:../{me.user_id}", "users/x/prefix.safetensors"]
+    hostile = [
+        f"ft:{base_model}:../../{me.external_id}:v1",
+        "/etc/passwd",
+        f"user:../{me.user_id}",
+        "users/x/prefix.safetensors",
+    ]
     for model in models + hostile:
-        response = client.post("/v1/completions", headers=bearer(me.key), json={"model": model, "prompt": "hi", "max_tokens": 1})
+        response = client.post(
+            "/v1/completions", headers=bearer(me.key), json={"model": model, "prompt": "hi", "max_tokens": 1}
+        )
         assert response.status_code == (200 if model in models else 404), (model, response.text)
     with client.app.state.ctx.session_factory() as session:
         indexed = set(session.execute(select(PrefixVersion.blob_key)).scalars())

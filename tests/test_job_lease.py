@@ -1,8 +1,8 @@
 """Job leases: a live attempt keeps its job, an expired one is taken over, a taken-over attempt
 writes nothing, and the sweep dispatches each lost job exactly once.
 
-Embedded mode (SQLite, and Postgres for the clock test) with a recording dispatcher, tiny model; the distributed versions of the
-same guarantees (real Celery worker host killed, broker restarted empty) are in
+Embedded mode (SQLite, and Postgres for the clock test) with a recording dispatcher, tiny model; the
+distributed versions of the same guarantees (real Celery worker host killed, broker restarted empty) are in
 tests/test_reliability_workers.py.
 """
 
@@ -39,7 +39,9 @@ def _job(ctx, job_id: str) -> Job:
 
 
 def _client(tmp_path: Path):
-    return api_client(make_settings(tmp_path, job_lease_s=LEASE_S), base=tiny_base_model(), dispatcher=RecordingDispatcher())
+    return api_client(
+        make_settings(tmp_path, job_lease_s=LEASE_S), base=tiny_base_model(), dispatcher=RecordingDispatcher()
+    )
 
 
 def test_a_live_lease_turns_a_duplicate_delivery_away_and_an_expired_one_is_taken_over(tmp_path):
@@ -109,7 +111,9 @@ def test_the_sweep_dispatches_each_lost_job_once_and_leaves_the_others(tmp_path)
 
         dispatched: list[str] = []
         sweep = {"lease_s": LEASE_S, "redispatch_after_s": 600, "now": now}
-        assert sorted(recover_lost_jobs(ctx.session_factory, dispatched.append, **sweep)) == sorted([ids["dead"], ids["lost"]])
+        assert sorted(recover_lost_jobs(ctx.session_factory, dispatched.append, **sweep)) == sorted(
+            [ids["dead"], ids["lost"]]
+        )
         # A second sweeper at the same moment (another API process) finds nothing left to take.
         assert recover_lost_jobs(ctx.session_factory, dispatched.append, **sweep) == []
         assert sorted(dispatched) == sorted([ids["dead"], ids["lost"]])
@@ -138,7 +142,9 @@ def test_a_sweep_whose_dispatch_fails_retries_on_the_next_sweep(tmp_path):
         assert recover_lost_jobs(ctx.session_factory, broker_down, lease_s=LEASE_S, redispatch_after_s=600) == []
         assert _job(ctx, job_id).status == "queued"
         dispatched: list[str] = []
-        assert recover_lost_jobs(ctx.session_factory, dispatched.append, lease_s=LEASE_S, redispatch_after_s=600) == [job_id]
+        assert recover_lost_jobs(ctx.session_factory, dispatched.append, lease_s=LEASE_S, redispatch_after_s=600) == [
+            job_id
+        ]
         assert dispatched == [job_id]
 
 
@@ -150,7 +156,9 @@ class _HourSlowClock(datetime):
         return datetime.now(tz) - timedelta(hours=1)
 
 
-def test_on_postgres_lease_times_come_from_the_database_clock_not_the_hosts(tmp_path, fresh_postgres_database, monkeypatch):
+def test_on_postgres_lease_times_come_from_the_database_clock_not_the_hosts(
+    tmp_path, fresh_postgres_database, monkeypatch
+):
     """A worker whose clock is an hour slow claims a job; an API host with a correct clock then
     sweeps. Written with the worker's clock, the heartbeat would look an hour old and the live job
     would be taken away; written with the database's, it is fresh."""

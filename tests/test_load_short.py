@@ -26,7 +26,10 @@ def test_below_capacity_nothing_fails(report):
 def test_above_capacity_is_429_not_timeouts_or_5xx(report):
     above = report["phases"][1]
     assert above["status_429"] > 0, above
-    assert above["status_5xx"] == 0 and above["timeouts"] == 0 and above["errors"] == 0, (above, report["server_error_lines"])
+    assert above["status_5xx"] == 0 and above["timeouts"] == 0 and above["errors"] == 0, (
+        above,
+        report["server_error_lines"],
+    )
     assert above["kinds"]["stream"]["statuses"].get("200", 0) > 0  # it still serves at full load
     assert verdict(report) == []
 

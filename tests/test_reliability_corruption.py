@@ -51,8 +51,14 @@ def store_setup(request, tmp_path):
         bucket = f"corrupt-{uuid.uuid4().hex[:8]}"
         overrides = {k.removeprefix("STEER_").lower(): v for k, v in s3_server.settings_env(bucket).items()}
         tamper = _tamper_s3(s3_server, bucket)
-    settings = Settings(_env_file=None, data_dir=tmp_path / "steer", base_model="tiny", admin_key=ADMIN_KEY,  # type: ignore[call-arg]
-                        request_timeout_s=30, **overrides)
+    settings = Settings(
+        _env_file=None,
+        data_dir=tmp_path / "steer",
+        base_model="tiny",
+        admin_key=ADMIN_KEY,  # type: ignore[call-arg]
+        request_timeout_s=30,
+        **overrides,
+    )
     upgrade_to_head(settings.effective_database_url)
     ctx = build_context(settings, base_model=tiny_base_model())
     try:
@@ -64,7 +70,9 @@ def store_setup(request, tmp_path):
 def _direct(ctx, row) -> str:
     base = ctx.base_model()
     kv = store_loader(ctx.store, base)(prefix_ref(row))
-    request = GenerationRequest(chat_prompt_ids(base.tokenizer, MESSAGES), SamplingParams(max_tokens=10, temperature=0), kv)
+    request = GenerationRequest(
+        chat_prompt_ids(base.tokenizer, MESSAGES), SamplingParams(max_tokens=10, temperature=0), kv
+    )
     return MixedBatchGenerator(base).generate([request])[0].text
 
 
@@ -83,7 +91,9 @@ def test_a_tampered_prefix_is_refused_and_the_alias_falls_back_to_the_previous_v
     with ServerThread(build_app(ctx)) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key=user.key, max_retries=0, timeout=60)
         with caplog.at_level(logging.WARNING):
-            reply = client.chat.completions.create(model="user:tampered", messages=MESSAGES, max_tokens=10, temperature=0)
+            reply = client.chat.completions.create(
+                model="user:tampered", messages=MESSAGES, max_tokens=10, temperature=0
+            )
         # Served with v1, never with the altered bytes of v2.
         assert reply.choices[0].message.content == good_v1
         assert any("corrupt" in r.getMessage() and "quarantined" in r.getMessage() for r in caplog.records)
@@ -92,8 +102,9 @@ def test_a_tampered_prefix_is_refused_and_the_alias_falls_back_to_the_previous_v
         assert (listed[1]["status"], listed[2]["status"]) == ("active", "corrupt")
         assert "sha256" in listed[2]["metrics"]["corrupt_reason"]
         # The alias keeps serving v1 (a stream too); the corrupt version's own id is a clear error.
-        stream = client.chat.completions.create(model="user:tampered", messages=MESSAGES, max_tokens=10,
-                                                temperature=0, stream=True)
+        stream = client.chat.completions.create(
+            model="user:tampered", messages=MESSAGES, max_tokens=10, temperature=0, stream=True
+        )
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == good_v1
         corrupt_id = f"ft:{base.model_id}:tampered:v2"
         with pytest.raises(openai.APIStatusError) as info:
@@ -124,7 +135,9 @@ def test_with_no_good_version_left_the_alias_says_so_instead_of_serving_garbage(
 def _prefixes(server, user) -> list[dict]:
     import httpx
 
-    response = httpx.get(f"{server.base_url}/users/{user.user_id}/prefixes", headers={"Authorization": f"Bearer {user.key}"})
+    response = httpx.get(
+        f"{server.base_url}/users/{user.user_id}/prefixes", headers={"Authorization": f"Bearer {user.key}"}
+    )
     assert response.status_code == 200, response.text
     return response.json()["data"]
 

@@ -59,12 +59,24 @@ def service(s3_server) -> Iterator[Service]:
         rd.start()
         upgrade_to_head(pg.url)
         settings = Settings(  # type: ignore[call-arg]
-            _env_file=None, database_url=pg.url, redis_url=rd.url, base_model="tiny", device="cpu",
-            admin_key=ADMIN_KEY, data_dir=model_cache_dir().parent, request_timeout_s=5,
-            **{k.removeprefix("STEER_").lower(): v for k, v in s3_server.settings_env(f"deps-{uuid.uuid4().hex[:8]}").items()},
+            _env_file=None,
+            database_url=pg.url,
+            redis_url=rd.url,
+            base_model="tiny",
+            device="cpu",
+            admin_key=ADMIN_KEY,
+            data_dir=model_cache_dir().parent,
+            request_timeout_s=5,
+            **{
+                k.removeprefix("STEER_").lower(): v
+                for k, v in s3_server.settings_env(f"deps-{uuid.uuid4().hex[:8]}").items()
+            },
         )
         ctx = build_context(settings, base_model=tiny_base_model())
-        with ServerThread(build_app(ctx)) as server, httpx.Client(base_url=server.base_url.removesuffix("/v1"), timeout=30) as http:
+        with (
+            ServerThread(build_app(ctx)) as server,
+            httpx.Client(base_url=server.base_url.removesuffix("/v1"), timeout=30) as http,
+        ):
             yield Service(pg, rd, s3_server, ctx, http)
     finally:
         s3_server.start()  # the session's S3 server must be left running
@@ -102,11 +114,15 @@ def test_redis_outage_answers_503_and_recovers_without_restart(service):
         _assert_not_ready(service, "broker", "unreachable")
         _assert_unavailable(
             service.call("POST", "/v1/onboarding", json={"external_id": "redis-during", "samples": SAMPLES}),
-            "queue_unavailable", "broker is unavailable",
+            "queue_unavailable",
+            "broker is unavailable",
         )
         _assert_unavailable(
-            service.call("POST", "/v1/completions", json={"model": "tiny-llama-random", "prompt": "Hi", "max_tokens": 2}),
-            "inference_unavailable", "unavailable",
+            service.call(
+                "POST", "/v1/completions", json={"model": "tiny-llama-random", "prompt": "Hi", "max_tokens": 2}
+            ),
+            "inference_unavailable",
+            "unavailable",
         )
         # What does not need Redis still works.
         assert service.call("GET", f"/v1/users/{before['user']['id']}").status_code == 200
@@ -127,7 +143,8 @@ def test_postgres_outage_answers_503_and_recovers_without_restart(service):
         _assert_unavailable(service.call("GET", "/v1/users"), "database_unavailable", "database is unavailable")
         _assert_unavailable(
             service.call("POST", "/v1/onboarding", json={"external_id": "pg-during", "samples": SAMPLES}),
-            "database_unavailable", "database is unavailable",
+            "database_unavailable",
+            "database is unavailable",
         )
     finally:
         service.pg.start()

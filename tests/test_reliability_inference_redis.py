@@ -117,9 +117,11 @@ def test_inference_worker_and_api_survive_a_redis_restart(s3_server, tmp_path):
                 assert late.poll() is None, f"the late worker exited with {late.returncode}:\n{tail(late_log)}"
                 assert time.monotonic() < deadline, f"the late worker did not start:\n{tail(late_log)}"
                 time.sleep(0.2)
-            print(f"\nRedis outage: 503 after {took:.2f} s; after the restart the same worker "
-                  f"(pid {worker.pid}) answered again in {recovered:.1f} s ({len(refusals)} 503s meanwhile), "
-                  f"same greedy text {text!r}")
+            print(
+                f"\nRedis outage: 503 after {took:.2f} s; after the restart the same worker "
+                f"(pid {worker.pid}) answered again in {recovered:.1f} s ({len(refusals)} 503s meanwhile), "
+                f"same greedy text {text!r}"
+            )
     finally:
         if probe is not None:
             probe.close()

@@ -71,7 +71,10 @@ def private_services(s3_server, private_redis) -> Iterator[dict[str, str]]:
         pg.start()
         upgrade_to_head(pg.url)
         yield distributed_env(
-            pg.url, rd.url, s3_server, "faults",
+            pg.url,
+            rd.url,
+            s3_server,
+            "faults",
             STEER_TRAIN_MAX_STEPS_DEFAULT="2",
             STEER_TRAIN_BATCH_SIZE_DEFAULT="2",
             STEER_TRAIN_PREFIX_LEN_DEFAULT="2",
@@ -102,7 +105,9 @@ def test_training_worker_killed_at_any_point_loses_no_job_and_leaves_no_orphan(p
             (crash_dir / body.json()["job"]["id"]).write_text(point)
         # The worker starts only now, so every plan is in place before its job can run.
         log_path = tmp_path / "worker.log"
-        worker = spawn_train_worker({**private_services, "STEER_TEST_CRASH_DIR": str(crash_dir)}, log_path, concurrency=3)
+        worker = spawn_train_worker(
+            {**private_services, "STEER_TEST_CRASH_DIR": str(crash_dir)}, log_path, concurrency=3
+        )
         started = time.monotonic()
         try:
             final = _wait_until_finished(client, list(jobs), log_path)
@@ -136,12 +141,16 @@ def test_training_worker_killed_at_any_point_loses_no_job_and_leaves_no_orphan(p
     stored = set(ctx.store.list("users/"))
     assert stored == indexed, {"orphans": sorted(stored - indexed), "missing": sorted(indexed - stored)}
     kills = log_path.read_text().count("test crash hook: killing")
-    print(f"\n{len(jobs)} jobs, {kills} worker kills: {len(succeeded)} succeeded after redelivery, "
-          f"{len(jobs) - len(succeeded)} failed cleanly, 0 stuck, 0 orphans, 0 missing blobs ({elapsed:.0f} s)")
+    print(
+        f"\n{len(jobs)} jobs, {kills} worker kills: {len(succeeded)} succeeded after redelivery, "
+        f"{len(jobs) - len(succeeded)} failed cleanly, 0 stuck, 0 orphans, 0 missing blobs ({elapsed:.0f} s)"
+    )
     assert kills >= TRIALS_PER_POINT * len(CRASH_POINTS) + ALWAYS_CRASHING * 3
 
 
-def _wait_until_finished(client, job_ids: list[str], log_path: Path, timeout_s: float = JOBS_TIMEOUT_S) -> dict[str, dict]:
+def _wait_until_finished(
+    client, job_ids: list[str], log_path: Path, timeout_s: float = JOBS_TIMEOUT_S
+) -> dict[str, dict]:
     deadline = time.monotonic() + timeout_s
     final: dict[str, dict] = {}
     while time.monotonic() < deadline and len(final) < len(job_ids):
@@ -241,7 +250,9 @@ def _serving_consumer(client: redis.Redis, deadline_s: float = 10) -> str:
     raise AssertionError("no worker took the request")
 
 
-def test_inference_worker_killed_mid_stream_another_worker_answers_within_the_deadline(private_services, s3_server, tmp_path):
+def test_inference_worker_killed_mid_stream_another_worker_answers_within_the_deadline(
+    private_services, s3_server, tmp_path
+):
     settings = settings_from_env(private_services)
     ctx = build_context(settings, base_model=tiny_base_model())
     user = create_user(ctx, "stream-user")
@@ -280,10 +291,14 @@ def test_inference_worker_killed_mid_stream_another_worker_answers_within_the_de
             with ctx.session_factory() as session:
                 tampered = active_prefix(session, user.user_id)
             flip_a_byte(s3_server.minio_client(), settings.s3_bucket, tampered.blob_key)
-            fallback = client.completions.create(model="user:stream-user", prompt="Tell me", max_tokens=8, temperature=0)
+            fallback = client.completions.create(
+                model="user:stream-user", prompt="Tell me", max_tokens=8, temperature=0
+            )
             assert fallback.choices[0].text == again.choices[0].text
-            print(f"\nworker killed mid-stream: clean error after {took:.1f} s (deadline {INFER_TIMEOUT_S} s); "
-                  "next request answered by the survivor")
+            print(
+                f"\nworker killed mid-stream: clean error after {took:.1f} s (deadline {INFER_TIMEOUT_S} s); "
+                "next request answered by the survivor"
+            )
     finally:
         for worker in workers:
             end(worker)

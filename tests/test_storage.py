@@ -202,13 +202,9 @@ def test_s3_detects_corruption_without_expected_sha(s3_server: SeaweedServer) ->
     bucket = _unique_bucket()
     store = S3BlobStore(s3_server.endpoint, s3_server.access_key, s3_server.secret_key, bucket)
     digest = store.put("k/v", b"original")
-    assert s3_server.minio_client().stat_object(bucket, "k/v").metadata.get(
-        "x-amz-meta-sha256"
-    ) == digest
+    assert s3_server.minio_client().stat_object(bucket, "k/v").metadata.get("x-amz-meta-sha256") == digest
     # Different bytes that still claim the original checksum in their metadata.
-    s3_server.minio_client().put_object(
-        bucket, "k/v", io.BytesIO(b"tampered"), 8, metadata={"sha256": digest}
-    )
+    s3_server.minio_client().put_object(bucket, "k/v", io.BytesIO(b"tampered"), 8, metadata={"sha256": digest})
     with pytest.raises(BlobIntegrityError):
         store.get("k/v")
 

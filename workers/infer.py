@@ -7,9 +7,9 @@ Redis stream `steer:infer:requests` until SIGTERM/SIGINT. Run as many as there a
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
-import os
 
 import redis
 

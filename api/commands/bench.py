@@ -82,7 +82,11 @@ def load_command(
     from api.commands.loadtest import LoadConfig, run_load_test, verdict
 
     config = LoadConfig(
-        users=users, duration_s=duration_s, below_clients=below_clients, above_clients=above_clients, max_queue=max_queue
+        users=users,
+        duration_s=duration_s,
+        below_clients=below_clients,
+        above_clients=above_clients,
+        max_queue=max_queue,
     )
     report = run_load_test(config)
     problems = verdict(report)

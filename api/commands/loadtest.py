@@ -138,7 +138,9 @@ class ServerProcess:
         self._log_file = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [steer, "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
         )
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
@@ -307,7 +309,9 @@ class LoadRun:
 
 
 async def _run(config: LoadConfig, server: ServerProcess) -> dict:
-    limits = httpx.Limits(max_connections=config.above_clients + 16, max_keepalive_connections=config.above_clients + 16)
+    limits = httpx.Limits(
+        max_connections=config.above_clients + 16, max_keepalive_connections=config.above_clients + 16
+    )
     timeout = httpx.Timeout(config.request_timeout_s + 30)
     async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=timeout) as client:
         models = (await client.get("/v1/models", headers={"Authorization": f"Bearer {ADMIN_KEY}"})).json()
@@ -358,7 +362,9 @@ def verdict(report: dict) -> list[str]:
     if below["errors"]:
         problems.append(f"below capacity: {below['errors']} errors")
     if above["status_5xx"] or above["timeouts"] or above["errors"]:
-        problems.append(f"above capacity: {above['status_5xx']} 5xx, {above['timeouts']} timeouts, {above['errors']} errors")
+        problems.append(
+            f"above capacity: {above['status_5xx']} 5xx, {above['timeouts']} timeouts, {above['errors']} errors"
+        )
     if not above["status_429"]:
         problems.append("above capacity: no 429 (the queue never filled)")
     return problems

@@ -24,7 +24,7 @@ def healthz() -> Health:
 @router.get(
     "/readyz",
     responses={
-        200: {"model": Readiness, "description": "Ready: every check is \"ok\""},
+        200: {"model": Readiness, "description": 'Ready: every check is "ok"'},
         503: {"model": Readiness, "description": "Not ready: the failing checks"},
     },
 )

@@ -8,15 +8,15 @@ tuning and LoRA all provide one, so every method is measured by the same code on
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
 from core.data import Example
 from core.model import BaseModel
 from core.training import token_losses
-
 
 ATTRIBUTION_GROUP = 3
 """Held-out samples per decision of the grouped attribution figure."""

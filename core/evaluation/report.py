@@ -55,14 +55,17 @@ def markdown(results: dict, charts: dict[str, str]) -> str:
         "",
         "## Overall (mean over users; ratio = with adaptation / base model, lower is better)",
         "",
-        f"| method | ppl ratio plain | ppl ratio chat | attribution acc | calibrated attribution | attribution, {ATTRIBUTION_GROUP} samples at a time | general ppl ratio | served params | artifact bytes | train s/user |",
+        "| method | ppl ratio plain | ppl ratio chat | attribution acc | calibrated attribution | "
+        f"attribution, {ATTRIBUTION_GROUP} samples at a time | general ppl ratio | served params | artifact bytes | "
+        "train s/user |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in methods.items():
         o = m["overall"]
         lines.append(
             f"| {name} | {_f(o['ratio_plain'])} | {_f(o['ratio_chat'])} | {_f(o['attribution_accuracy'])} | "
-            f"{_f(o.get('attribution_accuracy_calibrated'))} | {_f(o.get('attribution_accuracy_grouped'))} | {_f(o['ratio_general'])} | {o['served_params']:,} | {o['artifact_bytes']:,} | "
+            f"{_f(o.get('attribution_accuracy_calibrated'))} | {_f(o.get('attribution_accuracy_grouped'))} | "
+            f"{_f(o['ratio_general'])} | {o['served_params']:,} | {o['artifact_bytes']:,} | "
             f"{_f(o['train_seconds_per_user'], 1)} |"
         )
     lines += ["", "## Per user", ""]
@@ -74,19 +77,28 @@ def markdown(results: dict, charts: dict[str, str]) -> str:
         cells = [user, _f(b["ppl_plain"], 2), _f(b["ppl_chat"], 2)]
         for m in methods.values():
             p = m["per_user"][user]
-            cells += [_f(p["ppl_plain"], 2), _f(p["ppl_chat"], 2), _f(p["attribution_accuracy"], 2), _f(p["ratio_general"])]
+            cells += [
+                _f(p["ppl_plain"], 2),
+                _f(p["ppl_chat"], 2),
+                _f(p["attribution_accuracy"], 2),
+                _f(p["ratio_general"]),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     for sweep in results.get("sweeps", []):
         lines += [
-            "", f"## Sweep: {sweep['name']}", "",
-            "| value | method | train samples/user | ppl plain | ppl chat | attribution (calibrated) | general ppl ratio | train s/user |",
+            "",
+            f"## Sweep: {sweep['name']}",
+            "",
+            "| value | method | train samples/user | ppl plain | ppl chat | attribution (calibrated) "
+            "| general ppl ratio | train s/user |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for p in sweep["points"]:
             attribution = f"{_f(p.get('attribution_accuracy'), 2)} ({_f(p.get('attribution_accuracy_calibrated'), 2)})"
             lines.append(
                 f"| {p['value']} | {p['method']} | {_f(p['train_samples'], 1)} | {_f(p['ppl_plain'], 2)} | "
-                f"{_f(p['ppl_chat'], 2)} | {attribution} | {_f(p.get('ratio_general'))} | {_f(p['train_seconds_per_user'], 1)} |"
+                f"{_f(p['ppl_chat'], 2)} | {attribution} | {_f(p.get('ratio_general'))} | "
+                f"{_f(p['train_seconds_per_user'], 1)} |"
             )
     if charts:
         lines += ["", "## Charts", ""] + [f"![{k}]({v})" for k, v in sorted(charts.items())]
@@ -122,7 +134,9 @@ def _ppl_by_method(results: dict, path: Path) -> Path:
     general = [results["base"]["ppl_general"]] + [m["overall"]["ppl_general"] for m in results["methods"].values()]
     fig, ax = plt.subplots(figsize=(6, 3.2))
     x = range(len(names))
-    for k, (label, values) in enumerate([("held-out plain", plain), ("held-out chat", chat), ("general text", general)]):
+    for k, (label, values) in enumerate(
+        [("held-out plain", plain), ("held-out chat", chat), ("general text", general)]
+    ):
         ax.bar([i + (k - 1) * 0.27 for i in x], values, width=0.27, label=label)
     ax.set_xticks(list(x), names)
     ax.set_ylabel("perplexity (mean over users)")
@@ -161,7 +175,13 @@ def _loss_curves(curves: dict, path: Path) -> Path:
         line = ax.plot([p["step"] for p in points], [p["train_loss"] for p in points], label=f"{name} train", alpha=0.6)
         val = [p for p in points if p["val_loss"] is not None]
         if val:
-            ax.plot([p["step"] for p in val], [p["val_loss"] for p in val], "o--", color=line[0].get_color(), label=f"{name} val")
+            ax.plot(
+                [p["step"] for p in val],
+                [p["val_loss"] for p in val],
+                "o--",
+                color=line[0].get_color(),
+                label=f"{name} val",
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean over users)")
     ax.set_title("Loss curves")

@@ -18,7 +18,7 @@ import transformers
 from core.artifacts import Prefix, save_prefix
 from core.data import FORMAT_CHAT, FORMAT_PLAIN, build_examples, prepare_samples
 from core.evaluation import datasets
-from core.evaluation.baselines import LoRA, PromptTuning, GroupedScorer, lora_rank_for, train_baseline
+from core.evaluation.baselines import GroupedScorer, LoRA, PromptTuning, lora_rank_for, train_baseline
 from core.evaluation.metrics import (
     PrefixScorer,
     UserEvalSet,
@@ -106,7 +106,10 @@ class _Bar:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
                 TextColumn("{task.fields[info]}"),
             )
             self.progress.start()
@@ -222,7 +225,11 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) ->
     sweeps = sweep_names(spec)  # a typo fails now, not after an hour of training
     users = load_users(spec, out)
     sets = eval_sets(base, users, spec.max_seq_len)
-    general = [exs[0] for t in general_texts(spec, list(users)) if (exs := build_examples(base.tokenizer, [t], spec.max_seq_len, (FORMAT_PLAIN,)))]
+    general = [
+        exs[0]
+        for t in general_texts(spec, list(users))
+        if (exs := build_examples(base.tokenizer, [t], spec.max_seq_len, (FORMAT_PLAIN,)))
+    ]
     bar = _Bar(progress)
     results: dict = {
         "spec": _shareable(asdict(spec)),
@@ -235,9 +242,7 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) ->
             "cuda": torch.cuda.is_available(),
             "base_model": base.model_id,
         },
-        "data": {
-            u.user: {"train_samples": len(u.train), "test_samples": len(u.test)} for u in users.values()
-        },
+        "data": {u.user: {"train_samples": len(u.train), "test_samples": len(u.test)} for u in users.values()},
         "general_rows": len(general),
         "methods": {},
         "curves": {},
@@ -323,9 +328,7 @@ def _shareable(spec: dict) -> dict:
     return spec
 
 
-def run_sweep(
-    base, spec: EvalSpec, sweep: str, values: list, users, sets, general, results: dict, bar: _Bar
-) -> dict:
+def run_sweep(base, spec: EvalSpec, sweep: str, values: list, users, sets, general, results: dict, bar: _Bar) -> dict:
     """Held-out perplexity (own adaptation, plain and chat), attribution and general-text perplexity
     (knowledge preservation) as one setting varies: the trade-offs a default has to pick a point on.
 
@@ -363,17 +366,19 @@ def run_sweep(
                 u: {k: m[k] for k in ("ppl_plain", "ppl_chat", "ppl_general")} for u, m in evaluated["per_user"].items()
             }
             overall = evaluated["overall"]
-            points.append({
-                "value": value,
-                "method": name,
-                "train_samples": sum(len(u.train) for u in cut.values()) / len(cut),
-                "per_user": per_user,
-                "ppl_plain": overall["ppl_plain"],
-                "ppl_chat": overall["ppl_chat"],
-                "ratio_general": overall["ppl_general"] / base_general,
-                "attribution_accuracy": overall["attribution_accuracy"],
-                "attribution_accuracy_calibrated": overall["attribution_accuracy_calibrated"],
-                "attribution_accuracy_grouped": overall["attribution_accuracy_grouped"],
-                "train_seconds_per_user": overall["train_seconds_per_user"],
-            })
+            points.append(
+                {
+                    "value": value,
+                    "method": name,
+                    "train_samples": sum(len(u.train) for u in cut.values()) / len(cut),
+                    "per_user": per_user,
+                    "ppl_plain": overall["ppl_plain"],
+                    "ppl_chat": overall["ppl_chat"],
+                    "ratio_general": overall["ppl_general"] / base_general,
+                    "attribution_accuracy": overall["attribution_accuracy"],
+                    "attribution_accuracy_calibrated": overall["attribution_accuracy_calibrated"],
+                    "attribution_accuracy_grouped": overall["attribution_accuracy_grouped"],
+                    "train_seconds_per_user": overall["train_seconds_per_user"],
+                }
+            )
     return {"name": sweep, "points": points}

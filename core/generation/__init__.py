@@ -17,9 +17,8 @@ positions and mask are its own, so a row's output does not depend on its neighbo
 from __future__ import annotations
 
 import uuid
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

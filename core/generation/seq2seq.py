@@ -21,7 +21,9 @@ class Seq2SeqRunner(BatchRunner):
 
     cache: Seq2SeqBatchCache | None
 
-    def prefill(self, prompts: Sequence[list[int]], prefixes: Sequence[Prefix]) -> tuple[torch.Tensor, Seq2SeqBatchCache]:
+    def prefill(
+        self, prompts: Sequence[list[int]], prefixes: Sequence[Prefix]
+    ) -> tuple[torch.Tensor, Seq2SeqBatchCache]:
         base = self.base
         cache = Seq2SeqBatchCache.encode(
             base.model, prompts, prefixes, base.geometry, pad_token_id=base.tokenizer.pad_token_id, reserve=True

@@ -24,8 +24,8 @@ from core.errors import CorruptArtifact
 from core.inference.prefix_cache import PrefixRef
 from core.service.api_keys import Caller
 from core.service.errors import InvalidInput, NotFound
-from core.service.registry import active_prefix
 from core.service.model_ids import format_model_id, parse_model_id
+from core.service.registry import active_prefix
 
 USER_ALIAS = "user:"
 

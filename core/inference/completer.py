@@ -59,7 +59,7 @@ class Submission(ABC):
     async def cancel(self) -> None:
         """Ask the engine to drop the job (idempotent; harmless once it finished)."""
 
-    async def _finished(self) -> None:
+    async def _finished(self) -> None:  # noqa: B027 - an optional hook: most transports need no cleanup
         """Called once the events are consumed or abandoned (transport cleanup)."""
 
     async def events(self) -> AsyncIterator[Event]:

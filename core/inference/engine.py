@@ -17,8 +17,8 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from core.generation import FINISH_CANCELLED, GenerationRequest, MixedBatchGenerator
 from core.inference import metrics
@@ -174,8 +174,12 @@ class InferenceEngine:
         with self._lock:
             self._inbox_rows -= job.n
             self._generator_queued = self._generator.queued
-        log.info("admitted request_id=%s rows=%d prefix=%s", job.request_id, job.n,
-                 None if job.prefix is None else f"{job.prefix.user_id}:v{job.prefix.version}")
+        log.info(
+            "admitted request_id=%s rows=%d prefix=%s",
+            job.request_id,
+            job.n,
+            None if job.prefix is None else f"{job.prefix.user_id}:v{job.prefix.version}",
+        )
 
     def _text_callback(self, tracked: _Tracked, index: int) -> Callable[[str], None]:
         def on_text(text: str) -> None:

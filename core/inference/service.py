@@ -92,6 +92,11 @@ class CompletionService:
 
     async def _quarantine(self, job: InferenceJob, exc: Exception) -> None:
         ref = job.prefix
-        log.error("request_id=%s: prefix v%d of user %s failed verification: %s",
-                  job.request_id, ref.version, ref.user_id, exc)
+        log.error(
+            "request_id=%s: prefix v%d of user %s failed verification: %s",
+            job.request_id,
+            ref.version,
+            ref.user_id,
+            exc,
+        )
         await to_thread.run_sync(quarantine_version, self.session_factory, ref.user_id, ref.version, str(exc))

@@ -36,12 +36,12 @@ class EmbeddedExecutor:
         with session_scope(self.ctx.session_factory) as session:
             # This process is the only runner: an attempt recorded as running died with the
             # previous process, whatever its lease says.
-            session.execute(
-                update(Job).where(Job.status == "running").values(status="queued", lease_token=None)
+            session.execute(update(Job).where(Job.status == "running").values(status="queued", lease_token=None))
+            pending = (
+                session.execute(select(Job.id).where(Job.status.in_(("queued", "running"))).order_by(Job.created_at))
+                .scalars()
+                .all()
             )
-            pending = session.execute(
-                select(Job.id).where(Job.status.in_(("queued", "running"))).order_by(Job.created_at)
-            ).scalars().all()
         for job_id in pending:
             self.submit(job_id)
         self._thread = threading.Thread(target=self._loop, name="steer-training", daemon=True)

@@ -50,17 +50,17 @@ def validate_hyperparameters(raw: object) -> dict[str, Any]:
         if name in _INTS:
             low, high = _INTS[name]
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise InvalidInput(f"{key} must be \"auto\" or an integer in [{low}, {high}]", param=param)
+                raise InvalidInput(f'{key} must be "auto" or an integer in [{low}, {high}]', param=param)
         elif name in _FLOATS:
             low, high = _FLOATS[name]
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             above_low = low <= value if name in _ZERO_ALLOWED else low < value
             if not ok or not (above_low and value <= high):
                 bracket = "[" if name in _ZERO_ALLOWED else "("
-                raise InvalidInput(f"{key} must be \"auto\" or a number in {bracket}{low}, {high}]", param=param)
+                raise InvalidInput(f'{key} must be "auto" or a number in {bracket}{low}, {high}]', param=param)
             value = float(value)
         elif value not in INITS:
-            raise InvalidInput(f"init must be \"auto\" or one of {', '.join(INITS)}", param=param)
+            raise InvalidInput(f'init must be "auto" or one of {", ".join(INITS)}', param=param)
         values[name] = value
     if values["learning_rate"] != AUTO and values["learning_rate_multiplier"] != AUTO:
         raise InvalidInput(

@@ -143,9 +143,7 @@ def recover_lost_jobs(
             ).rowcount
             if not taken:
                 continue  # started, finished or taken by another sweeper meanwhile
-            reason = (
-                "its worker stopped renewing the lease" if status == "running" else "it was never started"
-            )
+            reason = "its worker stopped renewing the lease" if status == "running" else "it was never started"
             add_event(session, job_id, f"Job dispatched again: {reason}", level="warning")
         try:
             dispatch(job_id)

@@ -53,9 +53,7 @@ def get_job(session: Session, caller: Caller, job_id: str) -> Job:
     return job
 
 
-def list_jobs(
-    session: Session, caller: Caller, *, after: str | None, limit: int, user_id: str | None
-) -> Page[Job]:
+def list_jobs(session: Session, caller: Caller, *, after: str | None, limit: int, user_id: str | None) -> Page[Job]:
     """Jobs newest first, optionally only those that train `user_id`."""
     statement = select(Job)
     if not caller.is_admin:
@@ -69,9 +67,7 @@ def list_jobs(
     return page
 
 
-def list_events(
-    session: Session, job: Job, *, after: int | None, limit: int
-) -> tuple[list[JobEvent], bool]:
+def list_events(session: Session, job: Job, *, after: int | None, limit: int) -> tuple[list[JobEvent], bool]:
     """Events newest first, as OpenAI's events endpoint returns them."""
     if not 1 <= limit <= 1000:
         raise InvalidInput("limit must be between 1 and 1000", param="limit")

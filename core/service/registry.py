@@ -62,9 +62,7 @@ def publish_prefix(
     with factory() as session:
         # The row lock serializes publishers of one user (Postgres; SQLite serializes writers
         # anyway), so two jobs can never pick the same version number and overwrite a blob.
-        user = session.execute(
-            select(User).where(User.id == user_id).with_for_update()
-        ).scalar_one_or_none()
+        user = session.execute(select(User).where(User.id == user_id).with_for_update()).scalar_one_or_none()
         if user is None or user.deleted_at is not None:
             return None
         if lease_token is not None and job_id is not None and not holds_lease(session, job_id, lease_token):
@@ -150,9 +148,7 @@ def _sweep_unindexed(session: Session, store: BlobStore, user_id: str) -> list[s
     return orphans
 
 
-def quarantine_version(
-    factory: sessionmaker[Session], user_id: str, version: int, reason: str
-) -> PrefixVersion | None:
+def quarantine_version(factory: sessionmaker[Session], user_id: str, version: int, reason: str) -> PrefixVersion | None:
     """Mark a version whose stored bytes failed verification "corrupt" (it is never served
     again) and, if it was active, activate the newest non-corrupt older version. Returns the
     version now active (None: the user has no usable version left)."""
@@ -171,8 +167,9 @@ def quarantine_version(
         if was_active:
             fallback = session.execute(
                 select(PrefixVersion)
-                .where(PrefixVersion.user_id == user_id, PrefixVersion.status == "retired",
-                       PrefixVersion.version < version)
+                .where(
+                    PrefixVersion.user_id == user_id, PrefixVersion.status == "retired", PrefixVersion.version < version
+                )
                 .order_by(PrefixVersion.version.desc())
                 .limit(1)
             ).scalar_one_or_none()

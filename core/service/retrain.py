@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 
 from core.db import Job, PrefixVersion, Sample, User
 from core.service.errors import InvalidInput, NotFound
-from core.service.jobs import create_job
 from core.service.hyperparameters import validate_hyperparameters
+from core.service.jobs import create_job
 
 DEFAULT_USERS_PER_JOB = 8
 MAX_USERS_PER_JOB = 64
@@ -36,8 +36,11 @@ class RetrainSelection:
 def select_users(session: Session, selection: RetrainSelection) -> list[User]:
     """Live users with samples matching `selection`, ordered by creation."""
     modes = sum(
-        [selection.user_ids is not None, selection.all_users,
-         selection.trained_before is not None or selection.other_base_fingerprint is not None]
+        [
+            selection.user_ids is not None,
+            selection.all_users,
+            selection.trained_before is not None or selection.other_base_fingerprint is not None,
+        ]
     )
     if modes != 1:
         raise InvalidInput(
@@ -62,7 +65,9 @@ def select_users(session: Session, selection: RetrainSelection) -> list[User]:
                 raise InvalidInput("trained_before needs a time zone (e.g. ...Z)", param="trained_before")
             conditions.append(exists().where(active, PrefixVersion.created_at < selection.trained_before))
         if selection.other_base_fingerprint is not None:
-            conditions.append(exists().where(active, PrefixVersion.base_fingerprint != selection.other_base_fingerprint))
+            conditions.append(
+                exists().where(active, PrefixVersion.base_fingerprint != selection.other_base_fingerprint)
+            )
         statement = statement.where(or_(*conditions))
     return list(session.execute(statement.order_by(User.created_at, User.id)).scalars())
 

@@ -64,9 +64,7 @@ def parse_sample_file(filename: str, data: bytes, settings: Settings) -> list[st
     try:
         content = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise InvalidInput(
-            f"file {filename!r} is not valid UTF-8 (byte {exc.start})", param="file"
-        ) from None
+        raise InvalidInput(f"file {filename!r} is not valid UTF-8 (byte {exc.start})", param="file") from None
     if name.endswith(".txt"):
         paragraphs = _PARAGRAPH_BREAK.split(content.replace("\r\n", "\n").replace("\r", "\n"))
         return [p for p in paragraphs if p.strip()]
@@ -79,9 +77,7 @@ def parse_sample_file(filename: str, data: bytes, settings: Settings) -> list[st
         except json.JSONDecodeError as exc:
             raise InvalidInput(f"line {number} of {filename!r} is not JSON: {exc.msg}", param="file") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise InvalidInput(
-                f'line {number} of {filename!r} must be an object with a string "text"', param="file"
-            )
+            raise InvalidInput(f'line {number} of {filename!r} must be an object with a string "text"', param="file")
         texts.append(record["text"])
     return texts
 
@@ -102,8 +98,7 @@ def add_samples(
     stored = count_samples(session, user.id)
     if stored + len(new) > settings.max_total_samples_per_user:
         raise InvalidInput(
-            f"user would have {stored + len(new)} samples; the limit is "
-            f"{settings.max_total_samples_per_user}",
+            f"user would have {stored + len(new)} samples; the limit is {settings.max_total_samples_per_user}",
             param="samples",
         )
     rows = [Sample(user_id=user.id, text=text, sha256=digest, source=source) for digest, text in new.items()]

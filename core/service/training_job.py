@@ -150,9 +150,12 @@ def _claim(ctx: ServiceContext, job_id: str) -> str | None:
             log.warning("training job %s does not exist; ignoring it", job_id)
             return None
         if not claimed:
-            held = job.status == "running" and not session.execute(
-                select(Job.id).where(Job.id == job_id, lease_expired(ctx.settings.job_lease_s, now))
-            ).first()
+            held = (
+                job.status == "running"
+                and not session.execute(
+                    select(Job.id).where(Job.id == job_id, lease_expired(ctx.settings.job_lease_s, now))
+                ).first()
+            )
             if held:
                 log.info("training job %s is held by a live attempt; leaving it to that one", job_id)
             elif job.status not in JOB_FINISHED_STATUSES:  # cancel requested while queued/running
@@ -181,10 +184,7 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
         assert job is not None
         resolved = resolve(job.hyperparameters, settings)
         job.hyperparameters = resolved
-        published = {
-            row.user_id: row
-            for row in session.query(PrefixVersion).filter(PrefixVersion.job_id == job.id)
-        }
+        published = {row.user_id: row for row in session.query(PrefixVersion).filter(PrefixVersion.job_id == job.id)}
         users = [session.get(User, uid) for uid in job.user_ids]
         todo: list[UserData] = []
         for uid, user in zip(job.user_ids, users):
@@ -245,9 +245,7 @@ def _published_entry(user: User, row: PrefixVersion) -> dict[str, Any]:
     return {"model": model, "version": row.version, "metrics": row.metrics}
 
 
-def _warm_start_state(
-    ctx: ServiceContext, job_id: str, base: BaseModel, user_id: str, config: TrainingConfig
-) -> Any:
+def _warm_start_state(ctx: ServiceContext, job_id: str, base: BaseModel, user_id: str, config: TrainingConfig) -> Any:
     """Continue from the user's active prefix when it was trained on this base model with the
     same prefix shape; otherwise (first training, new base model, new shape) start fresh."""
     with session_scope(ctx.session_factory) as session:
@@ -280,9 +278,16 @@ def _on_progress(ctx: ServiceContext, run: _Run, progress: Progress) -> None:
         "active_users": progress.active_users,
     }
     with session_scope(ctx.session_factory) as session:
-        session.execute(update(Job).where(Job.id == run.job_id, Job.lease_token == run.lease.token).values(progress=data))
+        session.execute(
+            update(Job).where(Job.id == run.job_id, Job.lease_token == run.lease.token).values(progress=data)
+        )
         if progress.step % run.events_every == 0 or progress.step == progress.max_steps or progress.step == 1:
-            add_event(session, run.job_id, f"Step {progress.step}/{progress.max_steps}: training loss={progress.loss:.4f}", data)
+            add_event(
+                session,
+                run.job_id,
+                f"Step {progress.step}/{progress.max_steps}: training loss={progress.loss:.4f}",
+                data,
+            )
 
 
 def _should_cancel(ctx: ServiceContext, run: _Run) -> bool:

@@ -21,8 +21,7 @@ log = logging.getLogger(__name__)
 def validate_external_id(external_id: object) -> str:
     if not isinstance(external_id, str) or not EXTERNAL_ID_PATTERN.match(external_id):
         raise InvalidInput(
-            "external_id must be 1-128 characters of letters, digits and . _ @ + -, "
-            "starting with a letter or digit",
+            "external_id must be 1-128 characters of letters, digits and . _ @ + -, starting with a letter or digit",
             param="external_id",
         )
     return external_id
@@ -34,9 +33,7 @@ def get_or_create_user(session: Session, external_id: str) -> tuple[User, bool]:
     user = session.execute(select(User).where(User.external_id == external_id)).scalar_one_or_none()
     if user is not None:
         if user.deleted_at is not None:
-            raise InvalidInput(
-                f"user {external_id!r} is being deleted; retry in a moment", param="external_id"
-            )
+            raise InvalidInput(f"user {external_id!r} is being deleted; retry in a moment", param="external_id")
         return user, False
     user = User(external_id=external_id)
     session.add(user)
@@ -103,7 +100,5 @@ def _jobs_of(session: Session, user_id: str) -> list[Job]:
 
     The text match narrows the rows in SQL the same way on SQLite and Postgres (ids are hex, so
     they need no escaping); the exact membership test is done here."""
-    candidates = session.execute(
-        select(Job).where(cast(Job.user_ids, String).like(f'%"{user_id}"%'))
-    ).scalars()
+    candidates = session.execute(select(Job).where(cast(Job.user_ids, String).like(f'%"{user_id}"%'))).scalars()
     return [job for job in candidates if user_id in (job.user_ids or [])]

@@ -19,9 +19,7 @@ def verify_sha256(key: str, data: bytes, expected_sha256: str | None) -> None:
         return
     actual = sha256_hex(data)
     if actual != expected_sha256.lower():
-        raise BlobIntegrityError(
-            f"blob {key!r} is corrupted: sha256 {actual} != expected {expected_sha256}"
-        )
+        raise BlobIntegrityError(f"blob {key!r} is corrupted: sha256 {actual} != expected {expected_sha256}")
 
 
 class BlobStore(ABC):

@@ -35,9 +35,7 @@ def _http_client(secure: bool) -> urllib3.PoolManager:
     options: dict[str, object] = {
         "timeout": urllib3.Timeout(connect=5.0, read=60.0),
         "maxsize": 16,
-        "retries": urllib3.Retry(
-            total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
-        ),
+        "retries": urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
     }
     if secure:
         import certifi
@@ -93,9 +91,7 @@ class S3BlobStore(BlobStore):
                 raise BlobNotFound(f"no blob under key {key!r}") from None
             if exc.code == "NoSuchBucket":
                 self._bucket_ready = False
-                raise BlobStoreUnavailable(
-                    f"S3 bucket {self.bucket!r} does not exist at {self.endpoint}"
-                ) from exc
+                raise BlobStoreUnavailable(f"S3 bucket {self.bucket!r} does not exist at {self.endpoint}") from exc
             if exc.code in _CREDENTIAL_ERRORS:
                 raise BlobStoreUnavailable(
                     f"S3 at {self.endpoint} refused the request ({exc.code}); check the access "
@@ -149,9 +145,7 @@ class S3BlobStore(BlobStore):
                 response.release_conn()
         # The write-time checksum catches corruption even when the caller has none to give.
         if stored_sha256 and sha256_hex(data) != stored_sha256.lower():
-            raise BlobIntegrityError(
-                f"blob {key!r} does not match the sha256 recorded when it was written"
-            )
+            raise BlobIntegrityError(f"blob {key!r} does not match the sha256 recorded when it was written")
         verify_sha256(key, data, expected_sha256)
         return data
 
@@ -192,9 +186,7 @@ class S3BlobStore(BlobStore):
         with self._errors(prefix):
             names = [
                 obj.object_name
-                for obj in self._client.list_objects(
-                    self.bucket, prefix=folder or None, recursive=True
-                )
+                for obj in self._client.list_objects(self.bucket, prefix=folder or None, recursive=True)
                 if obj.object_name and not obj.is_dir and not obj.object_name.endswith("/")
             ]
         return sorted(names)

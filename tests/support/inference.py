@@ -82,7 +82,6 @@ def publish_random_prefix(ctx, base: BaseModel, user: TestUser, seed: int, prefi
     return row.version
 
 
-
 def build_app(ctx, completer=None):
     """The real service app (`api.app.create_app`) around `ctx`; `completer` replaces the mode's own."""
     from api.app import create_app

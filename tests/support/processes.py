@@ -17,7 +17,9 @@ from tests.support.models import model_cache_dir
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def distributed_env(database_url: str, redis_url: str, s3_server: Any, bucket_prefix: str, **extra: str) -> dict[str, str]:
+def distributed_env(
+    database_url: str, redis_url: str, s3_server: Any, bucket_prefix: str, **extra: str
+) -> dict[str, str]:
     """STEER_* variables of a distributed deployment on the tiny model (a fresh bucket), plus `extra`."""
     return {
         "STEER_DATABASE_URL": database_url,
@@ -34,7 +36,9 @@ def distributed_env(database_url: str, redis_url: str, s3_server: Any, bucket_pr
 
 def settings_from_env(env: dict[str, str]) -> Settings:
     """The Settings a process started with `env` reads (STEER_FOO=v -> foo=v)."""
-    values = {k.removeprefix("STEER_").lower(): v for k, v in env.items() if k.startswith("STEER_") and k != "STEER_ENV_FILE"}
+    values = {
+        k.removeprefix("STEER_").lower(): v for k, v in env.items() if k.startswith("STEER_") and k != "STEER_ENV_FILE"
+    }
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
@@ -43,17 +47,36 @@ def spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Po
     clean = {k: v for k, v in os.environ.items() if not k.startswith("STEER_")}
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, *args], cwd=ROOT, env={**clean, **env, "STEER_ENV_FILE": ""},
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, *args],
+            cwd=ROOT,
+            env={**clean, **env, "STEER_ENV_FILE": ""},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
 
 def spawn_train_worker(env: dict[str, str], log_path: Path, concurrency: int = 1) -> subprocess.Popen:
     """A real `celery worker` on the `train` queue (prefork: a parent and `concurrency` children)."""
     return spawn(
-        ["-m", "celery", "-A", "workers.celery_app", "worker", "--queues", "train", "--concurrency", str(concurrency),
-         "--loglevel", "INFO", "--without-heartbeat", "--without-gossip", "--without-mingle"],
-        env, log_path,
+        [
+            "-m",
+            "celery",
+            "-A",
+            "workers.celery_app",
+            "worker",
+            "--queues",
+            "train",
+            "--concurrency",
+            str(concurrency),
+            "--loglevel",
+            "INFO",
+            "--without-heartbeat",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        env,
+        log_path,
     )
 
 

@@ -133,9 +133,7 @@ class SeaweedServer:
         """A raw SDK client, for tests that tamper with objects behind the store's back."""
         from minio import Minio
 
-        return Minio(
-            self.endpoint, access_key=self.access_key, secret_key=self.secret_key, secure=False
-        )
+        return Minio(self.endpoint, access_key=self.access_key, secret_key=self.secret_key, secure=False)
 
     def _write_s3_config(self) -> None:
         config = {
@@ -211,16 +209,12 @@ class SeaweedServer:
         So: write an object and read back one written at the first start."""
         from minio import Minio
 
-        client = Minio(
-            self.endpoint, access_key=self.access_key, secret_key=self.secret_key, secure=False
-        )
+        client = Minio(self.endpoint, access_key=self.access_key, secret_key=self.secret_key, secure=False)
         deadline = time.monotonic() + timeout_s
         last_error: Exception | None = None
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(
-                    f"weed mini exited with {self.process.returncode}:\n{self.output_tail()}"
-                )
+                raise RuntimeError(f"weed mini exited with {self.process.returncode}:\n{self.output_tail()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.ports.s3), timeout=1):
                     pass
@@ -229,9 +223,7 @@ class SeaweedServer:
             except Exception as exc:  # noqa: BLE001 - any failure just means "not yet"
                 last_error = exc
                 time.sleep(0.3)
-        raise TimeoutError(
-            f"SeaweedFS S3 not ready after {timeout_s}s ({last_error}):\n{self.output_tail()}"
-        )
+        raise TimeoutError(f"SeaweedFS S3 not ready after {timeout_s}s ({last_error}):\n{self.output_tail()}")
 
     def _probe_data_path(self, client) -> None:
         import io
