@@ -94,6 +94,7 @@ fi
 # --- lint ---------------------------------------------------------------------------------
 # Configuration in pyproject.toml ([tool.ruff]); a finding fails the run before any test.
 ruff check .
+ruff format --check .
 
 # --- tests --------------------------------------------------------------------------------
 # Missing Postgres/Redis/S3 must fail the run here, not skip the integration tests.
