@@ -17,7 +17,9 @@ that loop scores next tokens of one sequence through the base model's LM head on
 method never sees which tokens are scored), and its preservation anchors are sampled by decoder-only
 generation; a seq2seq method needs (source, target) rows and the model's own logits (T5 rescales the
 decoder output before its tied head, BART adds a logits bias).
-Not here yet: validation split and early stopping, the preservation term, prefix-length search.
+`core.training.train_prefixes` hands an encoder-decoder base to `train_seq2seq_from_samples`, so the
+service's jobs train it unchanged. Not here yet: validation split and early stopping, the
+preservation term, prefix-length search.
 """
 
 from __future__ import annotations

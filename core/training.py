@@ -220,6 +220,10 @@ def train_prefixes(
     should_cancel: Callable[[], bool] | None = None,
 ) -> list[TrainedPrefix]:
     """Train one prefix per user, all users sharing each forward/backward pass over the frozen base."""
+    if getattr(base.model.config, "is_encoder_decoder", False):  # T5, BART: (source, target) rows
+        from core.seq2seq import train_seq2seq_from_samples
+
+        return train_seq2seq_from_samples(base, users, config, on_progress=on_progress, should_cancel=should_cancel)
     _check_fits_context(base, users, config)
     if config.prefix_len_candidates:
         return _train_choosing_prefix_len(base, users, config, on_progress, should_cancel)

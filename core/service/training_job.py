@@ -22,7 +22,6 @@ from core.db import Job, PrefixVersion, User, database_now, session_scope, utcno
 from core.db.models import JOB_FINISHED_STATUSES
 from core.errors import ArtifactError, InvalidTrainingData, SteerError, TrainingCancelled
 from core.model import BaseModel
-from core.seq2seq import is_encoder_decoder, train_seq2seq_from_samples
 from core.service.context import ServiceContext
 from core.service.crash_points import crash_point
 from core.service.errors import ServiceError
@@ -209,9 +208,7 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
     crash_point("before_first_step", run.job_id)
     run.events_every = max(1, config.max_steps // EVENTS_PER_JOB)
     _event(ctx, run.job_id, f"Training {len(todo)} user(s) on {base.model_id} for up to {config.max_steps} steps")
-    # An encoder-decoder base (T5, BART) trains seq2seq prefixes: same arguments, same results.
-    train = train_seq2seq_from_samples if is_encoder_decoder(base) else train_prefixes
-    trained = train(
+    trained = train_prefixes(
         base,
         todo,
         config,
