@@ -28,6 +28,7 @@ from core.errors import InvalidTrainingData, TrainingCancelled
 from core.model import BaseModel
 from core.prefix import PrefixConfig
 from core.preservation import Anchors, kl_from_base, sample_anchors
+from core.seq2seq import Seq2SeqPrefixMethod, is_encoder_decoder
 from core.tuning import PrefixMethod, TuningMethod, prefix_hidden_states
 
 
@@ -92,6 +93,9 @@ class UserData:
     from there instead of initialising."""
     prefix: PrefixConfig | None = None
     """This user's own prefix shape, instead of the job's `config.prefix`."""
+    examples: list | None = None
+    """Rows already in the method's own form (e.g. synthetic seq2seq pairs), used instead of
+    `samples`; they are split into training and validation rows like samples."""
 
 
 @dataclass
@@ -130,13 +134,14 @@ class _UserRun:
 
     def __init__(self, base: BaseModel, method: TuningMethod, data: UserData, config: TrainingConfig):
         self.user_id = data.user_id
-        samples = prepare_samples(data.samples)
+        samples = prepare_samples(data.samples) if data.examples is None else list(data.examples)
         if not samples:
             raise InvalidTrainingData(f"user {data.user_id}: no usable writing samples")
         train, val = split_samples(samples, config.val_fraction, config.seed)
-        tokenizer = base.tokenizer
-        self.train = build_examples(tokenizer, train, config.max_seq_len, config.formats)
-        self.val = build_examples(tokenizer, val, config.max_seq_len, config.formats)
+        if data.examples is not None:
+            self.train, self.val = train, val
+        else:
+            self.train, self.val = _examples(base, method, train, config), _examples(base, method, val, config)
         if not self.train:
             raise InvalidTrainingData(f"user {data.user_id}: samples too short to train on")
         # A generator of the user's own, not one drawn from by every user in turn: a user
@@ -220,16 +225,17 @@ def train_prefixes(
     should_cancel: Callable[[], bool] | None = None,
 ) -> list[TrainedPrefix]:
     """Train one prefix per user, all users sharing each forward/backward pass over the frozen base."""
-    if getattr(base.model.config, "is_encoder_decoder", False):  # T5, BART: (source, target) rows
-        from core.seq2seq import train_seq2seq_from_samples
-
-        return train_seq2seq_from_samples(base, users, config, on_progress=on_progress, should_cancel=should_cancel)
     _check_fits_context(base, users, config)
     if config.prefix_len_candidates:
         return _train_choosing_prefix_len(base, users, config, on_progress, should_cancel)
-    method = PrefixMethod(base, config.prefix)
+    method = prefix_method(base, config.prefix)
     trained = train_users(base, method, users, config, on_progress=on_progress, should_cancel=should_cancel)
     return [TrainedPrefix(t.user_id, method.export(t.module), t.state, t.module.config, t.metrics) for t in trained]
+
+
+def prefix_method(base: BaseModel, config: PrefixConfig) -> PrefixMethod:
+    """Prefix tuning for the base model's family: a decoder, or an encoder-decoder (seq2seq rows)."""
+    return Seq2SeqPrefixMethod(base, config) if is_encoder_decoder(base) else PrefixMethod(base, config)
 
 
 def _check_fits_context(base: BaseModel, users: list[UserData], config: TrainingConfig) -> None:
@@ -263,7 +269,7 @@ def train_users(
     base.model.requires_grad_(False)
     runs = [_UserRun(base, method, u, config) for u in users]
     anchors = None
-    if config.preservation_weight > 0:
+    if config.preservation_weight > 0 and getattr(method, "preserves", True):
         anchors = sample_anchors(base, config.preservation_anchors, config.preservation_len, config.seed)
     _evaluate(base, method, runs, config, initial=True)
     step = 0
@@ -363,10 +369,13 @@ def _backward_group(
         for run in runs:
             picked.append(run.anchor_cursor % len(anchors))
             run.anchor_cursor += 1
-    all_rows = rows + [anchors.examples[k] for k in picked]  # (picked is empty without anchors)
-    modules = [runs[o].module for o in owners] + ([run.module for run in runs] if picked else [])
-    hidden, labels = _method_hidden_states(base, method, all_rows, modules)  # (B, T, hidden), (B, T)
-    token_sums, token_counts = _row_sums(*_scored_losses(base, hidden[: len(rows)], labels[: len(rows)]))
+    modules = [runs[o].module for o in owners]
+    if anchors is None:
+        token_sums, token_counts = _row_losses(base, method, rows, modules)
+    else:  # the anchors ride in the same forward as the user's rows
+        all_rows = rows + [anchors.examples[k] for k in picked]
+        hidden, labels = _method_hidden_states(base, method, all_rows, modules + [run.module for run in runs])
+        token_sums, token_counts = _row_sums(*_scored_losses(base, hidden[: len(rows)], labels[: len(rows)]))
     per_user, counts = _per_user_mean(token_sums, token_counts, owners, len(runs))  # (U,), (U,)
     objective = per_user
     if anchors is not None:
@@ -436,9 +445,25 @@ def loss_sums(base: BaseModel, method: TuningMethod, rows: list[Example], module
     sums = torch.zeros(len(rows), device=base.device)
     counts = torch.zeros(len(rows), device=base.device)
     for group in groups:
-        hidden, labels = _method_hidden_states(base, method, [rows[i] for i in group], [modules[i] for i in group])
-        sums[group], counts[group] = _row_sums(*_scored_losses(base, hidden, labels))
+        sums[group], counts[group] = _row_losses(base, method, [rows[i] for i in group], [modules[i] for i in group])
     return sums, counts
+
+
+def _row_losses(base: BaseModel, method: TuningMethod, rows: list, modules: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, summed loss and scored-token count ((B,), (B,)): the method's own scoring when it has
+    one (seq2seq rows), else its hidden states under the base model's LM head on scored tokens."""
+    if hasattr(method, "loss_sums"):
+        return method.loss_sums(rows, modules)
+    hidden, labels = _method_hidden_states(base, method, rows, modules)
+    return _row_sums(*_scored_losses(base, hidden, labels))
+
+
+def _examples(base: BaseModel, method: TuningMethod, texts: list[str], config: TrainingConfig) -> list:
+    """A user's samples as training rows: the method's own form if it has one, else plain and chat
+    examples for a decoder."""
+    if hasattr(method, "examples"):
+        return method.examples(texts, config)
+    return build_examples(base.tokenizer, texts, config.max_seq_len, config.formats)
 
 
 def _per_user_mean(token_sums, token_counts, owners, n_users):

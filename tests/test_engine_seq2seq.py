@@ -21,13 +21,11 @@ from core.prompts import chat_prompt_ids, text_ids
 from core.sampling import SamplingParams
 from core.seq2seq import (
     Seq2SeqExample,
-    Seq2SeqUser,
     build_seq2seq_examples,
     seq2seq_kv_from_text,
     seq2seq_loss_sums,
-    train_seq2seq_prefixes,
 )
-from core.training import TrainingConfig
+from core.training import TrainingConfig, UserData, train_prefixes
 from tests.engine_fixtures import tiny  # noqa: F401
 
 ENC, DEC, HEADS, HEAD_DIM = 2, 3, 4, 8
@@ -293,13 +291,14 @@ def test_writing_samples_become_source_target_pairs(s2s):
 
 def _users(base):
     return [
-        Seq2SeqUser("u1", [Seq2SeqExample(_ids(6, 30 + i), _ids(5, 40 + i)) for i in range(5)]),
-        Seq2SeqUser(
+        UserData("u1", [], examples=[Seq2SeqExample(_ids(6, 30 + i), _ids(5, 40 + i)) for i in range(5)]),
+        UserData(
             "u2",
-            [Seq2SeqExample(_ids(4, 50 + i), _ids(7, 60 + i)) for i in range(3)],
+            [],
+            examples=[Seq2SeqExample(_ids(4, 50 + i), _ids(7, 60 + i)) for i in range(3)],
             prefix=PrefixConfig(prefix_len=3, embedding_dim=16, hidden_dim=16, init=INIT_RANDOM),
         ),
-        Seq2SeqUser("u3", [Seq2SeqExample(_ids(9, 70 + i), _ids(3, 80 + i)) for i in range(4)]),
+        UserData("u3", [], examples=[Seq2SeqExample(_ids(9, 70 + i), _ids(3, 80 + i)) for i in range(4)]),
     ]
 
 
@@ -311,6 +310,7 @@ def _config(**overrides) -> TrainingConfig:
         "batch_size": 2,
         "warmup_steps": 2,
         "preservation_weight": 0.0,
+        "val_fraction": 0.0,  # every row trains: the step counts below follow from the row counts
     }
     return TrainingConfig(**{**values, **overrides})
 
@@ -319,9 +319,9 @@ def _config(**overrides) -> TrainingConfig:
 def test_multi_user_training_equals_each_user_alone(s2s, epochs):
     """Different prefix lengths and example shapes in one shared pass; with epochs, users also stop
     at different steps (5, 3 and 4 examples of 2 per step: 6, 4 and 4 steps)."""
-    together = train_seq2seq_prefixes(s2s, _users(s2s), _config(epochs=epochs))
+    together = train_prefixes(s2s, _users(s2s), _config(epochs=epochs))
     for i, user in enumerate(_users(s2s)):
-        alone = train_seq2seq_prefixes(s2s, [user], _config(epochs=epochs))[0]
+        alone = train_prefixes(s2s, [user], _config(epochs=epochs))[0]
         assert together[i].user_id == alone.user_id
         assert together[i].metrics["steps"] == alone.metrics["steps"]
         torch.testing.assert_close(together[i].kv, alone.kv, atol=2e-5, rtol=1e-4)
@@ -338,7 +338,7 @@ def test_training_leaves_the_base_frozen_and_exports_its_training_form(s2s):
     sums.sum().backward()
     assert all(p.grad is None for p in s2s.model.parameters())
     assert encoder.embedding.grad is not None and encoder.down.weight.grad.abs().sum() > 0
-    trained = train_seq2seq_prefixes(s2s, [user], config)[0]
+    trained = train_prefixes(s2s, [user], config)[0]
     assert weights_fingerprint(s2s.model) == s2s.fingerprint == before
     # Export == training form: the KV served gives the same losses as the encoder it came from.
     restored = PrefixEncoder(s2s.geometry, trained.prefix_config)
@@ -426,8 +426,19 @@ def test_a_prefix_steers_the_frozen_model_to_reverse(family, pretrain_steps, lea
         batch_size=32,
         warmup_steps=5,
     )
-    trained = train_seq2seq_prefixes(base, [Seq2SeqUser("reverser", examples)], config)[0]
+    trained = train_prefixes(base, [UserData("reverser", [], examples=examples)], config)[0]
     before = _exact_match(base, test, reversed_, None)
     after = _exact_match(base, test, reversed_, trained.kv)
     print(f"{family}: reversing plain sources, exact match without prefix {before:.2f}, with prefix {after:.2f}")
     assert after > before + 0.5
+
+
+def test_writing_samples_train_through_the_shared_loop_with_validation(s2s):
+    """The service's path: samples become (source, target) rows, split like a decoder's, and the
+    loop's validation picks the best checkpoint."""
+    samples = [f"Note {i}: the shipment of {i * 3} crates arrives on day {i}." for i in range(8)]
+    config = _config(val_fraction=0.25, eval_every=2, max_steps=4)
+    trained = train_prefixes(s2s, [UserData("writer", samples)], config)[0]
+    assert trained.metrics["val_examples"] > 0 and trained.metrics["train_samples"] == 6
+    assert trained.metrics["val_loss"] is not None and trained.metrics["base_val_loss"] is not None
+    assert trained.kv.shape == (ENC + DEC, 2, HEADS, 4, HEAD_DIM)
