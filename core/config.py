@@ -82,7 +82,8 @@ class Settings(BaseSettings):
     base_model: str = Field(
         default="smollm2",
         description="Frozen base model: `smollm2` (the bundled SmolLM2), `tiny` (a tiny random "
-        "model for tests), or a path to a local model directory.",
+        "model for tests), or a path to a local model directory: a Llama-type, GPT-2 or Qwen2 decoder "
+        "(no sliding-window attention), or a T5 or BART encoder-decoder.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="Torch device; `auto` picks CUDA when available."
