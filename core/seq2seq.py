@@ -1,6 +1,6 @@
 """Prefix tuning of encoder-decoder base models (T5, BART): examples, prefixes from text, losses, training.
 
-A seq2seq prefix is one KV tensor (L_enc + L_dec, 2, H, P, D) (core/batch_cache.py, Seq2SeqBatchCache):
+A seq2seq prefix is one KV tensor (L_enc + L_dec, 2, H, P, D) (core/batch_cache/seq2seq.py, Seq2SeqBatchCache):
 the encoder part is in front of the source at every encoder layer, the decoder part in front of the
 target at every decoder layer. It trains in the same reparameterized form as a decoder-only prefix
 (core/prefix.py: PrefixEncoder, KV = base + MLP(E), over the combined tensor) and exports to the

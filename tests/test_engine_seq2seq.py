@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
-from core.batch_cache import BatchCache, PrefixGeometry, Seq2SeqBatchCache, seq2seq_hooks
+from core.batch_cache import BatchCache, Seq2SeqBatchCache, seq2seq_hooks
 from core.data import CHAT_INSTRUCTIONS
 from core.errors import ModelLoadError
 from core.generation import GenerationRequest, MixedBatchGenerator
-from core.model import BaseModel, geometry_of, load_base_model, weights_fingerprint
+from core.model import BaseModel, PrefixGeometry, geometry_of, load_base_model, weights_fingerprint
 from core.prefix import INIT_RANDOM, PrefixConfig, PrefixEncoder
 from core.prompts import chat_prompt_ids, text_ids
 from core.sampling import SamplingParams

@@ -4,7 +4,7 @@ One running batch lives on the model, and every `step()` is planned, run and rea
 that know nothing of each other's insides (vLLM v1's split):
 
     Scheduler        (scheduler.py)  which queued requests join, in which prefill groups; who is cancelled
-    BatchRunner      (runner.py)     the forward passes over the batch's BatchCache (core/batch_cache.py)
+    BatchRunner      (runner.py)     the forward passes over the batch's BatchCache (core/batch_cache/)
     OutputProcessor  (output.py)     sampled tokens -> text: incremental detokenisation, stop rules, streaming
 
 A step (1) prefills each admitted group together (each row its own composed prefix + prompt,

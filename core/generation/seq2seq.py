@@ -1,5 +1,5 @@
 """The runner for encoder-decoder base models (T5, BART): the BatchRunner interface over a
-Seq2SeqBatchCache (core/batch_cache.py).
+Seq2SeqBatchCache (core/batch_cache/seq2seq.py).
 
 A row's prefill encodes its prompt under the encoder part of its prefix and runs the decoder's start
 token under the decoder part; the row then decodes one token per step, cross-attending to its own
