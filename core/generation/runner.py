@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from core.batch_cache import BatchCache, Prefix, prefix_length
+from core.batch_cache import BatchCache, Prefix
 from core.model import BaseModel
 
 
@@ -65,7 +65,3 @@ class BatchRunner:
     def next_positions(self) -> list[int]:
         return [] if self.cache is None else self.cache.next_position.tolist()
 
-
-def request_width(prompt: list[int], prefix: Prefix) -> int:
-    """Columns a request's prefill needs: its prefix plus its prompt."""
-    return prefix_length(prefix) + len(prompt)
