@@ -64,4 +64,3 @@ class BatchRunner:
 
     def next_positions(self) -> list[int]:
         return [] if self.cache is None else self.cache.next_position.tolist()
-
