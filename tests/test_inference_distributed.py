@@ -7,10 +7,8 @@ killing the worker mid-stream gives the client a clean error within its deadline
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from core.db.migrate import upgrade_to_head
 from core.generation import GenerationRequest, MixedBatchGenerator
 from core.inference.catalog import prefix_ref
 from core.inference.prefix_cache import store_loader
-from core.inference.redis_transport import RedisCompleter
+from core.inference.redis_transport import REQUESTS_STREAM, RedisCompleter
 from core.model import load_base_model
 from core.prompts import chat_prompt_ids
 from core.sampling import SamplingParams
@@ -30,11 +28,13 @@ from core.service.context import build_context
 from core.service.registry import active_prefix
 from tests.support.inference import ADMIN_KEY, ServerThread, build_app, create_user, publish_random_prefix
 from tests.support.models import model_cache_dir
+from tests.support.processes import spawn, wait_for_log
 
 pytestmark = pytest.mark.integration
 
 MESSAGES = [{"role": "user", "content": "Say something about mountains."}]
 REQUEST_TIMEOUT_S = 10
+WORKER_START_S = 120  # importing torch and loading the model on a busy two-core machine
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,18 +59,16 @@ def env(tmp_path_factory, postgres_url, redis_url, s3_server):
     return values
 
 
-def start_worker(env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "workers.infer"],
-        cwd=ROOT,
-        env={**os.environ, **env, "STEER_ENV_FILE": ""},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """An inference worker, returned once its model is loaded and it consumes requests: the
+    requests' deadlines (REQUEST_TIMEOUT_S) must not also cover the worker's start."""
+    worker = spawn(["-m", "workers.infer"], env, log_path)
+    wait_for_log(worker, log_path, "consuming " + REQUESTS_STREAM, WORKER_START_S)
+    return worker
 
 
 @pytest.fixture(scope="module")
-def service(env):
+def service(env, tmp_path_factory):
     settings = Settings(**{k.removeprefix("STEER_").lower(): v for k, v in env.items()})
     # The test's own copy of the model, to compare with.
     base = load_base_model("tiny", device="cpu", dtype="float32", cache_root=settings.model_cache_dir)
@@ -78,7 +76,7 @@ def service(env):
     users = {name: create_user(ctx, name) for name in ("dist-alice", "dist-bob")}
     for seed, user in enumerate(users.values(), start=1):
         publish_random_prefix(ctx, base, user, seed=seed)
-    worker = start_worker(env)
+    worker = start_worker(env, tmp_path_factory.mktemp("infer-worker") / "infer.log")
     app = build_app(ctx)
     try:
         with ServerThread(app) as server:

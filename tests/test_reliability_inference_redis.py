@@ -22,7 +22,7 @@ from core.inference.redis_transport import GROUP, REQUESTS_STREAM
 from core.service.context import build_context
 from tests.support.api import tiny_base_model
 from tests.support.inference import ServerThread, build_app, create_user, publish_random_prefix
-from tests.support.processes import distributed_env, end, settings_from_env, spawn, tail
+from tests.support.processes import distributed_env, end, settings_from_env, spawn, tail, wait_for_log
 from tests.support.services import PrivatePostgres, PrivateRedis
 
 pytestmark = pytest.mark.integration
@@ -62,11 +62,7 @@ def test_inference_worker_and_api_survive_a_redis_restart(s3_server, tmp_path):
 
         # The worker logs this once its model is loaded and its engine runs. (Redis 7.0 lists a
         # consumer only once it has been delivered an entry, so the group cannot tell us yet.)
-        deadline = time.monotonic() + WORKER_START_S
-        while "consuming " + REQUESTS_STREAM not in log_path.read_text(errors="replace"):
-            assert worker.poll() is None, f"the worker exited with {worker.returncode}:\n{tail(log_path)}"
-            assert time.monotonic() < deadline, f"the worker did not start:\n{tail(log_path)}"
-            time.sleep(0.2)
+        wait_for_log(worker, log_path, "consuming " + REQUESTS_STREAM, WORKER_START_S)
         consumer = f"{socket.gethostname()}-{worker.pid}"  # the name `workers.infer` gives itself
 
         with ServerThread(build_app(ctx)) as server:
@@ -112,11 +108,7 @@ def test_inference_worker_and_api_survive_a_redis_restart(s3_server, tmp_path):
             # Same worker process, never restarted, now consuming from the recreated group.
             assert worker.poll() is None, f"the worker exited with {worker.returncode}:\n{tail(log_path)}"
             assert consumer in _consumers(probe), _consumers(probe)
-            deadline = time.monotonic() + WORKER_START_S
-            while "consuming " + REQUESTS_STREAM not in late_log.read_text(errors="replace"):
-                assert late.poll() is None, f"the late worker exited with {late.returncode}:\n{tail(late_log)}"
-                assert time.monotonic() < deadline, f"the late worker did not start:\n{tail(late_log)}"
-                time.sleep(0.2)
+            wait_for_log(late, late_log, "consuming " + REQUESTS_STREAM, WORKER_START_S)
             print(
                 f"\nRedis outage: 503 after {took:.2f} s; after the restart the same worker "
                 f"(pid {worker.pid}) answered again in {recovered:.1f} s ({len(refusals)} 503s meanwhile), "

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,17 @@ def end(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(10)
+
+
+def wait_for_log(process: subprocess.Popen, log_path: Path, marker: str, timeout_s: float) -> None:
+    """Wait until `marker` appears in the process's log (it is ready), failing with the log's tail if
+    the process exits or `timeout_s` passes first. Importing torch and loading a model on a busy
+    two-core machine (or from a fresh venv that still compiles its bytecode) takes tens of seconds."""
+    deadline = time.monotonic() + timeout_s
+    while marker not in log_path.read_text(errors="replace"):
+        assert process.poll() is None, f"the process exited with {process.returncode}:\n{tail(log_path)}"
+        assert time.monotonic() < deadline, f"no {marker!r} within {timeout_s} s:\n{tail(log_path)}"
+        time.sleep(0.2)
 
 
 def tail(log_path: Path, lines: int = 40) -> str:
