@@ -1,9 +1,20 @@
-"""Shared engine fixtures: the base models are loaded once per test session."""
+"""Shared engine fixtures: the base models (loaded once per test session), and the requests, rows and
+writing that the engine's equivalence tests share across model families."""
 
 import pytest
+import torch
 
+from core.generation import GenerationRequest
 from core.model import load_base_model
+from core.prefix import PrefixConfig, kv_from_text
+from core.prompts import chat_prompt_ids, text_ids
+from core.sampling import SamplingParams
+from core.training import TrainingConfig
 from tests.support.models import model_cache_dir
+
+ALICE = [f"Alice writes about gardens, roses number {i}, and the quiet of early mornings." for i in range(8)]
+BOB = [f"Bob reports quarterly figures: revenue grew {i} percent and costs fell sharply." for i in range(10)]
+CAROL = ["Carol: short note.", "Carol: another very short note, with commas, and more words here."]
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +27,52 @@ def tiny():
 def smollm2():
     """The real bundled SmolLM2-135M-Instruct (slow tests only)."""
     return load_base_model("smollm2", device="cpu", dtype="float32", cache_root=model_cache_dir())
+
+
+def mixed_requests(base):
+    """Different users (prefixes of different lengths), one base-model row, greedy and seeded sampling."""
+    tok = base.tokenizer
+    user_a = kv_from_text(base, text_ids(tok, "My fellow citizens, the state of our union is strong. We have"))
+    user_b = kv_from_text(base, text_ids(tok, "Dear team, a quick note about the quarterly numbers:"))[:, :, :, :6]
+
+    def chat(message):
+        return chat_prompt_ids(tok, [{"role": "user", "content": message}])
+
+    return [
+        GenerationRequest(chat("Write a sentence about the economy."), SamplingParams(24, temperature=0), user_a),
+        GenerationRequest(chat("Say hi."), SamplingParams(16, temperature=0), None),
+        GenerationRequest(text_ids(tok, "The weather today"), SamplingParams(20, temperature=0), user_b),
+        GenerationRequest(chat("List three fruits."), SamplingParams(28, temperature=0.8, top_p=0.9, seed=3), user_a),
+        GenerationRequest(text_ids(tok, "Once upon a time"), SamplingParams(12, temperature=1.0, seed=11), user_b),
+    ]
+
+
+def padded_rows(prompts: list[list[int]], pad_token_id: int, left_pad: bool):
+    """Prompts as one (B, T) batch padded on the left or the right: ids, mask, and each row's span."""
+    T = max(map(len, prompts))
+    ids = torch.full((len(prompts), T), pad_token_id)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    spans = []
+    for i, p in enumerate(prompts):
+        start = T - len(p) if left_pad else 0
+        ids[i, start : start + len(p)] = torch.tensor(p)
+        mask[i, start : start + len(p)] = 1
+        spans.append(slice(start, start + len(p)))
+    return ids, mask, spans
+
+
+def small_training_config(**overrides) -> TrainingConfig:
+    """A few quick steps on the tiny models: small prefixes, short rows, no early stop."""
+    values = dict(
+        prefix=PrefixConfig(prefix_len=4, embedding_dim=16, hidden_dim=32),
+        learning_rate=1e-2,
+        max_steps=6,
+        batch_size=3,
+        max_seq_len=48,
+        eval_every=2,
+        patience=100,
+        warmup_steps=1,
+        seed=7,
+    )
+    values.update(overrides)
+    return TrainingConfig(**values)

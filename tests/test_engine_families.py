@@ -29,7 +29,7 @@ from core.prefix import PrefixConfig, batch_prefixes, forward_with_prefixes, kv_
 from core.prompts import chat_prompt_ids, text_ids
 from core.sampling import SamplingParams
 from core.training import TrainingConfig, UserData, train_prefixes
-from tests.engine_fixtures import tiny  # noqa: F401
+from tests.engine_fixtures import ALICE, BOB, CAROL, mixed_requests, padded_rows, small_training_config, tiny  # noqa: F401
 
 FAMILIES = ("llama", "gpt2", "qwen2")
 GPT2_POSITIONS = 256
@@ -197,18 +197,10 @@ def test_mixed_batch_rows_equal_each_row_alone(family):
     short_kv = torch.randn(g.num_layers, 2, g.num_kv_heads, 3, g.head_dim, generator=torch.Generator().manual_seed(0))
     prompts = [text_ids(tok, CONTINUATION), text_ids(tok, " Hello there"), text_ids(tok, " provide for the common")]
     row_prefixes = [long_kv, None, short_kv]
-    T = max(map(len, prompts))
     with torch.no_grad():
         alone = [_alone(base, p, kv) for p, kv in zip(prompts, row_prefixes)]
         for left_pad in (False, True):
-            ids = torch.full((3, T), tok.pad_token_id)
-            mask = torch.zeros(3, T, dtype=torch.long)
-            spans = []
-            for i, p in enumerate(prompts):
-                start = T - len(p) if left_pad else 0
-                ids[i, start : start + len(p)] = torch.tensor(p)
-                mask[i, start : start + len(p)] = 1
-                spans.append(slice(start, start + len(p)))
+            ids, mask, spans = padded_rows(prompts, tok.pad_token_id, left_pad)
             batch = batch_prefixes(row_prefixes, g, device=base.device, dtype=base.dtype)
             mixed = forward_with_prefixes(base, ids, mask, batch).logits
             for i in range(3):
@@ -218,25 +210,10 @@ def test_mixed_batch_rows_equal_each_row_alone(family):
 # -- (3) mixed-batch generation -----------------------------------------------------------------
 
 
-def _requests(base):
-    """Different users (prefixes of different lengths), a base row, greedy and seeded sampling."""
-    tok = base.tokenizer
-    user_a = kv_from_text(base, text_ids(tok, "My fellow citizens, the state of our union is strong. We have"))
-    user_b = kv_from_text(base, text_ids(tok, "Dear team, a quick note about the quarterly numbers:"))[:, :, :, :6]
-    chat = lambda m: chat_prompt_ids(tok, [{"role": "user", "content": m}])  # noqa: E731
-    return [
-        GenerationRequest(chat("Write a sentence about the economy."), SamplingParams(24, temperature=0), user_a),
-        GenerationRequest(chat("Say hi."), SamplingParams(16, temperature=0), None),
-        GenerationRequest(text_ids(tok, "The weather today"), SamplingParams(20, temperature=0), user_b),
-        GenerationRequest(chat("List three fruits."), SamplingParams(28, temperature=0.8, top_p=0.9, seed=3), user_a),
-        GenerationRequest(text_ids(tok, "Once upon a time"), SamplingParams(12, temperature=1.0, seed=11), user_b),
-    ]
-
-
 def test_mixed_batch_generation_equals_each_request_alone(family):
     base = family.base
-    mixed = MixedBatchGenerator(base, max_batch_size=8).generate(_requests(base))
-    alone = [MixedBatchGenerator(base).generate([r])[0] for r in _requests(base)]
+    mixed = MixedBatchGenerator(base, max_batch_size=8).generate(mixed_requests(base))
+    alone = [MixedBatchGenerator(base).generate([r])[0] for r in mixed_requests(base)]
     for m, a in zip(mixed, alone):
         assert m.token_ids == a.token_ids
         assert m.text == a.text and m.finish_reason == a.finish_reason
@@ -246,8 +223,8 @@ def test_mixed_batch_generation_equals_each_request_alone(family):
 def test_requests_admitted_while_others_run_are_unaffected(other_family):
     family = other_family
     base = family.base
-    reqs = _requests(base)
-    expected = [MixedBatchGenerator(base).generate([r])[0].token_ids for r in _requests(base)]
+    reqs = mixed_requests(base)
+    expected = [MixedBatchGenerator(base).generate([r])[0].token_ids for r in mixed_requests(base)]
     engine = MixedBatchGenerator(base, max_batch_size=3)
     results = {}
     for r in reqs[:2]:
@@ -337,33 +314,11 @@ def test_a_composed_row_equals_one_prefix_holding_the_concatenation(family):
 
 # -- (5) training -------------------------------------------------------------------------------
 
-ALICE = [f"Alice writes about gardens, roses number {i}, and the quiet of early mornings." for i in range(8)]
-BOB = [f"Bob reports quarterly figures: revenue grew {i} percent and costs fell sharply." for i in range(10)]
-CAROL = ["Carol: short note.", "Carol: another very short note, with commas, and more words here."]
-
-
-def _training_config(**overrides):
-    values = dict(
-        prefix=PrefixConfig(prefix_len=4, embedding_dim=16, hidden_dim=32),
-        learning_rate=1e-2,
-        max_steps=3,
-        batch_size=3,
-        max_seq_len=48,
-        eval_every=2,
-        patience=100,
-        warmup_steps=1,
-        preservation_anchors=3,
-        preservation_len=16,
-        seed=7,
-    )
-    values.update(overrides)
-    return TrainingConfig(**values)
-
 
 def test_multi_user_training_equals_each_user_alone(other_family):
     family = other_family
     base = family.base
-    config = _training_config()
+    config = small_training_config(max_steps=3, preservation_anchors=3, preservation_len=16)
     users = [UserData("alice", ALICE), UserData("bob", BOB), UserData("carol", CAROL)]
     together = train_prefixes(base, users, config)
     for user, joint in zip(users, together):

@@ -5,30 +5,14 @@ import torch
 
 from core.errors import InvalidRequest
 from core.generation import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, GenerationRequest, MixedBatchGenerator
-from core.prefix import kv_from_text
 from core.prompts import chat_prompt_ids, text_ids
 from core.sampling import SamplingParams
-from tests.engine_fixtures import smollm2, tiny  # noqa: F401
-
-
-def _requests(base):
-    """Different users (prefixes of different lengths), one base-model row, greedy and seeded sampling."""
-    tok = base.tokenizer
-    user_a = kv_from_text(base, text_ids(tok, "My fellow citizens, the state of our union is strong. We have"))
-    user_b = kv_from_text(base, text_ids(tok, "Dear team, a quick note about the quarterly numbers:"))[:, :, :, :6]
-    chat = lambda m: chat_prompt_ids(tok, [{"role": "user", "content": m}])  # noqa: E731
-    return [
-        GenerationRequest(chat("Write a sentence about the economy."), SamplingParams(24, temperature=0), user_a),
-        GenerationRequest(chat("Say hi."), SamplingParams(16, temperature=0), None),
-        GenerationRequest(text_ids(tok, "The weather today"), SamplingParams(20, temperature=0), user_b),
-        GenerationRequest(chat("List three fruits."), SamplingParams(28, temperature=0.8, top_p=0.9, seed=3), user_a),
-        GenerationRequest(text_ids(tok, "Once upon a time"), SamplingParams(12, temperature=1.0, seed=11), user_b),
-    ]
+from tests.engine_fixtures import mixed_requests, smollm2, tiny  # noqa: F401
 
 
 def _mixed_equals_alone(base):
-    mixed = MixedBatchGenerator(base, max_batch_size=8).generate(_requests(base))
-    alone = [MixedBatchGenerator(base).generate([r])[0] for r in _requests(base)]
+    mixed = MixedBatchGenerator(base, max_batch_size=8).generate(mixed_requests(base))
+    alone = [MixedBatchGenerator(base).generate([r])[0] for r in mixed_requests(base)]
     for m, a in zip(mixed, alone):
         assert m.token_ids == a.token_ids
         assert m.text == a.text and m.finish_reason == a.finish_reason
@@ -57,8 +41,8 @@ def test_base_row_matches_transformers_generate(smollm2):
 
 def test_requests_admitted_while_others_run_are_unaffected(tiny):
     """Continuous batching: a request joining mid-way (and leaving early) changes nobody's output."""
-    reqs = _requests(tiny)
-    expected = [MixedBatchGenerator(tiny).generate([r])[0].token_ids for r in _requests(tiny)]
+    reqs = mixed_requests(tiny)
+    expected = [MixedBatchGenerator(tiny).generate([r])[0].token_ids for r in mixed_requests(tiny)]
     engine = MixedBatchGenerator(tiny, max_batch_size=3)
     results = {}
     engine.submit(reqs[0])

@@ -5,7 +5,7 @@ import torch
 
 from core.prefix import PrefixConfig, PrefixEncoder, batch_prefixes, forward_with_prefixes, kv_from_text
 from core.prompts import text_ids
-from tests.engine_fixtures import smollm2, tiny  # noqa: F401
+from tests.engine_fixtures import padded_rows, smollm2, tiny  # noqa: F401
 from tests.support.models import model_cache_dir
 
 CONTEXT = "We the People of the United States, in Order to form a more perfect Union,"
@@ -73,16 +73,8 @@ def test_mixed_batch_rows_equal_each_row_alone(tiny):
     short_kv = torch.randn(tiny.geometry.num_layers, 2, tiny.geometry.num_kv_heads, 3, tiny.geometry.head_dim)
     prompts = [text_ids(tok, CONTINUATION), text_ids(tok, " Hello there"), text_ids(tok, " provide for the common")]
     row_prefixes = [long_kv, None, short_kv]
-    T = max(map(len, prompts))
     for left_pad in (False, True):
-        ids = torch.full((3, T), tok.pad_token_id)
-        mask = torch.zeros(3, T, dtype=torch.long)
-        spans = []
-        for i, p in enumerate(prompts):
-            start = T - len(p) if left_pad else 0
-            ids[i, start : start + len(p)] = torch.tensor(p)
-            mask[i, start : start + len(p)] = 1
-            spans.append(slice(start, start + len(p)))
+        ids, mask, spans = padded_rows(prompts, tok.pad_token_id, left_pad)
         with torch.no_grad():
             batch = batch_prefixes(row_prefixes, tiny.geometry, device=tiny.device, dtype=tiny.dtype)
             mixed = forward_with_prefixes(tiny, ids, mask, batch).logits

@@ -9,27 +9,8 @@ from core.errors import InvalidTrainingData, TrainingCancelled
 from core.model import weights_fingerprint
 from core.prefix import INIT_ACTIVATIONS, INIT_RANDOM, PrefixConfig
 from core.training import TrainingConfig, UserData, train_prefixes
-from tests.engine_fixtures import smollm2, tiny  # noqa: F401
-
-ALICE = [f"Alice writes about gardens, roses number {i}, and the quiet of early mornings." for i in range(8)]
-BOB = [f"Bob reports quarterly figures: revenue grew {i} percent and costs fell sharply." for i in range(10)]
-CAROL = ["Carol: short note.", "Carol: another very short note, with commas, and more words here."]
-
-
-def _config(**overrides):
-    base = dict(
-        prefix=PrefixConfig(prefix_len=4, embedding_dim=16, hidden_dim=32),
-        learning_rate=1e-2,
-        max_steps=6,
-        batch_size=3,
-        max_seq_len=48,
-        eval_every=2,
-        patience=100,
-        warmup_steps=1,
-        seed=7,
-    )
-    base.update(overrides)
-    return TrainingConfig(**base)
+from tests.engine_fixtures import ALICE, BOB, CAROL, smollm2, tiny  # noqa: F401
+from tests.engine_fixtures import small_training_config as _config
 
 
 def test_multi_user_batch_equals_each_user_trained_alone(tiny):
