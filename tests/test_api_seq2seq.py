@@ -7,7 +7,6 @@ with it through the mixed-batch engine: each equal to running the engine directl
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,12 @@ from core.prompts import chat_prompt_ids
 from core.sampling import SamplingParams
 from core.service.registry import active_prefix
 from tests.support.api import (
-    ADMIN,
     api_client,
     bearer,
     make_settings,
     onboard,
     tiny_base_model,
+    wait_for_job,
 )
 from tests.test_engine_seq2seq import bart_model
 
@@ -39,16 +38,6 @@ def bart_dir(tmp_path_factory) -> Path:
     return directory
 
 
-def _wait(client, job_id: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=ADMIN).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
-
-
 def test_onboard_train_and_serve_on_a_local_bart(tmp_path: Path, bart_dir: Path):
     settings = make_settings(tmp_path, base_model=str(bart_dir))
     base = load_base_model(settings.base_model, device="cpu", dtype="float32")
@@ -56,7 +45,7 @@ def test_onboard_train_and_serve_on_a_local_bart(tmp_path: Path, bart_dir: Path)
     with api_client(settings, base=base) as client:
         ctx = client.app.state.ctx
         body = onboard(client, "alice")
-        job = _wait(client, body["job"]["id"])
+        job = wait_for_job(client, body["job"]["id"])
         assert job["status"] == "succeeded", job
         model = job["fine_tuned_model"]
         assert model.startswith(f"ft:{base.model_id}:alice:v1")

@@ -3,7 +3,6 @@ verified, retries never duplicate a version, and erasing a user leaves nothing b
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -15,17 +14,16 @@ from core.service.model_ids import format_model_id, parse_model_id
 from core.service.registry import PrefixArtifacts, publish_prefix
 from core.service.training_job import run_training_job
 from core.storage import sha256_hex
-from tests.support.api import ADMIN, SAMPLES, RecordingDispatcher, api_client, make_settings, onboard, tiny_base_model
-
-
-def _wait(client, job_id: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=ADMIN).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
+from tests.support.api import (
+    ADMIN,
+    SAMPLES,
+    RecordingDispatcher,
+    api_client,
+    make_settings,
+    onboard,
+    tiny_base_model,
+    wait_for_job,
+)
 
 
 def test_model_ids_round_trip_and_reject_garbage():
@@ -43,7 +41,7 @@ def test_onboarding_trains_publishes_and_erasure_removes_everything(tmp_path: Pa
         ctx = client.app.state.ctx
         body = onboard(client, "alice")
         user_id = body["user"]["id"]
-        job = _wait(client, body["job"]["id"])
+        job = wait_for_job(client, body["job"]["id"])
         assert job["status"] == "succeeded", job
         assert job["hyperparameters"]["max_steps"] == 2 and job["hyperparameters"]["prefix_len"] == 2
         ref = parse_model_id(job["fine_tuned_model"])
@@ -62,7 +60,7 @@ def test_onboarding_trains_publishes_and_erasure_removes_everything(tmp_path: Pa
 
         # Retraining warm-starts from v1 and makes v2 active; v1 stays for rollback.
         retrain = client.post("/v1/fine_tuning/jobs", headers=ADMIN, json={"user": user_id})
-        assert _wait(client, retrain.json()["id"])["fine_tuned_model"].endswith(":v2")
+        assert wait_for_job(client, retrain.json()["id"])["fine_tuned_model"].endswith(":v2")
         versions = client.get(f"/v1/users/{user_id}/prefixes", headers=ADMIN).json()["data"]
         assert [(v["version"], v["status"]) for v in versions] == [(1, "retired"), (2, "active")]
         rolled = client.post(f"/v1/users/{user_id}/prefixes/1/activate", headers=ADMIN).json()

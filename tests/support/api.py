@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -86,3 +87,14 @@ def onboard(client: TestClient, external_id: str, samples: list[str] | None = No
     )
     assert response.status_code == 201, response.text
     return response.json()
+
+
+def wait_for_job(client: TestClient, job_id: str, timeout: float = 120) -> dict:
+    """The job once it succeeded, failed or was cancelled (polled as an admin)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=ADMIN).json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
