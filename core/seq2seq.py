@@ -32,7 +32,7 @@ from core.data import CHAT_INSTRUCTIONS, prepare_samples
 from core.model import BaseModel
 from core.prefix import INIT_ACTIVATIONS, PrefixEncoder
 from core.prompts import chat_prompt_ids, text_ids
-from core.tuning import PrefixMethod, init_tokens, once_per_module
+from core.tuning import PrefixMethod, init_tokens, once_per_module, repeated_to
 
 if TYPE_CHECKING:
     from core.training import TrainingConfig, UserData
@@ -150,8 +150,7 @@ class Seq2SeqPrefixMethod(PrefixMethod):
     def _init_tokens(self, train: list, n: int) -> list[int]:
         """The first n tokens of the user's text, or of their targets when given rows, not samples."""
         if train and isinstance(train[0], Seq2SeqExample):
-            ids = [t for example in train for t in example.target_ids][:n]
-            return (ids * (n // max(len(ids), 1) + 1))[:n] if ids else [_pad_id(self.base)] * n
+            return repeated_to([t for example in train for t in example.target_ids[:n]], n, _pad_id(self.base))
         return init_tokens(self.base.tokenizer, train, n)
 
     def loss_sums(self, rows: list[Seq2SeqExample], modules: list) -> tuple[torch.Tensor, torch.Tensor]:

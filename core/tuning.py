@@ -74,9 +74,14 @@ def init_tokens(tokenizer, samples: list[str], n: int) -> list[int]:
         ids.extend(text_ids(tokenizer, text + "\n"))
         if len(ids) >= n:
             break
-    if len(ids) < n:
-        ids = (ids * (n // max(len(ids), 1) + 1)) if ids else [tokenizer.eos_token_id] * n
-    return ids[:n]
+    return repeated_to(ids, n, tokenizer.eos_token_id)
+
+
+def repeated_to(ids: list[int], n: int, filler: int) -> list[int]:
+    """Exactly n tokens: `ids` cut, or repeated when too short (`filler` when there are none)."""
+    if not ids:
+        return [filler] * n
+    return (ids * (n // len(ids) + 1))[:n]
 
 
 def prefix_hidden_states(
