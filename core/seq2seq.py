@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from core.batch_cache import Prefix, Seq2SeqBatchCache, seq2seq_hooks
 from core.data import CHAT_INSTRUCTIONS, prepare_samples
+from core.errors import InvalidTrainingData
 from core.model import BaseModel
 from core.prefix import INIT_ACTIVATIONS, PrefixEncoder
 from core.prompts import chat_prompt_ids, text_ids
@@ -141,6 +142,8 @@ class Seq2SeqPrefixMethod(PrefixMethod):
         return build_seq2seq_examples(self.base, texts, max(config.max_seq_len // 2, 8))
 
     def new_user(self, data: UserData, train_texts: list, generator: torch.Generator) -> PrefixEncoder:
+        if data.companions:
+            raise InvalidTrainingData("companion prefixes are not supported on encoder-decoder models yet")
         prefix = data.prefix or self.config
         init_kv = None
         if data.resume_state is None and prefix.init == INIT_ACTIVATIONS:

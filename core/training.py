@@ -96,6 +96,9 @@ class UserData:
     examples: list | None = None
     """Rows already in the method's own form (e.g. synthetic seq2seq pairs), used instead of
     `samples`; they are split into training and validation rows like samples."""
+    companions: list[torch.Tensor] | None = None
+    """Frozen prefix KVs (L, 2, H, P, D) composed before this user's own prefix, one per row in
+    turn (a control prefix trains beside users' prefixes: core/tuning.py's PrefixMethod)."""
 
 
 @dataclass
@@ -241,7 +244,10 @@ def prefix_method(base: BaseModel, config: PrefixConfig) -> PrefixMethod:
 def _check_fits_context(base: BaseModel, users: list[UserData], config: TrainingConfig) -> None:
     """A prefix and the longest row must fit the base model's context window: past it, models with
     learned positions (GPT-2) index out of range and rotary ones silently extrapolate."""
-    lengths = [(u.prefix or config.prefix).prefix_len for u in users] + list(config.prefix_len_candidates)
+    lengths = [
+        (u.prefix or config.prefix).prefix_len + max((kv.shape[3] for kv in u.companions or ()), default=0)
+        for u in users
+    ] + list(config.prefix_len_candidates)
     longest_row = max(config.max_seq_len, config.preservation_len + 1 if config.preservation_weight > 0 else 0)
     if max(lengths, default=0) + longest_row > base.max_context:
         raise InvalidTrainingData(
@@ -316,7 +322,7 @@ def _train_choosing_prefix_len(base, users, config, on_progress, should_cancel) 
     the candidate with the lowest validation loss wins (the lowest training loss without a split)."""
     candidates = sorted(set(config.prefix_len_candidates))
     variants = [
-        UserData(f"{u.user_id}#{n}", u.samples, prefix=replace(config.prefix, prefix_len=n))
+        UserData(f"{u.user_id}#{n}", u.samples, prefix=replace(config.prefix, prefix_len=n), companions=u.companions)
         for u in users
         for n in candidates
     ]

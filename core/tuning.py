@@ -84,31 +84,57 @@ def repeated_to(ids: list[int], n: int, filler: int) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
-def prefix_hidden_states(
-    base: BaseModel, ids: torch.Tensor, mask: torch.Tensor, row_prefixes: list[torch.Tensor | None]
-) -> torch.Tensor:
-    """(B, T, hidden) last hidden states, row i under prefix KV row_prefixes[i] ((L, 2, H, P, D) or None)."""
+def prefix_hidden_states(base: BaseModel, ids: torch.Tensor, mask: torch.Tensor, row_prefixes: list) -> torch.Tensor:
+    """(B, T, hidden) last hidden states, row i under row_prefixes[i]: a KV (L, 2, H, P, D), several
+    composed in order, or None."""
     prefixes = batch_prefixes(row_prefixes, base.geometry, device=base.device, dtype=base.dtype)
     return forward_with_prefixes(base, ids, mask, prefixes, hidden_states_only=True).last_hidden_state
 
 
 class PrefixMethod:
-    """Prefix tuning: a PrefixEncoder per user; rows of any users share one forward."""
+    """Prefix tuning: a PrefixEncoder per user; rows of any users share one forward.
+
+    A user with `companions` (frozen prefixes, e.g. other users' prefixes under a control prefix
+    being trained) sees one of them composed before its own prefix in every row, taken in turn from
+    its own cycle, so the prefix learns to work beside prefixes like those it will be served with.
+    The cycle is the user's own: rows draw the same companions alone or beside other users."""
 
     mixes_users = True
 
     def __init__(self, base: BaseModel, config: PrefixConfig):
         self.base, self.config = base, config
+        self._companions: dict[int, _Companions] = {}  # id(module) -> that user's frozen companions
 
     def new_user(self, data: UserData, train_texts: list[str], generator: torch.Generator) -> PrefixEncoder:
         prefix = data.prefix or self.config
         init_kv = None
         if data.resume_state is None and prefix.init == INIT_ACTIVATIONS:
             init_kv = kv_from_text(self.base, init_tokens(self.base.tokenizer, train_texts, prefix.prefix_len))
-        return PrefixEncoder(self.base.geometry, prefix, init_kv, generator).to(self.base.device)
+        encoder = PrefixEncoder(self.base.geometry, prefix, init_kv, generator).to(self.base.device)
+        if data.companions:
+            self._companions[id(encoder)] = _Companions(data.companions, self.base)
+        return encoder
 
     def hidden_states(self, ids, mask, modules):
-        return prefix_hidden_states(self.base, ids, mask, once_per_module(modules, lambda encoder: encoder()))
+        own = once_per_module(modules, lambda encoder: encoder())
+        rows = [
+            kv if kv is None or id(m) not in self._companions else (self._companions[id(m)].next(), kv)
+            for m, kv in zip(modules, own)
+        ]
+        return prefix_hidden_states(self.base, ids, mask, rows)
 
     def export(self, module: PrefixEncoder) -> torch.Tensor:
         return module.export()  # (L, 2, H, P, D) fp32 on CPU
+
+
+class _Companions:
+    """One user's frozen companion prefixes, handed out in turn."""
+
+    def __init__(self, kvs: list[torch.Tensor], base: BaseModel):
+        self.kvs = [kv.to(base.device, base.dtype) for kv in kvs]
+        self.turn = 0
+
+    def next(self) -> torch.Tensor:
+        kv = self.kvs[self.turn % len(self.kvs)]
+        self.turn += 1
+        return kv

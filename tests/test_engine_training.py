@@ -125,3 +125,19 @@ def test_prefix_length_search_keeps_the_best_candidate_per_user(tiny):
         tiny, [UserData("bob", BOB, prefix=replace(config.prefix, prefix_len=6))], _config(max_steps=4)
     )
     assert abs(results[1].metrics["prefix_len_search"]["6"] - alone[0].metrics["val_loss"]) < 1e-4
+
+
+def test_a_control_trained_beside_companion_prefixes_equals_training_it_alone(tiny):
+    """A control prefix trains with frozen users' prefixes composed before it (one per row, in
+    turn); beside another user in the same job it still gets exactly what it gets alone."""
+    config = _config()
+    alice, bob = train_prefixes(tiny, [UserData("alice", ALICE), UserData("bob", BOB)], config)
+    companions = [alice.kv, bob.kv]
+    control = UserData("formal", CAROL * 4, companions=companions)
+    alone = train_prefixes(tiny, [control], config)[0]
+    together = train_prefixes(tiny, [UserData("dave", ALICE[:4]), control], config)[1]
+    torch.testing.assert_close(together.kv, alone.kv, atol=1e-5, rtol=1e-4)
+    # the companions were really attached: without them the same control trains differently
+    without = train_prefixes(tiny, [replace(control, companions=None)], config)[0]
+    assert not torch.allclose(without.kv, alone.kv, atol=1e-4)
+    assert alone.kv.shape == without.kv.shape  # the companions are never part of the result
