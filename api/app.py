@@ -24,7 +24,7 @@ from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.metrics import make_registry
 from api.openapi import V1_ERRORS, install_openapi
-from api.routes import admin, completions, health, jobs, onboarding, samples, users
+from api.routes import admin, completions, controls, health, jobs, onboarding, samples, users
 from core.config import Settings, get_settings
 from core.db.migrate import upgrade_to_head
 from core.inference import metrics as inference_metrics
@@ -85,7 +85,7 @@ def create_app(
     app.add_middleware(BodySizeLimit, limit=ctx.settings.max_upload_bytes)
 
     v1 = APIRouter(prefix=API_PREFIX, responses=V1_ERRORS)
-    for module in (onboarding, users, samples, jobs, admin):
+    for module in (onboarding, users, samples, jobs, controls, admin):
         v1.include_router(module.router)
     app.include_router(v1)
     app.include_router(completions.router, responses=V1_ERRORS)  # carries its own /v1 prefix

@@ -18,7 +18,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 # Kept equal to core.db.models.JOB_KINDS / JOB_STATUSES / PREFIX_STATUSES (a test checks it).
-JobKind = Literal["onboarding", "retrain", "admin-batch"]
+JobKind = Literal["onboarding", "retrain", "admin-batch", "control"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 PrefixStatus = Literal["active", "retired", "corrupt"]
 EventLevel = Literal["info", "warning", "error"]
@@ -77,6 +77,23 @@ class ApiKey(Body):
     object: Literal["api_key"] = "api_key"
     key: str
     note: str
+
+
+class Control(Body):
+    object: Literal["control"] = "control"
+    id: str
+    name: str
+    model: str = Field(description="How to name it: `control:<name>` alone, or `+<name>` after any model id.")
+    created_at: Timestamp
+    active_version: int | None = Field(description="The version requests use; null until one is trained.")
+    samples: int
+
+
+class ControlDeleted(Body):
+    object: Literal["control.deleted"] = "control.deleted"
+    id: str
+    name: str
+    deleted: bool
 
 
 class UserDeleted(Body):
@@ -140,6 +157,10 @@ class ListObject(Body, Generic[T]):
     has_more: bool
 
 
+class ControlList(ListObject[Control]):
+    pass
+
+
 class UserList(ListObject[User]):
     pass
 
@@ -172,6 +193,13 @@ class FineTuningJobEventList(ListObject[FineTuningJobEvent]):
 class OnboardingSamples(Body):
     added: int
     duplicates: int
+
+
+class ControlCreated(Body):
+    object: Literal["control.created"] = "control.created"
+    control: Control
+    samples: OnboardingSamples
+    job: FineTuningJob
 
 
 class Onboarding(Body):

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api import responses
 from core.db import Job, JobEvent, PrefixVersion, Sample, User
-from core.service.model_ids import EXTERNAL_ID_PATTERN
+from core.service.model_ids import CONTROL_NAME_PATTERN, EXTERNAL_ID_PATTERN
 
 
 class _Strict(BaseModel):
@@ -28,6 +28,19 @@ class OnboardingRequest(_Strict):
         json_schema_extra={"pattern": EXTERNAL_ID_PATTERN.pattern, "maxLength": 128},
     )
     samples: list[Any] = Field(description="Writing samples, one string each.", json_schema_extra=_SAMPLES_SCHEMA)
+    hyperparameters: dict[str, Any] | None = Field(
+        default=None, description='Training hyperparameters; each may be "auto".'
+    )
+
+
+class ControlRequest(_Strict):
+    name: str = Field(
+        description="The control's name: lowercase letters, digits, _ and -, starting with a letter.",
+        json_schema_extra={"pattern": CONTROL_NAME_PATTERN.pattern, "maxLength": 64},
+    )
+    samples: list[Any] = Field(
+        description="Example texts of the attribute, one string each.", json_schema_extra=_SAMPLES_SCHEMA
+    )
     hyperparameters: dict[str, Any] | None = Field(
         default=None, description='Training hyperparameters; each may be "auto".'
     )
@@ -71,6 +84,19 @@ def user_object(user: User, active: PrefixVersion | None = None) -> responses.Us
         external_id=user.external_id,
         created_at=ts(user.created_at),
         fine_tuned_model=model_id_of(user, active) if active is not None else None,
+    )
+
+
+def control_object(control: User, active: PrefixVersion | None, samples: int) -> responses.Control:
+    from core.service.controls import name_of
+
+    return responses.Control(
+        id=control.id,
+        name=name_of(control),
+        model=control.external_id,
+        created_at=ts(control.created_at),
+        active_version=None if active is None else active.version,
+        samples=samples,
     )
 
 

@@ -41,7 +41,8 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-JOB_KINDS = ("onboarding", "retrain", "admin-batch")
+JOB_KINDS = ("onboarding", "retrain", "admin-batch", "control")
+SUBJECT_KINDS = ("user", "control")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 JOB_FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
 PREFIX_STATUSES = ("active", "retired", "corrupt")  # corrupt: failed its checksum, never served
@@ -92,12 +93,19 @@ def _apply_defaults_at_construction(target: Base, _args: Any, kwargs: dict[str, 
 
 
 class User(Base):
-    """A person whose writing style the service learns. `external_id` is the caller's own id."""
+    """A person whose writing style the service learns. `external_id` is the caller's own id.
+
+    A row of kind "control" is a control prefix (a shared attribute such as "brief", composed with
+    users' prefixes per request; core/service/controls.py): it has samples, jobs and prefix versions
+    exactly like a user, no API keys, and the external id `control:<name>`, which no user can have.
+    """
 
     __tablename__ = "users"
+    __table_args__ = (CheckConstraint(_in_list("kind", SUBJECT_KINDS), name="kind"),)
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)
     external_id: Mapped[str] = mapped_column(String(255), unique=True)
+    kind: Mapped[str] = mapped_column(String(16), default="user", server_default="user")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     # Set when erasure starts; rows are removed once blobs are gone.
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -1,19 +1,31 @@
-"""Which models a caller may use, and which stored prefix a `model` field means.
+"""Which models a caller may use, and which stored prefixes a `model` field means.
 
     <base model id>                 the frozen base model, no prefix
     ft:<base>:<external_id>:v<N>    that exact prefix version (the `fine_tuned_model` of a job);
                                     a version marked corrupt answers a clear error
     ft:<base>:<external_id>         that user's active version
     user:<external_id>              alias of the same: the user's active version
+    control:<name>                  the base model with that control's active version
+    <any of the above>+<name>...    composed with controls, e.g. `user:alice+formal+brief`
+
+Controls may also be named in the request body (`controls: [...]`, `extra_body` in the openai
+client); they follow those of the model string. Each composed part is a prefix of its own; a row's
+prefix is their concatenation, user first (the order does not change the result: attention over
+prefix keys does not depend on their order, and tokens start after all of them).
+
+External ids may contain `+`, so the model part is the *longest* `+`-separated head that names a
+model the caller may use; the rest are control names. (A user `bob+formal` therefore wins over
+`bob` with the control `formal`.)
 
 The active version is looked up on every request (one indexed query), so a newly published
 version is used by the next request. Authorization is decided here, before anything is queued:
 a user key sees only its own models; another user's model is reported exactly like an unknown
-one (404), so ids do not leak who exists.
+one (404), so ids do not leak who exists. Every key may use every control.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -22,12 +34,14 @@ from sqlalchemy.orm import Session
 from core.db import PrefixVersion, User
 from core.errors import CorruptArtifact
 from core.inference.prefix_cache import PrefixRef
+from core.service import controls
 from core.service.api_keys import Caller
 from core.service.errors import InvalidInput, NotFound
-from core.service.model_ids import format_model_id, parse_model_id
+from core.service.model_ids import format_model_id, parse_control_ref, parse_model_id
 from core.service.registry import active_prefix
 
 USER_ALIAS = "user:"
+CONTROL_SEPARATOR = "+"
 
 
 @dataclass(frozen=True)
@@ -47,12 +61,80 @@ class CorruptModel(CorruptArtifact):
     """That exact version's stored bytes failed their checksum; it is never served."""
 
 
-def resolve_model(session: Session, caller: Caller, model: str, base_model_id: str) -> PrefixRef | None:
-    """The prefix `model` names for `caller` (None: the base model). Raises NotFound / NoTrainedPrefix."""
+def resolve_model(
+    session: Session, caller: Caller, model: str, base_model_id: str, control_names: Sequence[str] = ()
+) -> list[PrefixRef]:
+    """The prefixes `model` (and `control_names`) name for `caller`, in composition order: the
+    user's (if any), then each control's. Empty: the bare base model.
+    Raises NotFound / NoTrainedPrefix / CorruptModel / InvalidInput."""
+    head, named = _split_controls(session, caller, model, base_model_id)
+    wanted = [*named]
+    for text in control_names:
+        ref = parse_control_ref(text) if isinstance(text, str) else None
+        if ref is None:
+            raise InvalidInput(f"{text!r} is not a control name (name or name:v<N>)", param="controls")
+        wanted.append(ref)
+    if len({name for name, _ in wanted}) != len(wanted):
+        raise InvalidInput("a control is named twice", param="model")
+    if len(wanted) > controls.MAX_CONTROLS_PER_REQUEST:
+        raise InvalidInput(f"at most {controls.MAX_CONTROLS_PER_REQUEST} controls per request", param="model")
+    refs = [_control_ref(session, name, version, base_model_id) for name, version in wanted]
+    return ([] if head is None else [head]) + refs
+
+
+def _split_controls(
+    session: Session, caller: Caller, model: str, base_model_id: str
+) -> tuple[PrefixRef | None, list[tuple[str, int | None]]]:
+    """(the prefix of the model part, the controls after it); see the module docstring."""
+    parts = model.split(CONTROL_SEPARATOR)
+    for cut in range(len(parts), 0, -1):
+        head, tail = CONTROL_SEPARATOR.join(parts[:cut]), [parse_control_ref(part) for part in parts[cut:]]
+        if None in tail:
+            continue
+        if head.startswith(controls.EXTERNAL_ID_PREFIX):
+            alone = parse_control_ref(head.removeprefix(controls.EXTERNAL_ID_PREFIX))
+            if alone is not None:
+                return None, [alone, *tail]
+            continue
+        try:
+            return _resolve_one(session, caller, head, base_model_id), tail
+        except NotFound:
+            continue
+    raise NotFound(f"The model '{model}' does not exist or you do not have access to it.")
+
+
+def _control_ref(session: Session, name: str, version: int | None, base_model_id: str) -> PrefixRef:
+    label = name if version is None else f"{name}:v{version}"
+    control = session.scalar(
+        select(User).where(
+            User.external_id == controls.external_id_of(name), User.kind == controls.CONTROL, User.deleted_at.is_(None)
+        )
+    )
+    if control is None:
+        raise NotFound(f"The control '{name}' does not exist.")
+    if version is None:
+        row = active_prefix(session, control.id)
+    else:
+        row = session.scalar(
+            select(PrefixVersion).where(PrefixVersion.user_id == control.id, PrefixVersion.version == version)
+        )
+        if row is None:
+            raise NotFound(f"The control '{label}' does not exist.")
+    if row is None or row.base_model_id != base_model_id:
+        raise NoTrainedPrefix(f"The control '{label}' has no trained prefix on this base model yet.", param="model")
+    if row.status == "corrupt":
+        raise CorruptModel(f"The control '{label}' is corrupt in storage (checksum mismatch); use '{name}'.")
+    return prefix_ref(row)
+
+
+def _resolve_one(session: Session, caller: Caller, model: str, base_model_id: str) -> PrefixRef | None:
+    """The prefix one model id names (None: the base model)."""
     if model == base_model_id:
         return None
     external_id, version = _parse(model, base_model_id)
-    user = session.scalar(select(User).where(User.external_id == external_id, User.deleted_at.is_(None)))
+    user = session.scalar(
+        select(User).where(User.external_id == external_id, User.kind == "user", User.deleted_at.is_(None))
+    )
     if user is None or not caller.may_access(user.id):
         raise NotFound(f"The model '{model}' does not exist or you do not have access to it.")
     if version is None:
@@ -85,12 +167,15 @@ def prefix_ref(row: PrefixVersion) -> PrefixRef:
 
 
 def list_models(session: Session, caller: Caller, base_model_id: str, base_created: int = 0) -> list[ModelEntry]:
-    """The base model, then every prefix version (and the `user:` alias of active ones) the caller may use."""
+    """The base model; every prefix version (and the `user:` alias of active ones) the caller may
+    use; every trained control as `control:<name>`; and for a user key, its alias composed with each
+    control (`user:<id>+<name>`), so a client that can only pick a model from this list can compose."""
     entries = [ModelEntry(base_model_id, "steer", base_created)]
+    aliases: list[str] = []
     query = (
         select(PrefixVersion, User.external_id)
         .join(User, User.id == PrefixVersion.user_id)
-        .where(User.deleted_at.is_(None), PrefixVersion.base_model_id == base_model_id)
+        .where(User.deleted_at.is_(None), User.kind == "user", PrefixVersion.base_model_id == base_model_id)
         .order_by(User.external_id, PrefixVersion.version)
     )
     if not caller.is_admin:
@@ -102,6 +187,15 @@ def list_models(session: Session, caller: Caller, base_model_id: str, base_creat
         entries.append(ModelEntry(format_model_id(base_model_id, external_id, version.version), external_id, created))
         if version.status == "active":
             entries.append(ModelEntry(USER_ALIAS + external_id, external_id, created))
+            aliases.append(USER_ALIAS + external_id)
+    for control in controls.list_controls(session):
+        row = active_prefix(session, control.id)
+        if row is None or row.base_model_id != base_model_id:
+            continue
+        name, created = controls.name_of(control), int(row.created_at.timestamp())
+        entries.append(ModelEntry(control.external_id, "steer", created))
+        if not caller.is_admin:
+            entries += [ModelEntry(alias + CONTROL_SEPARATOR + name, "steer", created) for alias in aliases]
     return entries
 
 

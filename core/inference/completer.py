@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator
 from core.inference.engine import InferenceEngine
 from core.inference.errors import CorruptPrefix, DeadlineExceeded, InferenceFailed
 from core.inference.jobs import Event, InferenceJob, JobFailed, RowFinished
+from core.inference.prefix_cache import PrefixRef
 
 # Grace after the deadline before the API gives up on hearing from the engine itself.
 DEADLINE_GRACE_S = 1.0
@@ -48,7 +49,7 @@ class Submission(ABC):
         event = await self._next_event(max(remaining, 0.0)) if remaining > 0 else None
         if isinstance(event, JobFailed) and event.kind == "corrupt_prefix":
             await self._finished()
-            raise CorruptPrefix(event.message)
+            raise CorruptPrefix(event.message, None if event.prefix is None else PrefixRef.from_dict(event.prefix))
         self._peeked = event
 
     @abstractmethod

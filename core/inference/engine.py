@@ -20,9 +20,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
+from core.errors import CorruptArtifact
 from core.generation import FINISH_CANCELLED, GenerationRequest, MixedBatchGenerator
 from core.inference import metrics
-from core.inference.errors import QueueFull
+from core.inference.errors import CorruptPrefix, QueueFull
 from core.inference.jobs import Event, InferenceJob, JobFailed, RowFinished, TextDelta
 from core.inference.prefix_cache import PrefixCache
 from core.model import BaseModel
@@ -117,12 +120,8 @@ class InferenceEngine:
             self._inbox_rows += job.n
             row_ids = [next(self._row_ids) for _ in range(job.n)]
         try:
-            kv = None
-            if job.prefix is not None:
-                if self.prefixes is None:
-                    raise RuntimeError("this engine has no prefix cache")
-                kv = self.prefixes.get(job.prefix)
-            requests = [GenerationRequest(job.prompt_ids, job.row_params(i), kv, row_ids[i]) for i in range(job.n)]
+            prefix = self._load_prefixes(job)
+            requests = [GenerationRequest(job.prompt_ids, job.row_params(i), prefix, row_ids[i]) for i in range(job.n)]
             self._generator.validate(requests[0])  # pure checks, safe off the engine thread; rows differ only in seed
         except BaseException:
             with self._lock:
@@ -130,6 +129,21 @@ class InferenceEngine:
             raise
         metrics.QUEUE_DEPTH.set(self.waiting)
         self._inbox.put(("submit", job, sink, requests))
+
+    def _load_prefixes(self, job: InferenceJob) -> list[torch.Tensor] | None:
+        """The KV of each of the job's prefixes, composed in order by the batch (None: base model).
+        Raises `CorruptPrefix` naming the prefix whose bytes failed verification."""
+        if not job.prefixes:
+            return None
+        if self.prefixes is None:
+            raise RuntimeError("this engine has no prefix cache")
+        kvs = []
+        for ref in job.prefixes:
+            try:
+                kvs.append(self.prefixes.get(ref))
+            except CorruptArtifact as exc:
+                raise CorruptPrefix(str(exc), ref) from exc
+        return kvs
 
     def cancel(self, request_id: str) -> None:
         """Stop a job (waiting or running); its rows leave the batch at the next step."""
@@ -175,10 +189,10 @@ class InferenceEngine:
             self._inbox_rows -= job.n
             self._generator_queued = self._generator.queued
         log.info(
-            "admitted request_id=%s rows=%d prefix=%s",
+            "admitted request_id=%s rows=%d prefixes=%s",
             job.request_id,
             job.n,
-            None if job.prefix is None else f"{job.prefix.user_id}:v{job.prefix.version}",
+            "+".join(f"{ref.user_id}:v{ref.version}" for ref in job.prefixes) or None,
         )
 
     def _text_callback(self, tracked: _Tracked, index: int) -> Callable[[str], None]:

@@ -24,4 +24,9 @@ class InferenceUnavailable(SteerError):
 
 
 class CorruptPrefix(InferenceFailed):
-    """The requested prefix's stored bytes failed their checksum; nothing was generated with it."""
+    """A requested prefix's stored bytes failed their checksum; nothing was generated with it.
+    `ref` is that prefix (a `PrefixRef`) when known."""
+
+    def __init__(self, message: str, ref=None):
+        super().__init__(message)
+        self.ref = ref

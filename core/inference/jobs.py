@@ -16,7 +16,8 @@ from core.sampling import SamplingParams
 
 @dataclass
 class InferenceJob:
-    """One API request: `n` rows sampled from one prompt with one prefix (None = base model).
+    """One API request: `n` rows sampled from one prompt under `prefixes` composed in order (a
+    user's, then controls'; none = the base model).
 
     Row i uses seed `params.seed + i` (when a seed is given), so `n` choices differ but each is
     reproducible. `deadline` is a Unix time: after it the engine drops the job and the API answers
@@ -26,7 +27,7 @@ class InferenceJob:
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     n: int = 1
-    prefix: PrefixRef | None = None
+    prefixes: tuple[PrefixRef, ...] = ()
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     deadline: float = field(default_factory=lambda: time.time() + 120)
 
@@ -40,7 +41,7 @@ class InferenceJob:
             "prompt_ids": self.prompt_ids,
             "params": asdict(self.params),
             "n": self.n,
-            "prefix": None if self.prefix is None else self.prefix.to_dict(),
+            "prefixes": [ref.to_dict() for ref in self.prefixes],
             "request_id": self.request_id,
             "deadline": self.deadline,
         }
@@ -51,7 +52,7 @@ class InferenceJob:
             prompt_ids=[int(t) for t in data["prompt_ids"]],
             params=SamplingParams(**data["params"]),
             n=int(data["n"]),
-            prefix=None if data.get("prefix") is None else PrefixRef.from_dict(data["prefix"]),
+            prefixes=tuple(PrefixRef.from_dict(ref) for ref in data.get("prefixes", ())),
             request_id=str(data["request_id"]),
             deadline=float(data["deadline"]),
         )
@@ -79,10 +80,11 @@ class RowFinished:
 @dataclass
 class JobFailed:
     """The whole job ended without a result. `kind`: "timeout", "error" or "corrupt_prefix"
-    (the prefix failed its checksum before anything was generated)."""
+    (a prefix failed its checksum before anything was generated; `prefix` says which)."""
 
     kind: str
     message: str
+    prefix: dict | None = None
 
 
 Event = TextDelta | RowFinished | JobFailed

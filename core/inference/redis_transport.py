@@ -26,10 +26,10 @@ import uuid
 import redis
 import redis.asyncio as aioredis
 
-from core.errors import CorruptArtifact, SteerError
+from core.errors import SteerError
 from core.inference.completer import Completer, Submission
 from core.inference.engine import InferenceEngine
-from core.inference.errors import InferenceFailed, InferenceUnavailable, QueueFull
+from core.inference.errors import CorruptPrefix, InferenceFailed, InferenceUnavailable, QueueFull
 from core.inference.jobs import Event, InferenceJob, JobFailed, RowFinished, event_from_dict, event_to_dict
 
 log = logging.getLogger("steer.inference.redis")
@@ -244,8 +244,11 @@ class RedisInferenceWorker:
         except SteerError as exc:
             with self._lock:
                 self._inflight.pop(job.request_id, None)
-            kind = "corrupt_prefix" if isinstance(exc, CorruptArtifact) else "error"
-            self._send_now(stream, JobFailed(kind, str(exc)), job)
+            if isinstance(exc, CorruptPrefix):
+                failed = JobFailed("corrupt_prefix", str(exc), None if exc.ref is None else exc.ref.to_dict())
+            else:
+                failed = JobFailed("error", str(exc))
+            self._send_now(stream, failed, job)
             self._ack(entry_id)
         except Exception as exc:  # e.g. the object store is down: fail this job, keep serving
             log.exception("request_id=%s could not start", job.request_id)

@@ -13,6 +13,7 @@ puts in its batch rows as they are. The engine checks a job once more where its 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -47,10 +48,12 @@ class CompletionRequest:
     n: int
     stream: bool
     include_usage: bool
+    controls: tuple[str, ...] = ()
+    """Control prefixes named in the body, composed after those of the `model` string."""
 
-    def job(self, prefix: PrefixRef | None, deadline: float) -> InferenceJob:
-        """The job that runs this request with `prefix` (None: the base model)."""
-        return InferenceJob(prompt_ids=self.prompt_ids, params=self.params, n=self.n, prefix=prefix, deadline=deadline)
+    def job(self, prefixes: Sequence[PrefixRef], deadline: float) -> InferenceJob:
+        """The job that runs this request with `prefixes` composed (none: the base model)."""
+        return InferenceJob(self.prompt_ids, self.params, self.n, tuple(prefixes), deadline=deadline)
 
 
 class _Common(BaseModel):
@@ -68,6 +71,7 @@ class _Common(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    controls: list[str] = Field(default_factory=list, max_length=16)
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
@@ -88,7 +92,9 @@ class _Common(BaseModel):
         prompt_ids = self.prompt_ids(card.tokenizer)
         if not prompt_ids:
             raise InvalidInput("the prompt is empty", param="prompt")
-        return CompletionRequest(self.model, self.chat, prompt_ids, params, self.n, self.stream, self.include_usage)
+        return CompletionRequest(
+            self.model, self.chat, prompt_ids, params, self.n, self.stream, self.include_usage, tuple(self.controls)
+        )
 
     def prompt_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         raise NotImplementedError

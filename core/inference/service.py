@@ -13,7 +13,6 @@ from anyio import to_thread
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
-from core.errors import CorruptArtifact
 from core.inference import catalog
 from core.inference.completer import Completer, InProcessCompleter, Submission
 from core.inference.engine import InferenceEngine
@@ -67,33 +66,32 @@ class CompletionService:
         Raises what resolution raises (NotFound, NoTrainedPrefix, CorruptModel), what the
         completer raises (QueueFull, InvalidRequest, InferenceUnavailable, ...), or
         InferenceFailed when no intact prefix version could be loaded."""
-        prefix = await self._resolve(caller, request.model, base_model_id)
-        job = request.job(prefix, deadline=time.time() + self.request_timeout_s)
+        prefixes = await self._resolve(caller, request, base_model_id)
+        job = request.job(prefixes, deadline=time.time() + self.request_timeout_s)
         for _ in range(MAX_CORRUPT_FALLBACKS):
             try:
                 submission = await self.completer.submit(job)
-                if job.prefix is not None:
+                if job.prefixes:
                     await submission.wait_started()  # distributed: the worker reports a corrupt prefix
                 return submission
-            except (CorruptArtifact, CorruptPrefix) as exc:
-                if job.prefix is None:
+            except CorruptPrefix as exc:
+                if exc.ref is None:
                     raise
-                await self._quarantine(job, exc)
-                prefix = await self._resolve(caller, request.model, base_model_id)
-                job = dataclasses.replace(job, prefix=prefix, request_id=uuid.uuid4().hex)
+                await self._quarantine(job, exc.ref, exc)
+                prefixes = await self._resolve(caller, request, base_model_id)
+                job = dataclasses.replace(job, prefixes=tuple(prefixes), request_id=uuid.uuid4().hex)
         raise InferenceFailed("no intact prefix version could be loaded for this model")
 
-    async def _resolve(self, caller: Caller, model: str, base_model_id: str) -> PrefixRef | None:
-        def resolve() -> PrefixRef | None:
+    async def _resolve(self, caller: Caller, request: CompletionRequest, base_model_id: str) -> list[PrefixRef]:
+        def resolve() -> list[PrefixRef]:
             with self.session_factory() as session:
-                return catalog.resolve_model(session, caller, model, base_model_id)
+                return catalog.resolve_model(session, caller, request.model, base_model_id, request.controls)
 
         return await to_thread.run_sync(resolve)
 
-    async def _quarantine(self, job: InferenceJob, exc: Exception) -> None:
-        ref = job.prefix
+    async def _quarantine(self, job: InferenceJob, ref: PrefixRef, exc: Exception) -> None:
         log.error(
-            "request_id=%s: prefix v%d of user %s failed verification: %s",
+            "request_id=%s: prefix v%d of %s failed verification: %s",
             job.request_id,
             ref.version,
             ref.user_id,

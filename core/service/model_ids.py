@@ -4,6 +4,9 @@ Format (OpenAI's `ft:` style): `ft:{base_model_id}:{external_user_id}:v{version}
 `ft:smollm2-135m-instruct:alice:v3`. Without the `:v{version}` suffix the id names the user's
 *active* version. External user ids may not contain `:` (see `EXTERNAL_ID_PATTERN`), and base
 model ids do not, so the id parses unambiguously.
+
+A control prefix's versions are `control:{name}:v{version}` (its external id is `control:{name}`;
+core/service/controls.py), and `control:{name}` is its active version.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from dataclasses import dataclass
 
 PREFIX = "ft"
 EXTERNAL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+\-]{0,127}$")
+CONTROL_PREFIX = "control:"
+CONTROL_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+_CONTROL_REF = re.compile(r"^([a-z][a-z0-9_-]{0,63})(?::v([1-9][0-9]{0,8}))?$")
 _VERSION = re.compile(r"^v([1-9][0-9]{0,8})$")
 
 
@@ -33,6 +39,19 @@ def format_model_id(base_model_id: str, external_id: str, version: int | None = 
         raise ValueError(f"external user id {external_id!r} cannot be used in a model id")
     model_id = f"{PREFIX}:{base_model_id}:{external_id}"
     return model_id if version is None else f"{model_id}:v{version}"
+
+
+def subject_model_id(base_model_id: str, external_id: str, version: int | None = None) -> str:
+    """The model id of a version of a user's prefix (`ft:...`) or of a control's (`control:...`)."""
+    if external_id.startswith(CONTROL_PREFIX):
+        return external_id if version is None else f"{external_id}:v{version}"
+    return format_model_id(base_model_id, external_id, version)
+
+
+def parse_control_ref(text: str) -> tuple[str, int | None] | None:
+    """`name` or `name:v<N>` as (name, version or None); None if `text` is neither."""
+    match = _CONTROL_REF.match(text)
+    return None if match is None else (match.group(1), None if match.group(2) is None else int(match.group(2)))
 
 
 def parse_model_id(model_id: str) -> ModelRef | None:

@@ -26,7 +26,7 @@ from core.db import PrefixVersion, User
 from core.service.crash_points import crash_point
 from core.service.errors import Conflict, NotFound
 from core.service.job_lease import LeaseLost, holds_lease
-from core.service.model_ids import format_model_id
+from core.service.model_ids import subject_model_id
 from core.storage import BlobStore, prefix_blob_key, prefix_state_key, sha256_hex, user_blob_prefix
 
 log = logging.getLogger(__name__)
@@ -231,4 +231,4 @@ def load_state_bytes(store: BlobStore, version: PrefixVersion) -> bytes | None:
 
 
 def model_id_of(user: User, version: PrefixVersion) -> str:
-    return format_model_id(version.base_model_id, user.external_id, version.version)
+    return subject_model_id(version.base_model_id, user.external_id, version.version)

@@ -16,20 +16,21 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from core.artifacts import Prefix, load_training_state, save_prefix, save_training_state
+from core.artifacts import Prefix, load_prefix, load_training_state, save_prefix, save_training_state
 from core.data import prepare_samples
 from core.db import Job, PrefixVersion, User, database_now, session_scope, utcnow
 from core.db.models import JOB_FINISHED_STATUSES
 from core.errors import ArtifactError, InvalidTrainingData, SteerError, TrainingCancelled
 from core.model import BaseModel
 from core.service.context import ServiceContext
+from core.service.controls import CONTROL, companion_prefixes
 from core.service.crash_points import crash_point
 from core.service.errors import ServiceError
 from core.service.hyperparameters import resolve, training_config
 from core.service.job_lease import JobLease, LeaseLost, holds_lease, lease_expired, new_lease_token
 from core.service.jobs import add_event
 from core.service.metrics import TRAIN_STEP_SECONDS
-from core.service.model_ids import format_model_id
+from core.service.model_ids import subject_model_id
 from core.service.registry import (
     PrefixArtifacts,
     active_prefix,
@@ -185,6 +186,7 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
         job.hyperparameters = resolved
         published = {row.user_id: row for row in session.query(PrefixVersion).filter(PrefixVersion.job_id == job.id)}
         users = [session.get(User, uid) for uid in job.user_ids]
+        controls = {user.id for user in users if user is not None and user.kind == CONTROL}
         todo: list[UserData] = []
         for uid, user in zip(job.user_ids, users):
             if user is None or user.deleted_at is not None:
@@ -205,6 +207,8 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
     base = ctx.base_model()
     for data in todo:
         data.resume_state = _warm_start_state(ctx, run.job_id, base, data.user_id, config)
+        if data.user_id in controls:
+            data.companions = _companions(ctx, run.job_id, base, data.user_id)
     crash_point("before_first_step", run.job_id)
     run.events_every = max(1, config.max_steps // EVENTS_PER_JOB)
     _event(ctx, run.job_id, f"Training {len(todo)} user(s) on {base.model_id} for up to {config.max_steps} steps")
@@ -232,13 +236,13 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
         if row is None:
             run.result["skipped"][result.user_id] = "user deleted during training"
             continue
-        model = format_model_id(row.base_model_id, external_ids[result.user_id], row.version)
+        model = subject_model_id(row.base_model_id, external_ids[result.user_id], row.version)
         run.result["users"][result.user_id] = {"model": model, "version": row.version, "metrics": metrics}
         _event(ctx, run.job_id, f"Published {model}", {"user_id": result.user_id, "version": row.version})
 
 
 def _published_entry(user: User, row: PrefixVersion) -> dict[str, Any]:
-    model = format_model_id(row.base_model_id, user.external_id, row.version)
+    model = subject_model_id(row.base_model_id, user.external_id, row.version)
     return {"model": model, "version": row.version, "metrics": row.metrics}
 
 
@@ -258,6 +262,20 @@ def _warm_start_state(ctx: ServiceContext, job_id: str, base: BaseModel, user_id
     if {k: v for k, v in prefix_config.items() if k != "init"} != wanted:
         return None
     return state
+
+
+def _companions(ctx: ServiceContext, job_id: str, base: BaseModel, control_id: str) -> list | None:
+    """Users' prefixes for a control to train beside (none yet: it trains alone)."""
+    with session_scope(ctx.session_factory) as session:
+        rows = companion_prefixes(session, control_id, base.fingerprint)
+    kvs = []
+    for row in rows:
+        try:
+            kvs.append(load_prefix(ctx.store.get(row.blob_key, expected_sha256=row.sha256), base).kv)
+        except ArtifactError as exc:  # a corrupt user prefix is that user's problem, not the control's
+            log.warning("control %s: skipping companion prefix of user %s: %s", control_id, row.user_id, exc)
+    _event(ctx, job_id, f"Training the control beside {len(kvs)} users' prefixes")
+    return kvs or None
 
 
 def _on_progress(ctx: ServiceContext, run: _Run, progress: Progress) -> None:

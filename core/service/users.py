@@ -44,7 +44,7 @@ def get_or_create_user(session: Session, external_id: str) -> tuple[User, bool]:
 def get_user(session: Session, caller: Caller, user_id: str) -> User:
     """A live user the caller may see; `NotFound` otherwise (also for other users' ids)."""
     user = session.get(User, user_id)
-    if user is None or user.deleted_at is not None or not caller.may_access(user.id):
+    if user is None or user.kind != "user" or user.deleted_at is not None or not caller.may_access(user.id):
         raise NotFound(f"no user with id {user_id!r}")
     return user
 
@@ -52,7 +52,7 @@ def get_user(session: Session, caller: Caller, user_id: str) -> User:
 def list_users(
     session: Session, caller: Caller, *, after: str | None, limit: int, external_id: str | None
 ) -> Page[User]:
-    statement = select(User).where(User.deleted_at.is_(None))
+    statement = select(User).where(User.deleted_at.is_(None), User.kind == "user")
     if not caller.is_admin:
         statement = statement.where(User.id == caller.user_id)
     if external_id is not None:
@@ -60,7 +60,9 @@ def list_users(
     return paginate(session, statement, User, after=after, limit=limit, newest_first=False)
 
 
-def delete_user(factory: sessionmaker[Session], store: BlobStore, caller: Caller, user_id: str) -> None:
+def delete_user(
+    factory: sessionmaker[Session], store: BlobStore, caller: Caller, user_id: str, *, kind: str = "user"
+) -> None:
     """Erase a user: keys, samples, every prefix blob and index row, and their jobs.
 
     Order matters for crash safety: the user is first marked deleted (keys stop working, no new
@@ -69,8 +71,8 @@ def delete_user(factory: sessionmaker[Session], store: BlobStore, caller: Caller
     """
     with factory.begin() as session:
         user = session.get(User, user_id)
-        if user is None or not caller.may_access(user.id):
-            raise NotFound(f"no user with id {user_id!r}")
+        if user is None or user.kind != kind or not caller.may_access(user.id):
+            raise NotFound(f"no {kind} with id {user_id!r}")
         user.deleted_at = user.deleted_at or utcnow()
         # Running jobs stop at their next step; queued ones never start.
         for job in _jobs_of(session, user_id):

@@ -1,0 +1,112 @@
+"""Controls: shared attribute prefixes ("brief", "formal", ...) that any user's requests may compose
+with the user's own prefix (Control Prefixes, Clive et al. 2021): the user's prefix says who
+writes, a control says how this time.
+
+A control is a row of `users` of kind "control" with the external id `control:<name>` (no user can
+have it: external ids have no colon). So it has writing samples, training jobs, prefix versions,
+rollback and erasure exactly like a user, through the same code: the registry, the training
+workers, the prefix cache. What differs: only the admin creates or deletes one, it has no API key,
+every key may use it, and it trains with users' prefixes attached (`companion_users`) so that it
+works composed with them.
+"""
+
+from __future__ import annotations
+
+import random
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.config import Settings
+from core.db import Job, PrefixVersion, User
+from core.service.api_keys import ADMIN
+from core.service.errors import Conflict, InvalidInput, NotFound
+from core.service.hyperparameters import AUTO, validate_hyperparameters
+from core.service.jobs import create_job
+from core.service.model_ids import CONTROL_NAME_PATTERN, CONTROL_PREFIX
+from core.service.samples import add_samples
+from core.service.users import delete_user
+from core.storage import BlobStore
+
+CONTROL = "control"
+EXTERNAL_ID_PREFIX = CONTROL_PREFIX
+NAME_PATTERN = CONTROL_NAME_PATTERN
+MAX_CONTROLS_PER_REQUEST = 4
+COMPANIONS = 8
+"""How many users' active prefixes a control trains beside (recipe (b) in docs/EVALUATION.md)."""
+
+
+def validate_control_name(name: object, param: str = "name") -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise InvalidInput(
+            "a control name is 1-64 characters of lowercase letters, digits, _ and -, starting with a letter",
+            param=param,
+        )
+    return name
+
+
+def external_id_of(name: str) -> str:
+    return EXTERNAL_ID_PREFIX + name
+
+
+def name_of(control: User) -> str:
+    return control.external_id.removeprefix(EXTERNAL_ID_PREFIX)
+
+
+def create_control(
+    session: Session, settings: Settings, name: str, texts: list[str], source: str, hyperparameters: object
+) -> tuple[User, Job, int]:
+    """A new control trained from `texts` (validated samples): the control, its queued job, and
+    how many of `texts` were duplicates."""
+    validate_control_name(name)
+    if session.scalar(select(User.id).where(User.external_id == external_id_of(name))) is not None:
+        raise Conflict(f"a control named {name!r} exists; delete it first or pick another name")
+    control = User(external_id=external_id_of(name), kind=CONTROL)
+    session.add(control)
+    session.flush()
+    _, duplicates = add_samples(session, settings, control, texts, source)
+    values = validate_hyperparameters(hyperparameters)
+    if values["preservation_weight"] == AUTO:
+        # The preservation term pulls the prefixed model towards the bare base model; with a
+        # user's prefix attached that would teach the control to undo the user.
+        values["preservation_weight"] = 0.0
+    return control, create_job(session, CONTROL, [control], values), duplicates
+
+
+def get_control(session: Session, name: str) -> User:
+    control = session.scalar(
+        select(User).where(User.external_id == external_id_of(name), User.kind == CONTROL, User.deleted_at.is_(None))
+    )
+    if control is None:
+        raise NotFound(f"no control named {name!r}")
+    return control
+
+
+def list_controls(session: Session) -> list[User]:
+    return list(
+        session.scalars(select(User).where(User.kind == CONTROL, User.deleted_at.is_(None)).order_by(User.external_id))
+    )
+
+
+def delete_control(factory: sessionmaker[Session], store: BlobStore, name: str) -> None:
+    """Erase the control: samples, every version's blob and row, its jobs (as for a user)."""
+    with factory() as session:
+        control_id = get_control(session, name).id
+    delete_user(factory, store, ADMIN, control_id, kind=CONTROL)
+
+
+def companion_prefixes(session: Session, control_id: str, base_fingerprint: str) -> list[PrefixVersion]:
+    """Up to `COMPANIONS` users' active prefixes on this base for a control to train beside, drawn
+    at random but the same for the same control and population."""
+    rows = session.scalars(
+        select(PrefixVersion)
+        .join(User, User.id == PrefixVersion.user_id)
+        .where(
+            User.kind == "user",
+            User.deleted_at.is_(None),
+            PrefixVersion.status == "active",
+            PrefixVersion.base_fingerprint == base_fingerprint,
+        )
+        .order_by(PrefixVersion.user_id)
+    ).all()
+    return random.Random(control_id).sample(list(rows), min(COMPANIONS, len(rows)))
