@@ -162,7 +162,7 @@ def service(tmp_path_factory, base):
     ctx = build_context(settings, base_model=base)
     subjects = {name: create_user(ctx, name) for name in ("alice", "bob")}
     subjects |= {name: _control(ctx, name) for name in ("formal", "brief")}
-    for seed, (name, subject) in enumerate(subjects.items(), start=1):
+    for seed, subject in enumerate(subjects.values(), start=1):
         publish_random_prefix(ctx, base, subject, seed=seed, prefix_len=3 + seed)
     with ServerThread(build_app(ctx)) as server:
         yield ctx, subjects, server
