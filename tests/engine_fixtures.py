@@ -30,10 +30,12 @@ def smollm2():
 
 
 def mixed_requests(base):
-    """Different users (prefixes of different lengths), one base-model row, greedy and seeded sampling."""
+    """Different users (prefixes of different lengths), one base-model row, rows composing different
+    sets of control prefixes with a user's (or alone), greedy and seeded sampling."""
     tok = base.tokenizer
     user_a = kv_from_text(base, text_ids(tok, "My fellow citizens, the state of our union is strong. We have"))
     user_b = kv_from_text(base, text_ids(tok, "Dear team, a quick note about the quarterly numbers:"))[:, :, :, :6]
+    formal, brief = control_prefixes(base)
 
     def chat(message):
         return chat_prompt_ids(tok, [{"role": "user", "content": message}])
@@ -44,7 +46,23 @@ def mixed_requests(base):
         GenerationRequest(text_ids(tok, "The weather today"), SamplingParams(20, temperature=0), user_b),
         GenerationRequest(chat("List three fruits."), SamplingParams(28, temperature=0.8, top_p=0.9, seed=3), user_a),
         GenerationRequest(text_ids(tok, "Once upon a time"), SamplingParams(12, temperature=1.0, seed=11), user_b),
+        GenerationRequest(
+            chat("Write a sentence about the economy."), SamplingParams(20, temperature=0), [user_a, formal]
+        ),
+        GenerationRequest(
+            text_ids(tok, "The weather today"), SamplingParams(16, temperature=0), [user_b, formal, brief]
+        ),
+        GenerationRequest(chat("Say hi."), SamplingParams(12, temperature=0), [brief]),
+        GenerationRequest(chat("List three fruits."), SamplingParams(16, temperature=0.8, seed=5), [user_a, brief]),
     ]
+
+
+def control_prefixes(base):
+    """Two stand-in control prefixes ("formal", "brief"): the model's own KV of a short text each."""
+    tok = base.tokenizer
+    formal = kv_from_text(base, text_ids(tok, "Ladies and gentlemen, it is my distinct honour"))[:, :, :, :5]
+    brief = kv_from_text(base, text_ids(tok, "Short. Done."))
+    return formal, brief
 
 
 def padded_rows(prompts: list[list[int]], pad_token_id: int, left_pad: bool):

@@ -1,5 +1,6 @@
 """BatchCache: rows put in, composed, kept, appended and trimmed equal the same rows alone."""
 
+import pytest
 import torch
 
 from core.batch_cache import BatchCache, compose, prefix_length
@@ -7,7 +8,7 @@ from core.generation import GenerationRequest, MixedBatchGenerator
 from core.prefix import batch_prefixes, forward_with_prefixes, kv_from_text
 from core.prompts import text_ids
 from core.sampling import SamplingParams
-from tests.engine_fixtures import tiny  # noqa: F401
+from tests.engine_fixtures import control_prefixes, smollm2, tiny  # noqa: F401
 
 TEXTS = ["We the People of the United States, in Order to form", "Dear team, the numbers are in", "Once upon a time"]
 
@@ -38,20 +39,37 @@ def test_a_composed_row_equals_one_prefix_holding_the_concatenation(tiny):
     assert (composed - _logits_alone(tiny, [shared, user], prompt)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("model", ["tiny", pytest.param("smollm2", marks=pytest.mark.slow)])
 @torch.no_grad()
-def test_rows_with_one_two_or_three_composed_prefixes_in_a_mixed_batch_equal_each_alone(tiny):
-    shared, user, attribute = _prefixes(tiny)
-    rows = [[shared, user, attribute], None, [user], [shared, user], attribute]
-    prompts = [text_ids(tiny.tokenizer, t) for t in (" to form", " Hello there", " a more perfect", " Union", " x")]
+def test_rows_with_different_users_and_control_sets_in_a_mixed_batch_equal_each_alone(model, request):
+    base = request.getfixturevalue(model)
+    shared, user, other_user = _prefixes(base)
+    formal, brief = control_prefixes(base)
+    rows = [
+        [user, formal, brief],
+        None,
+        [user],
+        [other_user, formal],
+        brief,
+        [other_user, brief, formal],
+        [shared, user],
+    ]
+    texts = (" to form", " Hello there", " a more perfect", " Union", " x", " Dear team", " Once upon a time")
+    prompts = [text_ids(base.tokenizer, t) for t in texts]
     T = max(map(len, prompts))
-    ids = torch.full((len(rows), T), tiny.tokenizer.pad_token_id)
+    ids = torch.full((len(rows), T), base.tokenizer.pad_token_id)
     mask = torch.zeros(len(rows), T, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, : len(p)], mask[i, : len(p)] = torch.tensor(p), 1
-    cache = batch_prefixes(rows, tiny.geometry, device=tiny.device, dtype=tiny.dtype)
-    mixed = forward_with_prefixes(tiny, ids, mask, cache).logits
+    cache = batch_prefixes(rows, base.geometry, device=base.device, dtype=base.dtype)
+    mixed = forward_with_prefixes(base, ids, mask, cache).logits
+    # fp32 rounding only: a batch sums attention over more (masked) columns in another order. On
+    # SmolLM2's 30 layers that reaches 3.8e-5 on logits of magnitude ~20 (2e-6 relative).
+    atol = 1e-5 if model == "tiny" else 1e-4
     for i, (prefix, prompt) in enumerate(zip(rows, prompts)):
-        torch.testing.assert_close(mixed[i, : len(prompt)], _logits_alone(tiny, prefix, prompt), atol=1e-5, rtol=0)
+        torch.testing.assert_close(mixed[i, : len(prompt)], _logits_alone(base, prefix, prompt), atol=atol, rtol=0)
+    # the controls matter: the same user and prompt without them gives other logits
+    assert (mixed[0, : len(prompts[0])] - _logits_alone(base, [user], prompts[0])).abs().max() > 1e-3
 
 
 @torch.no_grad()

@@ -52,7 +52,7 @@ def test_requests_admitted_while_others_run_are_unaffected(tiny):
             results[r.request_id] = r
     for r in reqs[2:]:
         engine.submit(r)
-    assert engine.running == 2 and engine.queued == 3
+    assert engine.running == 2 and engine.queued == len(reqs) - 2
     while engine.has_work:
         assert engine.running <= 3
         for r in engine.step():

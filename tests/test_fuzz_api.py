@@ -298,6 +298,23 @@ def test_every_operation_answers_a_success_that_matches_its_schema(fresh):
         events = _events(call("POST", "/v1/completions", 200, key=key, body={**text, "stream": True}))
         assert events[-1] == "[DONE]" and len(events) > 2
 
+    created = call("POST", "/v1/controls", 201, body={"name": "brief", "samples": ["Short.", "Noted."]}).json()
+    control = TestUser("control:brief", created["control"]["id"], "")
+    control_version = publish_random_prefix(ctx, base, control, seed=3, prefix_len=2)
+    name = {"name": "brief"}
+    assert [c["name"] for c in call("GET", "/v1/controls", 200, key=key).json()["data"]] == ["brief"]
+    assert call("GET", "/v1/controls/{name}", 200, key=key, path_parameters=name).json()["active_version"] == 1
+    call("GET", "/v1/controls/{name}/versions", 200, key=key, path_parameters=name)
+    call(
+        "POST",
+        "/v1/controls/{name}/versions/{version}/activate",
+        200,
+        path_parameters={**name, "version": control_version},
+    )
+    text = {"model": "user:typed-user+brief", "prompt": "Once upon a time", "max_tokens": 3}
+    assert call("POST", "/v1/completions", 200, key=key, body=text).json()["object"] == "text_completion"
+    call("DELETE", "/v1/controls/{name}", 200, path_parameters=name)
+
     call("DELETE", "/v1/users/{user_id}", 200, path_parameters=user)
     assert not set(OPERATIONS) - call.called, "operations without a success example here"
 
