@@ -120,6 +120,14 @@ def eval(ctx: typer.Context) -> None:  # noqa: A001 - the command is called `eva
     _delegate(evaluation, ctx.args, "steer eval")
 
 
+@app.command("eval-controls", context_settings=_PASSTHROUGH)
+def eval_controls(ctx: typer.Context) -> None:
+    """Evaluate control prefixes composed with users' prefixes (see `steer eval-controls --help`)."""
+    from api.commands.evaluate_controls import app as control_evaluation
+
+    _delegate(control_evaluation, ctx.args, "steer eval-controls")
+
+
 @app.command(context_settings=_PASSTHROUGH)
 def bench(ctx: typer.Context) -> None:
     """Benchmarks of the engine (see `steer bench --help`)."""

@@ -46,6 +46,12 @@ class ControlRequest(_Strict):
     )
 
 
+class RetrainControlRequest(_Strict):
+    hyperparameters: dict[str, Any] | None = Field(
+        default=None, description='Training hyperparameters; each may be "auto".'
+    )
+
+
 class SamplesRequest(_Strict):
     samples: list[Any] = Field(description="Writing samples, one string each.", json_schema_extra=_SAMPLES_SCHEMA)
 

@@ -80,7 +80,19 @@ def test_an_admin_defines_a_control_that_trains_beside_users_and_composes_with_t
         ).json()["choices"][0]["text"]
         assert via_body == via_model == _alone(tiny_base_model(), ctx, [alice["user"]["id"], control["id"]], PROMPT, 6)
 
-        # Only the admin defines or deletes controls.
+        # Retraining makes v2 active (beside the users' current prefixes); v1 stays for rollback.
+        retrain = client.post("/v1/controls/brief/retrain", headers=ADMIN, json={"hyperparameters": {"max_steps": 1}})
+        assert retrain.status_code == 201, retrain.text
+        assert wait_for_job(client, retrain.json()["id"])["fine_tuned_model"] == "control:brief:v2"
+        rolled = client.post("/v1/controls/brief/versions/1/activate", headers=ADMIN).json()
+        assert (rolled["model"], rolled["status"]) == ("control:brief:v1", "active")
+        assert client.get("/v1/controls/brief", headers=user_key).json()["active_version"] == 1
+        # Controls are not users: the users' retraining and jobs routes do not take them.
+        assert client.post("/v1/admin/retrain", headers=ADMIN, json={"user_ids": [control["id"]]}).status_code == 404
+        assert client.post("/v1/fine_tuning/jobs", headers=ADMIN, json={"user": control["id"]}).status_code == 404
+
+        # Only the admin defines, retrains or deletes controls.
+        assert client.post("/v1/controls/brief/retrain", headers=user_key).status_code == 403
         assert client.post("/v1/controls", headers=user_key, json={"name": "x", "samples": BRIEF}).status_code == 403
         assert client.delete("/v1/controls/brief", headers=user_key).status_code == 403
 
@@ -209,3 +221,23 @@ def test_a_concurrent_burst_of_users_with_different_control_sets_equals_each_req
     for user in ("alice", "bob"):
         texts = {by_case[(user, mc, bc, "Dear team,")] for mc, bc in (((), ()), (("formal",), ()))}
         assert len(texts) == 2
+
+
+def test_an_external_id_with_a_plus_sign_names_the_user_before_any_control(service, base):
+    """External ids may contain `+` (e-mail addresses): the longest head naming a model wins."""
+    ctx, subjects, server = service
+    lookalike = create_user(ctx, "alice+formal")
+    publish_random_prefix(ctx, base, lookalike, seed=9, prefix_len=4)
+    client = openai.OpenAI(base_url=server.base_url, api_key=ADMIN_KEY, max_retries=0, timeout=60)
+
+    def complete(model: str) -> str:
+        reply = client.completions.create(model=model, prompt="Dear team,", max_tokens=12, temperature=0)
+        return reply.choices[0].text
+
+    ids = {name: subject.user_id for name, subject in subjects.items()}
+    assert complete("user:alice+formal") == _alone(base, ctx, [lookalike.user_id], "Dear team,")
+    assert complete("user:alice+formal+brief") == _alone(base, ctx, [lookalike.user_id, ids["brief"]], "Dear team,")
+    assert complete("user:alice+brief") == _alone(base, ctx, [ids["alice"], ids["brief"]], "Dear team,")
+    assert complete("user:alice+brief+formal") == _alone(
+        base, ctx, [ids["alice"], ids["brief"], ids["formal"]], "Dear team,"
+    )

@@ -305,6 +305,7 @@ def test_every_operation_answers_a_success_that_matches_its_schema(fresh):
     assert [c["name"] for c in call("GET", "/v1/controls", 200, key=key).json()["data"]] == ["brief"]
     assert call("GET", "/v1/controls/{name}", 200, key=key, path_parameters=name).json()["active_version"] == 1
     call("GET", "/v1/controls/{name}/versions", 200, key=key, path_parameters=name)
+    call("POST", "/v1/controls/{name}/retrain", 201, path_parameters=name, body={"hyperparameters": {"max_steps": 1}})
     call(
         "POST",
         "/v1/controls/{name}/versions/{version}/activate",

@@ -1,4 +1,4 @@
-"""`steer bench serve|train|load`: the engine's figures (core/bench.py) and the HTTP load test
+"""`steer bench serve|compose|train|load`: the engine's figures (core/bench.py) and the HTTP load test
 (api/commands/loadtest.py), printed as JSON or a readable tree."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from core.bench import bench_serving, bench_training, machine_info
+from core.bench import bench_composition, bench_serving, bench_training, machine_info
 from core.config import get_settings
 from core.model import BaseModel, load_base_model
 
@@ -51,6 +51,22 @@ def serve_command(
     """Serving throughput: mixed users vs one user vs serial prefix swapping vs the bare base model."""
     base = _base_model(base_model, device, dtype)
     _emit("serve", bench_serving(base, requests, new_tokens, prefix_len, serial_requests), as_json)
+
+
+@app.command("compose")
+def compose_command(
+    requests: int = typer.Option(32, help="Concurrent requests, one distinct user each."),
+    new_tokens: int = typer.Option(64, help="Tokens generated per request."),
+    prefix_len: int = typer.Option(16, help="Virtual tokens of each prefix (the user's and each control's)."),
+    repeats: int = typer.Option(3, help="Interleaved repetitions of the three arms (ratios taken within each)."),
+    base_model: BaseModelName = "smollm2",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    as_json: AsJson = False,
+) -> None:
+    """Serving cost of composition: user prefix + 2 controls vs user prefix alone vs no prefix."""
+    base = _base_model(base_model, device, dtype)
+    _emit("compose", bench_composition(base, requests, new_tokens, prefix_len, repeats), as_json)
 
 
 @app.command("train")

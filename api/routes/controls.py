@@ -9,12 +9,20 @@ from fastapi import APIRouter, Request
 from api.deps import AdminDep, BaseModelIdDep, CallerDep, ContextDep, DispatcherDep, SessionDep, SettingsDep
 from api.jobs_dispatch import commit_and_dispatch
 from api.openapi import ADMIN_ERRORS, BODY_ERRORS
-from api.responses import Control, ControlCreated, ControlDeleted, ControlList, OnboardingSamples, PrefixVersionList
+from api.responses import (
+    Control,
+    ControlCreated,
+    ControlDeleted,
+    ControlList,
+    FineTuningJob,
+    OnboardingSamples,
+    PrefixVersionList,
+)
 from api.responses import PrefixVersion as PrefixVersionBody
-from api.schemas import ControlRequest, control_object, job_object, prefix_object
+from api.schemas import ControlRequest, RetrainControlRequest, control_object, job_object, prefix_object
 from api.uploads import read_sample_upload, upload_openapi
 from core.db import User
-from core.service.controls import create_control, delete_control, get_control, list_controls
+from core.service.controls import create_control, delete_control, get_control, list_controls, train_control
 from core.service.registry import activate_version, active_prefix, list_versions
 from core.service.samples import count_samples, validate_samples
 
@@ -49,6 +57,21 @@ async def create(
         samples=OnboardingSamples(added=len(texts) - duplicates, duplicates=duplicates),
         job=job_object(job, base_model_id),
     )
+
+
+@router.post("/{name}/retrain", status_code=201, responses={**ADMIN_ERRORS, **BODY_ERRORS})
+def retrain(
+    name: str,
+    session: SessionDep,
+    _admin: AdminDep,
+    base_model_id: BaseModelIdDep,
+    dispatcher: DispatcherDep,
+    body: RetrainControlRequest | None = None,
+) -> FineTuningJob:
+    """Train a new version of the control (e.g. after users were retrained on a new base model)."""
+    job = train_control(session, get_control(session, name), None if body is None else body.hyperparameters)
+    commit_and_dispatch(session, dispatcher, [job])
+    return job_object(job, base_model_id)
 
 
 @router.get("")

@@ -65,12 +65,17 @@ def create_control(
     session.add(control)
     session.flush()
     _, duplicates = add_samples(session, settings, control, texts, source)
+    return control, train_control(session, control, hyperparameters), duplicates
+
+
+def train_control(session: Session, control: User, hyperparameters: object) -> Job:
+    """A queued job (re)training `control` on its samples, beside the users' current prefixes."""
     values = validate_hyperparameters(hyperparameters)
     if values["preservation_weight"] == AUTO:
         # The preservation term pulls the prefixed model towards the bare base model; with a
         # user's prefix attached that would teach the control to undo the user.
         values["preservation_weight"] = 0.0
-    return control, create_job(session, CONTROL, [control], values), duplicates
+    return create_job(session, CONTROL, [control], values)
 
 
 def get_control(session: Session, name: str) -> User:

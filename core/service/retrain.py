@@ -48,12 +48,17 @@ def select_users(session: Session, selection: RetrainSelection) -> list[User]:
             param="user_ids",
         )
     has_samples = exists().where(Sample.user_id == User.id)
-    statement = select(User).where(User.deleted_at.is_(None), has_samples)
+    # Controls retrain through their own route (they train beside users, without preservation).
+    statement = select(User).where(User.deleted_at.is_(None), User.kind == "user", has_samples)
     if selection.user_ids is not None:
         if not selection.user_ids:
             raise InvalidInput("user_ids is empty", param="user_ids")
         users = {u.id: u for u in session.execute(select(User).where(User.id.in_(selection.user_ids))).scalars()}
-        missing = [uid for uid in selection.user_ids if uid not in users or users[uid].deleted_at is not None]
+        missing = [
+            uid
+            for uid in selection.user_ids
+            if uid not in users or users[uid].deleted_at is not None or users[uid].kind != "user"
+        ]
         if missing:
             raise NotFound(f"unknown users: {', '.join(missing[:10])}")
         statement = statement.where(User.id.in_(selection.user_ids))
