@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 # Kept equal to core.db.models.JOB_KINDS / JOB_STATUSES / PREFIX_STATUSES (a test checks it).
 JobKind = Literal["onboarding", "retrain", "admin-batch", "control"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-PrefixStatus = Literal["active", "retired", "corrupt"]
+PrefixStatus = Literal["active", "retired", "corrupt", "candidate"]
 EventLevel = Literal["info", "warning", "error"]
 FinishReason = Literal["stop", "length"]
 

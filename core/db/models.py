@@ -45,7 +45,9 @@ JOB_KINDS = ("onboarding", "retrain", "admin-batch", "control")
 SUBJECT_KINDS = ("user", "control")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 JOB_FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
-PREFIX_STATUSES = ("active", "retired", "corrupt")  # corrupt: failed its checksum, never served
+# corrupt: failed its checksum, never served. candidate: trained but not activated (it scored worse
+# than the active version on the user's validation rows); an admin may still activate it.
+PREFIX_STATUSES = ("active", "retired", "corrupt", "candidate")
 
 ID_LENGTH = 32  # uuid4().hex
 JOB_ID_PREFIX = "ftjob-"
@@ -132,6 +134,7 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the full key
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     user: Mapped[User] = relationship(back_populates="api_keys")
 
