@@ -8,6 +8,7 @@ and rows, checked directly in the store and the database.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +62,10 @@ def _wait_for_job(client, job_id: str, worker_log: Path) -> dict:
     raise AssertionError(f"job {job_id} still {job['status']}; worker log:\n{worker_log.read_text()[-4000:]}")
 
 
+def minio_keys(minio, bucket: str, prefix: str) -> list[str]:
+    return [o.object_name for o in minio.list_objects(bucket, prefix=prefix, recursive=True)]
+
+
 def test_onboarding_to_erasure_on_real_services(distributed_env, celery_worker, s3_server, tmp_path):
     settings = settings_from_env(distributed_env)
     assert settings.mode == "distributed" and settings.effective_blob_store == "s3"
@@ -97,6 +102,21 @@ def test_onboarding_to_erasure_on_real_services(distributed_env, celery_worker, 
         assert sha256_hex(data) == row.sha256 and len(data) == row.bytes
         stored = sorted(o.object_name for o in minio.list_objects(bucket, prefix=f"users/{user_id}/", recursive=True))
         assert stored == sorted([row.blob_key, row.state_blob_key])
+
+        # A control trains on the Celery worker beside users' prefixes read from S3, like a user's.
+        name = f"terse-{uuid.uuid4().hex[:8]}"
+        control = client.post("/v1/controls", headers=ADMIN, json={"name": name, "samples": ["Short.", "Done."]})
+        assert control.status_code == 201, control.text
+        control_job = _wait_for_job(client, control.json()["job"]["id"], celery_worker)
+        assert control_job["status"] == "succeeded", (control_job, celery_worker.read_text()[-4000:])
+        assert control_job["fine_tuned_model"] == f"control:{name}:v1"
+        events = client.get(f"/v1/fine_tuning/jobs/{control_job['id']}/events?limit=100", headers=ADMIN).json()
+        beside = [e["message"] for e in events["data"] if e["message"].startswith("Training the control beside")]
+        assert beside and not beside[0].startswith("Training the control beside 0 "), beside
+        control_id = control.json()["control"]["id"]
+        assert minio_keys(minio, bucket, f"users/{control_id}/")
+        assert client.delete(f"/v1/controls/{name}", headers=ADMIN).status_code == 200
+        assert minio_keys(minio, bucket, f"users/{control_id}/") == []
 
         erased = client.delete(f"/v1/users/{user_id}", headers=ADMIN)
         assert erased.status_code == 200 and erased.json()["deleted"] is True
