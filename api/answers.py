@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
+from api.errors import public_message
 from api.responses import (
     ChatCompletion,
     ChatCompletionChoice,
@@ -28,9 +30,11 @@ from api.responses import (
     CompletionUsage,
 )
 from core.inference.completer import DEADLINE_GRACE_S, Submission
-from core.inference.errors import DeadlineExceeded, InferenceFailed
+from core.inference.errors import DeadlineExceeded, InferenceFailed, InferenceUnavailable
 from core.inference.jobs import RowFinished, TextDelta
 from core.inference.requests import CompletionRequest
+
+log = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first": nobody reads it
 
@@ -92,10 +96,14 @@ async def _events(submission: Submission, shape: _Shape, include_usage: bool) ->
         if include_usage:
             yield _data(shape.usage_chunk(rows))
         yield "[DONE]"
-    except (DeadlineExceeded, InferenceFailed) as exc:
+    except (DeadlineExceeded, InferenceFailed, InferenceUnavailable) as exc:
         finished = True
-        code = "timeout" if isinstance(exc, DeadlineExceeded) else "inference_failed"
-        yield _data({"error": {"message": str(exc), "type": "server_error", "param": None, "code": code}})
+        codes = {DeadlineExceeded: "timeout", InferenceUnavailable: "inference_unavailable"}
+        code = codes.get(type(exc), "inference_failed")
+        message = public_message(exc, code)
+        if message != str(exc):
+            log.warning("stream ended with %s: %s", code, exc)
+        yield _data({"error": {"message": message, "type": "server_error", "param": None, "code": code}})
     finally:
         if not finished:  # the client disconnected mid-stream: free the slot
             with anyio.CancelScope(shield=True):

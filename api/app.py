@@ -30,6 +30,7 @@ from core.db.migrate import upgrade_to_head
 from core.inference import metrics as inference_metrics
 from core.inference.service import CompletionService, build_completer
 from core.service.context import ServiceContext, build_context
+from core.service.quotas import RateLimiter
 
 log = logging.getLogger(__name__)
 API_PREFIX = "/v1"
@@ -80,6 +81,7 @@ def create_app(
     app.state.metrics_registry = make_registry(ctx, getattr(app.state.dispatcher, "queue_depth", None))
     inference_metrics.register_all(app.state.metrics_registry)
     app.state.completer = None  # the mode's own, made at startup, unless set before
+    app.state.rate_limiter = RateLimiter.from_settings(ctx.settings)
     install_error_handlers(app)
     install_openapi(app)
     app.add_middleware(BodySizeLimit, limit=ctx.settings.max_upload_bytes)

@@ -58,12 +58,16 @@ def serve(
         f"Steer ({settings.mode} mode, base model {settings.base_model}, data in {settings.data_dir}) "
         f"listening on http://{host}:{port}  (API docs: http://{host}:{port}/docs)"
     )
+    from api.access_log import uvicorn_log_config
+
+    # Access lines with any key a client put in the query string redacted (api/access_log.py).
+    log_options = {"log_level": "info", "log_config": uvicorn_log_config()}
     if workers == 1:
         from api.app import create_app
 
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(settings), host=host, port=port, **log_options)
     else:
-        uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info")
+        uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers, **log_options)
 
 
 @app.command("admin-key")

@@ -67,6 +67,7 @@ def get_caller(request: Request, ctx: ContextDep, _scheme: Annotated[object, Sec
         raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
     with ctx.session_factory() as session:
         caller = authenticate(session, key.strip(), ctx.admin_key_hashes)
+        session.commit()  # the key's `last_used_at`, when due (at most once a minute)
     if caller is None:
         raise Unauthenticated("invalid API key")
     return caller

@@ -1,6 +1,11 @@
 """Every error answer, in OpenAI's format: `{"error": {"message", "type", "param", "code"}}`.
 
 Typed errors from `core` map to a status and an error type here and nowhere else.
+
+A failed dependency (5xx) is described in the service's own words (`public_message`), never with
+the text of the error it raised: an S3 error body names the internal endpoint and bucket, a Redis
+error the broker's address, a worker's failure whatever it caught. That text goes to the log,
+where an operator needs it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from core.service.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from core.service.quotas import RateLimited
 from core.storage import BlobStoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -43,11 +49,28 @@ _MAPPING: list[tuple[type[Exception], int, str, str | None]] = [
     (BlobStoreUnavailable, 503, "service_unavailable", "store_unavailable"),
     (ArtifactError, 500, "server_error", "corrupt_artifact"),
     (QueueFull, 429, "rate_limit_error", "queue_full"),
+    (RateLimited, 429, "rate_limit_error", "rate_limit_exceeded"),
     (DeadlineExceeded, 504, "server_error", "timeout"),
     (InferenceFailed, 503, "service_unavailable", "inference_failed"),
     (InferenceUnavailable, 503, "service_unavailable", "inference_unavailable"),
 ]
 _HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+# What a client is told when a dependency fails (by error code); the failure's own text is logged.
+_PUBLIC_MESSAGES = {
+    "store_unavailable": "the blob store is unavailable; retry later",
+    "queue_unavailable": "cannot queue the job: the broker is unavailable; retry later",
+    "inference_unavailable": "inference is unavailable: no inference worker is running or the inference queue "
+    "is down; retry later",
+    "inference_failed": "the inference worker could not serve this request (it stopped, or the model's prefix "
+    "could not be loaded); retry later",
+}
+
+
+def public_message(exc: Exception, code: str | None) -> str:
+    """What a client may read about `exc` answered with `code`: a fixed sentence for a failed
+    dependency (the text is logged by the caller), the exception's own text otherwise (client
+    errors, and server errors whose text the service wrote: timeouts, corrupt artifacts)."""
+    return _PUBLIC_MESSAGES.get(code or "", str(exc))
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
@@ -72,11 +95,16 @@ async def _steer_error(_request: Request, exc: Exception) -> JSONResponse:
     for cls, status, type_, code in _MAPPING:
         if isinstance(exc, cls):
             retry_after = getattr(exc, "retry_after_s", None)
-            headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+            headers = dict(getattr(exc, "headers", None) or {})
+            if retry_after is not None:
+                headers["Retry-After"] = str(retry_after)
             code = getattr(exc, "code", None) or code
-            return error_response(status, str(exc), type_, getattr(exc, "param", None), code, headers)
+            message = public_message(exc, code)
+            if message != str(exc):
+                log.warning("answered %d %s: %s", status, code, exc)
+            return error_response(status, message, type_, getattr(exc, "param", None), code, headers)
     log.exception("unhandled Steer error", exc_info=exc)
-    return error_response(500, str(exc), "server_error")
+    return error_response(500, "internal server error", "server_error")
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -79,6 +79,26 @@ class ApiKey(Body):
     note: str
 
 
+class ApiKeyInfo(Body):
+    """A user's API key as listings show it: never the key itself."""
+
+    object: Literal["api_key.info"] = "api_key.info"
+    id: str
+    user_id: str
+    prefix: str = Field(description="The key's first characters (`sk-steer-` and 8 more), to tell keys apart.")
+    created_at: Timestamp
+    last_used_at: Timestamp | None = Field(description="Last request with this key (to the minute); null if never.")
+    revoked_at: Timestamp | None = Field(description="When it was revoked; null for a live key.")
+
+
+class ApiKeyRotated(Body):
+    object: Literal["api_key.rotated"] = "api_key.rotated"
+    key: str = Field(description="The new key, shown once.")
+    note: str
+    api_key: ApiKeyInfo = Field(description="The new key's listing entry.")
+    revoked: ApiKeyInfo = Field(description="The old key, revoked: it answers 401 from now on.")
+
+
 class Control(Body):
     object: Literal["control"] = "control"
     id: str
@@ -161,6 +181,10 @@ class ControlList(ListObject[Control]):
     pass
 
 
+class ApiKeyInfoList(ListObject[ApiKeyInfo]):
+    pass
+
+
 class UserList(ListObject[User]):
     pass
 
@@ -221,6 +245,13 @@ class Health(Body):
 class Readiness(Body):
     status: Literal["ready", "unavailable"]
     checks: dict[str, str] = Field(description='Each dependency checked: "ok" or what is wrong with it.')
+    inference_workers: int | None = Field(
+        default=None,
+        description="Inference capacity, reported without deciding `status` (the API serves everything "
+        "else without it): distributed mode, the inference workers with a recent heartbeat (0: completions "
+        "answer 503 `inference_unavailable`); embedded mode, 1 while the in-process engine runs; null when "
+        "it cannot be told (the broker is down).",
+    )
 
 
 # -- OpenAI-compatible inference -------------------------------------------------------------------

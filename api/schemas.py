@@ -9,7 +9,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from api import responses
+from core.db import ApiKey as ApiKeyRow
 from core.db import Job, JobEvent, PrefixVersion, Sample, User
+from core.service.api_keys import shown_prefix
 from core.service.model_ids import CONTROL_NAME_PATTERN, EXTERNAL_ID_PATTERN
 
 
@@ -170,3 +172,23 @@ def event_object(event: JobEvent) -> responses.FineTuningJobEvent:
 
 def api_key_object(key: str) -> responses.ApiKey:
     return responses.ApiKey(key=key, note="shown once; store it now")
+
+
+def api_key_info_object(row: ApiKeyRow) -> responses.ApiKeyInfo:
+    return responses.ApiKeyInfo(
+        id=row.id,
+        user_id=row.user_id,
+        prefix=shown_prefix(row),
+        created_at=ts(row.created_at),
+        last_used_at=ts(row.last_used_at),
+        revoked_at=ts(row.revoked_at),
+    )
+
+
+def api_key_rotated_object(key: str, new: ApiKeyRow, old: ApiKeyRow) -> responses.ApiKeyRotated:
+    return responses.ApiKeyRotated(
+        key=key,
+        note="shown once; store it now. The old key is revoked.",
+        api_key=api_key_info_object(new),
+        revoked=api_key_info_object(old),
+    )

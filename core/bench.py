@@ -1,5 +1,5 @@
-"""The engine's performance figures, as ratios measured within one run (`steer bench serve|train`,
-api/commands/bench.py, prints them).
+"""The engine's performance figures, as ratios measured within one run (`steer bench
+serve|compose|train`, api/commands/bench.py, prints them).
 
 Timings on a shared CPU are noisy, so every figure is compared with a reference measured in the
 same process, minutes apart at most; absolute numbers are printed for context only.
@@ -8,11 +8,13 @@ same process, minutes apart at most; absolute numbers are printed for context on
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 from dataclasses import dataclass, replace
 
 import torch
 
+from core.batch_cache import prefix_length
 from core.generation import GenerationRequest, MixedBatchGenerator
 from core.model import BaseModel
 from core.prefix import PrefixConfig, kv_from_text
@@ -170,6 +172,100 @@ def bench_serving(base: BaseModel, requests: int, new_tokens: int, prefix_len: i
             "a/hf_generate_batch": round(mixed.tokens_per_s / hf_batch.tokens_per_s, 3),
             "d/hf_continuous_batching (both without prefix)": round(no_prefix.tokens_per_s / hf_cb.tokens_per_s, 3),
             "hf_batch/hf_single": round(hf_batch.tokens_per_s / hf_single.tokens_per_s, 2),
+        },
+    }
+
+
+CONTROL_TEXTS = {
+    "formal": "Dear Sir or Madam, I write to you formally, with the utmost respect and in complete sentences.",
+    "brief": "Short answer. No detail. One line only. Done. Keep it brief, terse and to the point, always.",
+    "casual": "hey so yeah, honestly it's kinda cool lol, just chatting here like friends do, no big deal",
+    "long": "Let me explain this at great length, covering every detail, every reason and every consequence.",
+}
+"""Attribute texts whose KV stands in for trained control prefixes (content does not matter for speed)."""
+
+CONTROL_SETS = (("formal", "brief"), ("casual", "long"))
+"""Rows alternate between these control sets: controls are shared, but neighbours carry different ones."""
+
+
+def _control_prefixes(base: BaseModel, prefix_len: int) -> dict[str, torch.Tensor]:
+    controls = {}
+    for name, text in CONTROL_TEXTS.items():
+        ids = text_ids(base.tokenizer, text)
+        ids = (ids * (prefix_len // len(ids) + 1))[:prefix_len]  # exactly prefix_len virtual tokens
+        controls[name] = kv_from_text(base, ids)
+    return controls
+
+
+def _spread(values: list[float], digits: int) -> dict:
+    return {
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+        "each": [round(v, digits) for v in values],
+    }
+
+
+def _step_interleaved(base, prompts, arms: dict[str, list], new_tokens: int) -> dict[str, _Run]:
+    """Generate every arm's batch at once, alternating single engine steps between the arms (the
+    order rotating each round), each step timed on its own: a burst of load from another process
+    lands on every arm alike instead of on whichever whole run it happens to overlap."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    engines = {name: MixedBatchGenerator(base, len(prompts)) for name in arms}
+    for name, prefixes in arms.items():
+        for prompt, prefix in zip(prompts, prefixes):
+            engines[name].submit(GenerationRequest(prompt, params, prefix))
+    tokens = dict.fromkeys(arms, 0)
+    seconds = dict.fromkeys(arms, 0.0)
+    names = list(arms)
+    round_ = 0
+    while any(engine.has_work for engine in engines.values()):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            if engines[name].has_work:
+                started = time.perf_counter()
+                done = engines[name].step()
+                seconds[name] += time.perf_counter() - started
+                tokens[name] += sum(r.completion_tokens for r in done)
+        round_ += 1
+    return {name: _Run(tokens[name], seconds[name]) for name in arms}
+
+
+def bench_composition(base: BaseModel, requests: int, new_tokens: int, prefix_len: int, repeats: int) -> dict:
+    """Serving cost of composed prefixes (issue 12): one batch of `requests` distinct users, timed as
+    (i) each row its user prefix alone, (ii) each row its user prefix + 2 shared controls (rows
+    alternate between two control sets), (iii) the base model without prefix.
+
+    Each repeat generates the three batches step-interleaved (`_step_interleaved`), and the ratios
+    are taken within each repeat: on a shared CPU, load from other work lands on all arms alike."""
+    prompts = _prompts(base, requests)
+    users = _user_prefixes(base, requests, prefix_len)
+    controls = _control_prefixes(base, prefix_len)
+    composed = [[u, *(controls[c] for c in CONTROL_SETS[i % len(CONTROL_SETS)])] for i, u in enumerate(users)]
+    arms = {
+        "user_only": users,
+        "user_plus_2_controls": composed,
+        "base_no_prefix": [None] * requests,
+    }
+    _batched(base, prompts[:4], composed[:4], 4)  # warm-up
+    runs: dict[str, list[_Run]] = {name: [] for name in arms}
+    for _ in range(repeats):
+        for name, run in _step_interleaved(base, prompts, arms, new_tokens).items():
+            runs[name].append(run)
+    composed_runs = runs["user_plus_2_controls"]
+    composed_vs_user = [c.tokens_per_s / u.tokens_per_s for c, u in zip(composed_runs, runs["user_only"])]
+    composed_vs_base = [c.tokens_per_s / b.tokens_per_s for c, b in zip(composed_runs, runs["base_no_prefix"])]
+    return {
+        "requests": requests,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "prefix_tokens_per_row": {name: max(map(prefix_length, arm)) for name, arm in arms.items()},
+        "control_sets": [list(s) for s in CONTROL_SETS],
+        "mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1),
+        "generated_tokens": {name: [run.tokens for run in arm] for name, arm in runs.items()},
+        "tokens_per_s": {name: _spread([run.tokens_per_s for run in arm], 1) for name, arm in runs.items()},
+        "ratios": {
+            "composed/user_only (goal >= 0.9)": _spread(composed_vs_user, 3),
+            "composed/base_no_prefix": _spread(composed_vs_base, 3),
         },
     }
 

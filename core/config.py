@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     max_total_samples_per_user: int = Field(
         default=10_000, gt=0, description="Most writing samples one user may store."
     )
+    max_completion_body_bytes: int = Field(
+        default=1_000_000,
+        gt=0,
+        description="Largest accepted request body for `/v1/chat/completions` and `/v1/completions`, "
+        "refused (413) before it is parsed; every body is also bounded by `STEER_MAX_UPLOAD_BYTES`.",
+    )
 
     # --- inference ---------------------------------------------------------------------------
     max_batch_size: int = Field(default=32, gt=0, description="Most generation requests batched into one forward pass.")
@@ -119,6 +125,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Distributed mode: seconds an inference request may sit unacknowledged with a "
         "silent worker before another worker reclaims it.",
+    )
+    infer_worker_timeout_s: float = Field(
+        default=5,
+        gt=0,
+        description="Distributed mode: an inference worker announces itself to Redis every fifth of this; "
+        "one silent this long is taken to be gone. With none left completions answer 503 "
+        "`inference_unavailable` at once, and a request left with a gone worker ends with a clean error.",
     )
     prefix_cache_bytes: int = Field(
         default=256 * MiB,
@@ -186,6 +199,30 @@ class Settings(BaseSettings):
         ge=0,
         description="Weight of the KL-to-base term on base-model samples that keeps a prefix from changing "
         "the model on unrelated text, unless a job asks otherwise (0: off). Unset: the engine's default.",
+    )
+    control_companions: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Users' active prefixes a control prefix trains beside (composed before it, one per row "
+        "in turn). 0: controls train alone, which kept users' own text closer in docs/EVALUATION.md.",
+    )
+    # --- per-user quotas (user keys; the admin key is the operator's own and is not limited) ----
+    user_max_active_jobs: int = Field(
+        default=2,
+        ge=1,
+        description="Training jobs a user key may have queued or running at once; beyond it 429.",
+    )
+    user_max_steps_per_job: int = Field(
+        default=2000, ge=1, description="Most optimizer steps a job created with a user key may ask for."
+    )
+    user_requests_per_minute: int = Field(
+        default=600, ge=0, description="Completion requests per minute per user key (0: unlimited); beyond it 429."
+    )
+    user_tokens_per_minute: int = Field(
+        default=200_000,
+        ge=0,
+        description="Prompt plus requested completion tokens per minute per user key (0: unlimited); beyond it 429.",
     )
     worker_metrics_port: int | None = Field(
         default=None,

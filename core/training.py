@@ -99,6 +99,11 @@ class UserData:
     companions: list[torch.Tensor] | None = None
     """Frozen prefix KVs (L, 2, H, P, D) composed before this user's own prefix, one per row in
     turn (a control prefix trains beside users' prefixes: core/tuning.py's PrefixMethod)."""
+    reference_kv: torch.Tensor | None = None
+    """A stored prefix KV (L, 2, H, P, D) to compare the result with, e.g. the version this job may
+    replace: scored once, before training, on this user's own validation rows by the same code that
+    scores the user's prefix (metrics["reference_val_loss"]; None without validation rows). Methods
+    with `stored_user` only (prefixes)."""
 
 
 @dataclass
@@ -152,6 +157,8 @@ class _UserRun:
         self.module = method.new_user(data, train, torch.Generator().manual_seed(config.seed))
         if data.resume_state is not None:
             self.module.load_state_dict(data.resume_state)
+        self.reference = None if data.reference_kv is None else method.stored_user(data, data.reference_kv)
+        self.reference_val: float | None = None
         # Every parameter of the module, whatever its requires_grad now: PEFT flips that flag on
         # the adapters it is not running, and a user's optimizer must still own all of theirs.
         self.params = list(self.module.parameters())
@@ -207,6 +214,7 @@ class _UserRun:
             "val_loss": None if math.isinf(self.best_val) else self.best_val,
             "initial_val_loss": self.initial_val,
             "base_val_loss": self.base_val,
+            "reference_val_loss": self.reference_val,
             "train_examples": len(self.train),
             "val_examples": len(self.val),
             "train_samples": self.n_train_samples,
@@ -322,7 +330,13 @@ def _train_choosing_prefix_len(base, users, config, on_progress, should_cancel) 
     the candidate with the lowest validation loss wins (the lowest training loss without a split)."""
     candidates = sorted(set(config.prefix_len_candidates))
     variants = [
-        UserData(f"{u.user_id}#{n}", u.samples, prefix=replace(config.prefix, prefix_len=n), companions=u.companions)
+        UserData(
+            f"{u.user_id}#{n}",
+            u.samples,
+            prefix=replace(config.prefix, prefix_len=n),
+            companions=u.companions,
+            reference_kv=u.reference_kv if n == candidates[0] else None,  # one score is enough
+        )
         for u in users
         for n in candidates
     ]
@@ -338,6 +352,7 @@ def _train_choosing_prefix_len(base, users, config, on_progress, should_cancel) 
 
         best = min(group, key=score)
         best.user_id = user.user_id
+        best.metrics["reference_val_loss"] = group[0].metrics["reference_val_loss"]
         best.metrics["prefix_len_search"] = {str(t.prefix_config.prefix_len): score(t) for t in group}
         chosen.append(best)
     return chosen
@@ -418,6 +433,11 @@ def _evaluate(
         for run, loss, base_loss in zip(runs, losses, base_losses):
             run.initial_val, run.base_val = loss, base_loss
             run.best_val = loss
+        compared = [r for r in runs if r.reference is not None]
+        if compared:  # the same rows and scorer as the user's own prefix, in passes of their own
+            references = _mean_loss_over(base, method, compared, lambda run: run.reference, config.batch_size * 2)
+            for run, loss in zip(compared, references):
+                run.reference_val = loss
         return
     for run, loss in zip(runs, losses):
         run.record_eval(loss, config.patience)

@@ -126,6 +126,26 @@ class PrefixMethod:
     def export(self, module: PrefixEncoder) -> torch.Tensor:
         return module.export()  # (L, 2, H, P, D) fp32 on CPU
 
+    def stored_user(self, data: UserData, kv: torch.Tensor) -> nn.Module:
+        """A stored prefix KV of `data`'s user as a (frozen) user module: scored exactly like the
+        user's trainable prefix, beside the user's companions (a cycle of its own, so scoring it
+        never shifts the companions the trainable prefix sees)."""
+        module = StoredPrefix(kv.to(self.base.device))
+        if data.companions:
+            self._companions[id(module)] = _Companions(data.companions, self.base)
+        return module
+
+
+class StoredPrefix(nn.Module):
+    """A fixed prefix KV (L, 2, H, P, D) in a trainable prefix's place: calling it returns the KV."""
+
+    def __init__(self, kv: torch.Tensor):
+        super().__init__()
+        self.register_buffer("kv", kv)
+
+    def forward(self) -> torch.Tensor:
+        return self.kv
+
 
 class _Companions:
     """One user's frozen companion prefixes, handed out in turn."""

@@ -49,7 +49,7 @@ def test_an_admin_defines_a_control_that_trains_beside_users_and_composes_with_t
         assert job["fine_tuned_model"] == "control:brief:v1"
         assert job["hyperparameters"]["preservation_weight"] == 0.0  # see core/service/controls.py
         events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100", headers=ADMIN).json()["data"]
-        assert any(e["message"] == "Training the control beside 1 users' prefixes" for e in events)
+        assert any(e["message"] == "Training the control alone" for e in events)  # recipe (a), the default
 
         # Every key sees it and may compose it; it is no user.
         control = client.get("/v1/controls/brief", headers=user_key).json()

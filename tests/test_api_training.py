@@ -11,9 +11,9 @@ from sqlalchemy.exc import StatementError
 
 from core.db import Job, JobEvent, PrefixVersion, Sample, User
 from core.service.model_ids import format_model_id, parse_model_id
-from core.service.registry import PrefixArtifacts, publish_prefix
-from core.service.training_job import run_training_job
-from core.storage import sha256_hex
+from core.service.registry import PrefixArtifacts, active_prefix, publish_prefix
+from core.service.training_job import TransientJobError, run_training_job
+from core.storage import BlobStoreUnavailable, sha256_hex
 from tests.support.api import (
     ADMIN,
     SAMPLES,
@@ -192,3 +192,106 @@ def test_auto_prefix_len_searches_the_configured_candidates(tmp_path: Path):
         assert set(auto.metrics["prefix_len_search"]) == {"2", "3"}
         assert auto.prefix_len == int(min(auto.metrics["prefix_len_search"], key=auto.metrics["prefix_len_search"].get))
         assert explicit.prefix_len == 3 and "prefix_len_search" not in explicit.metrics
+
+
+def _events(ctx, job_id: str) -> list[tuple[str, str]]:
+    with ctx.session_factory() as session:
+        rows = session.execute(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).scalars()
+        return [(row.level, row.message) for row in rows]
+
+
+def test_a_retrained_version_worse_than_the_active_one_is_a_candidate_until_an_admin_activates_it(tmp_path: Path):
+    with api_client(make_settings(tmp_path), base=tiny_base_model(), dispatcher=RecordingDispatcher()) as client:
+        ctx = client.app.state.ctx
+        # Near-repeated lines: even the tiny random model learns them (v1's validation loss drops).
+        lines = [f"The same words, again and again, line {i}." for i in range(12)]
+        body = onboard(client, "vera", samples=lines, hyperparameters={"max_steps": 30, "learning_rate": 0.05})
+        user_id = body["user"]["id"]
+        assert run_training_job(body["job"]["id"], ctx) == "succeeded"  # the first version: activated
+        # A cold start (another prefix shape: no warm start) that barely trains: worse than v1.
+        retrain = client.post(
+            "/v1/fine_tuning/jobs",
+            headers=ADMIN,
+            json={"user": user_id, "hyperparameters": {"prefix_len": 3, "max_steps": 1, "learning_rate": 1e-6}},
+        ).json()
+        assert run_training_job(retrain["id"], ctx) == "succeeded"
+        job = client.get(f"/v1/fine_tuning/jobs/{retrain['id']}", headers=ADMIN).json()
+        entry = job["result"]["users"][user_id]
+        assert entry["status"] == "candidate" and entry["version"] == 2 and "worse" in entry["reason"], entry
+        metrics = entry["metrics"]
+        # Both losses on the same validation rows, recorded with the version.
+        assert metrics["compared_with_version"] == 1 and metrics["val_loss"] > metrics["active_val_loss"], metrics
+        levels = dict((message, level) for level, message in _events(ctx, retrain["id"]))
+        candidate_event = next(m for m in levels if "as a candidate, not activated" in m)
+        assert levels[candidate_event] == "warning"
+        assert any("kept as candidates" in m for m in levels)
+        versions = client.get(f"/v1/users/{user_id}/prefixes", headers=ADMIN).json()["data"]
+        assert [(v["version"], v["status"]) for v in versions] == [(1, "active"), (2, "candidate")]
+        assert client.get(f"/v1/users/{user_id}", headers=ADMIN).json()["fine_tuned_model"].endswith(":v1")
+        with ctx.session_factory() as session:
+            first = session.execute(select(PrefixVersion).where(PrefixVersion.version == 1)).scalar_one()
+        assert first.metrics["compared_with_version"] is None and first.metrics["active_val_loss"] is None
+
+        # An admin may still choose the candidate.
+        chosen = client.post(f"/v1/users/{user_id}/prefixes/2/activate", headers=ADMIN)
+        assert chosen.status_code == 200 and chosen.json()["status"] == "active"
+        versions = client.get(f"/v1/users/{user_id}/prefixes", headers=ADMIN).json()["data"]
+        assert [(v["version"], v["status"]) for v in versions] == [(1, "retired"), (2, "active")]
+
+
+class _ActiveVersionUnreadable:
+    """The store during an outage that hits the reads of the active version and is over before the
+    job publishes (S3 down for 20 s): those reads fail as unreachable, everything else works."""
+
+    def __init__(self, store, keys: set[str]) -> None:
+        self.store, self.keys = store, keys
+
+    def get(self, key: str, expected_sha256: str | None = None) -> bytes:
+        if key in self.keys:
+            raise BlobStoreUnavailable("the store is unreachable")
+        return self.store.get(key, expected_sha256=expected_sha256)
+
+    def __getattr__(self, name: str):
+        return getattr(self.store, name)
+
+
+def test_a_store_outage_while_reading_the_active_version_retries_the_job_instead_of_a_cold_start(tmp_path: Path):
+    with api_client(make_settings(tmp_path), base=tiny_base_model(), dispatcher=RecordingDispatcher()) as client:
+        ctx = client.app.state.ctx
+        body = onboard(client, "wes")
+        user_id = body["user"]["id"]
+        assert run_training_job(body["job"]["id"], ctx) == "succeeded"
+        with ctx.session_factory() as session:
+            v1 = active_prefix(session, user_id)
+        retrain = client.post("/v1/fine_tuning/jobs", headers=ADMIN, json={"user": user_id}).json()
+        store = ctx.store
+        ctx.store = _ActiveVersionUnreadable(store, {v1.blob_key, v1.state_blob_key})
+        try:
+            with pytest.raises(TransientJobError):
+                run_training_job(retrain["id"], ctx, final_attempt=False)
+        finally:
+            ctx.store = store
+        with ctx.session_factory() as session:
+            assert session.get(Job, retrain["id"]).status == "queued"  # back in the queue, for a retry
+            assert [v.version for v in session.execute(select(PrefixVersion)).scalars()] == [1]
+        assert not any("starting fresh" in message for _, message in _events(ctx, retrain["id"]))
+
+        # The store is back: the retry warm-starts from v1 and publishes v2.
+        assert run_training_job(retrain["id"], ctx) == "succeeded"
+        messages = [message for _, message in _events(ctx, retrain["id"])]
+        assert not any("starting fresh" in m for m in messages)
+        assert any(m.startswith("Published and activated") for m in messages)
+
+        # A corrupt training state (not an outage) still falls back to a fresh start, with a warning.
+        with ctx.session_factory() as session:
+            v2 = active_prefix(session, user_id)
+        state_path = ctx.store.root_dir / v2.state_blob_key
+        data = bytearray(state_path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        state_path.write_bytes(bytes(data))
+        again = client.post("/v1/fine_tuning/jobs", headers=ADMIN, json={"user": user_id}).json()
+        assert run_training_job(again["id"], ctx) == "succeeded"
+        assert any(
+            level == "warning" and "cannot warm-start from v2" in message and "starting fresh" in message
+            for level, message in _events(ctx, again["id"])
+        )

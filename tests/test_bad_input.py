@@ -363,3 +363,84 @@ def test_extreme_but_legal_sampling_parameters_generate(world):
         body = {"model": BASE[0], "prompt": "hi", "max_tokens": 2, "temperature": temperature, "top_p": top_p}
         response = client.post("/v1/completions", headers=ADMIN, json=body)
         assert response.status_code == 200, (temperature, top_p, response.text)
+
+
+# -- issue 13: encodings, patterns, types ----------------------------------------------------------
+
+LONE_SURROGATES = ["\\ud800", "\\udfff", "ok \\udc80 then text"]  # JSON escapes: the parser makes them lone
+
+
+def _raw(client, path: str, body: str, key_headers=ADMIN):
+    return client.post(path, headers={**key_headers, "content-type": "application/json"}, content=body.encode())
+
+
+@_unchanged
+def test_a_lone_surrogate_in_a_sample_or_prompt_is_400_naming_the_field(client, alice, _sample):
+    user_id = alice["user"]["id"]
+    pad = "long enough to be a sample"
+    for s in LONE_SURROGATES:
+        cases = [
+            ("/v1/onboarding", '{"external_id": "surr", "samples": ["%s %s"]}' % (pad, s), "samples[0]"),
+            (f"/v1/users/{user_id}/samples", '{"samples": ["%s", "%s %s"]}' % (pad, pad, s), "samples[1]"),
+            ("/v1/controls", '{"name": "surr", "samples": ["%s %s"]}' % (pad, s), "samples[0]"),
+            (
+                "/v1/chat/completions",
+                '{"model": "%s", "messages": [{"role": "user", "content": "hi %s"}]}' % (BASE[0], s),
+                "messages[0].content",
+            ),
+            (
+                "/v1/chat/completions",
+                '{"model": "%s", "messages": [{"role": "user", "content": [{"type": "text", "text": "%s"}]}]}'
+                % (BASE[0], s),
+                "messages[0].content[0].text",
+            ),
+            ("/v1/completions", '{"model": "%s", "prompt": "hi %s"}' % (BASE[0], s), "prompt"),
+            ("/v1/completions", '{"model": "%s", "prompt": ["%s"]}' % (BASE[0], s), "prompt[0]"),
+            ("/v1/completions", '{"model": "%s", "prompt": "hi", "stop": ["%s"]}' % (BASE[0], s), "stop[0]"),
+            ("/v1/completions", '{"model": "%s", "prompt": "hi"}' % s, "model"),
+        ]
+        for path, body, param in cases:
+            error = _refused(client, _raw(client, path, body))
+            assert error["param"] == param, (path, body, error)
+            assert "TextEncodeInput" not in error["message"] and "surrogates not allowed" not in error["message"]
+        # A job for a "user id" that no database could encode: not found, like any unknown id.
+        _refused(client, _raw(client, "/v1/fine_tuning/jobs", '{"user": "%s"}' % s), 404)
+
+
+@_unchanged
+def test_an_external_id_with_a_trailing_newline_is_refused(client, alice, _sample):
+    for external_id in ("bob\n", "alice\n", "bob\r\n", "\nbob"):
+        response = client.post("/v1/onboarding", headers=ADMIN, json={"external_id": external_id, "samples": SAMPLES})
+        assert _refused(client, response)["param"] == "external_id", repr(external_id)
+        listed = client.get("/v1/users", headers=ADMIN, params={"external_id": external_id})
+        assert listed.status_code == 200 and listed.json()["data"] == []
+    response = client.post("/v1/controls", headers=ADMIN, json={"name": "brief\n", "samples": SAMPLES})
+    assert _refused(client, response)["param"] == "name"
+    for model in (f"ft:{BASE[0]}:alice\n", f"ft:{BASE[0]}:alice:v1\n"):
+        _refused(client, client.post("/v1/chat/completions", headers=ADMIN, json=_chat(model=model)), 404)
+
+
+@_unchanged
+def test_integer_parameters_sent_as_strings_or_floats_are_400_like_openai(client, alice, _sample):
+    for name in ("max_tokens", "n", "seed", "max_completion_tokens"):
+        for value in ("5", 5.0, "1e1", True):
+            bodies = [("/v1/chat/completions", _chat(**{name: value}))]
+            if name != "max_completion_tokens":
+                bodies.append(("/v1/completions", {"model": BASE[0], "prompt": "hi", "max_tokens": 2, name: value}))
+            for path, body in bodies:
+                error = _refused(client, client.post(path, headers=ADMIN, json=body))
+                assert error["param"] == name, (path, name, value, error)
+
+
+@_unchanged
+def test_malformed_hyperparameters_and_user_ids_are_client_errors_not_500(client, alice, _sample):
+    """Found in review of issue 13: a string where a number belongs crashed the range check, and a
+    lone surrogate among retraining user ids reached the database driver."""
+    user = alice["user"]["id"]
+    for value in ("x", [1], {"a": 1}):
+        body = {"user": user, "hyperparameters": {"n_epochs": value}}
+        error = _refused(client, client.post("/v1/fine_tuning/jobs", headers=ADMIN, json=body))
+        assert error["param"] == "hyperparameters.n_epochs"
+    body = '{"user_ids": ["\\ud800", "0123"]}'
+    response = client.post("/v1/admin/retrain", headers={**ADMIN, "content-type": "application/json"}, content=body)
+    assert "2 unknown user id(s)" in _refused(client, response, 404)["message"]

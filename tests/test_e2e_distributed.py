@@ -38,6 +38,7 @@ def distributed_env(postgres_url: str, redis_url: str, s3_server) -> dict[str, s
         STEER_TRAIN_BATCH_SIZE_DEFAULT="2",
         STEER_TRAIN_PREFIX_LEN_DEFAULT="2",
         STEER_TRAIN_MAX_SEQ_LEN="64",
+        STEER_CONTROL_COMPANIONS="8",  # exercise recipe (b): users' prefixes read from S3
     )
 
 

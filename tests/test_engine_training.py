@@ -141,3 +141,27 @@ def test_a_control_trained_beside_companion_prefixes_equals_training_it_alone(ti
     without = train_prefixes(tiny, [replace(control, companions=None)], config)[0]
     assert not torch.allclose(without.kv, alone.kv, atol=1e-4)
     assert alone.kv.shape == without.kv.shape  # the companions are never part of the result
+
+
+def test_a_stored_prefix_is_scored_on_the_users_validation_rows_like_the_users_own(tiny):
+    """`reference_kv` (the version a job may replace) is scored once on the same validation rows,
+    by the same code, as the prefix being trained; scoring it changes nothing in the training, and
+    a user beside others gets the same numbers as alone."""
+    config = _config()
+    first = train_prefixes(tiny, [UserData("alice", ALICE)], config)[0]
+    assert first.metrics["reference_val_loss"] is None  # nothing to compare with
+    compared = UserData("alice", ALICE, reference_kv=first.kv)
+    alone = train_prefixes(tiny, [compared], config)[0]
+    # The stored prefix scores what it scored when it was trained: same rows, same scorer.
+    assert abs(alone.metrics["reference_val_loss"] - first.metrics["val_loss"]) < 1e-5
+    torch.testing.assert_close(alone.kv, first.kv, atol=0, rtol=0)  # scoring it trained nothing
+    together = train_prefixes(tiny, [UserData("bob", BOB), compared], config)
+    assert together[0].metrics["reference_val_loss"] is None
+    assert abs(together[1].metrics["reference_val_loss"] - alone.metrics["reference_val_loss"]) < 1e-5
+    torch.testing.assert_close(together[1].kv, alone.kv, atol=1e-5, rtol=1e-4)
+    # A control scores its stored prefix beside its companions, without shifting their cycle.
+    control = UserData("formal", ALICE, companions=[train_prefixes(tiny, [UserData("bob", BOB)], config)[0].kv])
+    trained = train_prefixes(tiny, [control], config)[0]
+    scored = train_prefixes(tiny, [replace(control, reference_kv=trained.kv)], config)[0]
+    torch.testing.assert_close(scored.kv, trained.kv, atol=0, rtol=0)
+    assert scored.metrics["reference_val_loss"] is not None

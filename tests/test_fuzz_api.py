@@ -258,7 +258,13 @@ def test_every_operation_answers_a_success_that_matches_its_schema(fresh):
 
     call("GET", "/v1/users", 200, query={"external_id": "typed-user"})
     call("GET", "/v1/users/{user_id}", 200, key=key, path_parameters=user)
-    call("POST", "/v1/users/{user_id}/api_keys", 201, path_parameters=user)
+    spare = call("POST", "/v1/users/{user_id}/api_keys", 201, path_parameters=user).json()["key"]
+    listed = call("GET", "/v1/users/{user_id}/api_keys", 200, key=key, path_parameters=user).json()["data"]
+    spare_id = next(k["id"] for k in listed if spare.startswith(k["prefix"]))
+    key_path = {**user, "key_id": spare_id}
+    rotated = call("POST", "/v1/users/{user_id}/api_keys/{key_id}/rotate", 201, key=spare, path_parameters=key_path)
+    revoke = {**user, "key_id": rotated.json()["api_key"]["id"]}
+    call("DELETE", "/v1/users/{user_id}/api_keys/{key_id}", 200, key=rotated.json()["key"], path_parameters=revoke)
     call("GET", "/v1/users/{user_id}/prefixes", 200, key=key, path_parameters=user)
     call("POST", "/v1/users/{user_id}/prefixes/{version}/activate", 200, path_parameters={**user, "version": version})
     call("GET", "/v1/users/{user_id}/samples", 200, key=key, path_parameters=user, query={"limit": 2})

@@ -285,3 +285,26 @@ def test_erasing_a_user_leaves_nothing_of_theirs(tmp_path: Path):
         # The other user is untouched.
         assert client.get(f"/v1/users/{keep['user']['id']}", headers=ADMIN).status_code == 200
         assert any(keep["user"]["id"] in key for key in ctx.store.list(""))
+
+
+def test_another_users_id_as_a_pagination_cursor_answers_like_an_unknown_id(world):
+    """`?after=<their id>` must not be an existence oracle: their user, sample or job id as a
+    cursor answers byte for byte what an id that never existed answers."""
+    client, members, _base = world
+    me, victim = members[0], members[1]
+    for path, victim_id in (
+        ("/v1/users?after={}", victim.user_id),
+        (f"/v1/users/{me.user_id}/samples?after={{}}", victim.sample_id),
+        ("/v1/fine_tuning/jobs?after={}", victim.job_id),
+    ):
+        ghost = _ghost(victim_id)
+        real_answer = client.get(path.format(victim_id), headers=bearer(me.key))
+        ghost_answer = client.get(path.format(ghost), headers=bearer(me.key))
+        assert real_answer.status_code == ghost_answer.status_code == 400, (path, real_answer.text)
+        assert _blank(real_answer.text, [victim_id]) == _blank(ghost_answer.text, [ghost]), path
+        assert real_answer.json()["error"]["param"] == "after"
+    # The caller's own ids still page.
+    assert client.get(f"/v1/users?after={me.user_id}", headers=bearer(me.key)).json()["data"] == []
+    own = client.get(f"/v1/users/{me.user_id}/samples?after={me.sample_id}", headers=bearer(me.key))
+    assert own.status_code == 200
+    assert client.get(f"/v1/fine_tuning/jobs?after={me.job_id}", headers=bearer(me.key)).status_code == 200

@@ -8,6 +8,9 @@ tests/test_reliability_workers.py.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import core.db.models
 import core.db.session
 from core.db import Job, JobEvent, PrefixVersion, database_now, utcnow
 from core.db.migrate import upgrade_to_head
-from core.service.job_lease import JobLease, recover_lost_jobs
+from core.service.job_lease import JobLease, lease_holder, recover_lost_jobs, takeover_grace_s
 from core.service.training_job import _claim, _Run, _run_claimed, run_training_job
 from tests.support.api import RecordingDispatcher, api_client, make_settings, onboard, tiny_base_model
 
@@ -57,6 +60,55 @@ def test_a_live_lease_turns_a_duplicate_delivery_away_and_an_expired_one_is_take
         assert run_training_job(job_id, ctx) == "succeeded"  # its host went silent: take over
         job = _job(ctx, job_id)
         assert (job.status, job.lease_token, job.attempts) == ("succeeded", None, 2)
+
+
+def _holder_with_pid(pid: int, host: str | None = None, namespace: str | None = None) -> str:
+    """This process's lease holder string with another pid (or host, or process namespace)."""
+    this_host, _pid, this_namespace = lease_holder().split(":")
+    return f"{host or this_host}:{pid}:{namespace or this_namespace}"
+
+
+def _events(ctx, job_id: str) -> list[str]:
+    with ctx.session_factory() as session:
+        return list(session.execute(select(JobEvent.message).where(JobEvent.job_id == job_id)).scalars())
+
+
+def test_a_redelivery_takes_over_at_once_from_a_holder_whose_process_is_gone(tmp_path):
+    """Celery redelivers a task the moment its pool child is SIGKILLed; the lease (heartbeat still
+    fresh) names that child, whose pid no longer runs here: the new attempt takes the job at once."""
+    with _client(tmp_path) as client:
+        ctx = client.app.state.ctx
+        job_id = onboard(client, "hal")["job"]["id"]
+        assert _claim(ctx, job_id) is not None
+        assert _job(ctx, job_id).lease_holder == lease_holder()  # "<host>:<pid>:<process namespace>"
+        assert lease_holder().split(":")[1] == str(os.getpid())
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()  # exited and reaped: its pid runs nothing
+        _set(ctx, job_id, lease_holder=_holder_with_pid(dead.pid), heartbeat_at=utcnow())
+        assert run_training_job(job_id, ctx) == "succeeded"
+        job = _job(ctx, job_id)
+        assert (job.status, job.attempts, job.lease_holder) == ("succeeded", 2, None)
+        assert "Took the job over from the previous attempt: its process is gone" in _events(ctx, job_id)
+
+
+def test_a_redelivery_leaves_a_holder_that_may_be_alive_and_takes_one_silent_past_the_grace(tmp_path):
+    with _client(tmp_path) as client:
+        ctx = client.app.state.ctx
+        job_id = onboard(client, "ivy")["job"]["id"]
+        alive_here = _holder_with_pid(os.getppid())  # a live process in this namespace
+        elsewhere = _holder_with_pid(2**22 + 7, host="other-host", namespace="other-boot.1")  # unknowable
+        for holder in (alive_here, elsewhere, "garbage", None):
+            _set(ctx, job_id, status="running", attempts=1, lease_token="t", lease_holder=holder, heartbeat_at=utcnow())
+            assert run_training_job(job_id, ctx) is None, holder
+            job = _job(ctx, job_id)
+            assert (job.status, job.lease_token, job.attempts) == ("running", "t", 1), holder
+
+        # Silent for longer than two renewals (well inside the lease): taken over by the redelivery.
+        silent = utcnow() - timedelta(seconds=takeover_grace_s(LEASE_S) + 1)
+        assert takeover_grace_s(LEASE_S) + 1 < LEASE_S
+        _set(ctx, job_id, lease_holder=elsewhere, heartbeat_at=silent)
+        assert run_training_job(job_id, ctx) == "succeeded"
+        assert "Took the job over from the previous attempt: it stopped renewing its lease" in _events(ctx, job_id)
 
 
 def test_an_attempt_that_lost_its_lease_publishes_nothing_and_does_not_touch_the_job(tmp_path):

@@ -15,9 +15,11 @@ def _names(text: str) -> list[str]:
 
 
 def run(
-    users: str = typer.Option("Jackson,VanBuren,Tyler,Polk,Pierce", "--users", help="evaluated sotu presidents"),
-    companion_users: str = typer.Option(
-        "Buchanan,Fillmore,Taylor", "--companion-users", help="sotu presidents trained only as companions"
+    users: str = typer.Option(
+        "Jackson,VanBuren,Tyler,Polk,Pierce", "--users", help="served sotu presidents (companions of recipe beside)"
+    ),
+    unseen_users: str = typer.Option(
+        "Buchanan,Fillmore", "--unseen-users", help="evaluated sotu presidents no control trains beside"
     ),
     control_authors: str = typer.Option(
         "Grant,Cleveland,Harrison,McKinley,Roosevelt,Taft",
@@ -26,30 +28,37 @@ def run(
     ),
     controls: str = typer.Option("brief,long,address,dialogue", "--controls"),
     recipes: str = typer.Option(",".join(RECIPES), "--recipes", help=f"comma list of {','.join(RECIPES)}"),
-    samples_per_user: int = typer.Option(40, "--samples-per-user"),
-    test_per_user: int = typer.Option(8, "--test-per-user"),
-    samples_per_control: int = typer.Option(40, "--samples-per-control"),
-    test_per_control: int = typer.Option(8, "--test-per-control"),
-    user_steps: int = typer.Option(60, "--user-steps"),
-    control_steps: int = typer.Option(60, "--control-steps"),
-    batch_size: int = typer.Option(4, "--batch-size"),
-    max_seq_len: int = typer.Option(128, "--max-seq-len"),
+    samples_per_user: int = typer.Option(24, "--samples-per-user"),
+    test_per_user: int = typer.Option(4, "--test-per-user"),
+    samples_per_control: int = typer.Option(24, "--samples-per-control"),
+    test_per_control: int = typer.Option(4, "--test-per-control"),
+    user_steps: int = typer.Option(30, "--user-steps"),
+    control_steps: int = typer.Option(30, "--control-steps"),
+    batch_size: int = typer.Option(2, "--batch-size"),
+    max_seq_len: int = typer.Option(96, "--max-seq-len"),
     prefix_len: int = typer.Option(16, "--prefix-len"),
     learning_rate: float = typer.Option(2e-3, "--learning-rate"),
     eval_every: int = typer.Option(10, "--eval-every"),
     control_preservation: float = typer.Option(0.0, "--control-preservation", help="KL-to-base weight of controls"),
     max_companions: int = typer.Option(8, "--max-companions"),
-    prompts: int = typer.Option(8, "--prompts", help="chat prompts answered under every prefix (at most 8)"),
-    max_tokens: int = typer.Option(64, "--max-tokens"),
+    prompts: int = typer.Option(6, "--prompts", help="chat prompts answered under every prefix (at most 8)"),
+    max_tokens: int = typer.Option(48, "--max-tokens"),
     temperature: float = typer.Option(0.8, "--temperature"),
     base_model: str = typer.Option("smollm2", "--base-model", help="smollm2, tiny, or a model directory"),
     seed: int = typer.Option(0, "--seed"),
     out: str = typer.Option("eval-controls", "--out"),
+    threads: int | None = typer.Option(
+        None, "--threads", help="torch CPU threads (1 is 3-4x faster than 2 on a CPU shared with other work)"
+    ),
 ) -> None:
     """Train users' prefixes and control prefixes (per recipe) and report how the controls compose."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     spec = ControlEvalSpec(
         users=_names(users),
-        companion_users=_names(companion_users),
+        unseen_users=_names(unseen_users),
         control_authors=_names(control_authors),
         controls=_names(controls),
         recipes=_names(recipes),
@@ -77,7 +86,7 @@ def run(
     results = run_control_evaluation(spec, base, log=typer.echo)
     for recipe, s in results["summary"].items():
         typer.echo(
-            f"{recipe:14s} attribute helped {s['attribute_helps']}/{s['cells']}, own within 5% "
+            f"{recipe:15s} attribute helped {s['attribute_helps']}/{s['cells']}, own within 5% "
             f"{s['own_within_5pct']}/{s['cells']}, generated moved {s['generated_moved']}/{s['cells']}, "
             f"mean ratios attribute {s['mean_attribute_ratio']:.3f} own {s['mean_own_ratio']:.3f}"
         )

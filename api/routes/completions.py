@@ -3,10 +3,15 @@
 Each generation handler validates the body once into a `CompletionRequest`, hands it to the app's
 `CompletionService` (which authorizes the `model` for the caller before anything is queued) and
 answers with `api.answers.answer`: one JSON object or, with `stream: true`, server-sent events.
+
+The body is capped (`STEER_MAX_COMPLETION_BODY_BYTES`, 413) before it is parsed, and parsing,
+chat templating and tokenizing run on worker threads, a few at a time: one client's huge prompt
+must not stall the event loop that serves everyone else.
 """
 
 from __future__ import annotations
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
@@ -15,9 +20,9 @@ from api.answers import answer
 from api.deps import CallerDep, get_context
 from api.openapi import errors, event_stream, request_schema
 from api.responses import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, Model, ModelList
-from api.uploads import parse_json
+from api.uploads import parse_json, read_body_limited
 from core.inference import catalog
-from core.inference.requests import ChatCompletionBody, CompletionBody, parse_body
+from core.inference.requests import ChatCompletionBody, CompletionBody, CompletionRequest, parse_body
 from core.inference.service import CompletionService
 from core.service.api_keys import Caller
 
@@ -26,6 +31,12 @@ router = APIRouter(prefix="/v1", tags=["completions"])
 # The bodies are parsed by hand (`parse_body`: errors name the parameter, extra fields are
 # ignored as OpenAI clients send many); the schema still documents them.
 _GENERATION_ERRORS = errors(413, 429, 504)
+# Large bodies are read by at most this many threads at once: tokenizing one holds the GIL for
+# tens of milliseconds at a time, and more of them in parallel would starve the event loop (and the
+# shared thread pool). Small bodies, the usual case, never queue behind them.
+_LARGE_BODY_BYTES = 64_000
+_LARGE_BODY_READERS = 2
+_large_body_readers: anyio.CapacityLimiter | None = None
 
 
 def _generated(model: type, chunk: type) -> dict:
@@ -69,9 +80,35 @@ async def completions(request: Request, caller: CallerDep) -> Response:
 
 
 async def _complete(request: Request, caller: Caller, body_type: type[ChatCompletionBody | CompletionBody]) -> Response:
-    body = parse_body(body_type, parse_json(await request.body()))
-    card = get_context(request).model_card()
-    completion = body.to_request(card)
+    context = get_context(request)
+    raw = await read_body_limited(request, context.settings.max_completion_body_bytes)
+    limiter = _large_readers() if len(raw) > _LARGE_BODY_BYTES else None
+    completion = await anyio.to_thread.run_sync(_read, body_type, raw, context, limiter=limiter)
+    card = context.model_card()
+    quota = await _count_against_quota(request, caller, completion)
     service: CompletionService = request.app.state.completions
     submission = await service.submit(caller, completion, card.model_id)
-    return await answer(request, completion, submission)
+    response = await answer(request, completion, submission)
+    response.headers.update(quota)
+    return response
+
+
+async def _count_against_quota(request: Request, caller: Caller, completion: CompletionRequest) -> dict[str, str]:
+    """A user key's per-minute quotas (core/service/quotas.py): the `x-ratelimit-*` headers, or 429.
+    Off the event loop: in distributed mode it is a Redis round trip."""
+    if caller.is_admin:
+        return {}
+    tokens = len(completion.prompt_ids) + completion.params.max_tokens * completion.n
+    return await run_in_threadpool(request.app.state.rate_limiter.admit, caller.user_id, tokens)
+
+
+def _read(body_type: type[ChatCompletionBody | CompletionBody], raw: bytes, context) -> CompletionRequest:
+    """Parse, validate, template and tokenize a body: CPU-bound, so on a worker thread."""
+    return parse_body(body_type, parse_json(raw)).to_request(context.model_card())
+
+
+def _large_readers() -> anyio.CapacityLimiter:
+    global _large_body_readers
+    if _large_body_readers is None:
+        _large_body_readers = anyio.CapacityLimiter(_LARGE_BODY_READERS)
+    return _large_body_readers

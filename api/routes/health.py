@@ -7,17 +7,20 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import ContextDep
 from api.responses import Health, Readiness
 from core.db.migrate import schema_is_current
+from core.service.context import ServiceContext
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> Health:
-    """The process is up (says nothing about its dependencies)."""
+async def healthz() -> Health:
+    """The process is up (says nothing about its dependencies). Answered on the event loop itself,
+    so its latency shows whether anything blocks the loop."""
     return Health()
 
 
@@ -28,9 +31,19 @@ def healthz() -> Health:
         503: {"model": Readiness, "description": "Not ready: the failing checks"},
     },
 )
-def readyz(request: Request, ctx: ContextDep) -> JSONResponse:
+async def readyz(request: Request, ctx: ContextDep) -> JSONResponse:
     """Ready to serve: database reachable and migrated, broker reachable (distributed mode),
-    blob store usable. 503 with the failing checks otherwise."""
+    blob store usable. 503 with the failing checks otherwise. Also reports the inference capacity
+    (`inference_workers`), which does not decide readiness: without it only completions fail."""
+    checks = await run_in_threadpool(_dependency_checks, request, ctx)
+    completer = request.app.state.completer
+    workers = None if completer is None else await completer.capacity()
+    ready = all(value == "ok" for value in checks.values())
+    body = Readiness(status="ready" if ready else "unavailable", checks=checks, inference_workers=workers)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+def _dependency_checks(request: Request, ctx: ServiceContext) -> dict[str, Any]:
     checks: dict[str, Any] = {}
     try:
         checks["database"] = "ok" if schema_is_current(ctx.engine) else "schema is not migrated: run `steer migrate`"
@@ -48,9 +61,7 @@ def readyz(request: Request, ctx: ContextDep) -> JSONResponse:
         checks["store"] = "ok"
     except Exception as exc:  # noqa: BLE001
         checks["store"] = f"unavailable: {exc}".splitlines()[0]
-    ready = all(value == "ok" for value in checks.values())
-    body = Readiness(status="ready" if ready else "unavailable", checks=checks)
-    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+    return checks
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

@@ -13,12 +13,13 @@ from api.responses import FineTuningJob, FineTuningJobEventList, FineTuningJobLi
 from api.schemas import CreateJobRequest, event_object, job_object
 from core.service.errors import InvalidInput
 from core.service.jobs import cancel_job, create_job, get_job, list_events, list_jobs
+from core.service.quotas import check_job_quota
 from core.service.users import get_user
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
 
 
-@router.post("", status_code=201, responses=BODY_ERRORS)
+@router.post("", status_code=201, responses={**BODY_ERRORS, **errors(429)})
 def create(
     body: CreateJobRequest,
     session: SessionDep,
@@ -27,13 +28,16 @@ def create(
     base_model_id: BaseModelIdDep,
     dispatcher: DispatcherDep,
 ) -> FineTuningJob:
-    """Retrain a user on their current samples. A user key trains only itself."""
+    """Retrain a user on their current samples. A user key trains only itself, within its quotas
+    (`STEER_USER_MAX_ACTIVE_JOBS`, `STEER_USER_MAX_STEPS_PER_JOB`: 429 / 400 beyond them)."""
     user_id = body.user or caller.user_id
     if user_id is None:
         raise InvalidInput("user is required with the admin key", param="user")
     if body.model is not None and body.model not in (base_model_id, settings.base_model):
         raise InvalidInput(f"model must be the served base model {base_model_id!r}", param="model")
     user = get_user(session, caller, user_id)
+    if not caller.is_admin:
+        check_job_quota(session, settings, user.id, body.hyperparameters)
     job = create_job(session, "retrain", [user], body.hyperparameters)
     commit_and_dispatch(session, dispatcher, [job])
     return job_object(job, base_model_id)

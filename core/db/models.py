@@ -220,6 +220,9 @@ class Job(Base):
     # finish it, and it renews `heartbeat_at` while it lives (core/service/job_lease.py).
     lease_token: Mapped[str | None] = mapped_column(String(32))
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    lease_holder: Mapped[str | None] = mapped_column(String(255))
+    """The process holding the lease, "<host>:<pid>:<process namespace>": a redelivery on the same
+    namespace takes over at once when that process is gone (core/service/job_lease.py)."""
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     """When the job was last handed to the broker (a queued job silent for long is dispatched again)."""
 

@@ -31,11 +31,31 @@ def _enable_sqlite_pragmas(engine: Engine, *, wal: bool) -> None:
             # Embedded mode shares the file between the API thread and the training thread;
             # wait for a lock instead of failing with "database is locked".
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            # Deleted rows are overwritten with zeros, in their page and in freed overflow pages,
+            # so an erased user's text leaves the file (with `truncate_sqlite_wal` for the WAL).
+            cursor.execute("PRAGMA secure_delete=ON")
             if wal:
                 # Readers do not block the writer (and vice versa).
                 cursor.execute("PRAGMA journal_mode=WAL")
         finally:
             cursor.close()
+
+
+def truncate_sqlite_wal(engine: Engine, attempts: int = 5) -> bool:
+    """Copy the WAL of a SQLite file into the database and truncate it to zero bytes; True when
+    done (or there is nothing to do: not SQLite, in memory). The WAL holds whole pages as they were
+    written, old ones included, so until this runs it can still hold text deleted since.
+
+    A checkpoint cannot finish while another connection reads an older snapshot; each attempt
+    waits for readers and writers (busy timeout), then it is retried a few times."""
+    if engine.dialect.name != "sqlite" or _is_sqlite_memory(engine.url.database):
+        return True
+    for _ in range(attempts):
+        with engine.connect() as connection:
+            busy, _log_frames, _copied = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+        if not busy:
+            return True
+    return False
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:

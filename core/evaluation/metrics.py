@@ -29,7 +29,9 @@ class Scorer(Protocol):
 
 
 class PrefixScorer:
-    """Each row sees its user's prefix KV (L, 2, H, P, D), through the engine's own mixed-batch forward."""
+    """Each row sees its user's prefix KV (L, 2, H, P, D), through the engine's own mixed-batch forward.
+    A value of `kvs` may also be a tuple of KVs composed in that order (a user's prefix, then control
+    prefixes: core/evaluation/controls.py), exactly as a composed request is served."""
 
     def __init__(self, base: BaseModel, kvs: dict[str, torch.Tensor]):
         self.base, self.kvs = base, kvs

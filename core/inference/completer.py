@@ -14,7 +14,8 @@ Use:
         ...                                        # or InferenceFailed
     await submission.cancel()                      # client went away: free the batch slot
 
-`events()` ends after the last `RowFinished`; it never waits past the job's deadline.
+`events()` ends after the last `RowFinished`; it never waits past the job's deadline. It raises
+`InferenceUnavailable` when the job was withdrawn because no engine is left to run it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 
 from core.inference.engine import InferenceEngine
-from core.inference.errors import CorruptPrefix, DeadlineExceeded, InferenceFailed
+from core.inference.errors import CorruptPrefix, DeadlineExceeded, InferenceFailed, InferenceUnavailable
 from core.inference.jobs import Event, InferenceJob, JobFailed, RowFinished
 from core.inference.prefix_cache import PrefixRef
 
@@ -84,6 +85,8 @@ class Submission(ABC):
             if isinstance(event, JobFailed):
                 if event.kind == "timeout":
                     raise DeadlineExceeded(event.message)
+                if event.kind == "unavailable":
+                    raise InferenceUnavailable(event.message)
                 raise InferenceFailed(event.message)
             if isinstance(event, RowFinished):
                 rows_left -= 1
@@ -102,6 +105,10 @@ class Completer(ABC):
         return None
 
     async def close(self) -> None:
+        return None
+
+    async def capacity(self) -> int | None:
+        """Engines that can take jobs now (readiness); None when that cannot be told."""
         return None
 
     @abstractmethod
@@ -136,6 +143,9 @@ class InProcessCompleter(Completer):
 
     async def close(self) -> None:
         await asyncio.to_thread(self.engine.stop)
+
+    async def capacity(self) -> int:
+        return 1 if self.engine.alive else 0
 
     async def submit(self, job: InferenceJob) -> Submission:
         loop = asyncio.get_running_loop()

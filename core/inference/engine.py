@@ -95,6 +95,11 @@ class InferenceEngine:
         """Rows waiting or running."""
         return self.waiting + self._running
 
+    @property
+    def alive(self) -> bool:
+        """The engine thread runs (started and not stopped or crashed)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> InferenceEngine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="steer-inference", daemon=True)

@@ -79,8 +79,9 @@ class RowFinished:
 
 @dataclass
 class JobFailed:
-    """The whole job ended without a result. `kind`: "timeout", "error" or "corrupt_prefix"
-    (a prefix failed its checksum before anything was generated; `prefix` says which)."""
+    """The whole job ended without a result. `kind`: "timeout", "error", "corrupt_prefix"
+    (a prefix failed its checksum before anything was generated; `prefix` says which) or
+    "unavailable" (withdrawn before any engine took it: none is running)."""
 
     kind: str
     message: str

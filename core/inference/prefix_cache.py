@@ -72,6 +72,7 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()  # oldest first
         self._loading: dict[tuple[str, int], Future] = {}
+        self._forgotten: set[tuple[str, int]] = set()  # loads under way when their user was erased
         self._lock = threading.Lock()
         self._on_change = on_change
         self.hits = 0
@@ -106,14 +107,30 @@ class PrefixCache:
         except BaseException as exc:
             with self._lock:
                 del self._loading[ref.key]
+                self._forgotten.discard(ref.key)
             pending.set_exception(exc)
             raise
         with self._lock:
             del self._loading[ref.key]
-            self._insert(ref.key, kv)
+            if ref.key in self._forgotten:
+                self._forgotten.discard(ref.key)
+            else:
+                self._insert(ref.key, kv)
             self._changed()
         pending.set_result(kv)
         return kv
+
+    def invalidate_user(self, user_id: str) -> int:
+        """Drop every cached version of `user_id` (the user was erased); the number dropped. A load
+        of theirs already under way finishes for its request but is not kept."""
+        with self._lock:
+            keys = [k for k in self._entries if k[0] == user_id]
+            for key in keys:
+                self.bytes -= _nbytes(self._entries.pop(key))
+            self._forgotten.update(k for k in self._loading if k[0] == user_id)
+            if keys:
+                self._changed()
+        return len(keys)
 
     # -- internals (lock held) ---------------------------------------------------------------
 

@@ -63,12 +63,13 @@ class _Common(BaseModel):
     default_max_tokens: ClassVar[int]
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    # Integers must be JSON integers, as OpenAI requires: "5" or 5.0 or true is a 400.
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)
     temperature: float = 1.0
     top_p: float = 1.0
-    n: int = Field(default=1, ge=1, le=MAX_N)
+    n: int = Field(default=1, ge=1, le=MAX_N, strict=True)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, strict=True)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     controls: list[str] = Field(default_factory=list, max_length=16)
@@ -90,8 +91,15 @@ class _Common(BaseModel):
         """The request this body asks for on the base model of `card`, or `InvalidInput`."""
         params = self.sampling(card.max_context)
         prompt_ids = self.prompt_ids(card.tokenizer)
+        param = "messages" if self.chat else "prompt"
         if not prompt_ids:
-            raise InvalidInput("the prompt is empty", param="prompt")
+            raise InvalidInput("the prompt is empty", param=param)
+        if len(prompt_ids) >= card.max_context:
+            # Refused here, not by a worker: a job never carries more tokens than a model can read.
+            raise InvalidInput(
+                f"prompt of {len(prompt_ids)} tokens does not fit the context window of {card.max_context} tokens",
+                param=param,
+            )
         return CompletionRequest(
             self.model, self.chat, prompt_ids, params, self.n, self.stream, self.include_usage, tuple(self.controls)
         )
@@ -136,7 +144,7 @@ class ChatCompletionBody(_Common):
     default_max_tokens: ClassVar[int] = DEFAULT_MAX_TOKENS
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
 
     def sampling(self, max_context: int) -> SamplingParams:
         if self.max_tokens is None and self.max_completion_tokens is not None:
@@ -193,10 +201,32 @@ def parse_body(cls: type[_Common], data: Any) -> Any:
     """Validate a JSON body into `cls`, turning pydantic's errors into one `InvalidInput`."""
     if not isinstance(data, dict):
         raise InvalidInput("the request body must be a JSON object")
+    refuse_lone_surrogates(data)
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
         raise InvalidInput.from_validation(exc) from exc
+
+
+def refuse_lone_surrogates(data: Any) -> None:
+    """JSON may spell a lone UTF-16 surrogate (`"\\ud800"`), which no tokenizer or database can
+    encode: refuse it up front (400 naming the field) instead of failing deep inside.
+    Iterative, so any depth the JSON parser accepted is fine here too."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidInput(
+                    f"{where or 'the body'} is not valid Unicode (a lone UTF-16 surrogate)", param=where or None
+                ) from None
+        elif isinstance(value, dict):
+            stack.extend((item, f"{where}.{key}" if where else str(key)) for key, item in value.items())
+            stack.extend((key, where) for key in value if isinstance(key, str))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))
 
 
 def _param_of(message: str) -> str | None:

@@ -42,7 +42,12 @@ def build_completer(settings: Settings, load_base: Callable[[], BaseModel], stor
     Redis, and the base model is never loaded here (`load_base` is not called)."""
     if settings.redis_url is None:
         return InProcessCompleter(build_engine(settings, load_base(), store))
-    return RedisCompleter(settings.redis_url, settings.max_queue)
+    return RedisCompleter(
+        settings.redis_url,
+        settings.max_queue,
+        claim_idle_s=settings.infer_claim_idle_s,
+        worker_timeout_s=settings.infer_worker_timeout_s,
+    )
 
 
 class CompletionService:

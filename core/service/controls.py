@@ -6,8 +6,9 @@ A control is a row of `users` of kind "control" with the external id `control:<n
 have it: external ids have no colon). So it has writing samples, training jobs, prefix versions,
 rollback and erasure exactly like a user, through the same code: the registry, the training
 workers, the prefix cache. What differs: only the admin creates or deletes one, it has no API key,
-every key may use it, and it trains with users' prefixes attached (`companion_users`) so that it
-works composed with them.
+every key may use it, and it may train with users' prefixes attached (`companion_prefixes`,
+`STEER_CONTROL_COMPANIONS`; off by default: trained alone, controls kept the users' own text closer,
+docs/EVALUATION.md "Control prefixes").
 """
 
 from __future__ import annotations
@@ -32,12 +33,10 @@ CONTROL = "control"
 EXTERNAL_ID_PREFIX = CONTROL_PREFIX
 NAME_PATTERN = CONTROL_NAME_PATTERN
 MAX_CONTROLS_PER_REQUEST = 4
-COMPANIONS = 8
-"""How many users' active prefixes a control trains beside (recipe (b) in docs/EVALUATION.md)."""
 
 
 def validate_control_name(name: object, param: str = "name") -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InvalidInput(
             "a control name is 1-64 characters of lowercase letters, digits, _ and -, starting with a letter",
             param=param,
@@ -100,9 +99,9 @@ def delete_control(factory: sessionmaker[Session], store: BlobStore, name: str) 
     delete_user(factory, store, ADMIN, control_id, kind=CONTROL)
 
 
-def companion_prefixes(session: Session, control_id: str, base_fingerprint: str) -> list[PrefixVersion]:
-    """Up to `COMPANIONS` users' active prefixes on this base for a control to train beside, drawn
-    at random but the same for the same control and population."""
+def companion_prefixes(session: Session, control_id: str, base_fingerprint: str, count: int) -> list[PrefixVersion]:
+    """Up to `count` users' active prefixes on this base for a control to train beside, drawn at
+    random but the same for the same control and population."""
     rows = session.scalars(
         select(PrefixVersion)
         .join(User, User.id == PrefixVersion.user_id)
@@ -114,4 +113,4 @@ def companion_prefixes(session: Session, control_id: str, base_fingerprint: str)
         )
         .order_by(PrefixVersion.user_id)
     ).all()
-    return random.Random(control_id).sample(list(rows), min(COMPANIONS, len(rows)))
+    return random.Random(control_id).sample(list(rows), min(count, len(rows)))

@@ -1,7 +1,12 @@
-"""The embedded mode's training executor: one background thread running queued jobs in order.
+"""The embedded mode's training executor: one background thread running queued jobs, fairly.
 
 It calls the same `run_training_job` as the Celery worker. On start it picks up jobs left
 queued (or running, from a process that died) in the database, so a restart loses nothing.
+
+Fairness: a submitted job id only wakes the thread; which queued job runs next is decided from the
+database: the oldest job of the owner (the one user a job trains; each batch job is its own owner)
+that has had the fewest jobs run so far. So a user who queues many jobs cannot make another user's
+onboarding wait behind all of them: it runs after at most the job already running.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class EmbeddedExecutor:
         self._queue: queue.Queue[object] = queue.Queue()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._runs_by_owner: dict[str, int] = {}
 
     def start(self) -> None:
         if self._thread is not None:
@@ -36,7 +42,9 @@ class EmbeddedExecutor:
         with session_scope(self.ctx.session_factory) as session:
             # This process is the only runner: an attempt recorded as running died with the
             # previous process, whatever its lease says.
-            session.execute(update(Job).where(Job.status == "running").values(status="queued", lease_token=None))
+            session.execute(
+                update(Job).where(Job.status == "running").values(status="queued", lease_token=None, lease_holder=None)
+            )
             pending = (
                 session.execute(select(Job.id).where(Job.status.in_(("queued", "running"))).order_by(Job.created_at))
                 .scalars()
@@ -64,9 +72,36 @@ class EmbeddedExecutor:
             item = self._queue.get()
             if item is _STOP or self._stopping.is_set():
                 return
-            try:
-                run_training_job(str(item), self.ctx, should_stop=self._stopping.is_set)
-            except JobInterrupted:
-                return
-            except Exception:  # noqa: BLE001 - the job row records it; keep serving others
-                log.exception("training job %s failed", item)
+            # Jobs that went back to the queue in this pass (a transient error) wait for the next
+            # wake-up (the lost-job sweep dispatches them again) instead of spinning here.
+            deferred: set[str] = set()
+            while (job := self._next_job(deferred)) is not None:
+                job_id, owner = job
+                self._runs_by_owner[owner] = self._runs_by_owner.get(owner, 0) + 1
+                try:
+                    run_training_job(job_id, self.ctx, should_stop=self._stopping.is_set)
+                except JobInterrupted:
+                    return
+                except Exception:  # noqa: BLE001 - the job row records it; keep serving others
+                    log.exception("training job %s failed", job_id)
+                deferred.add(job_id)
+                if self._stopping.is_set():
+                    return
+
+    def _next_job(self, deferred: set[str]) -> tuple[str, str] | None:
+        """(job id, owner) of the queued job to run next, fairly across owners; None if none."""
+        with session_scope(self.ctx.session_factory) as session:
+            queued = session.execute(
+                select(Job.id, Job.user_ids)
+                .where(Job.status == "queued", Job.cancel_requested.is_(False))
+                .order_by(Job.created_at, Job.id)
+            ).all()
+        candidates = [(job_id, _owner(job_id, user_ids)) for job_id, user_ids in queued if job_id not in deferred]
+        if not candidates:
+            return None
+        # min() keeps the first (oldest) of equals: oldest job of the least-served owner.
+        return min(candidates, key=lambda c: self._runs_by_owner.get(c[1], 0))
+
+
+def _owner(job_id: str, user_ids: list[str]) -> str:
+    return user_ids[0] if len(user_ids) == 1 else job_id

@@ -54,7 +54,7 @@ def validate_hyperparameters(raw: object) -> dict[str, Any]:
         elif name in _FLOATS:
             low, high = _FLOATS[name]
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            above_low = low <= value if name in _ZERO_ALLOWED else low < value
+            above_low = ok and (low <= value if name in _ZERO_ALLOWED else low < value)
             if not ok or not (above_low and value <= high):
                 bracket = "[" if name in _ZERO_ALLOWED else "("
                 raise InvalidInput(f'{key} must be "auto" or a number in {bracket}{low}, {high}]', param=param)

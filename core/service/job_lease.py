@@ -12,16 +12,25 @@ message lost with a broker restart never comes back. So the job row carries a le
 * `recover_lost_jobs` (run periodically by the API's dispatcher in distributed mode) puts back in
   the queue and dispatches again every running job whose heartbeat is older than the lease, and
   every queued job handed to the broker long ago and still not started. A duplicate message is
-  harmless: a claim of a finished job, or of one a live attempt holds, does nothing.
+  harmless: a claim of a finished job, or of one a live attempt holds, does nothing;
+* a redelivered message (Celery hands a task back at once when its pool child dies) takes the job
+  over without waiting for the lease when the holder is provably gone: the lease names its holder
+  (`lease_holder`: host, pid, process namespace), and a claim made in the same process namespace
+  sees that the pid no longer runs; from elsewhere, a holder silent for `takeover_grace_s` (two
+  missed renewals) counts as gone.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from functools import lru_cache
+from pathlib import Path
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError
@@ -33,6 +42,7 @@ from core.service.jobs import add_event
 
 log = logging.getLogger(__name__)
 RENEWALS_PER_LEASE = 4
+MISSED_RENEWALS_FOR_TAKEOVER = 2
 
 
 class LeaseLost(ServiceError):
@@ -41,6 +51,47 @@ class LeaseLost(ServiceError):
 
 def new_lease_token() -> str:
     return uuid.uuid4().hex
+
+
+def takeover_grace_s(lease_s: float) -> float:
+    """How long a holder may stay silent before a redelivered task takes its job (15 s of 60)."""
+    return lease_s / RENEWALS_PER_LEASE * MISSED_RENEWALS_FOR_TAKEOVER
+
+
+@lru_cache(maxsize=1)
+def _process_namespace() -> str:
+    """Where a pid means one process: this kernel boot and pid namespace (containers sharing a host
+    name, or one host's containers, never compare pids of another namespace)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        inode = os.readlink("/proc/self/ns/pid").strip("pid:[]")
+        return f"{boot}.{inode}"
+    except OSError:  # no procfs: pids are compared only between processes of the same host name
+        return f"host.{socket.gethostname()}"
+
+
+def lease_holder() -> str:
+    """This process as a lease holder: "<host>:<pid>:<process namespace>"."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_namespace()}"
+
+
+def holder_is_gone(holder: str | None) -> bool:
+    """True only when `holder` provably no longer runs: it lived in this process namespace and its
+    pid is gone (or a zombie awaiting its parent). False when unknown or elsewhere."""
+    parts = (holder or "").split(":")
+    if len(parts) != 3 or parts[2] != _process_namespace() or not parts[1].isdigit():
+        return False
+    pid = parts[1]
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    try:  # a SIGKILLed child its parent has not reaped yet still has a pid
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def lease_expired(lease_s: float, now: datetime):
@@ -138,7 +189,7 @@ def recover_lost_jobs(
             taken = session.execute(
                 update(Job)
                 .where(Job.id == job_id, lost)
-                .values(status="queued", lease_token=None, dispatched_at=now)
+                .values(status="queued", lease_token=None, lease_holder=None, dispatched_at=now)
                 .execution_options(synchronize_session=False)
             ).rowcount
             if not taken:

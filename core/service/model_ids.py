@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 
 PREFIX = "ft"
+# Written with `^...$` for the OpenAPI schema (ECMA regex, where `$` is the end); in Python `$`
+# also matches before a trailing newline, so every check here uses `fullmatch`.
 EXTERNAL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+\-]{0,127}$")
 CONTROL_PREFIX = "control:"
 CONTROL_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
@@ -35,7 +37,7 @@ def format_model_id(base_model_id: str, external_id: str, version: int | None = 
     """The model id of a user's prefix (a given version, or the active one when None)."""
     if ":" in base_model_id or not base_model_id:
         raise ValueError(f"base model id {base_model_id!r} cannot be used in a model id")
-    if not EXTERNAL_ID_PATTERN.match(external_id):
+    if not EXTERNAL_ID_PATTERN.fullmatch(external_id):
         raise ValueError(f"external user id {external_id!r} cannot be used in a model id")
     model_id = f"{PREFIX}:{base_model_id}:{external_id}"
     return model_id if version is None else f"{model_id}:v{version}"
@@ -50,7 +52,7 @@ def subject_model_id(base_model_id: str, external_id: str, version: int | None =
 
 def parse_control_ref(text: str) -> tuple[str, int | None] | None:
     """`name` or `name:v<N>` as (name, version or None); None if `text` is neither."""
-    match = _CONTROL_REF.match(text)
+    match = _CONTROL_REF.fullmatch(text)
     return None if match is None else (match.group(1), None if match.group(2) is None else int(match.group(2)))
 
 
@@ -59,11 +61,11 @@ def parse_model_id(model_id: str) -> ModelRef | None:
     parts = model_id.split(":")
     if len(parts) not in (3, 4) or parts[0] != PREFIX or not parts[1]:
         return None
-    if not EXTERNAL_ID_PATTERN.match(parts[2]):
+    if not EXTERNAL_ID_PATTERN.fullmatch(parts[2]):
         return None
     version = None
     if len(parts) == 4:
-        match = _VERSION.match(parts[3])
+        match = _VERSION.fullmatch(parts[3])
         if match is None:
             return None
         version = int(match.group(1))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Select, and_, or_, select
+from sqlalchemy import Select, and_, or_
 from sqlalchemy.orm import Session
 
 from core.service.errors import InvalidInput
@@ -29,12 +29,16 @@ def paginate(
     limit: int,
     newest_first: bool,
 ) -> Page[Any]:
-    """One page of `statement` (rows of `model`), ordered by (created_at, id)."""
+    """One page of `statement` (rows of `model`), ordered by (created_at, id).
+
+    The cursor is looked up through `statement` itself, so it must be an item of this very
+    listing: an id the caller may not see (another user's) answers exactly like one that never
+    existed, and the cursor reveals nothing."""
     if not 1 <= limit <= MAX_LIMIT:
         raise InvalidInput(f"limit must be between 1 and {MAX_LIMIT}", param="limit")
     created, ident = model.created_at, model.id
     if after is not None:
-        cursor = session.execute(select(created).where(ident == after)).scalar_one_or_none()
+        cursor = session.execute(statement.with_only_columns(created).where(ident == after)).scalar_one_or_none()
         if cursor is None:
             raise InvalidInput(f"unknown cursor 'after={after}'", param="after")
         if newest_first:

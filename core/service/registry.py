@@ -3,7 +3,9 @@
 Invariant: an index row never points at a missing or partial blob. Publishing writes the blob,
 reads it back and checks its sha256, and only then commits the row (retiring the previous
 active version in the same transaction). If the commit fails, the just-written blob is deleted.
-Old versions stay (status "retired") so a user can roll back.
+Old versions stay (status "retired") so a user can roll back. A training job publishes a version
+that scored worse than the active one on the user's validation rows as a "candidate": stored,
+not activated; an admin may still activate it (`activate_version`).
 
 A worker killed between writing the blob and committing the row leaves an unindexed blob; the
 next publish for that user (a redelivered attempt, or any later job) and the end of a failed job
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -52,8 +54,15 @@ def publish_prefix(
     *,
     job_id: str | None,
     lease_token: str | None = None,
+    activate: bool = True,
+    expected_active: int | None | Literal["any"] = "any",
 ) -> PrefixVersion | None:
-    """Store a new active prefix version of `user_id`; None if the user is gone or going.
+    """Store a new prefix version of `user_id`, active (the previous one retired) or, with
+    `activate=False`, a "candidate" beside the active one; None if the user is gone or going.
+
+    With `expected_active` (the version active when the caller compared against it; None: none
+    was), the new version is activated only if that is still the active version: one that became
+    active meanwhile was never compared with it, so it stays a candidate.
 
     Idempotent per (user, job): a retried job finds the version its earlier attempt published
     and returns it instead of adding a duplicate. With `lease_token`, raises `LeaseLost` unless
@@ -89,11 +98,15 @@ def publish_prefix(
                 else None
             )
             crash_point("after_upload", job_id)
-            session.execute(
-                update(PrefixVersion)
-                .where(PrefixVersion.user_id == user_id, PrefixVersion.status == "active")
-                .values(status="retired")
-            )
+            if activate and expected_active != "any":
+                current = active_prefix(session, user_id)
+                activate = (None if current is None else current.version) == expected_active
+            if activate:
+                session.execute(
+                    update(PrefixVersion)
+                    .where(PrefixVersion.user_id == user_id, PrefixVersion.status == "active")
+                    .values(status="retired")
+                )
             row = PrefixVersion(
                 user_id=user_id,
                 version=version,
@@ -106,7 +119,7 @@ def publish_prefix(
                 state_sha256=state_digest,
                 prefix_len=artifacts.prefix_len,
                 metrics=artifacts.metrics,
-                status="active",
+                status="active" if activate else "candidate",
                 job_id=job_id,
             )
             session.add(row)
@@ -206,7 +219,8 @@ def list_versions(session: Session, user_id: str) -> list[PrefixVersion]:
 
 
 def activate_version(session: Session, user_id: str, version: int) -> PrefixVersion:
-    """Make an existing version the active one (rollback or roll forward)."""
+    """Make an existing version the active one: rollback, roll forward, or a candidate an admin
+    chooses despite its validation loss. A corrupt version never."""
     row = session.execute(
         select(PrefixVersion).where(PrefixVersion.user_id == user_id, PrefixVersion.version == version)
     ).scalar_one_or_none()

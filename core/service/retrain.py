@@ -16,6 +16,7 @@ from core.db import Job, PrefixVersion, Sample, User
 from core.service.errors import InvalidInput, NotFound
 from core.service.hyperparameters import validate_hyperparameters
 from core.service.jobs import create_job
+from core.service.users import could_be_user_id
 
 DEFAULT_USERS_PER_JOB = 8
 MAX_USERS_PER_JOB = 64
@@ -53,14 +54,16 @@ def select_users(session: Session, selection: RetrainSelection) -> list[User]:
     if selection.user_ids is not None:
         if not selection.user_ids:
             raise InvalidInput("user_ids is empty", param="user_ids")
-        users = {u.id: u for u in session.execute(select(User).where(User.id.in_(selection.user_ids))).scalars()}
+        wellformed = [uid for uid in selection.user_ids if could_be_user_id(uid)]
+        users = {u.id: u for u in session.execute(select(User).where(User.id.in_(wellformed))).scalars()}
         missing = [
             uid
             for uid in selection.user_ids
             if uid not in users or users[uid].deleted_at is not None or users[uid].kind != "user"
         ]
         if missing:
-            raise NotFound(f"unknown users: {', '.join(missing[:10])}")
+            shown = [uid for uid in missing if could_be_user_id(uid)][:10]  # never echo arbitrary text
+            raise NotFound(f"{len(missing)} unknown user id(s): {', '.join(shown) or 'not user ids'}")
         statement = statement.where(User.id.in_(selection.user_ids))
     elif not selection.all_users:
         active = (PrefixVersion.user_id == User.id) & (PrefixVersion.status == "active")

@@ -35,6 +35,8 @@ def validate_samples(texts: object, settings: Settings, param: str = "samples") 
         where = f"{param}[{index}]"
         if not isinstance(text, str):
             raise InvalidInput(f"{where} must be a string", param=where)
+        if not _encodable(text):  # JSON can spell a lone surrogate ("\ud800"); nothing can store it
+            raise InvalidInput(f"{where} is not valid Unicode (a lone UTF-16 surrogate)", param=where)
         if len(text) > settings.max_sample_chars:
             raise InvalidInput(
                 f"{where} is too long: {len(text)} characters > {settings.max_sample_chars}",
@@ -48,6 +50,14 @@ def validate_samples(texts: object, settings: Settings, param: str = "samples") 
             )
         cleaned.append(text)
     return cleaned
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_sample_file(filename: str, data: bytes, settings: Settings) -> list[str]:

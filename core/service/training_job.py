@@ -3,6 +3,11 @@
 The Celery worker (`workers/train.py`) and the embedded in-process executor both call it with
 a job id. It is idempotent by job id: a finished job is left alone, a retried one skips users
 whose prefix an earlier attempt already published, so redelivery never duplicates a version.
+
+A fault never makes a user's model silently worse: a store that cannot be reached while the job
+reads the active version is a transient error (the job is retried), not a cold start; and a new
+version is activated only if its validation loss is no worse than the active version's on the
+same rows, scored by the same code in the same job (else it is kept as a "candidate").
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core.artifacts import Prefix, load_prefix, load_training_state, save_prefix, save_training_state
@@ -27,7 +32,16 @@ from core.service.controls import CONTROL, companion_prefixes
 from core.service.crash_points import crash_point
 from core.service.errors import ServiceError
 from core.service.hyperparameters import resolve, training_config
-from core.service.job_lease import JobLease, LeaseLost, holds_lease, lease_expired, new_lease_token
+from core.service.job_lease import (
+    JobLease,
+    LeaseLost,
+    holder_is_gone,
+    holds_lease,
+    lease_expired,
+    lease_holder,
+    new_lease_token,
+    takeover_grace_s,
+)
 from core.service.jobs import add_event
 from core.service.metrics import TRAIN_STEP_SECONDS
 from core.service.model_ids import subject_model_id
@@ -39,7 +53,7 @@ from core.service.registry import (
     remove_unindexed_blobs,
 )
 from core.service.samples import user_sample_texts
-from core.storage import BlobStoreError, BlobStoreUnavailable
+from core.storage import BlobNotFound, BlobStoreUnavailable
 from core.training import Progress, TrainingConfig, UserData, train_prefixes
 
 log = logging.getLogger(__name__)
@@ -50,6 +64,9 @@ CANCEL_POLL_S = 1.0
 EVENTS_PER_JOB = 20
 PREFIX_DTYPE = "float16"
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OperationalError, BlobStoreUnavailable)
+NO_WORSE_TOLERANCE = 1e-3
+"""Validation loss (nats per token) a new version may exceed the active one's by and still count as
+no worse: the active version is scored as stored (float16), the new one before that rounding."""
 
 
 class TransientJobError(ServiceError):
@@ -122,7 +139,11 @@ def _run_claimed(ctx: ServiceContext, run: _Run, final_attempt: bool) -> str | N
         log.exception("training job %s crashed", job_id)
         _finish(ctx, run, "failed", error=f"internal error: {type(exc).__name__}: {exc}")
         raise
-    return _finish(ctx, run, "succeeded", message="Job succeeded", result=run.result)
+    candidates = [u for u in run.result["users"].values() if u["status"] == "candidate"]
+    message = "Job succeeded"
+    if candidates:
+        message += f"; {len(candidates)} new version(s) kept as candidates, not activated (worse than the active one)"
+    return _finish(ctx, run, "succeeded", message=message, result=run.result)
 
 
 def _lease_lost(job_id: str) -> None:
@@ -132,40 +153,54 @@ def _lease_lost(job_id: str) -> None:
 def _claim(ctx: ServiceContext, job_id: str) -> str | None:
     """Mark the job running (one more attempt) under a new lease; returns the lease token.
 
-    None if the job is finished, cancelled, unknown, or held by another attempt whose lease is
-    alive (a duplicate delivery; if that attempt dies, the lost-job sweep dispatches it again).
+    None if the job is finished, cancelled, unknown, or held by another attempt that may be alive
+    (a duplicate delivery; if that attempt dies, the lost-job sweep dispatches it again). A running
+    job whose holder is provably gone (its process ended in this process namespace, or it missed
+    `takeover_grace_s` of renewals) is taken over at once: Celery redelivers a task the moment its
+    pool child dies, and waiting for the lease would leave the job stalled for a minute.
     """
     token = new_lease_token()
+    lease_s = ctx.settings.job_lease_s
     with session_scope(ctx.session_factory) as session:
         now = database_now(session)
-        claimable = or_(Job.status == "queued", lease_expired(ctx.settings.job_lease_s, now))
-        claimed = session.execute(
-            update(Job)
-            .where(Job.id == job_id, claimable, Job.cancel_requested.is_(False))
-            .values(status="running", attempts=Job.attempts + 1, started_at=now, lease_token=token, heartbeat_at=now)
-            .execution_options(synchronize_session=False)
-        ).rowcount
         job = session.get(Job, job_id)
         if job is None:
             log.warning("training job %s does not exist; ignoring it", job_id)
             return None
-        if not claimed:
-            held = (
-                job.status == "running"
-                and not session.execute(
-                    select(Job.id).where(Job.id == job_id, lease_expired(ctx.settings.job_lease_s, now))
-                ).first()
+        seen_token, seen_holder = job.lease_token, job.lease_holder
+        gone = job.status == "running" and holder_is_gone(seen_holder)
+        silent = lease_expired(takeover_grace_s(lease_s), now)
+        claimable = or_(Job.status == "queued", silent)
+        if gone:  # compare-and-swap on the lease we saw, so a concurrent claimer cannot win twice
+            claimable = or_(claimable, and_(Job.status == "running", Job.lease_token == seen_token))
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, claimable, Job.cancel_requested.is_(False))
+            .values(
+                status="running",
+                attempts=Job.attempts + 1,
+                started_at=now,
+                lease_token=token,
+                lease_holder=lease_holder(),
+                heartbeat_at=now,
             )
-            if held:
-                log.info("training job %s is held by a live attempt; leaving it to that one", job_id)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        session.refresh(job)
+        if not claimed:
+            stale = gone or session.execute(select(Job.id).where(Job.id == job_id, silent)).first() is not None
+            if job.status == "running" and not stale:
+                log.info("training job %s is held by a live attempt (%s); leaving it to that one", job_id, seen_holder)
             elif job.status not in JOB_FINISHED_STATUSES:  # cancel requested while queued/running
-                job.status, job.finished_at, job.lease_token = "cancelled", utcnow(), None
+                job.status, job.finished_at, job.lease_token, job.lease_holder = "cancelled", utcnow(), None, None
                 add_event(session, job_id, "Job cancelled")
             return None
-        session.refresh(job)
+        if seen_token is not None:  # a running job taken over, not a queued one started
+            why = "its process is gone" if gone else "it stopped renewing its lease"
+            add_event(session, job_id, f"Took the job over from the previous attempt: {why}", level="warning")
         gave_up = job.attempts > MAX_ATTEMPTS
         if gave_up:
-            job.status, job.finished_at, job.lease_token = "failed", utcnow(), None
+            job.status, job.finished_at, job.lease_token, job.lease_holder = "failed", utcnow(), None, None
             job.error = f"gave up after {MAX_ATTEMPTS} attempts (the worker was lost each time)"
             add_event(session, job_id, job.error, level="error")
         else:
@@ -192,7 +227,7 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
             if user is None or user.deleted_at is not None:
                 run.result["skipped"][uid] = "user deleted"
             elif uid in published:
-                run.result["users"][uid] = _published_entry(user, published[uid])
+                run.result["users"][uid] = _published_entry(user.external_id, published[uid])
             elif not prepare_samples(texts := user_sample_texts(session, uid)):
                 run.result["skipped"][uid] = "no usable writing samples"
             else:
@@ -205,8 +240,16 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
 
     config = training_config(resolved, settings)
     base = ctx.base_model()
+    active_at_start: dict[str, int | None] = {}  # user -> their active version as training starts
+    compared_with: dict[str, int | None] = {}  # user -> the active version the new one must beat
     for data in todo:
-        data.resume_state = _warm_start_state(ctx, run.job_id, base, data.user_id, config)
+        active = _active_version(ctx, data.user_id)
+        active_at_start[data.user_id] = None if active is None else active.version
+        if active is not None and active.base_fingerprint != base.fingerprint:
+            active = None  # trained on another base model: nothing to build on or compare with
+        data.resume_state = _warm_start_state(ctx, run.job_id, base, active, config)
+        data.reference_kv = _active_kv(ctx, run.job_id, base, active)
+        compared_with[data.user_id] = None if data.reference_kv is None or active is None else active.version
         if data.user_id in controls:
             data.companions = _companions(ctx, run.job_id, base, data.user_id)
     crash_point("before_first_step", run.job_id)
@@ -221,6 +264,10 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
     )
     for result in trained:
         metrics = {k: v for k, v in result.metrics.items() if v is None or isinstance(v, (int, float, bool, str, dict))}
+        active_version = compared_with[result.user_id]
+        metrics["active_val_loss"] = metrics.pop("reference_val_loss", None)
+        metrics["compared_with_version"] = active_version
+        activate, why = _no_worse(metrics, active_version)
         prefix = Prefix(result.kv, base.model_id, base.fingerprint, config.to_dict(), metrics)
         artifacts = PrefixArtifacts(
             prefix=save_prefix(prefix, PREFIX_DTYPE),
@@ -231,32 +278,67 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
             metrics=metrics,
         )
         row = publish_prefix(
-            ctx.session_factory, ctx.store, result.user_id, artifacts, job_id=run.job_id, lease_token=run.lease.token
+            ctx.session_factory,
+            ctx.store,
+            result.user_id,
+            artifacts,
+            job_id=run.job_id,
+            lease_token=run.lease.token,
+            activate=activate,
+            expected_active=active_at_start[result.user_id],
         )
         if row is None:
             run.result["skipped"][result.user_id] = "user deleted during training"
             continue
-        model = subject_model_id(row.base_model_id, external_ids[result.user_id], row.version)
-        run.result["users"][result.user_id] = {"model": model, "version": row.version, "metrics": metrics}
-        _event(ctx, run.job_id, f"Published {model}", {"user_id": result.user_id, "version": row.version})
+        if activate and row.status == "candidate":
+            why = "another version became active during training; it was not compared with this one"
+        entry = _published_entry(external_ids[result.user_id], row)
+        run.result["users"][result.user_id] = {**entry, "reason": why}
+        data = {"user_id": result.user_id, "version": row.version, "status": row.status, "reason": why}
+        if row.status == "active":
+            _event(ctx, run.job_id, f"Published and activated {entry['model']}: {why}", data)
+        else:
+            message = f"Published {entry['model']} as a candidate, not activated: {why}"
+            _event(ctx, run.job_id, message, data, level="warning")
 
 
-def _published_entry(user: User, row: PrefixVersion) -> dict[str, Any]:
-    model = subject_model_id(row.base_model_id, user.external_id, row.version)
-    return {"model": model, "version": row.version, "metrics": row.metrics}
+def _no_worse(metrics: dict[str, Any], active_version: int | None) -> tuple[bool, str]:
+    """Whether a new version may replace the active one, and why: only if its validation loss is no
+    worse than the active version's on the same rows (scored by the same code in the same job)."""
+    new, old = metrics.get("val_loss"), metrics.get("active_val_loss")
+    if active_version is None:
+        return True, "nothing to compare with (no readable active version on this base model)"
+    if new is None or old is None:
+        return True, "no validation rows to compare on"
+    versus = f"validation loss {new:.4f}, active v{active_version} {old:.4f} on the same rows"
+    if new <= old + NO_WORSE_TOLERANCE:
+        return True, versus
+    return False, f"worse than the active version ({versus}); an admin may activate it"
 
 
-def _warm_start_state(ctx: ServiceContext, job_id: str, base: BaseModel, user_id: str, config: TrainingConfig) -> Any:
-    """Continue from the user's active prefix when it was trained on this base model with the
-    same prefix shape; otherwise (first training, new base model, new shape) start fresh."""
+def _published_entry(external_id: str, row: PrefixVersion) -> dict[str, Any]:
+    model = subject_model_id(row.base_model_id, external_id, row.version)
+    return {"model": model, "version": row.version, "status": row.status, "metrics": row.metrics}
+
+
+def _active_version(ctx: ServiceContext, user_id: str) -> PrefixVersion | None:
     with session_scope(ctx.session_factory) as session:
-        active = active_prefix(session, user_id)
-    if active is None or active.base_fingerprint != base.fingerprint or not active.state_blob_key:
+        return active_prefix(session, user_id)
+
+
+def _warm_start_state(
+    ctx: ServiceContext, job_id: str, base: BaseModel, active: PrefixVersion | None, config: TrainingConfig
+) -> Any:
+    """Continue from the user's active prefix when it has the same prefix shape; otherwise (first
+    training, new shape, corrupt state) start fresh. A store that cannot be reached raises
+    (a transient error: the job is retried), never a silent cold start."""
+    if active is None or not active.state_blob_key:
         return None
     try:
         state, prefix_config = load_training_state(load_state_bytes(ctx.store, active) or b"", base)
-    except (ArtifactError, BlobStoreError) as exc:
-        _event(ctx, job_id, f"User {user_id}: cannot warm-start from v{active.version} ({exc}); starting fresh")
+    except (ArtifactError, BlobNotFound) as exc:
+        message = f"User {active.user_id}: cannot warm-start from v{active.version} ({exc}); starting fresh"
+        _event(ctx, job_id, message, level="warning")
         return None
     wanted = {k: v for k, v in config.prefix.to_dict().items() if k != "init"}
     if {k: v for k, v in prefix_config.items() if k != "init"} != wanted:
@@ -264,10 +346,28 @@ def _warm_start_state(ctx: ServiceContext, job_id: str, base: BaseModel, user_id
     return state
 
 
+def _active_kv(ctx: ServiceContext, job_id: str, base: BaseModel, active: PrefixVersion | None) -> Any:
+    """The active version's prefix KV as served, for the training loop to score on the user's
+    validation rows. None when there is none or it is corrupt (nothing sound to compare with);
+    a store that cannot be reached raises (transient)."""
+    if active is None:
+        return None
+    try:
+        return load_prefix(ctx.store.get(active.blob_key, expected_sha256=active.sha256), base).kv
+    except (ArtifactError, BlobNotFound) as exc:
+        message = f"User {active.user_id}: active v{active.version} is unreadable ({exc}); not compared"
+        _event(ctx, job_id, message, level="warning")
+        return None
+
+
 def _companions(ctx: ServiceContext, job_id: str, base: BaseModel, control_id: str) -> list | None:
-    """Users' prefixes for a control to train beside (none yet: it trains alone)."""
+    """Users' prefixes for a control to train beside (`STEER_CONTROL_COMPANIONS`; none: alone)."""
+    count = ctx.settings.control_companions
+    if count == 0:
+        _event(ctx, job_id, "Training the control alone")
+        return None
     with session_scope(ctx.session_factory) as session:
-        rows = companion_prefixes(session, control_id, base.fingerprint)
+        rows = companion_prefixes(session, control_id, base.fingerprint, count)
     kvs = []
     for row in rows:
         try:
@@ -320,9 +420,11 @@ def _should_cancel(ctx: ServiceContext, run: _Run) -> bool:
         return job is None or job.cancel_requested
 
 
-def _event(ctx: ServiceContext, job_id: str, message: str, data: dict[str, Any] | None = None) -> None:
+def _event(
+    ctx: ServiceContext, job_id: str, message: str, data: dict[str, Any] | None = None, level: str = "info"
+) -> None:
     with session_scope(ctx.session_factory) as session:
-        add_event(session, job_id, message, data)
+        add_event(session, job_id, message, data, level=level)
 
 
 def _requeue(ctx: ServiceContext, run: _Run, message: str, level: str = "info") -> None:
@@ -332,7 +434,7 @@ def _requeue(ctx: ServiceContext, run: _Run, message: str, level: str = "info") 
             requeued = session.execute(
                 update(Job)
                 .where(Job.id == run.job_id, Job.status == "running", Job.lease_token == run.lease.token)
-                .values(status="queued", lease_token=None, dispatched_at=database_now(session))
+                .values(status="queued", lease_token=None, lease_holder=None, dispatched_at=database_now(session))
             ).rowcount
             if requeued:
                 add_event(session, run.job_id, message, level=level)
@@ -359,7 +461,7 @@ def _finish(
             return None
         job = session.get(Job, job_id)
         assert job is not None
-        job.status, job.finished_at, job.error, job.lease_token = status, utcnow(), error, None
+        job.status, job.finished_at, job.error, job.lease_token, job.lease_holder = status, utcnow(), error, None, None
         if result is not None:
             job.result = result
             models = [entry["model"] for entry in result["users"].values()]

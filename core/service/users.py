@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from sqlalchemy import String, cast, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import Job, User, utcnow
 from core.db.models import JOB_FINISHED_STATUSES
+from core.db.session import truncate_sqlite_wal
 from core.service.api_keys import Caller
 from core.service.errors import InvalidInput, NotFound
 from core.service.model_ids import EXTERNAL_ID_PATTERN
@@ -16,10 +18,16 @@ from core.service.pagination import Page, paginate
 from core.storage import BlobStore, user_blob_prefix
 
 log = logging.getLogger(__name__)
+_ID_PATTERN = re.compile(r"[0-9a-f]{32}")  # core.db.models.new_id
+
+
+def could_be_user_id(value: object) -> bool:
+    """Whether `value` has the shape of a user id (anything else is simply unknown, never queried)."""
+    return isinstance(value, str) and _ID_PATTERN.fullmatch(value) is not None
 
 
 def validate_external_id(external_id: object) -> str:
-    if not isinstance(external_id, str) or not EXTERNAL_ID_PATTERN.match(external_id):
+    if not isinstance(external_id, str) or not EXTERNAL_ID_PATTERN.fullmatch(external_id):
         raise InvalidInput(
             "external_id must be 1-128 characters of letters, digits and . _ @ + -, starting with a letter or digit",
             param="external_id",
@@ -42,8 +50,10 @@ def get_or_create_user(session: Session, external_id: str) -> tuple[User, bool]:
 
 
 def get_user(session: Session, caller: Caller, user_id: str) -> User:
-    """A live user the caller may see; `NotFound` otherwise (also for other users' ids)."""
-    user = session.get(User, user_id)
+    """A live user the caller may see; `NotFound` otherwise (also for other users' ids, and for
+    strings that cannot be an id at all, e.g. a lone surrogate from JSON, which the database
+    could not even encode)."""
+    user = session.get(User, user_id) if could_be_user_id(user_id) else None
     if user is None or user.kind != "user" or user.deleted_at is not None or not caller.may_access(user.id):
         raise NotFound(f"no user with id {user_id!r}")
     return user
@@ -94,7 +104,18 @@ def delete_user(
     # A training job that published between the two steps above left a blob whose row the
     # cascade removed; sweep once more so nothing of the user remains.
     store.delete_prefix(user_blob_prefix(user_id))
+    _scrub_database_files(factory)
     log.info("erased user %s", user_id)
+
+
+def _scrub_database_files(factory: sessionmaker[Session]) -> None:
+    """SQLite: the deleted rows are already zeroed in the file (`secure_delete`), but the WAL still
+    holds the pages as they were before; fold it in and truncate it. Postgres keeps dead tuples
+    until VACUUM (docs/RELIABILITY.md says what an operator does about that)."""
+    with factory() as session:
+        engine = session.get_bind()
+    if not truncate_sqlite_wal(engine):
+        log.warning("erasure: the SQLite WAL could not be truncated (busy readers); the next erasure truncates it")
 
 
 def _jobs_of(session: Session, user_id: str) -> list[Job]:

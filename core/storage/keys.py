@@ -53,7 +53,7 @@ def normalize_prefix(prefix: str, *, allow_root: bool) -> str:
 
 
 def _checked_user_id(user_id: str) -> str:
-    if not isinstance(user_id, str) or not _USER_ID.match(user_id):
+    if not isinstance(user_id, str) or not _USER_ID.fullmatch(user_id):
         raise InvalidBlobKey(f"user id is not usable in a blob key: {user_id!r}")
     return user_id
 
