@@ -86,10 +86,17 @@ def _prompts(base: BaseModel, n: int) -> list[list[int]]:
 class _Run:
     tokens: int
     seconds: float
+    cpu_seconds: float | None = None
+    """CPU time this process spent on the run (all its threads): what other processes' load does not
+    inflate, unlike wall time. Meaningful with one torch thread (idle OpenMP threads spin)."""
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds
+
+    @property
+    def tokens_per_cpu_s(self) -> float:
+        return self.tokens / self.cpu_seconds
 
 
 def _timed(fn) -> _Run:
@@ -217,17 +224,19 @@ def _step_interleaved(base, prompts, arms: dict[str, list], new_tokens: int) -> 
             engines[name].submit(GenerationRequest(prompt, params, prefix))
     tokens = dict.fromkeys(arms, 0)
     seconds = dict.fromkeys(arms, 0.0)
+    cpu_seconds = dict.fromkeys(arms, 0.0)
     names = list(arms)
     round_ = 0
     while any(engine.has_work for engine in engines.values()):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             if engines[name].has_work:
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 done = engines[name].step()
                 seconds[name] += time.perf_counter() - started
+                cpu_seconds[name] += time.process_time() - cpu_started
                 tokens[name] += sum(r.completion_tokens for r in done)
         round_ += 1
-    return {name: _Run(tokens[name], seconds[name]) for name in arms}
+    return {name: _Run(tokens[name], seconds[name], cpu_seconds[name]) for name in arms}
 
 
 def bench_composition(base: BaseModel, requests: int, new_tokens: int, prefix_len: int, repeats: int) -> dict:
@@ -254,6 +263,7 @@ def bench_composition(base: BaseModel, requests: int, new_tokens: int, prefix_le
     composed_runs = runs["user_plus_2_controls"]
     composed_vs_user = [c.tokens_per_s / u.tokens_per_s for c, u in zip(composed_runs, runs["user_only"])]
     composed_vs_base = [c.tokens_per_s / b.tokens_per_s for c, b in zip(composed_runs, runs["base_no_prefix"])]
+    composed_vs_user_cpu = [c.tokens_per_cpu_s / u.tokens_per_cpu_s for c, u in zip(composed_runs, runs["user_only"])]
     return {
         "requests": requests,
         "new_tokens": new_tokens,
@@ -263,9 +273,12 @@ def bench_composition(base: BaseModel, requests: int, new_tokens: int, prefix_le
         "mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1),
         "generated_tokens": {name: [run.tokens for run in arm] for name, arm in runs.items()},
         "tokens_per_s": {name: _spread([run.tokens_per_s for run in arm], 1) for name, arm in runs.items()},
+        "tokens_per_cpu_s": {name: _spread([run.tokens_per_cpu_s for run in arm], 1) for name, arm in runs.items()},
+        "torch_threads": torch.get_num_threads(),
         "ratios": {
             "composed/user_only (goal >= 0.9)": _spread(composed_vs_user, 3),
             "composed/base_no_prefix": _spread(composed_vs_base, 3),
+            "composed/user_only by CPU time": _spread(composed_vs_user_cpu, 3),
         },
     }
 

@@ -33,6 +33,11 @@ def test_composition_benchmark_counts_every_token_and_reports_ratios_within_each
         for r, value in enumerate(spread["each"]):
             expected = each["user_plus_2_controls"]["each"][r] / each[denominator]["each"][r]
             assert abs(value - expected) <= 0.05 * expected, (ratio, r, value, expected)
+    # The same ratio by CPU time (what other processes' load does not inflate).
+    cpu = result["tokens_per_cpu_s"]
+    for r, value in enumerate(result["ratios"]["composed/user_only by CPU time"]["each"]):
+        expected = cpu["user_plus_2_controls"]["each"][r] / cpu["user_only"]["each"][r]
+        assert abs(value - expected) <= 0.05 * expected
 
 
 def test_control_prefixes_have_exactly_the_asked_length(tiny):

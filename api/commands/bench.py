@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
+import torch
 import typer
 
 from core.bench import bench_composition, bench_serving, bench_training, machine_info
@@ -59,12 +60,15 @@ def compose_command(
     new_tokens: int = typer.Option(64, help="Tokens generated per request."),
     prefix_len: int = typer.Option(16, help="Virtual tokens of each prefix (the user's and each control's)."),
     repeats: int = typer.Option(3, help="Interleaved repetitions of the three arms (ratios taken within each)."),
+    threads: int = typer.Option(0, help="Torch threads (0: torch's default); 1 makes the CPU-time ratio exact."),
     base_model: BaseModelName = "smollm2",
     device: Device = "auto",
     dtype: Dtype = "auto",
     as_json: AsJson = False,
 ) -> None:
     """Serving cost of composition: user prefix + 2 controls vs user prefix alone vs no prefix."""
+    if threads:
+        torch.set_num_threads(threads)
     base = _base_model(base_model, device, dtype)
     _emit("compose", bench_composition(base, requests, new_tokens, prefix_len, repeats), as_json)
 
