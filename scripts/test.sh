@@ -91,6 +91,13 @@ if ! port_open "$REDIS_PORT"; then
     wait_for_port "$REDIS_PORT" Redis
 fi
 
+# --- Chromium -----------------------------------------------------------------------------
+# tests/test_console.py drives Debian's Chromium through Playwright (never `playwright install`:
+# its browser download is not needed and not always reachable).
+if [ ! -x /usr/bin/chromium ]; then
+    apt_install chromium
+fi
+
 # --- lint ---------------------------------------------------------------------------------
 # Configuration in pyproject.toml ([tool.ruff]); a finding fails the run before any test.
 ruff check .

@@ -14,8 +14,10 @@ Reliability choices, each for a failure an operator will meet:
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import setup_logging
 
 from core.config import Settings, get_settings
+from core.logging_setup import configure_logging
 
 TRAIN_QUEUE = "train"
 HARD_LIMIT_GRACE_S = 60
@@ -46,6 +48,12 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
     )
     return app
+
+
+@setup_logging.connect
+def _steer_logging(loglevel: int | str | None = None, **_kwargs: object) -> None:
+    """Celery's lines in Steer's format (timestamps, levels, STEER_LOG_FORMAT=json) instead of its own."""
+    configure_logging(loglevel or "INFO")
 
 
 # `celery -A workers.celery_app worker` finds this.

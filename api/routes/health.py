@@ -6,9 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
+from api import workers as worker_registry
 from api.deps import ContextDep
 from api.responses import Health, Readiness
 from core.db.migrate import schema_is_current
@@ -33,14 +34,30 @@ async def healthz() -> Health:
 )
 async def readyz(request: Request, ctx: ContextDep) -> JSONResponse:
     """Ready to serve: database reachable and migrated, broker reachable (distributed mode),
-    blob store usable. 503 with the failing checks otherwise. Also reports the inference capacity
-    (`inference_workers`), which does not decide readiness: without it only completions fail."""
+    blob store usable. 503 with the failing checks otherwise. Also reports the inference and the
+    training capacity (`inference_workers`, `training_workers`), which do not decide readiness:
+    without inference workers only completions fail, without training workers jobs wait queued."""
     checks = await run_in_threadpool(_dependency_checks, request, ctx)
     completer = request.app.state.completer
     workers = None if completer is None else await completer.capacity()
+    trainers = await run_in_threadpool(_training_capacity, request, ctx)
     ready = all(value == "ok" for value in checks.values())
-    body = Readiness(status="ready" if ready else "unavailable", checks=checks, inference_workers=workers)
+    body = Readiness(
+        status="ready" if ready else "unavailable",
+        checks=checks,
+        inference_workers=workers,
+        training_workers=trainers,
+    )
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+def _training_capacity(request: Request, ctx: ServiceContext) -> int | None:
+    if ctx.settings.mode == "embedded":
+        return 1  # the in-process training executor
+    try:
+        return len(worker_registry.live_workers(request.app.state, ctx.settings, kind="training"))
+    except Exception:  # noqa: BLE001 - the broker is down: the checks say so
+        return None
 
 
 def _dependency_checks(request: Request, ctx: ServiceContext) -> dict[str, Any]:
@@ -65,5 +82,9 @@ def _dependency_checks(request: Request, ctx: ServiceContext) -> dict[str, Any]:
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
+def metrics(request: Request, ctx: ContextDep) -> Response:
+    """The API's metrics and, in distributed mode, every live worker's (label `worker`)."""
+    own = request.app.state.metrics_registry
+    return Response(
+        worker_registry.metrics_exposition(request.app.state, ctx.settings, own), media_type=CONTENT_TYPE_LATEST
+    )

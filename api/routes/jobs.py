@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
 from api.deps import BaseModelIdDep, CallerDep, DispatcherDep, SessionDep, SettingsDep
 from api.jobs_dispatch import commit_and_dispatch
 from api.openapi import BODY_ERRORS, errors
-from api.responses import FineTuningJob, FineTuningJobEventList, FineTuningJobList
-from api.schemas import CreateJobRequest, event_object, job_object
+from api.responses import FineTuningJob, FineTuningJobCheckpointList, FineTuningJobEventList, FineTuningJobList
+from api.schemas import CreateJobRequest, checkpoint_object, event_object, job_object
 from core.service.errors import InvalidInput
-from core.service.jobs import cancel_job, create_job, get_job, list_events, list_jobs
+from core.service.files import file_texts
+from core.service.jobs import (
+    add_event,
+    cancel_job,
+    create_job,
+    get_job,
+    list_checkpoints,
+    list_events,
+    list_jobs,
+    user_to_train,
+)
 from core.service.quotas import check_job_quota
-from core.service.users import get_user
+from core.service.samples import add_samples
+
+JobStatusFilter = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -28,19 +40,41 @@ def create(
     base_model_id: BaseModelIdDep,
     dispatcher: DispatcherDep,
 ) -> FineTuningJob:
-    """Retrain a user on their current samples. A user key trains only itself, within its quotas
-    (`STEER_USER_MAX_ACTIVE_JOBS`, `STEER_USER_MAX_STEPS_PER_JOB`: 429 / 400 beyond them)."""
-    user_id = body.user or caller.user_id
-    if user_id is None:
-        raise InvalidInput("user is required with the admin key", param="user")
-    if body.model is not None and body.model not in (base_model_id, settings.base_model):
-        raise InvalidInput(f"model must be the served base model {base_model_id!r}", param="model")
-    user = get_user(session, caller, user_id)
+    """Retrain a user on their samples, as OpenAI's `fine_tuning.jobs.create`. A user key trains
+    only itself, within its quotas (`STEER_USER_MAX_ACTIVE_JOBS`, `STEER_USER_MAX_STEPS_PER_JOB`:
+    429 / 400 beyond them); the admin key names the user by `user` (id), `suffix` (external id) or
+    `model` (`user:<external_id>`). A `training_file`'s texts join the user's samples first."""
+    user = user_to_train(
+        session,
+        caller,
+        user_id=body.user,
+        suffix=body.suffix,
+        model=body.model,
+        base_model_ids=(base_model_id, settings.base_model),
+    )
+    hyperparameters = _with_seed(body.hyperparameters, body.seed)
+    texts = file_texts(session, settings, caller, body.training_file, "training_file") if body.training_file else []
+    if body.validation_file is not None:
+        file_texts(session, settings, caller, body.validation_file, "validation_file")
     if not caller.is_admin:
-        check_job_quota(session, settings, user.id, body.hyperparameters)
-    job = create_job(session, "retrain", [user], body.hyperparameters)
+        check_job_quota(session, settings, user.id, hyperparameters)
+    if texts:
+        add_samples(session, settings, user, texts, source="upload")
+    job = create_job(session, "retrain", [user], hyperparameters)
+    if body.training_file:
+        add_event(session, job.id, f"Training file {body.training_file}: {len(texts)} sample(s) added or kept")
     commit_and_dispatch(session, dispatcher, [job])
-    return job_object(job, base_model_id)
+    return job_object(job, base_model_id, caller.user_id)
+
+
+def _with_seed(hyperparameters: object, seed: int | None) -> object:
+    if seed is None:
+        return hyperparameters
+    if hyperparameters is None:
+        return {"seed": seed}
+    if isinstance(hyperparameters, dict) and hyperparameters.get("seed", seed) == seed:
+        return {**hyperparameters, "seed": seed}
+    raise InvalidInput("seed and hyperparameters.seed disagree", param="seed")
 
 
 @router.get("")
@@ -51,15 +85,18 @@ def list_all(
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     user: str | None = None,
+    status: JobStatusFilter | None = None,
 ) -> FineTuningJobList:
-    """Jobs newest first; `after` is the last id of the previous page; filter by `user`."""
-    page = list_jobs(session, caller, after=after, limit=limit, user_id=user)
-    return FineTuningJobList(data=[job_object(job, base_model_id) for job in page.items], has_more=page.has_more)
+    """Jobs newest first; `after` is the last id of the previous page; filter by `user` (id) and
+    `status`. A user key sees every job that trains it, an admin batch too (only its own part)."""
+    page = list_jobs(session, caller, after=after, limit=limit, user_id=user, status=status)
+    data = [job_object(job, base_model_id, caller.user_id) for job in page.items]
+    return FineTuningJobList(data=data, has_more=page.has_more)
 
 
 @router.get("/{job_id}")
 def get_one(job_id: str, session: SessionDep, caller: CallerDep, base_model_id: BaseModelIdDep) -> FineTuningJob:
-    return job_object(get_job(session, caller, job_id), base_model_id)
+    return job_object(get_job(session, caller, job_id), base_model_id, caller.user_id)
 
 
 @router.get("/{job_id}/events")
@@ -78,11 +115,26 @@ def events(
         if not digits.isdigit():
             raise InvalidInput(f"unknown cursor 'after={after}'", param="after")
         cursor = int(digits)
-    rows, has_more = list_events(session, job, after=cursor, limit=limit)
+    rows, has_more = list_events(session, job, after=cursor, limit=limit, caller=caller)
     return FineTuningJobEventList(data=[event_object(e) for e in rows], has_more=has_more)
+
+
+@router.get("/{job_id}/checkpoints")
+def checkpoints(
+    job_id: str,
+    session: SessionDep,
+    caller: CallerDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> FineTuningJobCheckpointList:
+    """The prefix versions the job published, newest first (a user key: its own only); `after` is
+    the last checkpoint id of the previous page."""
+    page = list_checkpoints(session, caller, get_job(session, caller, job_id), after=after, limit=limit)
+    return FineTuningJobCheckpointList(data=[checkpoint_object(u, v) for u, v in page.items], has_more=page.has_more)
 
 
 @router.post("/{job_id}/cancel", responses=errors(409))
 def cancel(job_id: str, session: SessionDep, caller: CallerDep, base_model_id: BaseModelIdDep) -> FineTuningJob:
-    """Cancel a queued job now, or ask a running one to stop at its next training step."""
-    return job_object(cancel_job(session, caller, job_id), base_model_id)
+    """Cancel a queued job now, or ask a running one to stop at its next training step. A batch
+    job that trains other users too: the admin key only (403)."""
+    return job_object(cancel_job(session, caller, job_id), base_model_id, caller.user_id)

@@ -19,6 +19,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -51,6 +52,7 @@ PREFIX_STATUSES = ("active", "retired", "corrupt", "candidate")
 
 ID_LENGTH = 32  # uuid4().hex
 JOB_ID_PREFIX = "ftjob-"
+FILE_ID_PREFIX = "file-"
 
 
 def utcnow() -> datetime:
@@ -66,6 +68,11 @@ def new_id() -> str:
 def new_job_id() -> str:
     """A fresh job id in the OpenAI fine-tuning style, `ftjob-<hex>`."""
     return f"{JOB_ID_PREFIX}{uuid.uuid4().hex}"
+
+
+def new_file_id() -> str:
+    """A fresh file id in the OpenAI Files API style, `file-<hex>`."""
+    return f"{FILE_ID_PREFIX}{uuid.uuid4().hex}"
 
 
 def _in_list(column: str, values: tuple[str, ...]) -> str:
@@ -247,3 +254,20 @@ class JobEvent(Base):
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     job: Mapped[Job] = relationship(back_populates="events")
+
+
+class File(Base):
+    """An uploaded training file (OpenAI's Files API, `purpose="fine-tune"`), kept as uploaded.
+
+    `user_id` is the owner (a user key's upload); null for an admin upload. Erasing the owner
+    erases the file (ON DELETE CASCADE)."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_file_id)
+    user_id: Mapped[str | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

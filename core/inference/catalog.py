@@ -206,3 +206,79 @@ def _parse(model: str, base_model_id: str) -> tuple[str, int | None]:
     if ref is None or ref.base_model_id != base_model_id:
         raise NotFound(f"The model '{model}' does not exist or you do not have access to it.")
     return ref.external_id, ref.version
+
+
+def retrieve_model(
+    session: Session, caller: Caller, model: str, base_model_id: str, base_created: int = 0
+) -> ModelEntry:
+    """One model id the caller may use, as `/v1/models` lists it; `NotFound` otherwise (also for a
+    user without an active prefix, and for corrupt versions, which are never listed)."""
+    missing = NotFound(f"The model '{model}' does not exist or you do not have access to it.")
+    if model == base_model_id:
+        return ModelEntry(base_model_id, "steer", base_created)
+    if model.startswith(controls.EXTERNAL_ID_PREFIX):
+        control = _live_subject(session, model, controls.CONTROL)
+        row = None if control is None else active_prefix(session, control.id)
+        if row is None or row.base_model_id != base_model_id:
+            raise missing
+        return ModelEntry(model, "steer", int(row.created_at.timestamp()))
+    user, row = _user_version(session, caller, model, base_model_id)
+    if row is None or row.status == "corrupt":
+        raise missing
+    return ModelEntry(model, user.external_id, int(row.created_at.timestamp()))
+
+
+def retire_model(session: Session, caller: Caller, model: str, base_model_id: str) -> PrefixVersion:
+    """`DELETE /v1/models/{model}`: retire that exact version (`ft:<base>:<external_id>:v<N>`). It
+    is no longer the user's active prefix; if it was, the newest other retired version becomes
+    active (none left: the user's alias answers `model_not_ready` until the next training). The
+    version stays stored and listed, so an admin or the user may activate it again."""
+    _, version = _parse(model, base_model_id)
+    if version is None:
+        raise InvalidInput("name one version to retire: ft:<base>:<external_id>:v<N>", param="model")
+    user, row = _user_version(session, caller, model, base_model_id)
+    if row is None:
+        raise NotFound(f"The model '{model}' does not exist or you do not have access to it.")
+    if row.status == "active":
+        fallback = session.scalar(
+            select(PrefixVersion)
+            .where(
+                PrefixVersion.user_id == user.id,
+                PrefixVersion.status == "retired",
+                PrefixVersion.base_model_id == base_model_id,
+            )
+            .order_by(PrefixVersion.version.desc())
+            .limit(1)
+        )
+        if fallback is not None:
+            fallback.status = "active"
+    if row.status != "corrupt":
+        row.status = "retired"
+    session.flush()
+    return row
+
+
+def _live_subject(session: Session, external_id: str, kind: str) -> User | None:
+    return session.scalar(
+        select(User).where(User.external_id == external_id, User.kind == kind, User.deleted_at.is_(None))
+    )
+
+
+def _user_version(
+    session: Session, caller: Caller, model: str, base_model_id: str
+) -> tuple[User, PrefixVersion | None]:
+    """The user a model id names (NotFound unless the caller may see them) and the version it
+    names (the active one for an alias), if any on this base model."""
+    external_id, version = _parse(model, base_model_id)
+    user = _live_subject(session, external_id, "user")
+    if user is None or not caller.may_access(user.id):
+        raise NotFound(f"The model '{model}' does not exist or you do not have access to it.")
+    if version is None:
+        row = active_prefix(session, user.id)
+    else:
+        row = session.scalar(
+            select(PrefixVersion).where(PrefixVersion.user_id == user.id, PrefixVersion.version == version)
+        )
+    if row is not None and row.base_model_id != base_model_id:
+        row = None
+    return user, row
