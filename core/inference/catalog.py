@@ -105,11 +105,7 @@ def _split_controls(
 
 def _control_ref(session: Session, name: str, version: int | None, base_model_id: str) -> PrefixRef:
     label = name if version is None else f"{name}:v{version}"
-    control = session.scalar(
-        select(User).where(
-            User.external_id == controls.external_id_of(name), User.kind == controls.CONTROL, User.deleted_at.is_(None)
-        )
-    )
+    control = _live_subject(session, controls.external_id_of(name), controls.CONTROL)
     if control is None:
         raise NotFound(f"The control '{name}' does not exist.")
     if version is None:
@@ -131,23 +127,10 @@ def _resolve_one(session: Session, caller: Caller, model: str, base_model_id: st
     """The prefix one model id names (None: the base model)."""
     if model == base_model_id:
         return None
-    external_id, version = _parse(model, base_model_id)
-    user = session.scalar(
-        select(User).where(User.external_id == external_id, User.kind == "user", User.deleted_at.is_(None))
-    )
-    if user is None or not caller.may_access(user.id):
-        raise NotFound(f"The model '{model}' does not exist or you do not have access to it.")
-    if version is None:
-        row = active_prefix(session, user.id)
-    else:
-        row = session.scalar(
-            select(PrefixVersion).where(PrefixVersion.user_id == user.id, PrefixVersion.version == version)
-        )
-    if row is not None and row.base_model_id != base_model_id:
-        row = None
-    if row is None and version is None:
+    user, row = _user_version(session, caller, model, base_model_id)
+    if row is None and _parse(model, base_model_id)[1] is None:
         raise NoTrainedPrefix(
-            f"The user '{external_id}' has no trained prefix yet; train one first, or use the base "
+            f"The user '{user.external_id}' has no trained prefix yet; train one first, or use the base "
             f"model '{base_model_id}' explicitly.",
             param="model",
         )
@@ -156,7 +139,7 @@ def _resolve_one(session: Session, caller: Caller, model: str, base_model_id: st
     if row.status == "corrupt":
         raise CorruptModel(
             f"The model '{model}' is corrupt in storage (checksum mismatch) and cannot be served; "
-            f"use 'user:{external_id}' for the user's current good version."
+            f"use 'user:{user.external_id}' for the user's current good version."
         )
     return prefix_ref(row)
 
