@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import random
 import re
 import time
@@ -39,11 +38,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import transformers
 
 from core.data import FORMAT_CHAT, FORMAT_PLAIN, IGNORE, Example, build_examples, prepare_samples
 from core.evaluation import datasets
 from core.evaluation.metrics import PrefixScorer, ppl, score_rows
+from core.evaluation.runner import environment
 from core.generation import FINISH_STOP, GenerationRequest, MixedBatchGenerator
 from core.model import BaseModel
 from core.prefix import PrefixConfig
@@ -572,7 +571,7 @@ def run_control_evaluation(
     phase("attribute", t)
     results = {
         "spec": {**asdict(spec), "out": Path(spec.out).name},
-        "environment": _environment(base),
+        "environment": environment(base),
         "corpora": _corpora_summary(users, controls, spec),
         "training": {"users": user_training, "controls": control_training},
         **scored,
@@ -584,18 +583,6 @@ def run_control_evaluation(
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n", encoding="utf-8")
     (out / "report.md").write_text(render_report(results), encoding="utf-8")
     return results
-
-
-def _environment(base: BaseModel) -> dict:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "machine": platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.is_available(),
-        "base_model": base.model_id,
-    }
 
 
 def _corpora_summary(users, controls: list[ControlCorpus], spec: ControlEvalSpec) -> dict:

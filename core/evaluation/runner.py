@@ -133,6 +133,19 @@ class _Bar:
             self.progress.stop()
 
 
+def environment(base: BaseModel) -> dict:
+    """What a run's figures depend on besides its spec: versions, machine, threads, base model."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "base_model": base.model_id,
+    }
+
+
 def load_users(spec: EvalSpec, out: Path) -> dict[str, datasets.UserTexts]:
     path = spec.data
     if spec.sotu:
@@ -233,15 +246,7 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) ->
     bar = _Bar(progress)
     results: dict = {
         "spec": _shareable(asdict(spec)),
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "machine": platform.machine(),
-            "cpu_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.is_available(),
-            "base_model": base.model_id,
-        },
+        "environment": environment(base),
         "data": {u.user: {"train_samples": len(u.train), "test_samples": len(u.test)} for u in users.values()},
         "general_rows": len(general),
         "methods": {},
