@@ -108,14 +108,9 @@ def _control_ref(session: Session, name: str, version: int | None, base_model_id
     control = _live_subject(session, controls.external_id_of(name), controls.CONTROL)
     if control is None:
         raise NotFound(f"The control '{name}' does not exist.")
-    if version is None:
-        row = active_prefix(session, control.id)
-    else:
-        row = session.scalar(
-            select(PrefixVersion).where(PrefixVersion.user_id == control.id, PrefixVersion.version == version)
-        )
-        if row is None:
-            raise NotFound(f"The control '{label}' does not exist.")
+    row = _named_version(session, control.id, version)
+    if row is None and version is not None:
+        raise NotFound(f"The control '{label}' does not exist.")
     if row is None or row.base_model_id != base_model_id:
         raise NoTrainedPrefix(f"The control '{label}' has no trained prefix on this base model yet.", param="model")
     if row.status == "corrupt":
@@ -256,12 +251,16 @@ def _user_version(
     user = _live_subject(session, external_id, "user")
     if user is None or not caller.may_access(user.id):
         raise NotFound(f"The model '{model}' does not exist or you do not have access to it.")
-    if version is None:
-        row = active_prefix(session, user.id)
-    else:
-        row = session.scalar(
-            select(PrefixVersion).where(PrefixVersion.user_id == user.id, PrefixVersion.version == version)
-        )
+    row = _named_version(session, user.id, version)
     if row is not None and row.base_model_id != base_model_id:
         row = None
     return user, row
+
+
+def _named_version(session: Session, subject_id: str, version: int | None) -> PrefixVersion | None:
+    """That exact version of a user's or control's prefix, or the active one when `version` is None."""
+    if version is None:
+        return active_prefix(session, subject_id)
+    return session.scalar(
+        select(PrefixVersion).where(PrefixVersion.user_id == subject_id, PrefixVersion.version == version)
+    )
