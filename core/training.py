@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from core.data import FORMAT_CHAT, FORMAT_PLAIN, IGNORE, Example, build_examples, prepare_samples, split_samples
 from core.errors import InvalidTrainingData, TrainingCancelled
+from core.lora import LoRAConfig
 from core.model import BaseModel
 from core.prefix import PrefixConfig
 from core.preservation import Anchors, kl_from_base, sample_anchors
@@ -67,21 +68,32 @@ class TrainingConfig:
     """How many anchor sequences the base model samples per job (each step uses one per user)."""
     preservation_len: int = 48
     """Tokens per anchor sequence."""
+    method: str = "prefix"
+    """What each user trains: 'prefix', 'lora', 'pt-peft' (a prefix stage, then a LoRA stage with
+    that prefix kept) or 'auto' (each of them; per user, the lowest validation loss): core/adapters.py."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """The LoRA of methods 'lora' and 'pt-peft'."""
+    pt_peft_prefix_share: float = 0.5
+    """Share of `max_steps` (and of `time_budget_s`) that PT-PEFT spends on its prefix stage."""
+    pt_peft_train_prefix: bool = False
+    """Whether PT-PEFT's prefix keeps training beside the LoRA in the second stage (else frozen)."""
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["formats"] = list(self.formats)
         data["prefix_len_candidates"] = list(self.prefix_len_candidates)
+        data["lora"] = self.lora.to_dict()
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainingConfig:
         data = dict(data)
         prefix = PrefixConfig(**data.pop("prefix", {}))
+        lora = LoRAConfig.from_dict(data.pop("lora", {}))
         for name in ("formats", "prefix_len_candidates"):
             if name in data:
                 data[name] = tuple(data[name])
-        return cls(prefix=prefix, **data)
+        return cls(prefix=prefix, lora=lora, **data)
 
 
 @dataclass
@@ -99,6 +111,9 @@ class UserData:
     companions: list[torch.Tensor] | None = None
     """Frozen prefix KVs (L, 2, H, P, D) composed before this user's own prefix, one per row in
     turn (a control prefix trains beside users' prefixes: core/tuning.py's PrefixMethod)."""
+    prefix_kv: torch.Tensor | None = None
+    """A prefix KV (L, 2, H, P, D) this user's rows carry under a LoRA (core/tuning.py's LoRAMethod):
+    PT-PEFT's second stage gets the prefix of its first."""
     reference_kv: torch.Tensor | None = None
     """A stored prefix KV (L, 2, H, P, D) to compare the result with, e.g. the version this job may
     replace: scored once, before training, on this user's own validation rows by the same code that

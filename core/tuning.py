@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
+from core import lora
+from core.lora import LoRABatch, LoRAConfig, LoRAModule, LoRAWeights, target_modules
 from core.model import BaseModel
 from core.prefix import (
     INIT_ACTIVATIONS,
@@ -118,33 +120,52 @@ class PrefixMethod:
     def hidden_states(self, ids, mask, modules):
         own = once_per_module(modules, lambda encoder: encoder())
         rows = [
-            kv if kv is None or id(m) not in self._companions else (self._companions[id(m)].next(), kv)
+            kv if m is None or id(m) not in self._companions else (self._companions[id(m)].next(), kv)
             for m, kv in zip(modules, own)
         ]
-        return prefix_hidden_states(self.base, ids, mask, rows)
+        stored_loras = [getattr(m, "lora_weights", None) for m in modules]  # a stored version's LoRA
+        batch = LoRABatch.from_rows(stored_loras, device=self.base.device, dtype=self.base.dtype)
+        with lora.active(self.base.model, batch):
+            return prefix_hidden_states(self.base, ids, mask, rows)
 
     def export(self, module: PrefixEncoder) -> torch.Tensor:
         return module.export()  # (L, 2, H, P, D) fp32 on CPU
 
-    def stored_user(self, data: UserData, kv: torch.Tensor) -> nn.Module:
-        """A stored prefix KV of `data`'s user as a (frozen) user module: scored exactly like the
-        user's trainable prefix, beside the user's companions (a cycle of its own, so scoring it
-        never shifts the companions the trainable prefix sees)."""
-        module = StoredPrefix(kv.to(self.base.device))
+    def stored_user(self, data: UserData, stored) -> nn.Module:
+        """A stored version of `data`'s user (a prefix KV, or an Adaptation of any method) as a
+        frozen user module: scored exactly like the user's trainable prefix, beside the user's
+        companions (a cycle of its own, so scoring it never shifts the companions the trainable
+        prefix sees)."""
+        kv, weights = _stored_parts(stored, self.base)
+        module = StoredPrefix(kv, weights)
         if data.companions:
             self._companions[id(module)] = _Companions(data.companions, self.base)
         return module
 
 
 class StoredPrefix(nn.Module):
-    """A fixed prefix KV (L, 2, H, P, D) in a trainable prefix's place: calling it returns the KV."""
+    """A fixed prefix KV (L, 2, H, P, D) in a trainable prefix's place: calling it returns the KV.
+    `lora_weights`: a stored version may also carry a LoRA (methods lora, pt-peft), applied to its
+    rows, so a version of any method is scored against a new prefix on equal terms."""
 
-    def __init__(self, kv: torch.Tensor):
+    def __init__(self, kv: torch.Tensor | None, lora_weights: LoRAWeights | None = None):
         super().__init__()
         self.register_buffer("kv", kv)
+        self.lora_weights = lora_weights
 
-    def forward(self) -> torch.Tensor:
+    def forward(self) -> torch.Tensor | None:
         return self.kv
+
+
+class FixedLoRA(nn.Module):
+    """A stored LoRA (or none) in a trainable LoRA's place: calling it returns the weights."""
+
+    def __init__(self, weights: LoRAWeights | None):
+        super().__init__()
+        self.weights = weights
+
+    def forward(self) -> LoRAWeights | None:
+        return self.weights
 
 
 class _Companions:
@@ -158,3 +179,62 @@ class _Companions:
         kv = self.kvs[self.turn % len(self.kvs)]
         self.turn += 1
         return kv
+
+
+class UserAdapter(nn.Module):
+    """One user's LoRA, and the prefix (trainable or frozen) their rows carry under it, if any."""
+
+    def __init__(self, lora_module: LoRAModule, prefix: nn.Module | None):
+        super().__init__()
+        self.lora = lora_module
+        self.prefix = prefix
+
+
+class LoRAMethod:
+    """Per-user LoRA in the shared forward (core/lora.py): rows of any users mix in one pass, each
+    row gathering its own user's A and B; the base weights are never touched.
+
+    A user with `prefix_kv` (PT-PEFT's second stage: the prefix from its first stage) carries that
+    prefix on every row under the LoRA, frozen, or trained on with the LoRA when `train_prefix`."""
+
+    mixes_users = True
+
+    def __init__(self, base: BaseModel, config: LoRAConfig, *, train_prefix: bool = False):
+        self.base, self.config, self.train_prefix = base, config, train_prefix
+        self.shapes = target_modules(base.model, config.targets)
+
+    def new_user(self, data: UserData, train_texts: list[str], generator: torch.Generator) -> UserAdapter:
+        prefix = None
+        if data.prefix_kv is not None:
+            if self.train_prefix:  # the stage-1 KV as a raw trainable tensor (its MLP is not needed)
+                config = PrefixConfig(prefix_len=data.prefix_kv.shape[3], reparameterize=False)
+                prefix = PrefixEncoder(self.base.geometry, config, data.prefix_kv)
+            else:
+                prefix = StoredPrefix(data.prefix_kv.float())
+        return UserAdapter(LoRAModule(self.shapes, self.config, generator), prefix).to(self.base.device)
+
+    def hidden_states(self, ids, mask, modules):
+        kvs = once_per_module(modules, lambda m: None if m.prefix is None else m.prefix())
+        loras = once_per_module(modules, lambda m: m.lora())
+        batch = LoRABatch.from_rows(loras, device=self.base.device, dtype=self.base.dtype)
+        with lora.active(self.base.model, batch):
+            return prefix_hidden_states(self.base, ids, mask, kvs)
+
+    def stored_user(self, data: UserData, stored) -> nn.Module:
+        """A stored version (a prefix KV, or an Adaptation of any method) as a frozen user module."""
+        kv, weights = _stored_parts(stored, self.base)
+        return UserAdapter(FixedLoRA(weights), None if kv is None else StoredPrefix(kv))
+
+    def export(self, module: UserAdapter) -> tuple[torch.Tensor | None, LoRAWeights]:
+        """(prefix KV (L, 2, H, P, D) fp32 or None, LoRA weights fp32), on CPU."""
+        kv = None if module.prefix is None else module.prefix().detach().float().cpu().contiguous()
+        return kv, module.lora.export()
+
+
+def _stored_parts(stored, base: BaseModel) -> tuple[torch.Tensor | None, LoRAWeights | None]:
+    """(KV, LoRA) of a stored version on the base model's device: a KV tensor, or anything with
+    `kv` and `lora` (core/adapters.py's Adaptation)."""
+    if isinstance(stored, torch.Tensor):
+        return stored.to(base.device), None
+    kv = None if stored.kv is None else stored.kv.to(base.device)
+    return kv, None if stored.lora is None else stored.lora.to(base.device, base.dtype)

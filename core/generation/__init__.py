@@ -25,7 +25,7 @@ import torch
 from core.batch_cache import Prefix, prefix_length
 from core.errors import InvalidRequest
 from core.generation.output import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, OutputProcessor, RowOutput
-from core.generation.runner import BatchRunner
+from core.generation.runner import BatchRunner, RowLoRA
 from core.generation.scheduler import Scheduler, StepPlan
 from core.generation.seq2seq import Seq2SeqRunner
 from core.model import BaseModel
@@ -50,6 +50,8 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     prefix: Prefix = None
+    lora: RowLoRA = None
+    """None, a LoRA (core/lora.py), or several composed: per-row low-rank deltas beside the prefix."""
     request_id: Hashable = field(default_factory=lambda: uuid.uuid4().hex)
     """Any hashable id, unique among the generator's requests (the inference engine uses ints)."""
     on_text: Callable[[str], None] | None = None
@@ -115,6 +117,8 @@ class MixedBatchGenerator:
 
     def validate(self, request: GenerationRequest) -> None:
         request.params.validate()
+        if request.lora is not None and isinstance(self.runner, Seq2SeqRunner):
+            raise InvalidRequest("LoRA rows are served on decoder-only base models only")
         if not request.prompt_ids:
             raise InvalidRequest("the prompt is empty")
         if request.width >= self.base.max_context:
@@ -170,10 +174,11 @@ class MixedBatchGenerator:
 
     def _prefill(self, requests: list[GenerationRequest]) -> None:
         """Prefill a group together, sample its first tokens, and add its rows to the batch."""
-        logits, cache = self.runner.prefill([r.prompt_ids for r in requests], [r.prefix for r in requests])
+        loras = [r.lora for r in requests]
+        logits, cache = self.runner.prefill([r.prompt_ids for r in requests], [r.prefix for r in requests], loras)
         rows = [_Row(r, make_generator(r.params.seed), self.outputs.new_row(r.params)) for r in requests]
         self._accept(rows, logits, cache.next_position.tolist())
-        self.runner.join(cache, list(range(len(rows))))
+        self.runner.join(cache, list(range(len(rows))), loras)
         self._rows.extend(rows)
 
     def _decode(self) -> None:

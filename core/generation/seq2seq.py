@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from core.batch_cache import Prefix, Seq2SeqBatchCache
-from core.generation.runner import BatchRunner
+from core.generation.runner import BatchRunner, RowLoRA
 
 
 class Seq2SeqRunner(BatchRunner):
@@ -22,8 +22,9 @@ class Seq2SeqRunner(BatchRunner):
     cache: Seq2SeqBatchCache | None
 
     def prefill(
-        self, prompts: Sequence[list[int]], prefixes: Sequence[Prefix]
+        self, prompts: Sequence[list[int]], prefixes: Sequence[Prefix], loras: Sequence[RowLoRA] | None = None
     ) -> tuple[torch.Tensor, Seq2SeqBatchCache]:
+        # LoRA rows never get here: MixedBatchGenerator.validate refuses them on encoder-decoders.
         base = self.base
         cache = Seq2SeqBatchCache.encode(
             base.model, prompts, prefixes, base.geometry, pad_token_id=base.tokenizer.pad_token_id, reserve=True
