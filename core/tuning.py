@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from core import lora
+from core.data import prepare_samples
 from core.lora import LoRABatch, LoRAConfig, LoRAModule, LoRAWeights, target_modules
 from core.model import BaseModel
 from core.prefix import (
@@ -77,6 +78,14 @@ def init_tokens(tokenizer, samples: list[str], n: int) -> list[int]:
         if len(ids) >= n:
             break
     return repeated_to(ids, n, tokenizer.eos_token_id)
+
+
+@torch.no_grad()
+def instant_prefix(base: BaseModel, samples: list[str], prefix_len: int) -> torch.Tensor:
+    """A usable prefix with no gradient step ("version 0"): the KV the frozen model builds for the
+    first `prefix_len` tokens of the user's own text, i.e. where an activations-initialised prefix
+    starts training. (L, 2, H, P, D) fp32 on CPU."""
+    return kv_from_text(base, init_tokens(base.tokenizer, prepare_samples(samples), prefix_len))
 
 
 def repeated_to(ids: list[int], n: int, filler: int) -> list[int]:

@@ -38,10 +38,12 @@ from core.lora import LoRAConfig
 from core.model import BaseModel
 from core.prefix import PrefixConfig, PrefixEncoder
 from core.training import TrainingConfig, UserData, train_prefixes
+from core.tuning import instant_prefix
 
-METHODS = ("prefix", "lora", "pt-peft", "auto", "prompt", "peft-lora")
+METHODS = ("prefix", "lora", "pt-peft", "auto", "v0", "prompt", "peft-lora")
 """prefix, lora, pt-peft and auto are the service's methods (core/adapters.py), trained and served
-exactly as the workers do; prompt tuning and PEFT's LoRA (one adapter per forward) are baselines."""
+exactly as the workers do; v0 is the untrained prefix published at onboarding (core/tuning.py's
+`instant_prefix`); prompt tuning and PEFT's LoRA (one adapter per forward) are baselines."""
 ADAPTER_METHODS = (LORA, PT_PEFT, "auto")
 SWEEPS = {
     "samples": [10, 20, 50, 100, 0],  # 0 = all training samples
@@ -258,6 +260,19 @@ def train_method(base, name, spec: EvalSpec, users: dict[str, datasets.UserTexts
                 "chosen_method": t.method,
             }
         return PrefixScorer(base, {t.user_id: t.adaptation for t in trained}), metrics
+    if name == "v0":
+        started = time.monotonic()
+        kvs = {u.user_id: instant_prefix(base, u.samples, spec.prefix_len) for u in data}
+        seconds = (time.monotonic() - started) / len(kvs)
+        metrics = {
+            user: {
+                "train_seconds": seconds,
+                "served_params": kv.numel(),
+                "artifact_bytes": len(save_prefix(Prefix(kv, base.model_id, base.fingerprint))),
+            }
+            for user, kv in kvs.items()
+        }
+        return PrefixScorer(base, kvs), metrics
     if name == "prompt":
         method, config = PromptTuning(base, spec.prefix_len), spec.training_config(spec.lr_prompt)
     elif name == "peft-lora":
