@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from core.adapters import LORA, PT_PEFT, train_adapters
+from core.adapters import LORA, PT_PEFT, Adaptation, train_adapters
 from core.artifacts import Prefix, save_prefix
 from core.data import FORMAT_CHAT, FORMAT_PLAIN, build_examples, prepare_samples
 from core.evaluation import datasets
@@ -289,6 +289,28 @@ def train_method(base, name, spec: EvalSpec, users: dict[str, datasets.UserTexts
     return GroupedScorer(method), metrics
 
 
+AUTO_CHOICES = ("prefix", "lora", "pt-peft")
+
+
+def chosen_per_user(trained: dict[str, tuple]) -> tuple[PrefixScorer, dict]:
+    """Method auto from the same run's prefix, lora and pt-peft (each trained on the same budget,
+    seed and split as auto trains them): per user, the one with the lowest validation loss."""
+    adaptations, metrics = {}, {}
+    users = list(next(iter(trained.values()))[1])
+    for user in users:
+        losses = {}
+        for method, (_, train_metrics) in trained.items():
+            m = train_metrics[user]
+            losses[method] = m["val_loss"] if m.get("val_loss") is not None else m["train_loss"]
+        best = min(losses, key=losses.get)
+        scorer, train_metrics = trained[best]
+        value = scorer.kvs[user]
+        adaptations[user] = value if isinstance(value, Adaptation) else Adaptation(kv=value)
+        seconds = sum(t[1][user]["train_seconds"] for t in trained.values())
+        metrics[user] = {**train_metrics[user], "chosen_method": best, "auto": losses, "train_seconds": seconds}
+    return PrefixScorer(next(iter(trained.values()))[0].base, adaptations), metrics
+
+
 def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) -> dict:
     """Train, evaluate, sweep on `base` (the model `spec.base_model` names); write the JSON/Markdown/PNG
     report to `spec.out`; return the results."""
@@ -319,9 +341,15 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) ->
         n_base = sum(len(c) for s in sets for c in s.plain) + sum(len(s.chat) for s in sets) + len(general)
         bar.phase("score base model", n_base)
         results["base"] = evaluate_base(PrefixScorer(base, {}), sets, general, on_chunk=bar.advance)
+        trained: dict[str, tuple] = {}  # the service's methods trained so far, for auto to choose from
         for name in spec.methods:
             curve = results["curves"].setdefault(name, [])
-            scorer, train_metrics = train_method(base, name, spec, users, bar, curve)
+            if name == "auto" and all(m in trained for m in AUTO_CHOICES):
+                scorer, train_metrics = chosen_per_user(trained)  # what auto trains, already trained
+            else:
+                scorer, train_metrics = train_method(base, name, spec, users, bar, curve)
+            if name in AUTO_CHOICES:
+                trained[name] = (scorer, train_metrics)
             bar.phase(f"evaluate {name}", rows_needed(sets, general, list(users)))
             evaluated = evaluate_method(scorer, sets, general, results["base"], on_chunk=bar.advance)
             for user, m in evaluated["per_user"].items():
@@ -333,6 +361,7 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) ->
             evaluated["overall"]["artifact_bytes"] = next(iter(train_metrics.values()))["artifact_bytes"]
             results["methods"][name] = evaluated
             del scorer
+        trained.clear()
         for sweep, values in sweeps:
             results.setdefault("sweeps", []).append(
                 run_sweep(base, spec, sweep, values, users, sets, general, results, bar)
