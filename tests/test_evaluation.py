@@ -123,6 +123,21 @@ def test_calibrated_attribution_removes_an_adaptation_that_fits_every_text_bette
     assert result["per_user"]["b"]["attribution_accuracy_calibrated"] == 1.0
 
 
+def test_own_vs_others_is_the_own_adaptation_against_the_geometric_mean_of_the_others():
+    users = ["a", "b", "c"]
+    sets = [UserEvalSet(u, [[Example([i, k, 0], [i, k, 0])] for k in range(4)], []) for i, u in enumerate(users)]
+    scorer = _GenericallyBetterScorer(users)  # a fits every text 3 nats better; each author fits its own 1 better
+    base = evaluate_base(scorer, sets, [Example([0, 9, 0], [0, 9, 0])])
+    per_user = evaluate_method(scorer, sets, [Example([0, 9, 0], [0, 9, 0])], base)["per_user"]
+    losses = {u: scorer.loss_sums([Example([i, 0, 0], [i, 0, 0])] * 3, users) for i, u in enumerate(users)}
+    for i, u in enumerate(users):
+        sums, counts = losses[u]
+        mean = sums / counts
+        others = torch.cat([mean[:i], mean[i + 1 :]]).mean()
+        assert per_user[u]["own_vs_others"] == pytest.approx(math.exp(float(mean[i] - others)))
+    assert per_user["a"]["own_vs_others"] < per_user["b"]["own_vs_others"]
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return load_base_model("tiny", cache_root=model_cache_dir())
@@ -179,6 +194,34 @@ def test_tiny_evaluation_writes_json_markdown_and_charts_with_per_user_numbers(t
     assert points[1]["ppl_plain"] == pytest.approx(main["ppl_plain"])
     assert points[1]["ratio_general"] == pytest.approx(main["ppl_general"] / saved["base"]["ppl_general"])
     assert points[1]["attribution_accuracy"] == main["attribution_accuracy"]
+
+
+def test_the_service_methods_and_v0_are_evaluated_and_auto_keeps_the_lowest_validation_loss(tmp_path, tiny):
+    spec = EvalSpec(
+        data=str(_write_dataset(tmp_path / "d.jsonl")),
+        general=str(_write_dataset(tmp_path / "g.jsonl")),
+        methods=("v0", "prefix", "lora", "pt-peft", "auto"),
+        max_steps=2,
+        eval_every=1,
+        batch_size=2,
+        max_seq_len=64,
+        prefix_len=4,
+        lora_rank=2,
+        base_model="tiny",
+        out=str(tmp_path / "out"),
+    )
+    methods = run_evaluation(spec, progress=False, base=tiny)["methods"]
+    assert set(methods) == {"v0", "prefix", "lora", "pt-peft", "auto"}
+    for user, numbers in methods["auto"]["per_user"].items():
+        training = numbers["training"]
+        losses = {m: methods[m]["per_user"][user]["training"]["val_loss"] for m in ("prefix", "lora", "pt-peft")}
+        assert training["auto"] == pytest.approx(losses)
+        assert training["chosen_method"] == min(losses, key=losses.get)
+        chosen = methods[training["chosen_method"]]["per_user"][user]
+        assert numbers["ppl_chat"] == pytest.approx(chosen["ppl_chat"])  # the chosen adaptation, scored again
+    lora_params = methods["lora"]["overall"]["served_params"]
+    assert methods["pt-peft"]["overall"]["served_params"] == lora_params + tiny.geometry.numel(4)
+    assert methods["v0"]["overall"]["served_params"] == tiny.geometry.numel(4)
 
 
 def test_sweeps_and_their_values_on_the_command_line_keep_their_types():
