@@ -65,7 +65,11 @@ class PrefixVersion(Body):
     status: PrefixStatus
     base_model: str
     base_fingerprint: str
-    prefix_len: int
+    method: str = Field(
+        description="What the version holds: `prefix`, `lora` or `pt-peft` (a prefix and a LoRA); a job with "
+        "method `auto` keeps one of them per user (its `metrics.auto` has each method's validation loss)."
+    )
+    prefix_len: int = Field(description="Virtual tokens of the version's prefix (0: a LoRA alone).")
     bytes: int
     sha256: str
     metrics: dict[str, Any]

@@ -149,6 +149,7 @@ def prefix_object(user: User, row: PrefixVersion) -> responses.PrefixVersion:
         status=row.status,
         base_model=row.base_model_id,
         base_fingerprint=row.base_fingerprint,
+        method=(row.metrics or {}).get("method", "prefix"),
         prefix_len=row.prefix_len,
         bytes=row.bytes,
         sha256=row.sha256,

@@ -201,6 +201,21 @@ class Settings(BaseSettings):
         description="Weight of the KL-to-base term on base-model samples that keeps a prefix from changing "
         "the model on unrelated text, unless a job asks otherwise (0: off). Unset: the engine's default.",
     )
+    train_method_default: Literal["prefix", "lora", "pt-peft", "auto"] = Field(
+        default="prefix",
+        description="What a job trains per user unless it asks otherwise (hyperparameter `method`): `prefix` "
+        "(prefix tuning), `lora` (a LoRA per user), `pt-peft` (a prefix, then a LoRA with that prefix) or "
+        "`auto` (all three on the job's budget; per user, the lowest validation loss). Controls always "
+        "train prefixes.",
+    )
+    train_lora_rank_default: int = Field(
+        default=3,
+        ge=1,
+        le=64,
+        description="Rank of a user's LoRA (methods `lora`, `pt-peft`) unless a job asks otherwise "
+        "(hyperparameter `lora_rank`). 3: as many parameters as a 16-token prefix on SmolLM2, and a "
+        "`pt-peft` user (both) stays under 0.3% of the base model.",
+    )
     control_companions: int = Field(
         default=0,
         ge=0,

@@ -186,7 +186,7 @@ def _alone(base, ctx, subject_ids: list[str], prompt: str, max_tokens: int = 12)
     kvs = []
     for subject_id in subject_ids:
         with ctx.session_factory() as session:
-            kvs.append(store_loader(ctx.store, base)(prefix_ref(active_prefix(session, subject_id))))
+            kvs.append(store_loader(ctx.store, base)(prefix_ref(active_prefix(session, subject_id))).kv)
     request = GenerationRequest(text_ids(base.tokenizer, prompt), SamplingParams(max_tokens, temperature=0), kvs)
     return MixedBatchGenerator(base).generate([request])[0].text
 

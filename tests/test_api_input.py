@@ -45,6 +45,11 @@ BAD_ONBOARDINGS = [
         "hyperparameters.preservation_weight",
     ),
     ({"external_id": "a", "samples": ["ok"], "hyperparameters": {"learning_rate": float("nan")}}, None),
+    ({"external_id": "a", "samples": ["ok"], "hyperparameters": {"method": "dora"}}, "hyperparameters.method"),
+    ({"external_id": "a", "samples": ["ok"], "hyperparameters": {"method": ["lora"]}}, "hyperparameters.method"),
+    ({"external_id": "a", "samples": ["ok"], "hyperparameters": {"lora_rank": 0}}, "hyperparameters.lora_rank"),
+    ({"external_id": "a", "samples": ["ok"], "hyperparameters": {"lora_rank": 65}}, "hyperparameters.lora_rank"),
+    ({"external_id": "a", "samples": ["ok"], "hyperparameters": {"lora_rank": "4"}}, "hyperparameters.lora_rank"),
     ({"external_id": "a", "samples": ["ok"], "surprise": 1}, "surprise"),
 ]
 

@@ -97,7 +97,7 @@ def direct(base, ctx, user_id: str | None, max_tokens: int = 10) -> str:
     kv = None
     if user_id is not None:
         with ctx.session_factory() as session:
-            kv = store_loader(ctx.store, base)(prefix_ref(active_prefix(session, user_id)))
+            kv = store_loader(ctx.store, base)(prefix_ref(active_prefix(session, user_id))).kv
     ids = chat_prompt_ids(base.tokenizer, MESSAGES)
     request = GenerationRequest(ids, SamplingParams(max_tokens=max_tokens, temperature=0), kv)
     return MixedBatchGenerator(base).generate([request])[0].text

@@ -73,7 +73,7 @@ def direct(base, ctx, user_id: str | None, prompt_ids: list[int], max_tokens: in
     if user_id is not None:
         with ctx.session_factory() as session:
             row = active_prefix(session, user_id)
-        kv = store_loader(ctx.store, base)(prefix_ref(row))
+        kv = store_loader(ctx.store, base)(prefix_ref(row)).kv
     request = GenerationRequest(prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0), kv)
     return MixedBatchGenerator(base).generate([request])[0].text
 

@@ -1,4 +1,5 @@
-"""PrefixCache: LRU by bytes, newest version replaces older ones, single load per key."""
+"""PrefixCache: LRU by bytes (a KV and a LoRA both count), newest version replaces older ones, single
+load per key; and what a row carries of its composed versions."""
 
 import threading
 import time
@@ -6,8 +7,11 @@ import time
 import pytest
 import torch
 
+from core.adapters import Adaptation
 from core.errors import CorruptArtifact
+from core.inference.engine import row_parts
 from core.inference.prefix_cache import PrefixCache, PrefixRef
+from core.lora import LoRAWeights
 
 KV_BYTES = 2 * 2 * 2 * 4 * 8 * 4  # (L=2, 2, H=2, P=4, D=8) float32
 
@@ -91,3 +95,32 @@ def test_concurrent_first_requests_share_one_load():
         t.join()
     assert loader.calls == [("a", 1)]
     assert all(r is results[0] for r in results)
+
+
+def test_a_version_of_any_method_counts_its_kv_and_its_lora_bytes():
+    q, v = (torch.zeros(2, 8), torch.zeros(8, 2)), (torch.zeros(2, 8), torch.zeros(4, 2))  # A (r, in), B (out, r)
+    lora = LoRAWeights({"layers.0.q_proj": q, "layers.0.v_proj": v})
+    lora_bytes = (16 + 16 + 16 + 8) * 4  # float32
+    versions = {
+        "prefix": Adaptation(kv=torch.zeros(2, 2, 2, 4, 8)),
+        "lora": Adaptation(lora=lora),
+        "pt-peft": Adaptation(kv=torch.zeros(2, 2, 2, 4, 8), lora=lora),
+    }
+    cache = PrefixCache(lambda r: versions[r.user_id], max_bytes=10 * KV_BYTES)
+    assert cache.get(ref("lora")) is versions["lora"] and cache.bytes == lora_bytes
+    cache.get(ref("pt-peft"))
+    assert cache.bytes == 2 * lora_bytes + KV_BYTES
+    cache.get(ref("prefix"))
+    assert cache.bytes == 2 * lora_bytes + 2 * KV_BYTES
+    cache.invalidate_user("pt-peft")
+    assert cache.bytes == lora_bytes + KV_BYTES
+
+
+def test_a_row_carries_the_kv_of_each_part_that_has_one_and_the_lora_of_each_that_has_one():
+    user_lora, control_kv = LoRAWeights({"q": (torch.zeros(1, 2), torch.zeros(2, 1))}), torch.zeros(2, 2, 2, 3, 8)
+    user = Adaptation(lora=user_lora)
+    assert row_parts([]) == (None, None)
+    assert row_parts([user, control_kv]) == ([control_kv], [user_lora])  # a bare KV tensor is a prefix
+    both = Adaptation(kv=torch.ones(2, 2, 2, 4, 8), lora=user_lora)
+    prefix, loras = row_parts([both, Adaptation(kv=control_kv)])
+    assert [p is q for p, q in zip(prefix, [both.kv, control_kv])] == [True, True] and loras == [user_lora]

@@ -38,6 +38,9 @@ def test_a_flooding_user_is_capped_and_another_users_onboarding_runs_next(tmp_pa
 
         too_long = client.post("/v1/fine_tuning/jobs", headers=alice_key, json={"hyperparameters": {"max_steps": 51}})
         assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "hyperparameters.max_steps"
+        auto = {"hyperparameters": {"max_steps": 17, "method": "auto"}}  # auto trains three methods: 51 steps
+        too_long_auto = client.post("/v1/fine_tuning/jobs", headers=alice_key, json=auto)
+        assert too_long_auto.status_code == 400 and "with method auto" in too_long_auto.json()["error"]["message"]
         flood = [client.post("/v1/fine_tuning/jobs", headers=alice_key, json={}) for _ in range(3)]
         assert [r.status_code for r in flood] == [201, 201, 429]
         refused = flood[2]

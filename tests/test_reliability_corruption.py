@@ -69,7 +69,7 @@ def store_setup(request, tmp_path):
 
 def _direct(ctx, row) -> str:
     base = ctx.base_model()
-    kv = store_loader(ctx.store, base)(prefix_ref(row))
+    kv = store_loader(ctx.store, base)(prefix_ref(row)).kv
     request = GenerationRequest(
         chat_prompt_ids(base.tokenizer, MESSAGES), SamplingParams(max_tokens=10, temperature=0), kv
     )

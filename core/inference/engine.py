@@ -27,7 +27,8 @@ from core.generation import FINISH_CANCELLED, GenerationRequest, MixedBatchGener
 from core.inference import metrics
 from core.inference.errors import CorruptPrefix, QueueFull
 from core.inference.jobs import Event, InferenceJob, JobFailed, RowFinished, TextDelta
-from core.inference.prefix_cache import PrefixCache
+from core.inference.prefix_cache import Loaded, PrefixCache
+from core.lora import LoRAWeights
 from core.model import BaseModel
 
 log = logging.getLogger("steer.inference")
@@ -44,6 +45,22 @@ class _Tracked:
     submitted: float = field(default_factory=time.perf_counter)
     rows_left: int = 0
     first_text: bool = False
+
+
+def row_parts(parts: list[Loaded]) -> tuple[list[torch.Tensor] | None, list[LoRAWeights] | None]:
+    """A row's (prefix, lora) for `GenerationRequest` from its composed parts, in order: the KV of
+    each part that has one (concatenated by the batch) and the LoRA of each part that has one
+    (summed by the batch), so a user's LoRA composes with controls' prefixes. None: none at all."""
+    kvs, loras = [], []
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            kvs.append(part)
+            continue
+        if part.kv is not None:
+            kvs.append(part.kv)
+        if part.lora is not None:
+            loras.append(part.lora)
+    return kvs or None, loras or None
 
 
 class InferenceEngine:
@@ -125,8 +142,11 @@ class InferenceEngine:
             self._inbox_rows += job.n
             row_ids = [next(self._row_ids) for _ in range(job.n)]
         try:
-            prefix = self._load_prefixes(job)
-            requests = [GenerationRequest(job.prompt_ids, job.row_params(i), prefix, row_ids[i]) for i in range(job.n)]
+            prefix, lora = row_parts(self._load_prefixes(job))
+            requests = [
+                GenerationRequest(job.prompt_ids, job.row_params(i), prefix=prefix, lora=lora, request_id=row_ids[i])
+                for i in range(job.n)
+            ]
             self._generator.validate(requests[0])  # pure checks, safe off the engine thread; rows differ only in seed
         except BaseException:
             with self._lock:
@@ -135,20 +155,20 @@ class InferenceEngine:
         metrics.QUEUE_DEPTH.set(self.waiting)
         self._inbox.put(("submit", job, sink, requests))
 
-    def _load_prefixes(self, job: InferenceJob) -> list[torch.Tensor] | None:
-        """The KV of each of the job's prefixes, composed in order by the batch (None: base model).
-        Raises `CorruptPrefix` naming the prefix whose bytes failed verification."""
+    def _load_prefixes(self, job: InferenceJob) -> list[Loaded]:
+        """Each of the job's versions (the user's, then its controls'), loaded; none: base model.
+        Raises `CorruptPrefix` naming the version whose bytes failed verification."""
         if not job.prefixes:
-            return None
+            return []
         if self.prefixes is None:
             raise RuntimeError("this engine has no prefix cache")
-        kvs = []
+        loaded = []
         for ref in job.prefixes:
             try:
-                kvs.append(self.prefixes.get(ref))
+                loaded.append(self.prefixes.get(ref))
             except CorruptArtifact as exc:
                 raise CorruptPrefix(str(exc), ref) from exc
-        return kvs
+        return loaded
 
     def cancel(self, request_id: str) -> None:
         """Stop a job (waiting or running); its rows leave the batch at the next step."""

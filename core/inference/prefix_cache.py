@@ -1,4 +1,4 @@
-"""An LRU cache of loaded user prefixes, bounded by bytes.
+"""An LRU cache of loaded user adaptations (a prefix KV, a LoRA, or both), bounded by bytes.
 
 Keys are (user_id, version). Which version is current is *not* decided here: every request names
 the exact version it wants (the API resolves `user:<id>` to the active version per request, a cheap
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from core.adapters import Adaptation
 from core.artifacts import load_prefix
 from core.model import BaseModel
 from core.storage.base import BlobStore
@@ -47,30 +48,37 @@ class PrefixRef:
         return cls(str(data["user_id"]), int(data["version"]), str(data["blob_key"]), str(data["sha256"]))
 
 
-Loader = Callable[[PrefixRef], torch.Tensor]
-"""Reads and verifies one prefix; returns its KV tensor (L, 2, H, P, D) on the model's device."""
+Loaded = Adaptation | torch.Tensor
+"""One loaded version: an Adaptation (its KV (L, 2, H, P, D) and/or LoRA), or a bare KV tensor."""
+Loader = Callable[[PrefixRef], Loaded]
+"""Reads and verifies one version; returns it on the model's device."""
 
 
-def store_loader(store: BlobStore, base: BaseModel) -> Loader:
-    """The production loader: blob store read with sha256 check, then artifact checks against `base`."""
+def store_loader(store: BlobStore, base: BaseModel) -> Callable[[PrefixRef], Adaptation]:
+    """The production loader (every process serves through it, the distributed inference workers
+    too): blob store read with sha256 check, then artifact checks against `base`; any method."""
 
-    def load(ref: PrefixRef) -> torch.Tensor:
-        return load_prefix(store.get(ref.blob_key, expected_sha256=ref.sha256), base).kv
+    def load(ref: PrefixRef) -> Adaptation:
+        return load_prefix(store.get(ref.blob_key, expected_sha256=ref.sha256), base).adaptation
 
     return load
 
 
-def _nbytes(kv: torch.Tensor) -> int:
-    return kv.numel() * kv.element_size()
+def _nbytes(loaded: Loaded) -> int:
+    """Bytes a loaded version holds: its KV and its LoRA's matrices."""
+    if isinstance(loaded, torch.Tensor):
+        return loaded.numel() * loaded.element_size()
+    kv_bytes = 0 if loaded.kv is None else _nbytes(loaded.kv)
+    return kv_bytes + (0 if loaded.lora is None else loaded.lora.nbytes())
 
 
 class PrefixCache:
-    """Thread-safe LRU of prefix KV tensors with a byte budget and hit/miss/byte counters."""
+    """Thread-safe LRU of loaded versions with a byte budget and hit/miss/byte counters."""
 
     def __init__(self, loader: Loader, max_bytes: int, on_change: Callable[[PrefixCache], None] | None = None):
         self._loader = loader
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()  # oldest first
+        self._entries: OrderedDict[tuple[str, int], Loaded] = OrderedDict()  # oldest first
         self._loading: dict[tuple[str, int], Future] = {}
         self._forgotten: set[tuple[str, int]] = set()  # loads under way when their user was erased
         self._lock = threading.Lock()
@@ -85,15 +93,15 @@ class PrefixCache:
     def __contains__(self, key: tuple[str, int]) -> bool:
         return key in self._entries
 
-    def get(self, ref: PrefixRef) -> torch.Tensor:
-        """The prefix KV of `ref`, loading it on a miss. Loader errors propagate (and are not cached)."""
+    def get(self, ref: PrefixRef) -> Loaded:
+        """The loaded version `ref`, loading it on a miss. Loader errors propagate (and are not cached)."""
         with self._lock:
-            kv = self._entries.get(ref.key)
-            if kv is not None:
+            loaded = self._entries.get(ref.key)
+            if loaded is not None:
                 self._entries.move_to_end(ref.key)
                 self.hits += 1
                 self._changed()
-                return kv
+                return loaded
             self.misses += 1
             pending = self._loading.get(ref.key)
             owner = pending is None
@@ -103,7 +111,7 @@ class PrefixCache:
         if not owner:
             return pending.result()
         try:
-            kv = self._loader(ref)
+            loaded = self._loader(ref)
         except BaseException as exc:
             with self._lock:
                 del self._loading[ref.key]
@@ -115,10 +123,10 @@ class PrefixCache:
             if ref.key in self._forgotten:
                 self._forgotten.discard(ref.key)
             else:
-                self._insert(ref.key, kv)
+                self._insert(ref.key, loaded)
             self._changed()
-        pending.set_result(kv)
-        return kv
+        pending.set_result(loaded)
+        return loaded
 
     def invalidate_user(self, user_id: str) -> int:
         """Drop every cached version of `user_id` (the user was erased); the number dropped. A load
@@ -134,18 +142,18 @@ class PrefixCache:
 
     # -- internals (lock held) ---------------------------------------------------------------
 
-    def _insert(self, key: tuple[str, int], kv: torch.Tensor) -> None:
+    def _insert(self, key: tuple[str, int], loaded: Loaded) -> None:
         user_id, version = key
         # A newer version replaces older ones of the same user; an older one never evicts a newer.
         for old in [k for k in self._entries if k[0] == user_id and k[1] < version]:
             self.bytes -= _nbytes(self._entries.pop(old))
-        size = _nbytes(kv)
+        size = _nbytes(loaded)
         if size > self.max_bytes:
             return  # served once, but never worth evicting the whole cache for
         while self.bytes + size > self.max_bytes and self._entries:
             _, evicted = self._entries.popitem(last=False)
             self.bytes -= _nbytes(evicted)
-        self._entries[key] = kv
+        self._entries[key] = loaded
         self.bytes += size
 
     def _changed(self) -> None:

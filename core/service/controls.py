@@ -18,11 +18,12 @@ import random
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.adapters import PREFIX as PREFIX_METHOD
 from core.config import Settings
 from core.db import Job, PrefixVersion, User
 from core.service.api_keys import ADMIN
 from core.service.errors import Conflict, InvalidInput, NotFound
-from core.service.hyperparameters import AUTO, validate_hyperparameters
+from core.service.hyperparameters import AUTO, METHOD, validate_hyperparameters
 from core.service.jobs import create_job
 from core.service.model_ids import CONTROL_NAME_PATTERN, CONTROL_PREFIX
 from core.service.samples import add_samples
@@ -70,6 +71,10 @@ def create_control(
 def train_control(session: Session, control: User, hyperparameters: object) -> Job:
     """A queued job (re)training `control` on its samples, beside the users' current prefixes."""
     values = validate_hyperparameters(hyperparameters)
+    if values[METHOD] not in (None, PREFIX_METHOD):
+        # A control is a prefix composed with any user's adaptation, whatever its method.
+        raise InvalidInput("a control trains a prefix: method must be 'prefix'", param=f"hyperparameters.{METHOD}")
+    values[METHOD] = PREFIX_METHOD
     if values["preservation_weight"] == AUTO:
         # The preservation term pulls the prefixed model towards the bare base model; with a
         # user's prefix attached that would teach the control to undo the user.

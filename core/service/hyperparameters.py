@@ -3,6 +3,9 @@
 `validate_hyperparameters` runs when a job is created (bad input is refused before anything is
 stored); `resolve` turns "auto" into the configured defaults when the job runs, and
 `training_config` builds the engine's `TrainingConfig` from the resolved values.
+
+One exception: for `method`, "auto" is a method of its own (train every method, keep the best per
+user: core/adapters.py); the service default is asked for by leaving `method` out, or null.
 """
 
 from __future__ import annotations
@@ -10,14 +13,23 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from core.adapters import AUTO as AUTO_METHOD
+from core.adapters import METHODS
 from core.config import Settings
+from core.lora import LoRAConfig
 from core.prefix import INIT_ACTIVATIONS, INIT_RANDOM, PrefixConfig
 from core.service.errors import InvalidInput
 from core.training import TrainingConfig
 
 AUTO = "auto"
 # name -> (type, minimum, maximum); None bounds are open.
-_INTS = {"prefix_len": (1, 512), "max_steps": (1, 100_000), "batch_size": (1, 256), "seed": (0, 2**31 - 1)}
+_INTS = {
+    "prefix_len": (1, 512),
+    "max_steps": (1, 100_000),
+    "batch_size": (1, 256),
+    "seed": (0, 2**31 - 1),
+    "lora_rank": (1, 64),
+}
 _FLOATS = {
     "n_epochs": (0.0, 1000.0),
     "learning_rate": (0.0, 1.0),
@@ -27,7 +39,13 @@ _FLOATS = {
 _ZERO_ALLOWED = {"preservation_weight"}  # 0 means "off"; the others must be positive
 _ALIASES = {"epochs": "n_epochs"}
 INITS = (INIT_RANDOM, INIT_ACTIVATIONS)
-KNOWN = tuple(_INTS) + tuple(_FLOATS) + ("init",)
+METHOD = "method"
+"""Unset (None): the service default (`STEER_TRAIN_METHOD_DEFAULT`); "auto" is the auto method."""
+KNOWN = tuple(_INTS) + tuple(_FLOATS) + ("init", METHOD)
+
+
+def _unset(name: str) -> Any:
+    return None if name == METHOD else AUTO
 
 
 def validate_hyperparameters(raw: object) -> dict[str, Any]:
@@ -36,7 +54,7 @@ def validate_hyperparameters(raw: object) -> dict[str, Any]:
         raw = {}
     if not isinstance(raw, dict):
         raise InvalidInput("hyperparameters must be an object", param="hyperparameters")
-    values: dict[str, Any] = {name: AUTO for name in KNOWN}
+    values: dict[str, Any] = {name: _unset(name) for name in KNOWN}
     for key, value in raw.items():
         name = _ALIASES.get(key, key)
         param = f"hyperparameters.{key}"
@@ -45,6 +63,15 @@ def validate_hyperparameters(raw: object) -> dict[str, Any]:
                 f"unknown hyperparameter {key!r}; known: {', '.join(sorted(KNOWN + tuple(_ALIASES)))}",
                 param=param,
             )
+        if name == METHOD:
+            if value is not None and value not in METHODS:
+                raise InvalidInput(
+                    f"method must be one of {', '.join(METHODS)} (auto: train each, keep the best per user), "
+                    "or null for the service default",
+                    param=param,
+                )
+            values[name] = value
+            continue
         if value is None or value == AUTO:
             continue
         if name in _INTS:
@@ -72,7 +99,7 @@ def validate_hyperparameters(raw: object) -> dict[str, Any]:
 
 def resolve(values: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """Replace every "auto" with the configured default (what the job actually uses)."""
-    values = {**{name: AUTO for name in KNOWN}, **values}
+    values = {**{name: _unset(name) for name in KNOWN}, **values}
     multiplier = values["learning_rate_multiplier"]
     multiplier = 1.0 if multiplier == AUTO else multiplier
     learning_rate = values["learning_rate"]
@@ -86,8 +113,10 @@ def resolve(values: dict[str, Any], settings: Settings) -> dict[str, Any]:
         "n_epochs": None,  # no epoch bound: max_steps (and early stopping) decide
         "init": INIT_ACTIVATIONS,
         "preservation_weight": _or_engine(settings.train_preservation_weight_default, "preservation_weight"),
+        "lora_rank": settings.train_lora_rank_default,
     }
     resolved = {name: (defaults[name] if values[name] == AUTO else values[name]) for name in defaults}
+    resolved[METHOD] = values[METHOD] or settings.train_method_default
     resolved["learning_rate"] = learning_rate
     resolved["learning_rate_multiplier"] = multiplier
     # prefix_len left on auto: search the configured candidates (if any) per user.
@@ -110,6 +139,9 @@ def _or_engine(configured: Any, name: str) -> Any:
 def training_config(resolved: dict[str, Any], settings: Settings) -> TrainingConfig:
     """The engine config for resolved hyperparameters."""
     max_steps = resolved["max_steps"]
+    method = resolved.get(METHOD) or settings.train_method_default
+    # The auto method trains every method in turn: each gets its share of the time limit.
+    time_share = 1 / 3 if method == AUTO_METHOD else 1.0
     return TrainingConfig(
         prefix=PrefixConfig(prefix_len=resolved["prefix_len"], init=resolved["init"]),
         learning_rate=resolved["learning_rate"],
@@ -122,5 +154,7 @@ def training_config(resolved: dict[str, Any], settings: Settings) -> TrainingCon
         seed=resolved["seed"],
         preservation_weight=resolved.get("preservation_weight", 0.0),
         # Stop training (keeping the best checkpoint) before the hard task time limit hits.
-        time_budget_s=settings.train_time_limit_s * 0.9,
+        time_budget_s=settings.train_time_limit_s * 0.9 * time_share,
+        method=method,
+        lora=LoRAConfig(rank=resolved.get("lora_rank") or settings.train_lora_rank_default),
     )

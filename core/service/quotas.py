@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import String, cast, select
 from sqlalchemy.orm import Session
 
+from core.adapters import AUTO, TRAINED_METHODS
 from core.config import Settings
 from core.db import Job
 from core.service.errors import InvalidInput, ServiceError
@@ -49,9 +50,12 @@ def check_job_quota(session: Session, settings: Settings, user_id: str, hyperpar
     """Refuse a user key's new job over its step cap (400) or beyond its active-job quota (429)."""
     values = validate_hyperparameters(hyperparameters)
     steps = values["max_steps"]
-    if isinstance(steps, int) and steps > settings.user_max_steps_per_job:
+    runs = len(TRAINED_METHODS) if values.get("method") == AUTO else 1  # auto trains every method on max_steps
+    if isinstance(steps, int) and steps * runs > settings.user_max_steps_per_job:
+        cap = settings.user_max_steps_per_job
         raise InvalidInput(
-            f"max_steps may be at most {settings.user_max_steps_per_job} for a user key",
+            f"max_steps may be at most {cap} for a user key"
+            + (f" ({cap // runs} with method auto, which trains {runs} methods)" if runs > 1 else ""),
             param="hyperparameters.max_steps",
         )
     candidates = session.scalars(

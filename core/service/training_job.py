@@ -4,10 +4,14 @@ The Celery worker (`workers/train.py`) and the embedded in-process executor both
 a job id. It is idempotent by job id: a finished job is left alone, a retried one skips users
 whose prefix an earlier attempt already published, so redelivery never duplicates a version.
 
+Each user trains the job's method (hyperparameter `method`: core/adapters.py); controls always
+train prefixes.
+
 A fault never makes a user's model silently worse: a store that cannot be reached while the job
 reads the active version is a transient error (the job is retried), not a cold start; and a new
 version is activated only if its validation loss is no worse than the active version's on the
-same rows, scored by the same code in the same job (else it is kept as a "candidate").
+same rows, scored by the same code in the same job, whatever method either was trained with (else
+it is kept as a "candidate").
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from core.adapters import PREFIX, Adaptation, TrainedAdaptation, train_adapters
 from core.artifacts import Prefix, load_prefix, load_training_state, save_prefix, save_training_state
 from core.data import prepare_samples
 from core.db import Job, PrefixVersion, User, database_now, session_scope, utcnow
@@ -54,7 +59,7 @@ from core.service.registry import (
 )
 from core.service.samples import user_sample_texts
 from core.storage import BlobNotFound, BlobStoreUnavailable
-from core.training import Progress, TrainingConfig, UserData, train_prefixes
+from core.training import Progress, TrainingConfig, UserData
 
 log = logging.getLogger(__name__)
 
@@ -248,35 +253,32 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
         if active is not None and active.base_fingerprint != base.fingerprint:
             active = None  # trained on another base model: nothing to build on or compare with
         data.resume_state = _warm_start_state(ctx, run.job_id, base, active, config)
-        data.reference_kv = _active_kv(ctx, run.job_id, base, active)
+        data.reference_kv = _active_adaptation(ctx, run.job_id, base, active)
         compared_with[data.user_id] = None if data.reference_kv is None or active is None else active.version
         if data.user_id in controls:
             data.companions = _companions(ctx, run.job_id, base, data.user_id)
     crash_point("before_first_step", run.job_id)
     run.events_every = max(1, config.max_steps // EVENTS_PER_JOB)
-    _event(ctx, run.job_id, f"Training {len(todo)} user(s) on {base.model_id} for up to {config.max_steps} steps")
-    trained = train_prefixes(
-        base,
-        todo,
-        config,
-        on_progress=lambda progress: _on_progress(ctx, run, progress),
-        should_cancel=lambda: _should_cancel(ctx, run),
-    )
-    for result in trained:
+    trained: list[tuple[TrainingConfig, TrainedAdaptation]] = []
+    for group_config, group in _method_groups(config, todo, controls):
+        what = f"{len(group)} user(s) on {base.model_id}, method {group_config.method}"
+        _event(ctx, run.job_id, f"Training {what}, for up to {group_config.max_steps} steps")
+        results = train_adapters(
+            base,
+            group,
+            group_config,
+            on_progress=lambda progress: _on_progress(ctx, run, progress),
+            should_cancel=lambda: _should_cancel(ctx, run),
+        )
+        trained.extend((group_config, result) for result in results)
+    for group_config, result in trained:
         metrics = {k: v for k, v in result.metrics.items() if v is None or isinstance(v, (int, float, bool, str, dict))}
         active_version = compared_with[result.user_id]
+        metrics["method"] = result.method
         metrics["active_val_loss"] = metrics.pop("reference_val_loss", None)
         metrics["compared_with_version"] = active_version
         activate, why = _no_worse(metrics, active_version)
-        prefix = Prefix(result.kv, base.model_id, base.fingerprint, config.to_dict(), metrics)
-        artifacts = PrefixArtifacts(
-            prefix=save_prefix(prefix, PREFIX_DTYPE),
-            state=save_training_state(result.state, result.prefix_config.to_dict(), base),
-            base_model_id=base.model_id,
-            base_fingerprint=base.fingerprint,
-            prefix_len=result.prefix_config.prefix_len,
-            metrics=metrics,
-        )
+        artifacts = _artifacts(base, group_config, result, metrics)
         row = publish_prefix(
             ctx.session_factory,
             ctx.store,
@@ -294,12 +296,55 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
             why = "another version became active during training; it was not compared with this one"
         entry = _published_entry(external_ids[result.user_id], row)
         run.result["users"][result.user_id] = {**entry, "reason": why}
-        data = {"user_id": result.user_id, "version": row.version, "status": row.status, "reason": why}
+        data = {
+            "user_id": result.user_id,
+            "version": row.version,
+            "status": row.status,
+            "method": result.method,
+            "reason": why,
+        }
+        published = f"{entry['model']} ({result.method})"
         if row.status == "active":
-            _event(ctx, run.job_id, f"Published and activated {entry['model']}: {why}", data)
+            _event(ctx, run.job_id, f"Published and activated {published}: {why}", data)
         else:
-            message = f"Published {entry['model']} as a candidate, not activated: {why}"
+            message = f"Published {published} as a candidate, not activated: {why}"
             _event(ctx, run.job_id, message, data, level="warning")
+
+
+def _method_groups(
+    config: TrainingConfig, todo: list[UserData], controls: set[str]
+) -> list[tuple[TrainingConfig, list[UserData]]]:
+    """The job's users under the job's method, its controls under 'prefix' (a control is a prefix
+    that composes with any user's adaptation); a job holds one or the other in practice."""
+    users = [data for data in todo if data.user_id not in controls]
+    prefixes = [data for data in todo if data.user_id in controls]
+    groups = [(config, users), (replace(config, method=PREFIX), prefixes)]
+    return [(group_config, group) for group_config, group in groups if group]
+
+
+def _artifacts(
+    base: BaseModel, config: TrainingConfig, result: TrainedAdaptation, metrics: dict[str, Any]
+) -> PrefixArtifacts:
+    """The servable artifact of any method, and a prefix's training state to continue from."""
+    adaptation = result.adaptation
+    prefix = Prefix(
+        adaptation.kv,
+        base.model_id,
+        base.fingerprint,
+        config.to_dict(),
+        metrics,
+        lora=adaptation.lora,
+        method=result.method,
+    )
+    keeps_state = result.method == PREFIX and bool(result.state) and result.prefix_config is not None
+    return PrefixArtifacts(
+        prefix=save_prefix(prefix, PREFIX_DTYPE),
+        state=save_training_state(result.state, result.prefix_config.to_dict(), base) if keeps_state else None,
+        base_model_id=base.model_id,
+        base_fingerprint=base.fingerprint,
+        prefix_len=prefix.prefix_len,
+        metrics=metrics,
+    )
 
 
 def _no_worse(metrics: dict[str, Any], active_version: int | None) -> tuple[bool, str]:
@@ -318,7 +363,8 @@ def _no_worse(metrics: dict[str, Any], active_version: int | None) -> tuple[bool
 
 def _published_entry(external_id: str, row: PrefixVersion) -> dict[str, Any]:
     model = subject_model_id(row.base_model_id, external_id, row.version)
-    return {"model": model, "version": row.version, "status": row.status, "metrics": row.metrics}
+    method = (row.metrics or {}).get("method", PREFIX)
+    return {"model": model, "version": row.version, "status": row.status, "method": method, "metrics": row.metrics}
 
 
 def _active_version(ctx: ServiceContext, user_id: str) -> PrefixVersion | None:
@@ -346,14 +392,16 @@ def _warm_start_state(
     return state
 
 
-def _active_kv(ctx: ServiceContext, job_id: str, base: BaseModel, active: PrefixVersion | None) -> Any:
-    """The active version's prefix KV as served, for the training loop to score on the user's
-    validation rows. None when there is none or it is corrupt (nothing sound to compare with);
-    a store that cannot be reached raises (transient)."""
+def _active_adaptation(
+    ctx: ServiceContext, job_id: str, base: BaseModel, active: PrefixVersion | None
+) -> Adaptation | None:
+    """The active version as served (its KV and/or LoRA, any method), for the training loop to
+    score on the user's validation rows. None when there is none or it is corrupt (nothing sound to
+    compare with); a store that cannot be reached raises (transient)."""
     if active is None:
         return None
     try:
-        return load_prefix(ctx.store.get(active.blob_key, expected_sha256=active.sha256), base).kv
+        return load_prefix(ctx.store.get(active.blob_key, expected_sha256=active.sha256), base).adaptation
     except (ArtifactError, BlobNotFound) as exc:
         message = f"User {active.user_id}: active v{active.version} is unreadable ({exc}); not compared"
         _event(ctx, job_id, message, level="warning")
@@ -371,9 +419,12 @@ def _companions(ctx: ServiceContext, job_id: str, base: BaseModel, control_id: s
     kvs = []
     for row in rows:
         try:
-            kvs.append(load_prefix(ctx.store.get(row.blob_key, expected_sha256=row.sha256), base).kv)
+            stored = load_prefix(ctx.store.get(row.blob_key, expected_sha256=row.sha256), base)
         except ArtifactError as exc:  # a corrupt user prefix is that user's problem, not the control's
             log.warning("control %s: skipping companion prefix of user %s: %s", control_id, row.user_id, exc)
+            continue
+        if stored.method == PREFIX:  # a companion is a prefix KV: users of other methods are left out
+            kvs.append(stored.kv)
     _event(ctx, job_id, f"Training the control beside {len(kvs)} users' prefixes")
     return kvs or None
 

@@ -1,0 +1,246 @@
+"""Methods per user, end to end: users onboarded with `method` prefix, lora, pt-peft and auto train,
+store and show their method; the unchanged `openai` client chats with each as `user:<id>`; a user's
+LoRA composes with a control's prefix; a concurrent burst mixing methods gives every request the
+answer it gets alone; and a new version of another method is compared with the active one before it
+replaces it. The same scenario runs embedded (in-process training and serving) and distributed
+(Postgres, Redis, S3, a Celery training worker and a `workers.infer` process).
+
+Plus the `method` hyperparameter's own rules: "auto" there is the auto method, never "the default".
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from api.app import create_app
+from core.db.migrate import upgrade_to_head
+from core.generation import GenerationRequest, MixedBatchGenerator
+from core.inference.catalog import prefix_ref
+from core.inference.engine import row_parts
+from core.inference.prefix_cache import store_loader
+from core.inference.redis_transport import REQUESTS_STREAM
+from core.prompts import chat_prompt_ids
+from core.sampling import SamplingParams
+from core.service.context import build_context
+from core.service.controls import get_control
+from core.service.hyperparameters import resolve, training_config, validate_hyperparameters
+from core.service.registry import active_prefix
+from tests.support.api import ADMIN, ADMIN_KEY, SAMPLES, RecordingDispatcher, api_client, make_settings, tiny_base_model
+from tests.support.inference import ServerThread
+from tests.support.processes import distributed_env as distributed_env_for
+from tests.support.processes import end, settings_from_env, spawn, spawn_train_worker, wait_for_log
+
+JOB_TIMEOUT_S = 300
+WORKER_START_S = 120
+MESSAGES = [{"role": "user", "content": "Write one sentence about the sea."}]
+MAX_TOKENS = 12
+# Enough steps and a learning rate for a LoRA to change what the tiny model says (its B starts at 0);
+# no preservation term (its base-model samples would take most of the test's time).
+TRAINING = {"max_steps": 4, "learning_rate": 0.05, "preservation_weight": 0}
+METHODS = {"pat": None, "lou": "lora", "pete": "pt-peft", "ava": "auto"}
+"""external id (tagged per run) -> the method its onboarding asks for (None: the service default)."""
+
+
+# -- the hyperparameter ----------------------------------------------------------------------------
+
+
+def test_method_auto_is_the_auto_method_and_leaving_it_out_is_the_service_default(tmp_path: Path):
+    settings = make_settings(tmp_path, train_method_default="lora", train_lora_rank_default=6)
+    for asked, method in ((None, "lora"), ("auto", "auto"), ("pt-peft", "pt-peft"), ("prefix", "prefix")):
+        raw = {} if asked is None else {"method": asked, "lora_rank": "auto"}
+        values = validate_hyperparameters(raw)
+        assert values["method"] == asked  # stored as asked: null means "the default at run time"
+        resolved = resolve(values, settings)
+        assert resolved["method"] == resolve(resolved, settings)["method"] == method  # a retry resolves alike
+        config = training_config(resolved, settings)
+        assert (config.method, config.lora.rank) == (method, 6)
+    auto, prefix = (training_config(resolve({"method": m}, settings), settings) for m in ("auto", "prefix"))
+    assert auto.time_budget_s == pytest.approx(prefix.time_budget_s / 3)  # auto trains three methods in turn
+    assert validate_hyperparameters({"method": None, "lora_rank": 2})["lora_rank"] == 2
+
+
+def test_a_control_trains_a_prefix_and_refuses_another_method(tmp_path: Path):
+    with api_client(make_settings(tmp_path), dispatcher=RecordingDispatcher()) as client:
+        body = {"name": "brief", "samples": ["Short.", "Done."], "hyperparameters": {"method": "lora"}}
+        refused = client.post("/v1/controls", headers=ADMIN, json=body)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "hyperparameters.method"
+        assert client.get("/v1/controls", headers=ADMIN).json()["data"] == []
+        assert client.app.state.dispatcher.submitted == []
+        created = client.post("/v1/controls", headers=ADMIN, json={**body, "hyperparameters": {}})
+        assert created.status_code == 201 and created.json()["job"]["hyperparameters"]["method"] == "prefix"
+
+
+# -- end to end --------------------------------------------------------------------------------------
+
+
+class Running:
+    """A running Steer: HTTP as the admin, `openai` clients per key, and the engine run directly on
+    the stored versions (what a request should get when it runs alone)."""
+
+    def __init__(self, base_url: str, ctx, worker_logs: list[Path] = ()) -> None:
+        self.base_url, self.ctx, self.worker_logs = base_url, ctx, list(worker_logs)
+        self.base = tiny_base_model()
+        self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+
+    def client(self, key: str) -> OpenAI:
+        return OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=120)
+
+    def wait(self, job_id: str) -> dict:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while time.monotonic() < deadline:
+            job = self.http.get(f"/fine_tuning/jobs/{job_id}").json()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                assert job["status"] == "succeeded", (job, self._logs())
+                return job
+            time.sleep(0.3)
+        raise AssertionError(f"job {job_id} did not finish; {self._logs()}")
+
+    def alone(self, subjects: list[str], with_lora: bool = True) -> str:
+        """Greedy answer of the engine run directly on these subjects' active versions, composed."""
+        parts = []
+        with self.ctx.session_factory() as session:
+            for subject in subjects:
+                parts.append(store_loader(self.ctx.store, self.base)(prefix_ref(active_prefix(session, subject))))
+        prefix, lora = row_parts(parts)
+        ids = chat_prompt_ids(self.base.tokenizer, MESSAGES)
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+        request = GenerationRequest(ids, params, prefix, lora=lora if with_lora else None)
+        return MixedBatchGenerator(self.base).generate([request])[0].text
+
+    def _logs(self) -> str:
+        return "\n".join(path.read_text()[-3000:] for path in self.worker_logs)
+
+
+def chat(client: OpenAI, model: str) -> str:
+    reply = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0)
+    return reply.choices[0].message.content
+
+
+def drive_methods(steer: Running) -> None:
+    tag = uuid.uuid4().hex[:6]
+    users: dict[str, dict] = {}  # name -> {"id", "key", "job", "external_id"}
+    for name, method in METHODS.items():
+        hyperparameters = TRAINING if method is None else {**TRAINING, "method": method}
+        body = {"external_id": f"{name}-{tag}", "samples": SAMPLES, "hyperparameters": hyperparameters}
+        response = steer.http.post("/onboarding", json=body)
+        assert response.status_code == 201, response.text
+        created = response.json()
+        users[name] = {"id": created["user"]["id"], "key": created["api_key"], "external_id": f"{name}-{tag}"}
+        users[name]["job"] = created["job"]["id"]
+    control = f"terse-{tag}"
+    samples = ["Short.", "Done, thanks.", "Fine."]
+    made = steer.http.post("/controls", json={"name": control, "samples": samples, "hyperparameters": TRAINING})
+    assert made.status_code == 201, made.text
+
+    # Every job succeeds and shows the method; every version shows what it holds.
+    steer.wait(made.json()["job"]["id"])
+    for name, method in METHODS.items():
+        user = users[name]
+        job = steer.wait(user["job"])
+        assert job["hyperparameters"]["method"] == (method or "prefix")
+        entry = job["result"]["users"][user["id"]]
+        (version,) = steer.http.get(f"/users/{user['id']}/prefixes").json()["data"]
+        assert version["method"] == entry["method"] == version["metrics"]["method"]
+        assert version["status"] == "active" and version["model"] == job["fine_tuned_model"]
+        user["method"] = version["method"]
+        if method is not None and method != "auto":
+            assert version["method"] == method
+        assert (version["prefix_len"] == 0) == (version["method"] == "lora")
+        with steer.ctx.session_factory() as session:  # a prefix alone keeps its state to continue from
+            assert (active_prefix(session, user["id"]).state_blob_key is not None) == (version["method"] == "prefix")
+    losses = steer.http.get(f"/users/{users['ava']['id']}/prefixes").json()["data"][0]["metrics"]["auto"]
+    assert set(losses) == {"prefix", "lora", "pt-peft"} and users["ava"]["method"] == min(losses, key=losses.get)
+    assert users["pat"]["method"] == "prefix"  # the service default
+
+    # The unchanged openai client: each user's answer is that of its own stored version alone.
+    alone = {}
+    for name, user in users.items():
+        alone[name] = steer.alone([user["id"]])
+        assert chat(steer.client(user["key"]), f"user:{user['external_id']}") == alone[name], name
+    for name in ("lou", "pete"):  # the LoRA is applied: without it the answer differs
+        assert steer.alone([users[name]["id"]], with_lora=False) != alone[name], name
+    # A user's LoRA composes with a control's prefix (the control's KV, the user's LoRA, one row).
+    lou = users["lou"]
+    composed = chat(steer.client(lou["key"]), f"user:{lou['external_id']}+{control}")
+    with steer.ctx.session_factory() as session:
+        control_id = get_control(session, control).id
+    assert composed == steer.alone([lou["id"], control_id]) != alone["lou"]
+
+    # A concurrent burst mixing methods (and the base model): every answer is the one it gets alone.
+    base_alone = chat(steer.client(ADMIN_KEY), steer.base.model_id)
+    burst = [(name, users[name]) for name in ("pat", "lou", "pete", "ava") for _ in range(3)]
+    burst += [("base", None)] * 2
+
+    def ask(item):
+        name, user = item
+        if user is None:
+            return name, chat(steer.client(ADMIN_KEY), steer.base.model_id)
+        return name, chat(steer.client(user["key"]), f"user:{user['external_id']}")
+
+    with ThreadPoolExecutor(len(burst)) as pool:
+        answers = list(pool.map(ask, burst))
+    for name, answer in answers:
+        assert answer == (base_alone if name == "base" else alone[name]), name
+
+    # A new version of another method is scored against the active LoRA on the same rows first.
+    retrain = steer.http.post("/fine_tuning/jobs", json={"user": lou["id"], "hyperparameters": {"method": "prefix"}})
+    assert retrain.status_code == 201, retrain.text
+    entry = steer.wait(retrain.json()["id"])["result"]["users"][lou["id"]]
+    assert entry["method"] == "prefix" and entry["metrics"]["compared_with_version"] == 1
+    assert entry["metrics"]["active_val_loss"] is not None
+    versions = steer.http.get(f"/users/{lou['id']}/prefixes").json()["data"]
+    assert [(v["version"], v["method"]) for v in versions] == [(1, "lora"), (2, "prefix")]
+
+
+def test_every_method_trains_and_serves_through_the_openai_client_embedded(tmp_path: Path):
+    ctx = build_context(make_settings(tmp_path, max_batch_size=8), base_model=tiny_base_model())
+    try:
+        with ServerThread(create_app(context=ctx)) as server:
+            drive_methods(Running(server.base_url, ctx))
+    finally:
+        ctx.close()
+
+
+@pytest.fixture
+def distributed(postgres_url: str, redis_url: str, s3_server, tmp_path: Path) -> Iterator[tuple[dict, list[Path]]]:
+    upgrade_to_head(postgres_url)
+    env = distributed_env_for(
+        postgres_url,
+        redis_url,
+        s3_server,
+        "methods",
+        STEER_TRAIN_BATCH_SIZE_DEFAULT="2",
+        STEER_TRAIN_PREFIX_LEN_DEFAULT="2",
+        STEER_TRAIN_MAX_SEQ_LEN="64",
+        STEER_MAX_BATCH_SIZE="8",
+    )
+    logs = [tmp_path / "train.log", tmp_path / "infer.log"]
+    trainer = spawn_train_worker(env, logs[0])
+    inference = spawn(["-m", "workers.infer"], env, logs[1])
+    try:
+        wait_for_log(inference, logs[1], "consuming " + REQUESTS_STREAM, WORKER_START_S)
+        yield env, logs
+    finally:
+        end(inference)
+        end(trainer)
+
+
+@pytest.mark.integration
+def test_every_method_trains_and_serves_through_the_openai_client_distributed(distributed):
+    env, logs = distributed
+    settings = settings_from_env(env)
+    assert settings.mode == "distributed" and settings.effective_blob_store == "s3"
+    ctx = build_context(settings)  # as `steer serve` builds it: the workers hold the model
+    try:
+        with ServerThread(create_app(context=ctx)) as server:
+            drive_methods(Running(server.base_url, ctx, logs))
+    finally:
+        ctx.close()
