@@ -208,6 +208,12 @@ class Settings(BaseSettings):
         "`auto` (all three on the job's budget; per user, the lowest validation loss). Controls always "
         "train prefixes.",
     )
+    train_instant_version: bool = Field(
+        default=True,
+        description="When a user with no version starts training, publish and activate an instant version "
+        "first: the model's own KV of the first tokens of the user's writing, no gradient step (seconds), "
+        "so `user:<id>` answers while the job trains; the trained version replaces it if no worse.",
+    )
     train_lora_rank_default: int = Field(
         default=3,
         ge=1,

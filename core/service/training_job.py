@@ -32,11 +32,13 @@ from core.db import Job, PrefixVersion, User, database_now, session_scope, utcno
 from core.db.models import JOB_FINISHED_STATUSES
 from core.errors import ArtifactError, InvalidTrainingData, SteerError, TrainingCancelled
 from core.model import BaseModel
+from core.seq2seq import is_encoder_decoder
 from core.service.context import ServiceContext
 from core.service.controls import CONTROL, companion_prefixes
 from core.service.crash_points import crash_point
 from core.service.errors import ServiceError
 from core.service.hyperparameters import resolve, training_config
+from core.service.instant_version import publish_instant_version
 from core.service.job_lease import (
     JobLease,
     LeaseLost,
@@ -245,6 +247,8 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
 
     config = training_config(resolved, settings)
     base = ctx.base_model()
+    if settings.train_instant_version and not is_encoder_decoder(base):
+        _publish_instant_versions(ctx, run, base, [d for d in todo if d.user_id not in controls], config, external_ids)
     active_at_start: dict[str, int | None] = {}  # user -> their active version as training starts
     compared_with: dict[str, int | None] = {}  # user -> the active version the new one must beat
     for data in todo:
@@ -309,6 +313,21 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
         else:
             message = f"Published {published} as a candidate, not activated: {why}"
             _event(ctx, run.job_id, message, data, level="warning")
+
+
+def _publish_instant_versions(
+    ctx: ServiceContext, run: _Run, base: BaseModel, todo: list[UserData], config: TrainingConfig, external_ids
+) -> None:
+    """An instant version for each user who has none yet (core/service/instant_version.py)."""
+    for data in todo:
+        if _active_version(ctx, data.user_id) is not None:
+            continue
+        row, seconds = publish_instant_version(ctx, base, data.user_id, data.samples, config, PREFIX_DTYPE)
+        if row is None or row.status != "active":
+            continue
+        entry = _published_entry(external_ids[data.user_id], row)
+        message = f"Published instant version {entry['model']} in {seconds:.2f} s (untrained; training continues)"
+        _event(ctx, run.job_id, message, {"user_id": data.user_id, "version": row.version, "instant": True})
 
 
 def _method_groups(

@@ -31,6 +31,7 @@ def distributed_env(
         "STEER_DEVICE": "cpu",
         "STEER_DATA_DIR": str(model_cache_dir().parent),  # share the converted model cache
         "OMP_NUM_THREADS": "1",  # worker processes share two cores with the test
+        "STEER_TRAIN_INSTANT_VERSION": "false",  # as make_settings: trained versions come first
         **extra,
     }
 

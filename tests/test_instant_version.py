@@ -1,0 +1,94 @@
+"""The instant version: onboarding makes `user:<id>` answer with a prefix before its training job
+finishes, and the trained version replaces it without a restart (core/service/instant_version.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from api.app import create_app
+from core.inference.catalog import prefix_ref
+from core.inference.prefix_cache import store_loader
+from core.service import training_job
+from core.service.context import build_context
+from core.service.registry import active_prefix
+from core.tuning import instant_prefix
+from tests.support.api import SAMPLES, make_settings, tiny_base_model
+from tests.support.inference import ServerThread
+from tests.test_api_methods import Running, chat
+
+TRAINING = {"max_steps": 4, "learning_rate": 0.05, "preservation_weight": 0}
+
+
+def _wait(condition, what: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def held_training(monkeypatch):
+    """Training waits until the test lets it go (the real training then runs), so the test can look
+    at the service while the job is still running."""
+    release = threading.Event()
+    train = training_job.train_adapters
+
+    def held(*args, **kwargs):
+        assert release.wait(120), "the test never released training"
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(training_job, "train_adapters", held)
+    yield release
+    release.set()
+
+
+def test_onboarding_answers_with_an_instant_version_until_the_trained_one_replaces_it(tmp_path: Path, held_training):
+    settings = make_settings(tmp_path, train_instant_version=True, max_batch_size=4)
+    ctx = build_context(settings, base_model=tiny_base_model())
+    try:
+        with ServerThread(create_app(context=ctx)) as server:
+            steer = Running(server.base_url, ctx)
+            body = {"external_id": "ivy", "samples": SAMPLES, "hyperparameters": TRAINING}
+            onboarded = steer.http.post("/onboarding", json=body).json()
+            user, job_id, key = onboarded["user"]["id"], onboarded["job"]["id"], onboarded["api_key"]
+
+            # Before any training step: version 1 is the instant one, active, and it answers.
+            versions = _wait(lambda: steer.http.get(f"/users/{user}/prefixes").json()["data"], "the instant version")
+            (instant,) = versions
+            assert instant["status"] == "active" and instant["metrics"]["instant"] is True
+            assert steer.http.get(f"/fine_tuning/jobs/{job_id}").json()["status"] == "running"
+            assert chat(steer.client(key), "user:ivy") == steer.alone([user])  # served with its stored version
+            with ctx.session_factory() as session:
+                stored = store_loader(ctx.store, steer.base)(prefix_ref(active_prefix(session, user))).kv
+            kv = instant_prefix(steer.base, SAMPLES, settings.train_prefix_len_default)  # the user's first tokens
+            torch.testing.assert_close(stored.float(), kv.half().float())
+            events = steer.http.get(f"/fine_tuning/jobs/{job_id}/events").json()["data"]
+            assert any("instant version" in e["message"] for e in events)
+
+            # Training runs; the trained version is compared with the instant one and replaces it.
+            held_training.set()
+            job = steer.wait(job_id)
+            entry = job["result"]["users"][user]
+            assert entry["version"] == 2 and entry["status"] == "active"
+            assert entry["metrics"]["compared_with_version"] == 1 and entry["metrics"]["active_val_loss"] is not None
+            statuses = {v["version"]: v["status"] for v in steer.http.get(f"/users/{user}/prefixes").json()["data"]}
+            assert statuses == {1: "retired", 2: "active"}
+            assert chat(steer.client(key), "user:ivy") == steer.alone([user])  # the same server: no restart
+            with ctx.session_factory() as session:
+                assert active_prefix(session, user).version == 2
+
+            # A second job for a user who already has a version publishes no instant one.
+            again = steer.http.post("/fine_tuning/jobs", json={"user": user, "hyperparameters": TRAINING}).json()
+            steer.wait(again["id"])
+            versions = steer.http.get(f"/users/{user}/prefixes").json()["data"]
+            assert [v["metrics"].get("instant", False) for v in versions] == [True, False, False]
+    finally:
+        ctx.close()
