@@ -1,5 +1,5 @@
 """The engine's performance figures, as ratios measured within one run (`steer bench
-serve|compose|train`, api/commands/bench.py, prints them).
+serve|compose|lora|train`, api/commands/bench.py, prints them).
 
 Timings on a shared CPU are noisy, so every figure is compared with a reference measured in the
 same process, minutes apart at most; absolute numbers are printed for context only.
@@ -16,6 +16,7 @@ import torch
 
 from core.batch_cache import prefix_length
 from core.generation import GenerationRequest, MixedBatchGenerator
+from core.lora import DEFAULT_TARGETS, LoRAWeights, target_modules
 from core.model import BaseModel
 from core.prefix import PrefixConfig, kv_from_text
 from core.prompts import chat_prompt_ids, text_ids
@@ -105,9 +106,10 @@ def _timed(fn) -> _Run:
     return _Run(tokens, time.perf_counter() - started)
 
 
-def _batched(base, prompts, prefixes, new_tokens) -> int:
+def _batched(base, prompts, prefixes, new_tokens, loras=None) -> int:
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    requests = [GenerationRequest(p, params, kv) for p, kv in zip(prompts, prefixes)]
+    loras = loras or [None] * len(prompts)
+    requests = [GenerationRequest(p, params, kv, lora=w) for p, kv, w in zip(prompts, prefixes, loras)]
     return sum(r.completion_tokens for r in MixedBatchGenerator(base, len(requests)).generate(requests))
 
 
@@ -213,15 +215,28 @@ def _spread(values: list[float], digits: int) -> dict:
     }
 
 
-def _step_interleaved(base, prompts, arms: dict[str, list], new_tokens: int) -> dict[str, _Run]:
+def _step_interleaved(
+    base,
+    prompts,
+    arms: dict[str, list],
+    new_tokens: int | list[int],
+    loras: dict[str, list] | None = None,
+    slots: int | None = None,
+) -> dict[str, _Run]:
     """Generate every arm's batch at once, alternating single engine steps between the arms (the
     order rotating each round), each step timed on its own: a burst of load from another process
-    lands on every arm alike instead of on whichever whole run it happens to overlap."""
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    engines = {name: MixedBatchGenerator(base, len(prompts)) for name in arms}
+    lands on every arm alike instead of on whichever whole run it happens to overlap.
+
+    `arms`: each row's prefix per arm; `loras`: each row's LoRA per arm (arms absent: none);
+    `new_tokens`: for every row, or each row's own; `slots`: the batch size (default: every row)."""
+    lengths = new_tokens if isinstance(new_tokens, list) else [new_tokens] * len(prompts)
+    engines = {name: MixedBatchGenerator(base, slots or len(prompts)) for name in arms}
+    loras = loras or {}
     for name, prefixes in arms.items():
-        for prompt, prefix in zip(prompts, prefixes):
-            engines[name].submit(GenerationRequest(prompt, params, prefix))
+        row_loras = loras.get(name, [None] * len(prompts))
+        for prompt, prefix, lora, length in zip(prompts, prefixes, row_loras, lengths):
+            params = SamplingParams(max_tokens=length, temperature=0.0, ignore_eos=True)
+            engines[name].submit(GenerationRequest(prompt, params, prefix, lora=lora))
     tokens = dict.fromkeys(arms, 0)
     seconds = dict.fromkeys(arms, 0.0)
     cpu_seconds = dict.fromkeys(arms, 0.0)
@@ -280,6 +295,113 @@ def bench_composition(base: BaseModel, requests: int, new_tokens: int, prefix_le
             "composed/base_no_prefix": _spread(composed_vs_base, 3),
             "composed/user_only by CPU time": _spread(composed_vs_user_cpu, 3),
         },
+    }
+
+
+def _user_loras(base: BaseModel, n: int, rank: int, targets=DEFAULT_TARGETS) -> list[LoRAWeights]:
+    """n distinct random LoRAs (B != 0, unlike a fresh one), one per user, on the model's dtype and
+    device. Their values do not matter for speed; they are small so that the text stays readable."""
+    shapes = target_modules(base.model, targets)
+    loras = []
+    for seed in range(n):
+        g = torch.Generator().manual_seed(seed)
+        modules = {
+            name: (torch.randn(rank, i, generator=g) * 0.02, torch.randn(o, rank, generator=g) * 0.02)
+            for name, (i, o) in shapes.items()
+        }
+        loras.append(LoRAWeights(modules).to(base.device, base.dtype))
+    return loras
+
+
+LORA_MIX_KINDS = ("prefix", "lora", "prefix_lora")
+"""Adapter kinds of the mixed arm's rows, in turn; every `LORA_MIX_BASE_EVERY`-th row is a base row."""
+LORA_MIX_BASE_EVERY = 8
+
+
+def _mixed_kinds(n: int) -> tuple[str, ...]:
+    """n rows: one in 8 a base row, the others a third each prefix, LoRA, prefix + LoRA (32: 4/10/9/9)."""
+    adapted = iter(LORA_MIX_KINDS * n)
+    return tuple("base" if i % LORA_MIX_BASE_EVERY == LORA_MIX_BASE_EVERY - 1 else next(adapted) for i in range(n))
+
+
+def _staggered_lengths(n: int, new_tokens: int) -> list[int]:
+    """n request lengths spread over [new_tokens/2, 3 new_tokens/2) (mean about new_tokens), in an
+    order that makes rows finish a step or two apart."""
+    low = max(1, new_tokens // 2)
+    return [low + (i * 7) % new_tokens for i in range(n)]
+
+
+def bench_lora(
+    base: BaseModel,
+    requests: int,
+    new_tokens: int,
+    rank: int,
+    prefix_len: int,
+    repeats: int,
+    mixed: bool = True,
+    staggered: bool = False,
+) -> dict:
+    """Serving cost of LoRA rows in the mixed batch (issue 16): one batch of `requests` distinct
+    users, every row under its own adapter, timed as (a) the base model, (b) each row its own prefix,
+    (c) each row its own LoRA (rank `rank` on q_proj and v_proj, the service default), (d) each row
+    its own prefix + its own LoRA (PT-PEFT users), and (e) optionally all kinds mixed (`_mixed_kinds`).
+
+    Each repeat generates every arm's batch step-interleaved (`_step_interleaved`), and the ratios
+    are taken within each repeat, by CPU time (exact with one torch thread) and by wall time.
+
+    `staggered`: continuous batching as a server sees it: 2 x `requests` users of different lengths
+    (`_staggered_lengths`) through `requests` slots, so rows leave and join while others decode
+    (without it, every row starts at the first step and ends at the last)."""
+    users = 2 * requests if staggered else requests
+    lengths = _staggered_lengths(users, new_tokens) if staggered else [new_tokens] * users
+    prompts = _prompts(base, users)
+    prefixes = _user_prefixes(base, users, prefix_len)
+    loras = _user_loras(base, users, rank)
+    kinds = {
+        "a_base": ("base",) * users,
+        "b_prefix": ("prefix",) * users,
+        "c_lora": ("lora",) * users,
+        "d_prefix_lora": ("prefix_lora",) * users,
+    }
+    if mixed:
+        kinds["e_mixed"] = _mixed_kinds(users)
+    arms = {name: [prefixes[i] if "prefix" in k else None for i, k in enumerate(ks)] for name, ks in kinds.items()}
+    arm_loras = {name: [loras[i] if "lora" in k else None for i, k in enumerate(ks)] for name, ks in kinds.items()}
+    _batched(base, prompts[:4], prefixes[:4], 4, loras[:4])  # warm-up (installs the LoRA hooks)
+    runs: dict[str, list[_Run]] = {name: [] for name in arms}
+    for _ in range(repeats):
+        for name, run in _step_interleaved(base, prompts, arms, lengths, arm_loras, slots=requests).items():
+            runs[name].append(run)
+
+    def ratios(numerator: str, per) -> dict:
+        return _spread([per(n) / per(b) for n, b in zip(runs[numerator], runs["a_base"])], 3)
+
+    labels = {
+        "c_lora": "lora/base (goal >= 0.85)",
+        "b_prefix": "prefix/base",
+        "d_prefix_lora": "prefix_lora/base",
+        "e_mixed": "mixed/base",
+    }
+    labels = {name: label for name, label in labels.items() if name in arms}
+    return {
+        "requests": requests,
+        "new_tokens": new_tokens,
+        "staggered": staggered,
+        "users_per_arm": users,
+        "new_tokens_per_request": {"min": min(lengths), "max": max(lengths), "total": sum(lengths)},
+        "repeats": repeats,
+        "lora_rank": rank,
+        "lora_targets": list(DEFAULT_TARGETS),
+        "lora_params_per_user": loras[0].numel() if loras else 0,
+        "prefix_tokens_per_row": prefix_len,
+        "rows_by_kind": {name: {k: ks.count(k) for k in dict.fromkeys(ks)} for name, ks in kinds.items()},
+        "mean_prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1),
+        "generated_tokens": {name: [run.tokens for run in arm] for name, arm in runs.items()},
+        "tokens_per_cpu_s": {name: _spread([run.tokens_per_cpu_s for run in arm], 1) for name, arm in runs.items()},
+        "tokens_per_s": {name: _spread([run.tokens_per_s for run in arm], 1) for name, arm in runs.items()},
+        "torch_threads": torch.get_num_threads(),
+        "ratios_by_cpu_time": {label: ratios(name, lambda r: r.tokens_per_cpu_s) for name, label in labels.items()},
+        "ratios_by_wall_time": {label: ratios(name, lambda r: r.tokens_per_s) for name, label in labels.items()},
     }
 
 

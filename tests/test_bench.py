@@ -1,9 +1,20 @@
 """The benchmark commands run end to end (on the tiny model) and report the figures the docs quote."""
 
+import json
+import math
+
+import torch
 from typer.testing import CliRunner
 
 from api.commands.bench import app
-from core.bench import CONTROL_SETS, _control_prefixes, bench_composition, bench_serving, bench_training
+from core.bench import (
+    CONTROL_SETS,
+    _control_prefixes,
+    bench_composition,
+    bench_lora,
+    bench_serving,
+    bench_training,
+)
 from tests.engine_fixtures import tiny  # noqa: F401
 
 
@@ -74,3 +85,63 @@ def test_bench_compose_cli_prints_json():
     )
     assert out.exit_code == 0, out.output
     assert '"benchmark": "compose"' in out.output and '"composed/user_only (goal >= 0.9)"' in out.output
+
+
+LORA_ARMS = {"a_base", "b_prefix", "c_lora", "d_prefix_lora", "e_mixed"}
+
+
+def test_lora_benchmark_counts_every_token_and_reports_positive_ratios_within_each_repeat(tiny):
+    result = bench_lora(tiny, requests=8, new_tokens=3, rank=2, prefix_len=2, repeats=2)
+    # Every arm, LoRA rows included, generated exactly the tokens asked in every repeat.
+    assert result["generated_tokens"] == {arm: [8 * 3, 8 * 3] for arm in LORA_ARMS}
+    assert result["rows_by_kind"]["c_lora"] == {"lora": 8} and result["rows_by_kind"]["a_base"] == {"base": 8}
+    assert result["rows_by_kind"]["e_mixed"] == {"prefix": 3, "lora": 2, "prefix_lora": 2, "base": 1}
+    assert result["lora_rank"] == 2 and result["lora_params_per_user"] > 0
+    for per in ("tokens_per_cpu_s", "tokens_per_s"):
+        for arm in LORA_ARMS:
+            spread = result[per][arm]
+            assert len(spread["each"]) == 2 and 0 < spread["min"] <= spread["median"] <= spread["max"], (per, arm)
+    # Each ratio is, per repeat, the arm's throughput over the base arm's (rounding aside).
+    numerators = {
+        "lora/base (goal >= 0.85)": "c_lora",
+        "prefix/base": "b_prefix",
+        "prefix_lora/base": "d_prefix_lora",
+        "mixed/base": "e_mixed",
+    }
+    for key, per in (("ratios_by_cpu_time", "tokens_per_cpu_s"), ("ratios_by_wall_time", "tokens_per_s")):
+        assert set(result[key]) == set(numerators)
+        for ratio, arm in numerators.items():
+            spread = result[key][ratio]
+            assert all(math.isfinite(v) and v > 0 for v in spread["each"]), (key, ratio, spread)
+            for r, value in enumerate(spread["each"]):
+                expected = result[per][arm]["each"][r] / result[per]["a_base"]["each"][r]
+                assert abs(value - expected) <= 0.05 * expected, (key, ratio, r, value, expected)
+
+
+def test_staggered_lora_benchmark_lets_rows_join_and_leave_and_still_counts_every_token(tiny):
+    result = bench_lora(tiny, requests=4, new_tokens=4, rank=2, prefix_len=2, repeats=1, staggered=True)
+    # 8 users of 2-5 tokens through 4 slots: rows finish at different steps and queued ones take their place.
+    assert result["users_per_arm"] == 8 and result["new_tokens_per_request"]["min"] < 4
+    assert result["new_tokens_per_request"]["max"] > 4
+    total = result["new_tokens_per_request"]["total"]
+    assert result["generated_tokens"] == {arm: [total] for arm in LORA_ARMS}
+    for key in ("ratios_by_cpu_time", "ratios_by_wall_time"):
+        assert all(math.isfinite(s["median"]) and s["median"] > 0 for s in result[key].values()), result[key]
+
+
+def test_bench_lora_cli_prints_json_without_the_mixed_arm_when_asked():
+    threads = torch.get_num_threads()
+    try:
+        out = CliRunner().invoke(
+            app,
+            ["lora", "--base-model", "tiny", "--requests", "3", "--new-tokens", "2", "--rank", "2", "--prefix-len", "2"]
+            + ["--repeats", "1", "--threads", "1", "--no-mixed", "--json"],
+        )
+    finally:
+        torch.set_num_threads(threads)  # --threads sets it for the whole process
+    assert out.exit_code == 0, out.output
+    payload = json.loads(out.output)
+    assert payload["benchmark"] == "lora" and payload["torch_threads"] == 1 and "torch" in payload["machine"]
+    assert set(payload["generated_tokens"]) == LORA_ARMS - {"e_mixed"}
+    ratio = payload["ratios_by_cpu_time"]["lora/base (goal >= 0.85)"]["median"]
+    assert math.isfinite(ratio) and ratio > 0

@@ -1,4 +1,4 @@
-"""`steer bench serve|compose|train|load`: the engine's figures (core/bench.py) and the HTTP load test
+"""`steer bench serve|compose|lora|train|load`: the engine's figures (core/bench.py) and the HTTP load test
 (api/commands/loadtest.py), printed as JSON or a readable tree."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Annotated
 import torch
 import typer
 
-from core.bench import bench_composition, bench_serving, bench_training, machine_info
+from core.bench import bench_composition, bench_lora, bench_serving, bench_training, machine_info
 from core.config import get_settings
 from core.model import BaseModel, load_base_model
 
@@ -71,6 +71,30 @@ def compose_command(
         torch.set_num_threads(threads)
     base = _base_model(base_model, device, dtype)
     _emit("compose", bench_composition(base, requests, new_tokens, prefix_len, repeats), as_json)
+
+
+@app.command("lora")
+def lora_command(
+    requests: int = typer.Option(32, help="Concurrent requests, one distinct user (own adapter) each."),
+    new_tokens: int = typer.Option(64, help="Tokens generated per request."),
+    rank: int = typer.Option(4, help="Rank of each user's LoRA (on q_proj and v_proj, the service default)."),
+    prefix_len: int = typer.Option(16, help="Virtual tokens of each user's prefix."),
+    repeats: int = typer.Option(3, help="Interleaved repetitions of the arms (ratios taken within each)."),
+    mixed: bool = typer.Option(True, help="Also time a batch mixing prefix, LoRA, prefix+LoRA and base rows."),
+    staggered: bool = typer.Option(
+        False, help="2 x --requests users, lengths 0.5-1.5 x --new-tokens, through --requests slots (rows join, leave)."
+    ),
+    threads: int = typer.Option(0, help="Torch threads (0: torch's default); 1 makes the CPU-time ratio exact."),
+    base_model: BaseModelName = "smollm2",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    as_json: AsJson = False,
+) -> None:
+    """Serving cost of LoRA rows: base vs prefix vs LoRA vs prefix+LoRA rows, every row its own user."""
+    if threads:
+        torch.set_num_threads(threads)
+    base = _base_model(base_model, device, dtype)
+    _emit("lora", bench_lora(base, requests, new_tokens, rank, prefix_len, repeats, mixed, staggered), as_json)
 
 
 @app.command("train")
