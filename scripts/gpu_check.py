@@ -124,6 +124,7 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quick", action="store_true", help="small benchmark sizes (a smoke run)")
+    parser.add_argument("--checks-only", action="store_true", help="the checks, no benchmarks")
     args = parser.parse_args()
     started = time.monotonic()
     cache = get_settings().model_cache_dir
@@ -145,17 +146,22 @@ def main() -> int:
     checks["mixed_forward"] = check_mixed_forward(base, atol=0.25 if low_precision else 1e-4)
     checks["mixed_generation"] = check_mixed_generation(base)
     checks["training_multi_user_equals_alone"] = check_training(base, atol=2e-2 if low_precision else 1e-4)
-    requests, tokens = (8, 8) if args.quick else (32, 64)
-    benches = report["benchmarks"]
-    benches["serve"] = bench_serving(base, requests, tokens, 16, 4 if args.quick else 8)
-    benches["lora"] = bench_lora(base, requests, tokens, 3, 16, 1 if args.quick else 3)
-    steps, users, budget_s = (2, 2, 10.0) if args.quick else (10, 8, 55.0)
-    benches["train"] = bench_training(base, steps, users, 10, budget_s)
+    if not args.checks_only:
+        _run_benchmarks(base, report["benchmarks"], args.quick)
     report["wall_seconds"] = round(time.monotonic() - started, 1)
     report["ok"] = all(c["ok"] if "ok" in c else all(v["ok"] for v in c.values()) for c in checks.values())
     Path(args.out).write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps({"ok": report["ok"], "wall_seconds": report["wall_seconds"], "report": args.out}))
     return 0 if report["ok"] else 1
+
+
+def _run_benchmarks(base, benches: dict, quick: bool) -> None:
+    """`steer bench serve|lora|train` at GPU sizes (small ones with `quick`)."""
+    requests, tokens = (8, 8) if quick else (32, 64)
+    benches["serve"] = bench_serving(base, requests, tokens, 16, 4 if quick else 8)
+    benches["lora"] = bench_lora(base, requests, tokens, 3, 16, 1 if quick else 3)
+    steps, users, budget_s = (2, 2, 10.0) if quick else (10, 8, 55.0)
+    benches["train"] = bench_training(base, steps, users, 10, budget_s)
 
 
 if __name__ == "__main__":
