@@ -11,6 +11,7 @@ import typer
 
 from core.bench import bench_composition, bench_lora, bench_serving, bench_training, machine_info
 from core.config import get_settings
+from core.lora import LoRAConfig
 from core.model import BaseModel, load_base_model
 
 app = typer.Typer(help="Benchmarks of the prefix engine (ratios measured in one run).", no_args_is_help=True)
@@ -77,7 +78,7 @@ def compose_command(
 def lora_command(
     requests: int = typer.Option(32, help="Concurrent requests, one distinct user (own adapter) each."),
     new_tokens: int = typer.Option(64, help="Tokens generated per request."),
-    rank: int = typer.Option(4, help="Rank of each user's LoRA (on q_proj and v_proj, the service default)."),
+    rank: int = typer.Option(LoRAConfig.rank, help="Rank of each user's LoRA on q_proj, v_proj."),
     prefix_len: int = typer.Option(16, help="Virtual tokens of each user's prefix."),
     repeats: int = typer.Option(3, help="Interleaved repetitions of the arms (ratios taken within each)."),
     mixed: bool = typer.Option(True, help="Also time a batch mixing prefix, LoRA, prefix+LoRA and base rows."),
