@@ -241,3 +241,21 @@ def test_an_external_id_with_a_plus_sign_names_the_user_before_any_control(servi
     assert complete("user:alice+brief+formal") == _alone(
         base, ctx, [ids["alice"], ids["brief"], ids["formal"]], "Dear team,"
     )
+
+
+def test_a_control_trains_beside_the_users_whose_prefixes_it_can_read(tmp_path: Path):
+    """A companion whose blob is gone (erased while the control was queued, or a store restored
+    from an older backup) is skipped with a warning: the control trains beside the others."""
+    with api_client(make_settings(tmp_path, control_companions=8), base=tiny_base_model()) as client:
+        ctx = client.app.state.ctx
+        for name in ("alice", "bob"):
+            assert wait_for_job(client, onboard(client, name)["job"]["id"])["status"] == "succeeded"
+        with ctx.session_factory() as session:
+            gone = session.scalars(select(PrefixVersion).order_by(PrefixVersion.user_id)).first()
+            ctx.store.delete(gone.blob_key)
+
+        created = client.post("/v1/controls", headers=ADMIN, json={"name": "brief", "samples": BRIEF})
+        job = wait_for_job(client, created.json()["job"]["id"])
+        assert job["status"] == "succeeded", job
+        events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100", headers=ADMIN).json()["data"]
+        assert "Training the control beside 1 users' prefixes" in [e["message"] for e in events]

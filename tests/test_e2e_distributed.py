@@ -27,10 +27,12 @@ JOB_TIMEOUT_S = 240
 
 
 @pytest.fixture
-def distributed_env(postgres_url: str, redis_url: str, s3_server) -> dict[str, str]:
-    upgrade_to_head(postgres_url)
+def distributed_env(fresh_postgres_database: str, redis_url: str, s3_server) -> dict[str, str]:
+    # Its own database, as it has its own bucket: controls train beside the users of the database,
+    # and other tests' users have their blobs in other buckets.
+    upgrade_to_head(fresh_postgres_database)
     return distributed_env_for(
-        postgres_url,
+        fresh_postgres_database,
         redis_url,
         s3_server,
         "e2e",
@@ -61,6 +63,11 @@ def _wait_for_job(client, job_id: str, worker_log: Path) -> dict:
             return job
         time.sleep(0.5)
     raise AssertionError(f"job {job_id} still {job['status']}; worker log:\n{worker_log.read_text()[-4000:]}")
+
+
+def _events(client, job_id: str) -> list[str]:
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=100", headers=ADMIN).json()["data"]
+    return [e["message"] for e in events]
 
 
 def minio_keys(minio, bucket: str, prefix: str) -> list[str]:
@@ -109,7 +116,8 @@ def test_onboarding_to_erasure_on_real_services(distributed_env, celery_worker, 
         control = client.post("/v1/controls", headers=ADMIN, json={"name": name, "samples": ["Short.", "Done."]})
         assert control.status_code == 201, control.text
         control_job = _wait_for_job(client, control.json()["job"]["id"], celery_worker)
-        assert control_job["status"] == "succeeded", (control_job, celery_worker.read_text()[-4000:])
+        why = (control_job.get("error"), _events(client, control_job["id"]), celery_worker.read_text()[-6000:])
+        assert control_job["status"] == "succeeded", why
         assert control_job["fine_tuned_model"] == f"control:{name}:v1"
         events = client.get(f"/v1/fine_tuning/jobs/{control_job['id']}/events?limit=100", headers=ADMIN).json()
         beside = [e["message"] for e in events["data"] if e["message"].startswith("Training the control beside")]

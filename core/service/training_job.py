@@ -439,7 +439,7 @@ def _companions(ctx: ServiceContext, job_id: str, base: BaseModel, control_id: s
     for row in rows:
         try:
             stored = load_prefix(ctx.store.get(row.blob_key, expected_sha256=row.sha256), base)
-        except ArtifactError as exc:  # a corrupt user prefix is that user's problem, not the control's
+        except (ArtifactError, BlobNotFound) as exc:  # a corrupt or just-erased prefix: the user's problem
             log.warning("control %s: skipping companion prefix of user %s: %s", control_id, row.user_id, exc)
             continue
         if stored.method == PREFIX:  # a companion is a prefix KV: users of other methods are left out
