@@ -27,6 +27,14 @@ def write_report(results: dict, out: Path) -> dict[str, Path]:
     return files
 
 
+def write_partial(results: dict, out: Path) -> Path:
+    """Every number measured so far, rewritten after each method: an evaluation runs for an hour,
+    and one killed near its end should not take the finished methods with it."""
+    path = Path(out) / "results.partial.json"
+    path.write_text(json.dumps(_finite(results), indent=2, sort_keys=False, default=float))
+    return path
+
+
 def _finite(value):
     """NaN/inf become null so the JSON is standard."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -314,7 +314,7 @@ def chosen_per_user(trained: dict[str, tuple]) -> tuple[PrefixScorer, dict]:
 def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) -> dict:
     """Train, evaluate, sweep on `base` (the model `spec.base_model` names); write the JSON/Markdown/PNG
     report to `spec.out`; return the results."""
-    from core.evaluation.report import write_report
+    from core.evaluation.report import write_partial, write_report
 
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -360,16 +360,19 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) ->
             evaluated["overall"]["served_params"] = next(iter(train_metrics.values()))["served_params"]
             evaluated["overall"]["artifact_bytes"] = next(iter(train_metrics.values()))["artifact_bytes"]
             results["methods"][name] = evaluated
+            write_partial(results, out)
             del scorer
         trained.clear()
         for sweep, values in sweeps:
             results.setdefault("sweeps", []).append(
                 run_sweep(base, spec, sweep, values, users, sets, general, results, bar)
             )
+            write_partial(results, out)
     finally:
         bar.close()
     results["wall_seconds"] = time.monotonic() - started
     write_report(results, out)
+    (out / "results.partial.json").unlink(missing_ok=True)  # superseded by results.json
     return results
 
 
