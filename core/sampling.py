@@ -1,5 +1,5 @@
-"""Per-row sampling: every row of a mixed batch has its own temperature, top_p and seeded generator,
-and the batch is sampled in one vectorised pass."""
+"""Per-row sampling: every row of a mixed batch has its own temperature, top_p, frequency and
+presence penalties and seeded generator, and the batch is sampled in one vectorised pass."""
 
 from __future__ import annotations
 
@@ -23,6 +23,11 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     """Keep generating past the end-of-sequence token (benchmarks need fixed-length outputs)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: each token's logit is lowered by this times the number of times the row has
+    generated it so far (negative values favour repeats)."""
+    presence_penalty: float = 0.0
+    """OpenAI's: lowered by this once a row has generated the token at all."""
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -33,10 +38,18 @@ class SamplingParams:
             raise InvalidRequest("top_p must be in (0, 1]")
         if len(self.stop) > 4 or any(not s for s in self.stop):
             raise InvalidRequest("stop takes up to 4 non-empty strings")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or not -2.0 <= value <= 2.0:
+                raise InvalidRequest(f"{name} must be between -2 and 2")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -46,9 +59,13 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 
 def sample_tokens(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+    generated: Sequence[Sequence[int]] = (),
 ) -> list[int]:
-    """One token per row of `logits` (B, V), each row with its own parameters and generator.
+    """One token per row of `logits` (B, V), each row with its own parameters and generator, and
+    (for rows with a frequency or presence penalty) the tokens it has `generated` so far.
 
     Vectorised over the batch: one argmax for the greedy rows; for the sampled ones one softmax and
     sort (top-p), then the Gumbel-max trick, argmax(logits / T + G) with G drawn from the row's *own*
@@ -58,6 +75,7 @@ def sample_tokens(
     its pick only if the two best perturbed scores are within that rounding: a row's sample does not
     depend on which other rows share its batch.
     """
+    logits = _penalized(logits, params, generated)
     tokens = logits.argmax(dim=-1).cpu()  # (B,): greedy rows are done
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
@@ -74,6 +92,28 @@ def sample_tokens(
         picked = (scaled + gumbel).argmax(dim=-1)
         tokens[index] = torch.where(overflow, tokens[index], picked)
     return tokens.tolist()
+
+
+def _penalized(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generated: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """`logits` with OpenAI's penalties applied to the rows that ask for them, from each row's own
+    generated tokens only (so a row's result still never depends on its batch); the others untouched."""
+    rows = [i for i, p in enumerate(params) if p.penalized]
+    if not rows:
+        return logits
+    if len(generated) != len(params):
+        raise ValueError("penalized rows need every row's generated tokens")
+    counts = torch.zeros(len(rows), logits.shape[-1], dtype=logits.dtype, device=logits.device)
+    for slot, i in enumerate(rows):
+        if generated[i]:
+            ids = torch.tensor(generated[i], device=logits.device)
+            counts[slot].index_add_(0, ids, torch.ones(len(ids), dtype=logits.dtype, device=logits.device))
+    frequency = torch.tensor([params[i].frequency_penalty for i in rows], dtype=logits.dtype, device=logits.device)
+    presence = torch.tensor([params[i].presence_penalty for i in rows], dtype=logits.dtype, device=logits.device)
+    index = torch.tensor(rows, device=logits.device)
+    penalty = counts * frequency[:, None] + (counts > 0).to(logits.dtype) * presence[:, None]
+    return logits.index_copy(0, index, logits.index_select(0, index) - penalty)
 
 
 def _outside_nucleus_removed(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,8 @@ def smollm2():
 
 def mixed_requests(base):
     """Different users (prefixes of different lengths), one base-model row, rows composing different
-    sets of control prefixes with a user's (or alone), greedy and seeded sampling."""
+    sets of control prefixes with a user's (or alone), greedy and seeded sampling, with and without
+    frequency/presence penalties."""
     tok = base.tokenizer
     user_a = kv_from_text(base, text_ids(tok, "My fellow citizens, the state of our union is strong. We have"))
     user_b = kv_from_text(base, text_ids(tok, "Dear team, a quick note about the quarterly numbers:"))[:, :, :, :6]
@@ -54,6 +55,9 @@ def mixed_requests(base):
         ),
         GenerationRequest(chat("Say hi."), SamplingParams(12, temperature=0), [brief]),
         GenerationRequest(chat("List three fruits."), SamplingParams(16, temperature=0.8, seed=5), [user_a, brief]),
+        # OpenAI's penalties, from each row's own generated tokens: greedy and sampled.
+        GenerationRequest(text_ids(tok, "Once upon a time"), SamplingParams(24, 0.0, frequency_penalty=1.5), user_a),
+        GenerationRequest(chat("Say hi."), SamplingParams(16, 0.9, seed=2, presence_penalty=0.8), [user_b, brief]),
     ]
 
 

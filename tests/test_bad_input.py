@@ -207,6 +207,9 @@ BAD_SAMPLING = [
     ({"stop": 5}, "stop"),
     ({"temperature": "hot"}, "temperature"),
     ({"temperature": True}, "temperature"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"frequency_penalty": "high"}, "frequency_penalty"),
+    ({"presence_penalty": -3}, "presence_penalty"),
 ]
 NON_FINITE = ["NaN", "Infinity", "-Infinity", "1e999", "-1e999"]
 

@@ -125,6 +125,8 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny):
         SamplingParams(top_p=0.0),
         SamplingParams(top_p=1.5),
         SamplingParams(stop=[""]),
+        SamplingParams(frequency_penalty=2.5),
+        SamplingParams(presence_penalty=float("inf")),
     ],
 )
 def test_bad_sampling_parameters_are_rejected(tiny, params):

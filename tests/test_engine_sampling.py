@@ -30,6 +30,37 @@ def test_a_row_samples_the_same_token_alone_or_in_any_batch():
     assert together[5] == int(logits[5].argmax())  # a nucleus below any probability keeps the top token
 
 
+def test_frequency_penalty_counts_repeats_and_presence_penalty_does_not():
+    logits = torch.tensor([[2.0, 1.9, 0.0]])
+    generated = [[0, 0, 0]]  # token 0 three times so far
+
+    def greedy(**penalty):
+        return sample_tokens(logits, [SamplingParams(temperature=0.0, **penalty)], [make_generator(0)], generated)[0]
+
+    assert greedy() == 0
+    assert greedy(frequency_penalty=0.05) == 1  # 2.0 - 3 x 0.05 = 1.85 < 1.9
+    assert greedy(presence_penalty=0.05) == 0  # 2.0 - 0.05 = 1.95 > 1.9: once, however often
+    assert greedy(presence_penalty=0.2) == 1
+    assert greedy(frequency_penalty=-1.0) == 0  # negative values favour repeats
+
+
+def test_a_penalized_row_samples_the_same_token_alone_or_in_any_batch():
+    torch.manual_seed(1)
+    logits = torch.randn(4, 300) * 2
+    params = [
+        SamplingParams(temperature=0.0, frequency_penalty=1.0),
+        SamplingParams(temperature=0.9, seed=1, presence_penalty=0.5),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.7, top_p=0.9, frequency_penalty=-0.5, presence_penalty=1.5),
+    ]
+    generated = [[int(logits[0].argmax())] * 2, list(range(50)), [int(logits[2].argmax())], []]
+    together = sample_tokens(logits, params, [make_generator(s) for s in range(4)], generated)
+    alone = [sample_tokens(logits[i : i + 1], [params[i]], [make_generator(i)], [generated[i]])[0] for i in range(4)]
+    assert together == alone
+    assert together[0] != int(logits[0].argmax())  # its top token was penalised below the next
+    assert together[2] == int(logits[2].argmax())  # no penalty asked: its history changes nothing
+
+
 def test_sampled_frequencies_follow_the_distribution_within_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     generator = make_generator(7)

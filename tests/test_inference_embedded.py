@@ -67,14 +67,14 @@ def client(server, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.base_url, api_key=key, max_retries=0, timeout=60)
 
 
-def direct(base, ctx, user_id: str | None, prompt_ids: list[int], max_tokens: int = 12) -> str:
+def direct(base, ctx, user_id: str | None, prompt_ids: list[int], max_tokens: int = 12, **sampling) -> str:
     """The engine run directly, alone, with the user's active prefix (None: base model)."""
     kv = None
     if user_id is not None:
         with ctx.session_factory() as session:
             row = active_prefix(session, user_id)
         kv = store_loader(ctx.store, base)(prefix_ref(row)).kv
-    request = GenerationRequest(prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0), kv)
+    request = GenerationRequest(prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0, **sampling), kv)
     return MixedBatchGenerator(base).generate([request])[0].text
 
 
@@ -300,3 +300,22 @@ def test_a_client_that_disconnects_frees_its_batch_slot(small_service, base):
     started = time.time()
     reply = client(server, user.key).completions.create(model=base.model_id, prompt=PROMPT, max_tokens=2)
     assert reply.choices[0].text is not None and time.time() - started < 10
+
+
+def test_frequency_and_presence_penalties_reach_the_users_row(service, base):
+    """OpenAI's penalties through the unchanged client: the answer is the engine's with the same
+    penalties, alone, and a greedy answer that repeated itself repeats less."""
+    ctx, _, users, server = service
+    c = client(server, users["alice"].key)
+    chat_ids = chat_prompt_ids(base.tokenizer, MESSAGES)
+    plain = chat(c, "user:alice", max_tokens=40)
+    penalized = chat(c, "user:alice", max_tokens=40, frequency_penalty=2.0, presence_penalty=0.5)
+    alone = direct(base, ctx, users["alice"].user_id, chat_ids, 40, frequency_penalty=2.0, presence_penalty=0.5)
+    assert penalized == alone
+    assert plain == direct(base, ctx, users["alice"].user_id, chat_ids, 40)
+
+    def distinct_share(text: str) -> float:
+        ids = base.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return len(set(ids)) / max(len(ids), 1)
+
+    assert distinct_share(penalized) > distinct_share(plain), (plain, penalized)

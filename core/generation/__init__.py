@@ -186,7 +186,9 @@ class MixedBatchGenerator:
         self._accept(self._rows, logits, self.runner.next_positions())
 
     def _accept(self, rows: list[_Row], logits: torch.Tensor, positions: list[int]) -> None:
-        tokens = sample_tokens(logits, [r.output.params for r in rows], [r.generator for r in rows])
+        tokens = sample_tokens(
+            logits, [r.output.params for r in rows], [r.generator for r in rows], [r.output.token_ids for r in rows]
+        )
         for row, token, position in zip(rows, tokens, positions):
             piece = self.outputs.accept(row.output, token, position)
             if piece and row.request.on_text is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from core.inference.prefix_cache import PrefixRef
 from core.sampling import SamplingParams
@@ -33,8 +33,7 @@ class InferenceJob:
 
     def row_params(self, index: int) -> SamplingParams:
         p = self.params
-        seed = None if p.seed is None else p.seed + index
-        return SamplingParams(p.max_tokens, p.temperature, p.top_p, list(p.stop), seed)
+        return replace(p, stop=list(p.stop), seed=None if p.seed is None else p.seed + index)
 
     def to_dict(self) -> dict:
         return {

@@ -56,6 +56,12 @@ class CompletionRequest:
         return InferenceJob(self.prompt_ids, self.params, self.n, tuple(prefixes), deadline=deadline)
 
 
+def _finite_number(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -67,6 +73,8 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, strict=True)
     temperature: float = 1.0
     top_p: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     n: int = Field(default=1, ge=1, le=MAX_N, strict=True)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, strict=True)
@@ -77,11 +85,12 @@ class _Common(BaseModel):
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
     def _finite(cls, value: Any) -> Any:
-        if value is None:
-            return 1.0
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
+        return 1.0 if value is None else _finite_number(value)
+
+    @field_validator("frequency_penalty", "presence_penalty", mode="before")
+    @classmethod
+    def _finite_penalty(cls, value: Any) -> Any:
+        return 0.0 if value is None else _finite_number(value)
 
     @property
     def include_usage(self) -> bool:
@@ -112,7 +121,15 @@ class _Common(BaseModel):
         if max_tokens >= max_context:
             raise InvalidInput(f"max_tokens must be below the context window of {max_context}", param="max_tokens")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        params = SamplingParams(max_tokens, float(self.temperature), float(self.top_p), stop, self.seed)
+        params = SamplingParams(
+            max_tokens,
+            float(self.temperature),
+            float(self.top_p),
+            stop,
+            self.seed,
+            frequency_penalty=float(self.frequency_penalty),
+            presence_penalty=float(self.presence_penalty),
+        )
         try:
             params.validate()
         except InvalidRequest as exc:
@@ -230,7 +247,7 @@ def refuse_lone_surrogates(data: Any) -> None:
 
 
 def _param_of(message: str) -> str | None:
-    for name in ("max_tokens", "temperature", "top_p", "stop"):
+    for name in ("max_tokens", "temperature", "top_p", "stop", "frequency_penalty", "presence_penalty"):
         if message.startswith(name):
             return name
     return None
