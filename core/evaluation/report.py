@@ -35,6 +35,34 @@ def write_partial(results: dict, out: Path) -> Path:
     return path
 
 
+def _generation_lines(results: dict) -> list[str]:
+    """What each method writes: the style judge's attribution of its texts, and degeneration."""
+    if "judge" not in results:
+        return []
+    ceiling = results["judge"]["ceiling"]["overall"]
+    lines = [
+        "",
+        "## Generated texts (neutral prompts, sampled; judged by a character n-gram classifier)",
+        "",
+        f"The judge attributes the users' real held-out text at {_f(ceiling)} (its ceiling); the base model's "
+        "texts, labelled with the user whose seeds drew them, are chance.",
+        "",
+        "| texts of | attributed to their user | repeated word 3-grams | looping | empty | texts |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows = [("base model", results["base"].get("generations"))]
+    rows += [(name, m.get("generations")) for name, m in results["methods"].items()]
+    for name, g in rows:
+        if g is None:
+            continue
+        d = g["degeneration"]
+        lines.append(
+            f"| {name} | {_f(g['attribution']['overall'])} | {_f(d['repeated_3gram'])} | {_f(d['looping'])} | "
+            f"{_f(d['empty'])} | {d['texts']} |"
+        )
+    return lines
+
+
 def _finite(value):
     """NaN/inf become null so the JSON is standard."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -76,6 +104,7 @@ def markdown(results: dict, charts: dict[str, str]) -> str:
             f"{_f(o['ratio_general'])} | {o['served_params']:,} | {o['artifact_bytes']:,} | "
             f"{_f(o['train_seconds_per_user'], 1)} |"
         )
+    lines += _generation_lines(results)
     lines += ["", "## Per user", ""]
     header = "| user | base ppl plain | base ppl chat |" + "".join(
         f" {n} plain | {n} chat | {n} attr | {n} general |" for n in methods

@@ -27,6 +27,7 @@ from core.evaluation.baselines import (
     lora_rank_for,
     train_baseline,
 )
+from core.evaluation.generations import GenerationSettings, StyleJudge, judge_generations
 from core.evaluation.metrics import (
     PrefixScorer,
     UserEvalSet,
@@ -96,11 +97,26 @@ class EvalSpec:
     """Rank of the service's LoRA (methods lora, pt-peft, auto); peft-lora matches the prefix's size."""
     pt_peft_prefix_share: float = TrainingConfig.pt_peft_prefix_share
     pt_peft_train_prefix: bool = TrainingConfig.pt_peft_train_prefix
+    generations: int = 0
+    """Texts each user's adaptation writes per neutral prompt for the generation judge (0: none)."""
+    generation_tokens: int = GenerationSettings.max_tokens
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    """The sampling penalties of the generated texts (OpenAI's; the service's default is 0)."""
     sweep: str | None = None
     sweep_values: list | None = None
     base_model: str = "smollm2"
     seed: int = 0
     out: str = "eval-out"
+
+    def generation_settings(self) -> GenerationSettings:
+        return GenerationSettings(
+            per_prompt=self.generations,
+            max_tokens=self.generation_tokens,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            seed=self.seed,
+        )
 
     def training_config(self, lr: float, **prefix_overrides) -> TrainingConfig:
         prefix = PrefixConfig(
@@ -341,6 +357,15 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) ->
         n_base = sum(len(c) for s in sets for c in s.plain) + sum(len(s.chat) for s in sets) + len(general)
         bar.phase("score base model", n_base)
         results["base"] = evaluate_base(PrefixScorer(base, {}), sets, general, on_chunk=bar.advance)
+        judge = None
+        if spec.generations:
+            bar.phase("generation judge and the base model's texts", 1)
+            judge = StyleJudge({u.user: u.train for u in users.values()}, seed=spec.seed)
+            results["judge"] = {"ceiling": judge.attribution({u.user: u.test for u in users.values()})}
+            results["base"]["generations"] = judge_generations(
+                base, dict.fromkeys(users), judge, spec.generation_settings()
+            )
+            write_partial(results, out)
         trained: dict[str, tuple] = {}  # the service's methods trained so far, for auto to choose from
         for name in spec.methods:
             curve = results["curves"].setdefault(name, [])
@@ -359,6 +384,9 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) ->
             ) / len(train_metrics)
             evaluated["overall"]["served_params"] = next(iter(train_metrics.values()))["served_params"]
             evaluated["overall"]["artifact_bytes"] = next(iter(train_metrics.values()))["artifact_bytes"]
+            if judge is not None and isinstance(scorer, PrefixScorer):  # the baselines do not run in our engine
+                bar.phase(f"generate {name}", 1)
+                evaluated["generations"] = judge_generations(base, scorer.kvs, judge, spec.generation_settings())
             results["methods"][name] = evaluated
             write_partial(results, out)
             del scorer
