@@ -236,3 +236,26 @@ def test_sweeps_and_their_values_on_the_command_line_keep_their_types():
     assert sweep_names(EvalSpec(sweep="prefix_len", sweep_values=[8])) == [("prefix_len", [8])]
     with pytest.raises(ValueError, match="unknown sweep"):
         sweep_names(EvalSpec(sweep="prefix_len,learning_rat"))
+
+
+def test_the_population_method_trains_one_shared_prefix_and_each_user_on_top_of_it(tmp_path, tiny):
+    spec = EvalSpec(
+        data=str(_write_dataset(tmp_path / "d.jsonl")),
+        general=str(_write_dataset(tmp_path / "g.jsonl")),
+        methods=("prefix", "population"),
+        max_steps=2,
+        eval_every=1,
+        batch_size=2,
+        max_seq_len=64,
+        prefix_len=4,
+        base_model="tiny",
+        out=str(tmp_path / "out"),
+    )
+    methods = run_evaluation(spec, progress=False, base=tiny)["methods"]
+    for user in WORDS:
+        own, residual = methods["prefix"]["per_user"][user], methods["population"]["per_user"][user]
+        assert residual["training"]["served_params"] == own["training"]["served_params"] == tiny.geometry.numel(4)
+        # served on top of the population prefix, the user's numbers are not the plain prefix's
+        assert residual["ppl_plain"] != pytest.approx(own["ppl_plain"], rel=1e-6)
+    # its seconds include the user's share of the population prefix's training
+    assert methods["population"]["overall"]["train_seconds_per_user"] > 0

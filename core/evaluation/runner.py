@@ -41,10 +41,13 @@ from core.prefix import PrefixConfig, PrefixEncoder
 from core.training import TrainingConfig, UserData, train_prefixes
 from core.tuning import instant_prefix
 
-METHODS = ("prefix", "lora", "pt-peft", "auto", "v0", "prompt", "peft-lora")
+POPULATION = "population"
+METHODS = ("prefix", "lora", "pt-peft", "auto", "v0", POPULATION, "prompt", "peft-lora")
 """prefix, lora, pt-peft and auto are the service's methods (core/adapters.py), trained and served
 exactly as the workers do; v0 is the untrained prefix published at onboarding (core/tuning.py's
-`instant_prefix`); prompt tuning and PEFT's LoRA (one adapter per forward) are baselines."""
+`instant_prefix`); population is each user's prefix trained and served on top of one prefix shared
+by all users (`train_population_prefix`); prompt tuning and PEFT's LoRA (one adapter per forward)
+are baselines."""
 ADAPTER_METHODS = (LORA, PT_PEFT, "auto")
 SWEEPS = {
     "samples": [10, 20, 50, 100, 0],  # 0 = all training samples
@@ -238,12 +241,16 @@ def train_method(base, name, spec: EvalSpec, users: dict[str, datasets.UserTexts
         curve.append({"step": p.step, "train_loss": p.loss, "val_loss": p.val_loss})
         bar.advance(1, f"loss {p.loss:.3f}")
 
-    if name == "prefix":
+    if name in ("prefix", POPULATION):
         config = spec.training_config(spec.lr_prefix, **overrides)
-        bar.phase(f"train prefix ({len(data)} users)", config.max_steps)
+        population, shared_seconds = None, 0.0
+        if name == POPULATION:
+            population, shared_seconds = train_population_prefix(base, config, data, bar, on_progress)
+            data = [replace(u, companions=[population]) for u in data]
+        bar.phase(f"train {name} ({len(data)} users)", config.max_steps)
         started = time.monotonic()
         trained = train_prefixes(base, data, config, on_progress=on_progress)
-        seconds = time.monotonic() - started
+        seconds = time.monotonic() - started + shared_seconds
         encoder_params = sum(p.numel() for p in PrefixEncoder(base.geometry, config.prefix).parameters())
         metrics = {}
         for t in trained:
@@ -251,11 +258,12 @@ def train_method(base, name, spec: EvalSpec, users: dict[str, datasets.UserTexts
             metrics[t.user_id] = {
                 **t.metrics,
                 "train_seconds": seconds / len(trained),
-                "served_params": t.kv.numel(),
+                "served_params": t.kv.numel(),  # a user's own; the population prefix is one for all
                 "trained_params": encoder_params,
                 "artifact_bytes": len(blob),
             }
-        return PrefixScorer(base, {t.user_id: t.kv for t in trained}), metrics
+        served = {t.user_id: t.kv if population is None else (population, t.kv) for t in trained}
+        return PrefixScorer(base, served), metrics
     if name in ADAPTER_METHODS:
         config = replace(spec.training_config(spec.lr_lora, **overrides), method=name)
         bar.phase(f"train {name} ({len(data)} users)", config.max_steps)
@@ -303,6 +311,20 @@ def train_method(base, name, spec: EvalSpec, users: dict[str, datasets.UserTexts
         if name == "peft-lora":
             m["lora_rank"], m["lora_targets"] = method.rank, list(spec.lora_targets)
     return GroupedScorer(method), metrics
+
+
+def train_population_prefix(base, config: TrainingConfig, data: list[UserData], bar: _Bar, on_progress):
+    """One prefix trained on every user's training text pooled: what the users share (issue 11's
+    population prefix). Each user's own prefix then trains composed after it, frozen, and serves
+    composed with it, so the user's capacity goes to what is theirs — the likelihood-ratio idea of
+    authorship attribution. It gets the compute of the users' job: the same steps, with the rows of
+    all users in each (one user's batch size times the number of users)."""
+    pooled = UserData(POPULATION, [t for u in data for t in u.samples])
+    shared = replace(config, batch_size=config.batch_size * len(data))
+    bar.phase("train the population prefix", shared.max_steps)
+    started = time.monotonic()
+    kv = train_prefixes(base, [pooled], shared, on_progress=on_progress)[0].kv
+    return kv, time.monotonic() - started
 
 
 AUTO_CHOICES = ("prefix", "lora", "pt-peft")
