@@ -85,19 +85,23 @@ def test_an_evaluation_with_generations_reports_the_judge_and_every_engine_metho
         prefix_len=4,
         generations=1,
         generation_tokens=6,
-        frequency_penalty=0.5,
+        frequency_penalty=2.0,
         base_model="tiny",
         out=str(tmp_path / "out"),
     )
     results = run_evaluation(spec, progress=False, base=tiny)
     assert 0 <= results["judge"]["ceiling"]["overall"] <= 1
-    judged = [results["base"]["generations"]] + [results["methods"][m]["generations"] for m in ("v0", "prefix")]
-    for generations in judged:
+    judged = [results["base"]] + [results["methods"][m] for m in ("v0", "prefix")]
+    for generations in [j[key] for j in judged for key in ("generations", "generations_penalized")]:
         assert set(generations["attribution"]["per_user"]) == set(WORDS)
         assert 0 <= generations["attribution"]["overall"] <= 1
         assert generations["degeneration"]["texts"] == len(WORDS) * (len(CHAT_PROMPTS) + len(PLAIN_OPENINGS))
     assert "generations" not in results["methods"]["prompt"]  # a baseline outside the engine writes nothing here
+    # the service's defaults, and the same with the penalties (what they change: test_engine_sampling.py)
+    prefix = results["methods"]["prefix"]
+    assert (prefix["generations"]["settings"]["frequency_penalty"], prefix["generations"]["settings"]["seed"]) == (0, 0)
+    assert prefix["generations_penalized"]["settings"]["frequency_penalty"] == 2.0
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved["spec"]["frequency_penalty"] == 0.5
+    assert saved["spec"]["frequency_penalty"] == 2.0
     assert "## Generated texts" in (tmp_path / "out" / "report.md").read_text()
     assert not (tmp_path / "out" / "results.partial.json").exists()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -142,10 +142,11 @@ def judge_generations(
     judge: StyleJudge,
     settings: GenerationSettings,
 ) -> dict:
-    """Generation attribution and degeneration of one method's adaptations, with examples."""
+    """Generation attribution and degeneration of one method's adaptations, and the texts, to read."""
     texts = generate_texts(base, adaptations, settings)
     return {
+        "settings": asdict(settings),
         "attribution": judge.attribution(texts),
         "degeneration": degeneration(texts),
-        "examples": {user: items[:2] for user, items in texts.items()},
+        "texts": texts,
     }

@@ -50,8 +50,10 @@ def _generation_lines(results: dict) -> list[str]:
         "| texts of | attributed to their user | repeated word 3-grams | looping | empty | texts |",
         "|---|---|---|---|---|---|",
     ]
-    rows = [("base model", results["base"].get("generations"))]
-    rows += [(name, m.get("generations")) for name, m in results["methods"].items()]
+    rows = []
+    for key, how in (("generations", ""), ("generations_penalized", ", with the penalties")):
+        rows += [(f"base model{how}", results["base"].get(key))]
+        rows += [(f"{name}{how}", m.get(key)) for name, m in results["methods"].items()]
     for name, g in rows:
         if g is None:
             continue

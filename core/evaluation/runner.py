@@ -112,14 +112,16 @@ class EvalSpec:
     seed: int = 0
     out: str = "eval-out"
 
-    def generation_settings(self) -> GenerationSettings:
-        return GenerationSettings(
-            per_prompt=self.generations,
-            max_tokens=self.generation_tokens,
-            frequency_penalty=self.frequency_penalty,
-            presence_penalty=self.presence_penalty,
-            seed=self.seed,
-        )
+    def generation_settings(self) -> dict[str, GenerationSettings]:
+        """The service's sampling defaults ("generations"), and with the penalties when some are
+        given ("generations_penalized"): the same adaptations, the same seeds."""
+        defaults = GenerationSettings(per_prompt=self.generations, max_tokens=self.generation_tokens, seed=self.seed)
+        settings = {"generations": defaults}
+        if self.frequency_penalty or self.presence_penalty:
+            settings["generations_penalized"] = replace(
+                defaults, frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty
+            )
+        return settings
 
     def training_config(self, lr: float, **prefix_overrides) -> TrainingConfig:
         prefix = PrefixConfig(
@@ -384,9 +386,8 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) ->
             bar.phase("generation judge and the base model's texts", 1)
             judge = StyleJudge({u.user: u.train for u in users.values()}, seed=spec.seed)
             results["judge"] = {"ceiling": judge.attribution({u.user: u.test for u in users.values()})}
-            results["base"]["generations"] = judge_generations(
-                base, dict.fromkeys(users), judge, spec.generation_settings()
-            )
+            for key, settings in spec.generation_settings().items():
+                results["base"][key] = judge_generations(base, dict.fromkeys(users), judge, settings)
             write_partial(results, out)
         trained: dict[str, tuple] = {}  # the service's methods trained so far, for auto to choose from
         for name in spec.methods:
@@ -408,7 +409,8 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) ->
             evaluated["overall"]["artifact_bytes"] = next(iter(train_metrics.values()))["artifact_bytes"]
             if judge is not None and isinstance(scorer, PrefixScorer):  # the baselines do not run in our engine
                 bar.phase(f"generate {name}", 1)
-                evaluated["generations"] = judge_generations(base, scorer.kvs, judge, spec.generation_settings())
+                for key, settings in spec.generation_settings().items():
+                    evaluated[key] = judge_generations(base, scorer.kvs, judge, settings)
             results["methods"][name] = evaluated
             write_partial(results, out)
             del scorer
