@@ -1,5 +1,5 @@
-"""`steer bench serve|compose|lora|train|load`: the engine's figures (core/bench.py) and the HTTP load test
-(api/commands/loadtest.py), printed as JSON or a readable tree."""
+"""`steer bench serve|compose|lora|train|cache|load`: the engine's figures (core/bench.py, core/bench_cache.py)
+and the HTTP load test (api/commands/loadtest.py), printed as JSON or a readable tree."""
 
 from __future__ import annotations
 
@@ -112,6 +112,65 @@ def train_command(
     """Training: step time vs PEFT, multi-user batching vs sequential jobs, time to personalise."""
     base = _base_model(base_model, device, dtype)
     _emit("train", bench_training(base, steps, users, personalise_samples, time_budget_s), as_json)
+
+
+@app.command("cache")
+def cache_command(
+    users: int = typer.Option(1000, help="Users, each with one published prefix (registry row + blob)."),
+    prefix_len: int | None = typer.Option(
+        None, help="Virtual tokens of each prefix; default: the service's (STEER_TRAIN_PREFIX_LEN_DEFAULT, else 16)."
+    ),
+    store: str = typer.Option(
+        "auto", help="Blobs in: local, s3 (the STEER_S3_* settings), both; auto: both when STEER_S3_ENDPOINT is set."
+    ),
+    s3_bucket: str = typer.Option(
+        "steer-bench", help="S3 bucket of the benchmark's blobs (created if missing; they are deleted at the end)."
+    ),
+    requests: int = typer.Option(32, help="Users in the cold-vs-warm batch (each a different user)."),
+    new_tokens: int = typer.Option(64, help="Tokens generated per request of the batch."),
+    repeats: int = typer.Option(3, help="Interleaved repetitions of the batch arms (ratios taken within each)."),
+    cache_bytes: int | None = typer.Option(None, help="The prefix cache's budget; default: every user fits."),
+    work_dir: str | None = typer.Option(
+        None, help="Where the temporary registry and local blobs go (default: TMPDIR)."
+    ),
+    threads: int = typer.Option(0, help="Torch threads (0: torch's default); 1 makes the CPU-time ratio exact."),
+    base_model: BaseModelName = "smollm2",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    as_json: AsJson = False,
+) -> None:
+    """Resident user prefixes at scale: memory per prefix, hit and cold-attach latency, cold vs warm batch."""
+    from core.bench_cache import bench_cache
+    from core.service.hyperparameters import ENGINE_DEFAULTS
+    from core.storage import make_blob_store
+
+    settings = get_settings()
+    if store not in ("auto", "local", "s3", "both"):
+        raise typer.BadParameter("one of auto, local, s3, both", param_hint="--store")
+    if store == "auto":
+        store = "both" if settings.s3_endpoint else "local"
+    stores = ("local", "s3") if store == "both" else (store,)
+    s3 = None
+    if "s3" in stores:
+        if not settings.s3_endpoint:
+            raise typer.BadParameter("S3 needs STEER_S3_ENDPOINT (and STEER_S3_ACCESS_KEY, ...)", param_hint="--store")
+        s3 = make_blob_store(settings.model_copy(update={"blob_store": "s3", "s3_bucket": s3_bucket}))
+    if threads:
+        torch.set_num_threads(threads)
+    base = _base_model(base_model, device, dtype)
+    result = bench_cache(
+        base,
+        users,
+        prefix_len or settings.train_prefix_len_default or ENGINE_DEFAULTS.prefix.prefix_len,
+        stores=stores,
+        s3=s3,
+        requests=requests,
+        new_tokens=new_tokens,
+        repeats=repeats,
+        cache_bytes=cache_bytes,
+        work_dir=work_dir,
+    )
+    _emit("cache", result, as_json)
 
 
 @app.command("load")
