@@ -175,8 +175,9 @@ def check_compatible(metadata: dict[str, str], base: BaseModel) -> None:
         raise IncompatibleBaseModel("prefix geometry does not match the base model")
 
 
-def load_prefix(data: bytes, base: BaseModel) -> Prefix:
-    """Parse, verify and bind a servable artifact (format 1 or 2) to `base`.
+def load_prefix(data: bytes, base: BaseModel, *, as_stored: bool = False) -> Prefix:
+    """Parse, verify and bind a servable artifact (format 1 or 2) to `base`, on its device in the
+    model's dtype, or with `as_stored` in the precision it was stored in (fp16 or bf16).
     Raises CorruptArtifact / IncompatibleBaseModel."""
     tensors, metadata = _read(data, FORMAT)
     version = metadata.get("format_version")
@@ -197,12 +198,12 @@ def load_prefix(data: bytes, base: BaseModel) -> Prefix:
         _check_kv(kv, base)
     lora = _lora_weights(tensors, metadata, base) if has_lora else None
     return Prefix(
-        kv=None if kv is None else kv.to(device=base.device, dtype=base.dtype),
+        kv=None if kv is None else kv.to(device=base.device, dtype=kv.dtype if as_stored else base.dtype),
         base_model_id=metadata["base_model_id"],
         base_fingerprint=metadata["base_fingerprint"],
         training_config=json.loads(metadata.get("training_config") or "{}"),
         metrics=json.loads(metadata.get("metrics") or "{}"),
-        lora=None if lora is None else lora.to(base.device, base.dtype),
+        lora=None if lora is None else lora.to(base.device, None if as_stored else base.dtype),
         method=method,
     )
 

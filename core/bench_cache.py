@@ -6,18 +6,18 @@ written by `registry.publish_prefix`) and a blob of the real artifact size (fp16
 
 1. the registry's index lookup of each user's active version (what every request pays);
 2. every prefix made resident in one `PrefixCache` through the production loader (`store_loader`:
-   store read, sha256 check, artifact checks, onto the model's device in its dtype), each miss timed
+   store read, sha256 check, artifact checks, onto the model's device as stored), each miss timed
    (cold attach from the first store); memory per resident prefix as the cache counts it and as the
    process's RSS (and the GPU's allocated bytes) grow; then every resident prefix read again (hits);
 3. a cold attach of every prefix from each other store (S3), into a fresh cache;
 4. a batch of `requests` users through the inference engine, every one cold (a fresh, empty cache)
    vs the same batch warm, arms in rotating order in each of `repeats` repeats, ratios within each.
 
-Where resident prefixes live: `load_prefix` puts each on the base model's device in the model's dtype,
-so the cache holds them in host RAM on a CPU (fp32 by default: twice the stored fp16) and in device
-memory on a GPU (bf16 by default: the stored size). There is no host-RAM tier behind a GPU's cache: a
-miss reads the blob store (a local one is read through the OS page cache, warm here since the blobs
-were just written; S3 servers keep their own caches).
+Where resident prefixes live: `store_loader` puts each on the base model's device in its stored
+precision (fp16), cast to the model's dtype only as a row joins a batch, so the cache holds them in
+host RAM on a CPU and in device memory on a GPU at the stored size. There is no host-RAM tier behind
+a GPU's cache: a miss reads the blob store (a local one is read through the OS page cache, warm here
+since the blobs were just written; S3 servers keep their own caches).
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def _memory(base: BaseModel, prefix_len: int, cache: PrefixCache, stored: list[i
     return {
         "resident_prefixes": resident,
         "resident_on": f"{base.device.type} ({'device memory' if base.device.type == 'cuda' else 'host RAM'})",
-        "resident_dtype": str(base.dtype).removeprefix("torch."),
+        "resident_dtype": "float16",  # as stored (core/inference/prefix_cache.py's store_loader)
         "stored_bytes_per_prefix": round(sum(stored) / len(stored)),
         "kv_bytes_fp16_per_prefix": fp16,
         "cache_bytes": cache.bytes,
@@ -383,7 +383,7 @@ def bench_cache(
         raise ValueError("the s3 store was asked for but none was given")
     if users < max(requests, 1):
         raise ValueError(f"--users ({users}) must be at least --requests ({requests})")
-    resident_bytes = base.geometry.numel(prefix_len) * (torch.finfo(base.dtype).bits // 8)
+    resident_bytes = base.geometry.numel(prefix_len) * 2  # fp16, as stored and as the cache holds it
     cache_bytes = users * resident_bytes if cache_bytes is None else cache_bytes
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="steer-bench-cache-", dir=work_dir) as folder:

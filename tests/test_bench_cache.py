@@ -62,14 +62,14 @@ def test_cache_benchmark_holds_every_user_and_counts_the_cache_bytes_of_real_siz
     numel = tiny.geometry.numel(16)
     assert memory["stored_bytes_per_prefix"] == _stored_bytes(tiny, 16)  # the real artifact, header included
     assert memory["stored_bytes_per_prefix"] > memory["kv_bytes_fp16_per_prefix"] == numel * 2
-    # The cache holds all of them, each counted at the model's dtype (fp32 here: twice the stored fp16).
-    assert memory["resident_prefixes"] == USERS and memory["resident_dtype"] == "float32"
-    assert memory["cache_bytes_per_prefix"] == numel * 4 and memory["cache_bytes"] == USERS * numel * 4
-    assert result["cache_budget_bytes"] == USERS * numel * 4  # the default budget: every user fits, exactly
+    # The cache holds all of them in their stored fp16, though the model computes in fp32.
+    assert memory["resident_prefixes"] == USERS and memory["resident_dtype"] == "float16"
+    assert memory["cache_bytes_per_prefix"] == numel * 2 and memory["cache_bytes"] == USERS * numel * 2
+    assert result["cache_budget_bytes"] == USERS * numel * 2  # the default budget: every user fits, exactly
     assert memory["resident_on"].startswith("cpu")
     assert memory["rss_growth_bytes_per_prefix"] is not None and memory["device_allocated_bytes_per_prefix"] is None
     extrapolated = memory[f"gib_at_{SCALE}"]
-    assert extrapolated["cache"] == round(numel * 4 * SCALE / 2**30, 3)
+    assert extrapolated["cache"] == round(numel * 2 * SCALE / 2**30, 3)
     assert extrapolated["fp16"] == round(numel * 2 * SCALE / 2**30, 3)
     assert memory["prefixes_in_8_gib"]["fp16"] == 8 * 2**30 // (numel * 2)
 
@@ -87,7 +87,7 @@ def test_cache_benchmark_holds_every_user_and_counts_the_cache_bytes_of_real_siz
 
 
 def test_cache_benchmark_with_a_small_budget_keeps_only_what_fits(tiny, tmp_path):
-    per_prefix = tiny.geometry.numel(2) * 4
+    per_prefix = tiny.geometry.numel(2) * 2  # fp16, as resident
     result = bench_cache(
         tiny, 8, prefix_len=2, requests=2, new_tokens=2, repeats=1, cache_bytes=5 * per_prefix, work_dir=tmp_path
     )
