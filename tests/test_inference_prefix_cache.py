@@ -124,3 +124,36 @@ def test_a_row_carries_the_kv_of_each_part_that_has_one_and_the_lora_of_each_tha
     both = Adaptation(kv=torch.ones(2, 2, 2, 4, 8), lora=user_lora)
     prefix, loras = row_parts([both, Adaptation(kv=control_kv)])
     assert [p is q for p, q in zip(prefix, [both.kv, control_kv])] == [True, True] and loras == [user_lora]
+
+
+def test_prefetch_reads_cold_versions_side_by_side_and_leaves_errors_to_the_request():
+    """A batch of cold users waits for its slowest read, not for the sum: the loads overlap."""
+    in_flight, most = 0, 0
+    lock = threading.Lock()
+    both_started = threading.Barrier(2, timeout=10)
+
+    def loader(r: PrefixRef) -> torch.Tensor:
+        nonlocal in_flight, most
+        with lock:
+            in_flight += 1
+            most = max(most, in_flight)
+        try:
+            if r.user_id in ("a", "b"):
+                both_started.wait()  # returns only when two loads run at once
+            if r.user_id == "broken":
+                raise CorruptArtifact("bad bytes")
+            return torch.full((2, 2, 2, 4, 8), float(r.version))
+        finally:
+            with lock:
+                in_flight -= 1
+
+    cache = PrefixCache(loader, max_bytes=10 * KV_BYTES)
+    cache.get(ref("warm"))
+    cache.prefetch([ref("a"), ref("b"), ref("a"), ref("warm"), ref("broken")])
+    assert most >= 2 and ("a", 1) in cache and ("b", 1) in cache
+    assert ("broken", 1) not in cache
+    with pytest.raises(CorruptArtifact):  # the request that needs it meets the error itself
+        cache.get(ref("broken"))
+    misses = cache.misses
+    cache.get(ref("a"))
+    assert cache.misses == misses  # read ahead: the request's get is a hit

@@ -13,10 +13,11 @@ wait for one load instead of reading the store N times.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,10 @@ from core.adapters import Adaptation
 from core.artifacts import load_prefix
 from core.model import BaseModel
 from core.storage.base import BlobStore
+
+log = logging.getLogger(__name__)
+PREFETCH_WORKERS = 8
+"""Blob reads a prefetch keeps in flight at once (I/O-bound: the GIL is released while waiting)."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,21 @@ class PrefixCache:
             self._changed()
         pending.set_result(loaded)
         return loaded
+
+    def prefetch(self, refs: Iterable[PrefixRef], workers: int = PREFETCH_WORKERS) -> None:
+        """Load the versions of `refs` that are not resident, up to `workers` at a time, and return
+        when all are done: a batch of cold users then waits for its slowest read, not for the sum of
+        its reads (32 sequential S3 reads are ~0.3 s). Errors are left for the request to meet: its
+        own `get` loads again and raises. A version read ahead counts a miss here and a hit when its
+        request takes it."""
+        with self._lock:
+            missing = list({r.key: r for r in refs if r.key not in self._entries}.values())
+        if len(missing) < 2:
+            return  # nothing to overlap: the request's own get loads it
+        with ThreadPoolExecutor(min(workers, len(missing)), thread_name_prefix="prefix-prefetch") as pool:
+            for future in [pool.submit(self.get, ref) for ref in missing]:
+                if future.exception() is not None:
+                    log.debug("prefetch: %s", future.exception())
 
     def invalidate_user(self, user_id: str) -> int:
         """Drop every cached version of `user_id` (the user was erased); the number dropped. A load

@@ -317,9 +317,23 @@ class RedisInferenceWorker:
             time.sleep(_READ_BLOCK_MS / 1000)
             return
         reply = self.client.xreadgroup(GROUP, self.consumer, {REQUESTS_STREAM: ">"}, count=free, block=_READ_BLOCK_MS)
-        for _, entries in reply or []:
-            for entry_id, fields in entries:
-                self._handle(entry_id, fields, reclaimed=False)
+        entries = [(entry_id, fields) for _, batch in reply or [] for entry_id, fields in batch]
+        self._read_ahead(entries)
+        for entry_id, fields in entries:
+            self._handle(entry_id, fields, reclaimed=False)
+
+    def _read_ahead(self, entries: list[tuple[bytes, dict | None]]) -> None:
+        """Load the prefixes of every job just read several at a time, before admitting the jobs one
+        by one in their order (a miss in `submit` reads the store while the other jobs wait)."""
+        if self.engine.prefixes is None:
+            return
+        refs = []
+        for _, fields in entries:
+            try:
+                refs.extend(InferenceJob.from_dict(json.loads(fields[b"job"])).prefixes)
+            except Exception:  # a malformed entry is answered by `_handle`
+                continue
+        self.engine.prefixes.prefetch(refs)
 
     # -- taking jobs --------------------------------------------------------------------------------
 
