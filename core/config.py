@@ -226,6 +226,14 @@ class Settings(BaseSettings):
         "(hyperparameter `lora_rank`). 3: as many parameters as a 16-token prefix on SmolLM2, and a "
         "`pt-peft` user (both) stays under 0.3% of the base model.",
     )
+    train_users_per_pass: int = Field(
+        default=8,
+        ge=1,
+        le=1024,
+        description="At most this many users' rows in one forward/backward pass of a multi-user job; "
+        "a step runs several passes and adds up their gradients (the same result): training memory "
+        "stays bounded however many users a job holds.",
+    )
     control_companions: int = Field(
         default=0,
         ge=0,

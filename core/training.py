@@ -77,6 +77,11 @@ class TrainingConfig:
     """Share of `max_steps` (and of `time_budget_s`) that PT-PEFT spends on its prefix stage."""
     pt_peft_train_prefix: bool = False
     """Whether PT-PEFT's prefix keeps training beside the LoRA in the second stage (else frozen)."""
+    users_per_pass: int | None = None
+    """At most this many users' rows in one forward/backward pass (None: all of them). A step then
+    runs several passes whose gradients add up before the optimizer steps — the same gradients, as
+    each user's comes from their own loss alone, in activation memory bounded by this number of
+    users instead of growing with the job."""
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -376,11 +381,13 @@ def _train_choosing_prefix_len(base, users, config, on_progress, should_cancel) 
 def _train_step(
     base: BaseModel, method: TuningMethod, runs: list[_UserRun], config: TrainingConfig, anchors: Anchors | None
 ) -> int:
-    """One optimizer step for every run: one shared forward/backward pass, or one per user when the
-    method cannot mix users (gradients land in each user's own parameters either way)."""
+    """One optimizer step for every run: one shared forward/backward pass (or one per group of
+    `config.users_per_pass` users), or one per user when the method cannot mix users (gradients land
+    in each user's own parameters either way)."""
     for run in runs:
         run.optimizer.zero_grad(set_to_none=True)
-    groups = [runs] if method.mixes_users else [[run] for run in runs]
+    size = (config.users_per_pass or len(runs)) if method.mixes_users else 1
+    groups = [runs[i : i + size] for i in range(0, len(runs), size)]
     tokens = sum(_backward_group(base, method, group, config, anchors) for group in groups)
     for run in runs:
         if config.grad_clip:

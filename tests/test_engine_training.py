@@ -26,6 +26,18 @@ def test_multi_user_batch_equals_each_user_trained_alone(tiny):
     assert not torch.allclose(together[0].kv, together[1].kv)
 
 
+@pytest.mark.parametrize("users_per_pass", [1, 2])
+def test_passes_of_fewer_users_train_what_one_pass_of_all_trains(tiny, users_per_pass):
+    """Bounded memory: a step split into passes of at most N users gives every user the same prefix."""
+    users = [UserData("alice", ALICE), UserData("bob", BOB), UserData("carol", CAROL)]
+    config = _config(preservation_weight=0.5)
+    one_pass = train_prefixes(tiny, users, config)
+    in_passes = train_prefixes(tiny, users, replace(config, users_per_pass=users_per_pass))
+    for whole, split in zip(one_pass, in_passes):
+        assert split.metrics["steps"] == whole.metrics["steps"]
+        torch.testing.assert_close(split.kv, whole.kv, atol=1e-5, rtol=1e-4)
+
+
 def test_multi_user_batch_equals_alone_without_reparameterization_and_random_init(tiny):
     prefix = PrefixConfig(prefix_len=3, reparameterize=False, init=INIT_RANDOM)
     config = _config(prefix=prefix)

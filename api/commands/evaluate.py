@@ -41,6 +41,11 @@ def run(
     pt_peft_train_prefix: bool = typer.Option(
         EvalSpec.pt_peft_train_prefix, "--pt-peft-train-prefix", help="PT-PEFT trains its prefix on in stage 2"
     ),
+    users_per_pass: int = typer.Option(
+        EvalSpec.users_per_pass,
+        "--users-per-pass",
+        help="users per training forward/backward pass: the same result, memory bounded by it (0: all at once)",
+    ),
     preservation: float = typer.Option(
         TrainingConfig.preservation_weight, "--preservation", help="KL-to-base weight of the prefix method (0: off)"
     ),
@@ -95,6 +100,7 @@ def run(
         pt_peft_prefix_share=pt_peft_share,
         pt_peft_train_prefix=pt_peft_train_prefix,
         preservation_weight=preservation,
+        users_per_pass=users_per_pass or None,
         generations=generations,
         generation_tokens=generation_tokens,
         frequency_penalty=frequency_penalty,

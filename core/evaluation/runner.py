@@ -100,6 +100,8 @@ class EvalSpec:
     """Rank of the service's LoRA (methods lora, pt-peft, auto); peft-lora matches the prefix's size."""
     pt_peft_prefix_share: float = TrainingConfig.pt_peft_prefix_share
     pt_peft_train_prefix: bool = TrainingConfig.pt_peft_train_prefix
+    users_per_pass: int | None = 4
+    """Users per forward/backward pass in training (the same result; bounded memory); None: all."""
     generations: int = 0
     """Texts each user's adaptation writes per neutral prompt for the generation judge (0: none)."""
     generation_tokens: int = GenerationSettings.max_tokens
@@ -141,6 +143,7 @@ class EvalSpec:
             lora=LoRAConfig(rank=self.lora_rank, targets=self.lora_targets),
             pt_peft_prefix_share=self.pt_peft_prefix_share,
             pt_peft_train_prefix=self.pt_peft_train_prefix,
+            users_per_pass=self.users_per_pass,
         )
 
 

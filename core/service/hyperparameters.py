@@ -157,4 +157,5 @@ def training_config(resolved: dict[str, Any], settings: Settings) -> TrainingCon
         time_budget_s=settings.train_time_limit_s * 0.9 * time_share,
         method=method,
         lora=LoRAConfig(rank=resolved.get("lora_rank") or settings.train_lora_rank_default),
+        users_per_pass=settings.train_users_per_pass,
     )
