@@ -259,3 +259,15 @@ def test_a_control_trains_beside_the_users_whose_prefixes_it_can_read(tmp_path: 
         assert job["status"] == "succeeded", job
         events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100", headers=ADMIN).json()["data"]
         assert "Training the control beside 1 users' prefixes" in [e["message"] for e in events]
+
+
+def test_a_second_control_of_the_same_name_is_a_409_the_schema_declares(tmp_path: Path):
+    """Found by the fuzzer: the conflict was answered but not declared in /openapi.json."""
+    with api_client(make_settings(tmp_path), base=tiny_base_model()) as client:
+        assert client.post("/v1/controls", headers=ADMIN, json={"name": "brief", "samples": BRIEF}).status_code == 201
+        again = client.post("/v1/controls", headers=ADMIN, json={"name": "brief", "samples": BRIEF})
+        assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
+        paths = client.get("/openapi.json").json()["paths"]
+        assert "409" in paths["/v1/controls"]["post"]["responses"]
+        assert "409" in paths["/v1/controls/{name}/versions/{version}/activate"]["post"]["responses"]
+        assert "409" in paths["/v1/users/{user_id}/prefixes/{version}/activate"]["post"]["responses"]

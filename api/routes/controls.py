@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 
 from api.deps import AdminDep, BaseModelIdDep, CallerDep, ContextDep, DispatcherDep, SessionDep, SettingsDep
 from api.jobs_dispatch import commit_and_dispatch
-from api.openapi import ADMIN_ERRORS, BODY_ERRORS
+from api.openapi import ADMIN_ERRORS, BODY_ERRORS, errors
 from api.responses import (
     Control,
     ControlCreated,
@@ -35,7 +35,7 @@ def _object(session, control: User) -> Control:
     return control_object(control, active_prefix(session, control.id), count_samples(session, control.id))
 
 
-@router.post("", status_code=201, openapi_extra=_BODY, responses={**ADMIN_ERRORS, **BODY_ERRORS})
+@router.post("", status_code=201, openapi_extra=_BODY, responses={**ADMIN_ERRORS, **BODY_ERRORS, **errors(409)})
 async def create(
     request: Request,
     _admin: AdminDep,
@@ -93,7 +93,7 @@ def versions(name: str, session: SessionDep, _caller: CallerDep) -> PrefixVersio
     return PrefixVersionList(data=[prefix_object(control, row) for row in rows], has_more=False)
 
 
-@router.post("/{name}/versions/{version}/activate", responses=ADMIN_ERRORS)
+@router.post("/{name}/versions/{version}/activate", responses={**ADMIN_ERRORS, **errors(409)})
 def activate(name: str, version: int, session: SessionDep, _admin: AdminDep) -> PrefixVersionBody:
     """Serve this version of the control from now on (roll back, or forward again)."""
     control = get_control(session, name)

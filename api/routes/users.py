@@ -94,7 +94,7 @@ def prefixes(user_id: str, session: SessionDep, caller: CallerDep) -> PrefixVers
     return PrefixVersionList(data=[prefix_object(user, row) for row in list_versions(session, user.id)], has_more=False)
 
 
-@router.post("/{user_id}/prefixes/{version}/activate")
+@router.post("/{user_id}/prefixes/{version}/activate", responses=errors(409))
 def activate(user_id: str, version: int, session: SessionDep, caller: CallerDep) -> PrefixVersion:
     """Serve this version from now on (roll back to an earlier one, or forward again)."""
     user = get_user(session, caller, user_id)
