@@ -11,7 +11,8 @@ import torch
 from core.data import Example
 from core.evaluation import datasets
 from core.evaluation.metrics import UserEvalSet, evaluate_base, evaluate_method
-from core.evaluation.runner import EvalSpec, run_evaluation
+from core.evaluation.runner import EvalSpec, ProgressBar, load_users, run_evaluation, train_method
+from core.memory import memory_prefix
 from core.model import load_base_model
 from tests.support.models import model_cache_dir
 
@@ -238,11 +239,13 @@ def test_sweeps_and_their_values_on_the_command_line_keep_their_types():
         sweep_names(EvalSpec(sweep="prefix_len,learning_rat"))
 
 
-def test_the_population_method_trains_one_shared_prefix_and_each_user_on_top_of_it(tmp_path, tiny):
+def test_composed_methods_train_each_user_on_top_of_shared_and_memory_prefixes(tmp_path, tiny):
+    """population: one prefix trained on every user's text, under each user's; memory: the model's own
+    KV of the user's typical texts, under the user's; population-memory: both, in that order."""
     spec = EvalSpec(
         data=str(_write_dataset(tmp_path / "d.jsonl")),
         general=str(_write_dataset(tmp_path / "g.jsonl")),
-        methods=("prefix", "population"),
+        methods=("prefix", "population", "memory", "population-memory"),
         max_steps=2,
         eval_every=1,
         batch_size=2,
@@ -252,10 +255,24 @@ def test_the_population_method_trains_one_shared_prefix_and_each_user_on_top_of_
         out=str(tmp_path / "out"),
     )
     methods = run_evaluation(spec, progress=False, base=tiny)["methods"]
-    for user in WORDS:
-        own, residual = methods["prefix"]["per_user"][user], methods["population"]["per_user"][user]
-        assert residual["training"]["served_params"] == own["training"]["served_params"] == tiny.geometry.numel(4)
-        # served on top of the population prefix, the user's numbers are not the plain prefix's
-        assert residual["ppl_plain"] != pytest.approx(own["ppl_plain"], rel=1e-6)
-    # its seconds include the user's share of the population prefix's training
-    assert methods["population"]["overall"]["train_seconds_per_user"] > 0
+    for name in ("population", "memory", "population-memory"):
+        for user in WORDS:
+            own, composed = methods["prefix"]["per_user"][user], methods[name]["per_user"][user]
+            # a user's own trained values are counted, not the shared or memory prefix under them
+            assert composed["training"]["served_params"] == own["training"]["served_params"] == tiny.geometry.numel(4)
+            # served on top of the other parts, the user's numbers are not the plain prefix's
+            assert composed["ppl_plain"] != pytest.approx(own["ppl_plain"], rel=1e-6)
+        # its seconds include the user's share of the population prefix's training
+        assert methods[name]["overall"]["train_seconds_per_user"] > 0
+
+
+def test_the_population_memory_method_serves_the_three_parts_in_order(tmp_path, tiny):
+    spec = EvalSpec(data=str(_write_dataset(tmp_path / "d.jsonl")), max_steps=1, batch_size=2, prefix_len=4)
+    users = load_users(spec, tmp_path)
+    scorer, _ = train_method(tiny, "population-memory", spec, users, ProgressBar(False), [])
+    served = {user: scorer.kvs[user] for user in WORDS}
+    for user, (population, memory, own) in served.items():
+        assert population.shape[3] == own.shape[3] == 4
+        torch.testing.assert_close(population, served["ada"][0])  # one population prefix for all
+        torch.testing.assert_close(memory, memory_prefix(tiny, users[user].train))  # the user's own text
+    assert not torch.allclose(served["ada"][1], served["bo"][1])

@@ -36,18 +36,23 @@ from core.evaluation.metrics import (
     rows_needed,
 )
 from core.lora import LoRAConfig
+from core.memory import memory_prefix
 from core.model import BaseModel
 from core.prefix import PrefixConfig, PrefixEncoder
 from core.training import TrainingConfig, UserData, train_prefixes
 from core.tuning import instant_prefix
 
 POPULATION = "population"
-METHODS = ("prefix", "lora", "pt-peft", "auto", "v0", POPULATION, "prompt", "peft-lora")
+MEMORY = "memory"
+POPULATION_MEMORY = "population-memory"
+COMPOSED_PREFIX_METHODS = (POPULATION, MEMORY, POPULATION_MEMORY)
+METHODS = ("prefix", "lora", "pt-peft", "auto", "v0", *COMPOSED_PREFIX_METHODS, "prompt", "peft-lora")
 """prefix, lora, pt-peft and auto are the service's methods (core/adapters.py), trained and served
 exactly as the workers do; v0 is the untrained prefix published at onboarding (core/tuning.py's
 `instant_prefix`); population is each user's prefix trained and served on top of one prefix shared
-by all users (`train_population_prefix`); prompt tuning and PEFT's LoRA (one adapter per forward)
-are baselines."""
+by all users (`train_population_prefix`), memory on top of the model's own KV of the user's most
+typical texts (core/memory.py), population-memory on top of both; prompt tuning and PEFT's LoRA (one
+adapter per forward) are baselines."""
 ADAPTER_METHODS = (LORA, PT_PEFT, "auto")
 SWEEPS = {
     "samples": [10, 20, 50, 100, 0],  # 0 = all training samples
@@ -147,7 +152,7 @@ class EvalSpec:
         )
 
 
-class _Bar:
+class ProgressBar:
     """A rich progress bar when asked for, silent otherwise."""
 
     def __init__(self, enabled: bool):
@@ -238,7 +243,9 @@ def eval_sets(base: BaseModel, users: dict[str, datasets.UserTexts], max_len: in
     return sets
 
 
-def train_method(base, name, spec: EvalSpec, users: dict[str, datasets.UserTexts], bar: _Bar, curve: list, **overrides):
+def train_method(
+    base, name, spec: EvalSpec, users: dict[str, datasets.UserTexts], bar: ProgressBar, curve: list, **overrides
+):
     """Train one method for all users: (scorer, per-user training metrics)."""
     data = [UserData(u.user, u.train) for u in users.values()]
 
@@ -246,16 +253,22 @@ def train_method(base, name, spec: EvalSpec, users: dict[str, datasets.UserTexts
         curve.append({"step": p.step, "train_loss": p.loss, "val_loss": p.val_loss})
         bar.advance(1, f"loss {p.loss:.3f}")
 
-    if name in ("prefix", POPULATION):
+    if name == "prefix" or name in COMPOSED_PREFIX_METHODS:
         config = spec.training_config(spec.lr_prefix, **overrides)
-        population, shared_seconds = None, 0.0
-        if name == POPULATION:
-            population, shared_seconds = train_population_prefix(base, config, data, bar, on_progress)
-            data = [replace(u, companions=[population]) for u in data]
+        started = time.monotonic()  # the population and memory prefixes count in the users' seconds
+        under: dict[str, list[torch.Tensor]] = {u.user_id: [] for u in data}  # frozen parts before the user's
+        if name in (POPULATION, POPULATION_MEMORY):
+            population = train_population_prefix(base, config, data, bar, on_progress)
+            for parts in under.values():
+                parts.append(population)
+        if name in (MEMORY, POPULATION_MEMORY):
+            for u in data:
+                under[u.user_id].append(memory_prefix(base, u.samples))
+        if name != "prefix":  # composing KVs is concatenating them (tests/test_engine_batch_cache.py)
+            data = [replace(u, companions=[torch.cat(under[u.user_id], dim=3)]) for u in data]
         bar.phase(f"train {name} ({len(data)} users)", config.max_steps)
-        started = time.monotonic()
         trained = train_prefixes(base, data, config, on_progress=on_progress)
-        seconds = time.monotonic() - started + shared_seconds
+        seconds = time.monotonic() - started
         encoder_params = sum(p.numel() for p in PrefixEncoder(base.geometry, config.prefix).parameters())
         metrics = {}
         for t in trained:
@@ -263,11 +276,11 @@ def train_method(base, name, spec: EvalSpec, users: dict[str, datasets.UserTexts
             metrics[t.user_id] = {
                 **t.metrics,
                 "train_seconds": seconds / len(trained),
-                "served_params": t.kv.numel(),  # a user's own; the population prefix is one for all
+                "served_params": t.kv.numel(),  # a user's own: not the population or memory prefix
                 "trained_params": encoder_params,
                 "artifact_bytes": len(blob),
             }
-        served = {t.user_id: t.kv if population is None else (population, t.kv) for t in trained}
+        served = {t.user_id: (*under[t.user_id], t.kv) if under[t.user_id] else t.kv for t in trained}
         return PrefixScorer(base, served), metrics
     if name in ADAPTER_METHODS:
         config = replace(spec.training_config(spec.lr_lora, **overrides), method=name)
@@ -318,7 +331,7 @@ def train_method(base, name, spec: EvalSpec, users: dict[str, datasets.UserTexts
     return GroupedScorer(method), metrics
 
 
-def train_population_prefix(base, config: TrainingConfig, data: list[UserData], bar: _Bar, on_progress):
+def train_population_prefix(base, config: TrainingConfig, data: list[UserData], bar: ProgressBar, on_progress):
     """One prefix trained on every user's training text pooled: what the users share (issue 11's
     population prefix). Each user's own prefix then trains composed after it, frozen, and serves
     composed with it, so the user's capacity goes to what is theirs — the likelihood-ratio idea of
@@ -327,9 +340,7 @@ def train_population_prefix(base, config: TrainingConfig, data: list[UserData], 
     pooled = UserData(POPULATION, [t for u in data for t in u.samples])
     shared = replace(config, batch_size=config.batch_size * len(data))
     bar.phase("train the population prefix", shared.max_steps)
-    started = time.monotonic()
-    kv = train_prefixes(base, [pooled], shared, on_progress=on_progress)[0].kv
-    return kv, time.monotonic() - started
+    return train_prefixes(base, [pooled], shared, on_progress=on_progress)[0].kv
 
 
 AUTO_CHOICES = ("prefix", "lora", "pt-peft")
@@ -371,7 +382,7 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) ->
         for t in general_texts(spec, list(users))
         if (exs := build_examples(base.tokenizer, [t], spec.max_seq_len, (FORMAT_PLAIN,)))
     ]
-    bar = _Bar(progress)
+    bar = ProgressBar(progress)
     results: dict = {
         "spec": _shareable(asdict(spec)),
         "environment": environment(base),
@@ -488,7 +499,9 @@ def _shareable(spec: dict) -> dict:
     return spec
 
 
-def run_sweep(base, spec: EvalSpec, sweep: str, values: list, users, sets, general, results: dict, bar: _Bar) -> dict:
+def run_sweep(
+    base, spec: EvalSpec, sweep: str, values: list, users, sets, general, results: dict, bar: ProgressBar
+) -> dict:
     """Held-out perplexity (own adaptation, plain and chat), attribution and general-text perplexity
     (knowledge preservation) as one setting varies: the trade-offs a default has to pick a point on.
 
