@@ -92,3 +92,39 @@ def test_onboarding_answers_with_an_instant_version_until_the_trained_one_replac
             assert [v["metrics"].get("instant", False) for v in versions] == [True, False, False]
     finally:
         ctx.close()
+
+
+def test_a_user_onboarded_behind_a_running_job_answers_before_their_own_job_starts(tmp_path: Path, held_training):
+    """Sixteen users onboarded at once train one after another; none of them should wait for their
+    turn to be served: a queued job's users get their instant versions as the job is submitted."""
+    settings = make_settings(tmp_path, train_instant_version=True, max_batch_size=4)
+    ctx = build_context(settings, base_model=tiny_base_model())
+    try:
+        with ServerThread(create_app(context=ctx)) as server:
+            steer = Running(server.base_url, ctx)
+            first = steer.http.post("/onboarding", json={"external_id": "ivy", "samples": SAMPLES}).json()
+            _wait(
+                lambda: steer.http.get(f"/fine_tuning/jobs/{first['job']['id']}").json()["status"] == "running",
+                "the first job to start",
+            )  # and hold: its training waits for the test
+            body = {"external_id": "ada", "samples": SAMPLES[::-1], "hyperparameters": TRAINING}
+            onboarded = steer.http.post("/onboarding", json=body).json()
+            user, job_id, key = onboarded["user"]["id"], onboarded["job"]["id"], onboarded["api_key"]
+
+            versions = _wait(lambda: steer.http.get(f"/users/{user}/prefixes").json()["data"], "ada's instant version")
+            assert [(v["version"], v["status"], v["metrics"]["instant"]) for v in versions] == [(1, "active", True)]
+            assert steer.http.get(f"/fine_tuning/jobs/{job_id}").json()["status"] == "queued"  # still waiting
+            assert chat(steer.client(key), "user:ada") == steer.alone([user])
+            events = steer.http.get(f"/fine_tuning/jobs/{job_id}/events").json()["data"]
+            assert any("waits for its turn" in e["message"] for e in events)
+
+            # When its turn comes, the job publishes no second instant version; the trained one replaces it.
+            held_training.set()
+            steer.wait(first["job"]["id"])
+            entry = steer.wait(job_id)["result"]["users"][user]
+            assert entry["version"] == 2 and entry["status"] == "active"
+            assert entry["metrics"]["compared_with_version"] == 1
+            statuses = {v["version"]: v["status"] for v in steer.http.get(f"/users/{user}/prefixes").json()["data"]}
+            assert statuses == {1: "retired", 2: "active"}
+    finally:
+        ctx.close()

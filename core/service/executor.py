@@ -7,6 +7,10 @@ Fairness: a submitted job id only wakes the thread; which queued job runs next i
 database: the oldest job of the owner (the one user a job trains; each batch job is its own owner)
 that has had the fewest jobs run so far. So a user who queues many jobs cannot make another user's
 onboarding wait behind all of them: it runs after at most the job already running.
+
+Time to value does not wait for that turn: as a job is submitted, a second thread publishes its
+users' instant versions (core/service/instant_version.py), so a user onboarded behind other jobs
+answers in seconds.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy import select, update
 
 from core.db import Job, session_scope
 from core.service.context import ServiceContext
+from core.service.instant_version import publish_for_queued_job
 from core.service.training_job import JobInterrupted, run_training_job
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,7 @@ class EmbeddedExecutor:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._runs_by_owner: dict[str, int] = {}
+        self._instant: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
         if self._thread is not None:
@@ -50,6 +57,7 @@ class EmbeddedExecutor:
                 .scalars()
                 .all()
             )
+        self._instant = ThreadPoolExecutor(1, thread_name_prefix="steer-instant")
         for job_id in pending:
             self.submit(job_id)
         self._thread = threading.Thread(target=self._loop, name="steer-training", daemon=True)
@@ -57,6 +65,8 @@ class EmbeddedExecutor:
 
     def submit(self, job_id: str) -> None:
         self._queue.put(job_id)
+        if self._instant is not None:
+            self._instant.submit(self._publish_instant_versions, job_id)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop after the current training step; the running job goes back to the queue."""
@@ -66,6 +76,15 @@ class EmbeddedExecutor:
         self._queue.put(_STOP)
         self._thread.join(timeout)
         self._thread = None
+        if self._instant is not None:
+            self._instant.shutdown(wait=True, cancel_futures=True)
+            self._instant = None
+
+    def _publish_instant_versions(self, job_id: str) -> None:
+        try:
+            publish_for_queued_job(self.ctx, job_id)
+        except Exception:  # noqa: BLE001 - the job publishes them itself when it starts
+            log.warning("could not publish instant versions for queued job %s", job_id, exc_info=True)
 
     def _loop(self) -> None:
         while True:

@@ -31,6 +31,10 @@ from core.service.job_lease import LeaseLost, holds_lease
 from core.service.model_ids import subject_model_id
 from core.storage import BlobStore, prefix_blob_key, prefix_state_key, sha256_hex, user_blob_prefix
 
+PREFIX_DTYPE = "float16"
+"""How versions are stored: half the bytes of float32, and every device serves it (rows are cast as
+they join a batch)."""
+
 log = logging.getLogger(__name__)
 
 

@@ -38,7 +38,7 @@ from core.service.controls import CONTROL, companion_prefixes
 from core.service.crash_points import crash_point
 from core.service.errors import ServiceError
 from core.service.hyperparameters import resolve, training_config
-from core.service.instant_version import publish_instant_version
+from core.service.instant_version import publish_instant_versions
 from core.service.job_lease import (
     JobLease,
     LeaseLost,
@@ -53,6 +53,7 @@ from core.service.jobs import add_event
 from core.service.metrics import TRAIN_STEP_SECONDS
 from core.service.model_ids import subject_model_id
 from core.service.registry import (
+    PREFIX_DTYPE,
     PrefixArtifacts,
     active_prefix,
     load_state_bytes,
@@ -69,7 +70,6 @@ MAX_ATTEMPTS = 3
 """A job whose worker died this many times (OOM, node loss) is failed instead of redelivered forever."""
 CANCEL_POLL_S = 1.0
 EVENTS_PER_JOB = 20
-PREFIX_DTYPE = "float16"
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OperationalError, BlobStoreUnavailable)
 NO_WORSE_TOLERANCE = 1e-3
 """Validation loss (nats per token) a new version may exceed the active one's by and still count as
@@ -248,7 +248,8 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
     config = training_config(resolved, settings)
     base = ctx.base_model()
     if settings.train_instant_version and not is_encoder_decoder(base):
-        _publish_instant_versions(ctx, run, base, [d for d in todo if d.user_id not in controls], config, external_ids)
+        users = [(d.user_id, external_ids[d.user_id], d.samples) for d in todo if d.user_id not in controls]
+        publish_instant_versions(ctx, base, run.job_id, users, config)
     active_at_start: dict[str, int | None] = {}  # user -> their active version as training starts
     compared_with: dict[str, int | None] = {}  # user -> the active version the new one must beat
     for data in todo:
@@ -313,21 +314,6 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
         else:
             message = f"Published {published} as a candidate, not activated: {why}"
             _event(ctx, run.job_id, message, data, level="warning")
-
-
-def _publish_instant_versions(
-    ctx: ServiceContext, run: _Run, base: BaseModel, todo: list[UserData], config: TrainingConfig, external_ids
-) -> None:
-    """An instant version for each user who has none yet (core/service/instant_version.py)."""
-    for data in todo:
-        if _active_version(ctx, data.user_id) is not None:
-            continue
-        row, seconds = publish_instant_version(ctx, base, data.user_id, data.samples, config, PREFIX_DTYPE)
-        if row is None or row.status != "active":
-            continue
-        entry = _published_entry(external_ids[data.user_id], row)
-        message = f"Published instant version {entry['model']} in {seconds:.2f} s (untrained; training continues)"
-        _event(ctx, run.job_id, message, {"user_id": data.user_id, "version": row.version, "instant": True})
 
 
 def _method_groups(
