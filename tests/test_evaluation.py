@@ -14,19 +14,8 @@ from core.evaluation.metrics import UserEvalSet, evaluate_base, evaluate_method
 from core.evaluation.runner import EvalSpec, ProgressBar, load_users, run_evaluation, train_method
 from core.memory import memory_prefix
 from core.model import load_base_model
+from tests.support.evaluation import WORDS, tiny_spec, write_dataset
 from tests.support.models import model_cache_dir
-
-WORDS = {
-    "ada": "the engine computes numbers and patterns with careful notes on every operation",
-    "bo": "rivers and mountains stretch far beyond the quiet village under evening skies",
-    "cy": "markets opened early today as traders watched prices rise and fall again",
-}
-
-
-def _write_dataset(path, n=10):
-    rows = [{"user": u, "text": f"{text} sample {i}."} for u, text in WORDS.items() for i in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_split_rule_keeps_the_last_fifth_and_at_least_five_for_test(tmp_path):
@@ -34,7 +23,7 @@ def test_split_rule_keeps_the_last_fifth_and_at_least_five_for_test(tmp_path):
     assert datasets.split_point(30) == 24  # 20% = 6
     assert datasets.split_point(10) == 5  # at least 5 test
     assert datasets.split_point(4) == 1  # at least one sample stays train
-    users = datasets.load_jsonl(_write_dataset(tmp_path / "d.jsonl", n=12))
+    users = datasets.load_jsonl(write_dataset(tmp_path / "d.jsonl", n=12))
     assert [len(u.train) for u in users.values()] == [7, 7, 7]
     assert users["ada"].test[0].endswith("sample 7.") and users["ada"].test[-1].endswith("sample 11.")
 
@@ -145,7 +134,7 @@ def tiny():
 
 
 def test_tiny_evaluation_writes_json_markdown_and_charts_with_per_user_numbers(tmp_path, tiny):
-    data = _write_dataset(tmp_path / "d.jsonl")
+    data = write_dataset(tmp_path / "d.jsonl")
     general = tmp_path / "general.jsonl"
     general.write_text('{"user": "g", "text": "a general sentence about weather and the calendar of the year."}\n')
     spec = EvalSpec(
@@ -198,19 +187,7 @@ def test_tiny_evaluation_writes_json_markdown_and_charts_with_per_user_numbers(t
 
 
 def test_the_service_methods_and_v0_are_evaluated_and_auto_keeps_the_lowest_validation_loss(tmp_path, tiny):
-    spec = EvalSpec(
-        data=str(_write_dataset(tmp_path / "d.jsonl")),
-        general=str(_write_dataset(tmp_path / "g.jsonl")),
-        methods=("v0", "prefix", "lora", "pt-peft", "auto"),
-        max_steps=2,
-        eval_every=1,
-        batch_size=2,
-        max_seq_len=64,
-        prefix_len=4,
-        lora_rank=2,
-        base_model="tiny",
-        out=str(tmp_path / "out"),
-    )
+    spec = tiny_spec(tmp_path, methods=("v0", "prefix", "lora", "pt-peft", "auto"), lora_rank=2)
     methods = run_evaluation(spec, progress=False, base=tiny)["methods"]
     assert set(methods) == {"v0", "prefix", "lora", "pt-peft", "auto"}
     for user, numbers in methods["auto"]["per_user"].items():
@@ -242,18 +219,7 @@ def test_sweeps_and_their_values_on_the_command_line_keep_their_types():
 def test_composed_methods_train_each_user_on_top_of_shared_and_memory_prefixes(tmp_path, tiny):
     """population: one prefix trained on every user's text, under each user's; memory: the model's own
     KV of the user's typical texts, under the user's; population-memory: both, in that order."""
-    spec = EvalSpec(
-        data=str(_write_dataset(tmp_path / "d.jsonl")),
-        general=str(_write_dataset(tmp_path / "g.jsonl")),
-        methods=("prefix", "population", "memory", "population-memory"),
-        max_steps=2,
-        eval_every=1,
-        batch_size=2,
-        max_seq_len=64,
-        prefix_len=4,
-        base_model="tiny",
-        out=str(tmp_path / "out"),
-    )
+    spec = tiny_spec(tmp_path, methods=("prefix", "population", "memory", "population-memory"))
     methods = run_evaluation(spec, progress=False, base=tiny)["methods"]
     for name in ("population", "memory", "population-memory"):
         for user in WORDS:
@@ -267,7 +233,7 @@ def test_composed_methods_train_each_user_on_top_of_shared_and_memory_prefixes(t
 
 
 def test_the_population_memory_method_serves_the_three_parts_in_order(tmp_path, tiny):
-    spec = EvalSpec(data=str(_write_dataset(tmp_path / "d.jsonl")), max_steps=1, batch_size=2, prefix_len=4)
+    spec = EvalSpec(data=str(write_dataset(tmp_path / "d.jsonl")), max_steps=1, batch_size=2, prefix_len=4)
     users = load_users(spec, tmp_path)
     scorer, _ = train_method(tiny, "population-memory", spec, users, ProgressBar(False), [])
     served = {user: scorer.kvs[user] for user in WORDS}

@@ -16,12 +16,12 @@ from core.evaluation.generations import (
     generate_texts,
     repeated_ngram_share,
 )
-from core.evaluation.runner import EvalSpec, run_evaluation
+from core.evaluation.runner import run_evaluation
 from core.model import load_base_model
 from core.prefix import kv_from_text
 from core.prompts import text_ids
+from tests.support.evaluation import WORDS, tiny_spec
 from tests.support.models import model_cache_dir
-from tests.test_evaluation import WORDS, _write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -74,20 +74,8 @@ def test_every_user_writes_for_every_prompt_in_one_mixed_batch_reproducibly(tiny
 
 
 def test_an_evaluation_with_generations_reports_the_judge_and_every_engine_method(tmp_path, tiny):
-    spec = EvalSpec(
-        data=str(_write_dataset(tmp_path / "d.jsonl")),
-        general=str(_write_dataset(tmp_path / "g.jsonl")),
-        methods=("v0", "prefix", "prompt"),
-        max_steps=2,
-        eval_every=1,
-        batch_size=2,
-        max_seq_len=64,
-        prefix_len=4,
-        generations=1,
-        generation_tokens=6,
-        frequency_penalty=2.0,
-        base_model="tiny",
-        out=str(tmp_path / "out"),
+    spec = tiny_spec(
+        tmp_path, methods=("v0", "prefix", "prompt"), generations=1, generation_tokens=6, frequency_penalty=2.0
     )
     results = run_evaluation(spec, progress=False, base=tiny)
     assert 0 <= results["judge"]["ceiling"]["overall"] <= 1

@@ -21,6 +21,7 @@ BaseModelName = Annotated[str, typer.Option("--base-model", help="smollm2, tiny,
 Device = Annotated[str, typer.Option(help="Torch device; auto picks CUDA when available.")]
 Dtype = Annotated[str, typer.Option(help="Torch dtype; auto: float32 on CPU, bfloat16 on CUDA.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON only.")]
+Threads = Annotated[int, typer.Option(help="Torch threads (0: torch's default); 1 makes the CPU-time ratio exact.")]
 
 
 def _base_model(name: str, device: str, dtype: str) -> BaseModel:
@@ -61,7 +62,7 @@ def compose_command(
     new_tokens: int = typer.Option(64, help="Tokens generated per request."),
     prefix_len: int = typer.Option(16, help="Virtual tokens of each prefix (the user's and each control's)."),
     repeats: int = typer.Option(3, help="Interleaved repetitions of the three arms (ratios taken within each)."),
-    threads: int = typer.Option(0, help="Torch threads (0: torch's default); 1 makes the CPU-time ratio exact."),
+    threads: Threads = 0,
     base_model: BaseModelName = "smollm2",
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -85,7 +86,7 @@ def lora_command(
     staggered: bool = typer.Option(
         False, help="2 x --requests users, lengths 0.5-1.5 x --new-tokens, through --requests slots (rows join, leave)."
     ),
-    threads: int = typer.Option(0, help="Torch threads (0: torch's default); 1 makes the CPU-time ratio exact."),
+    threads: Threads = 0,
     base_model: BaseModelName = "smollm2",
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -133,7 +134,7 @@ def cache_command(
     work_dir: str | None = typer.Option(
         None, help="Where the temporary registry and local blobs go (default: TMPDIR)."
     ),
-    threads: int = typer.Option(0, help="Torch threads (0: torch's default); 1 makes the CPU-time ratio exact."),
+    threads: Threads = 0,
     base_model: BaseModelName = "smollm2",
     device: Device = "auto",
     dtype: Dtype = "auto",
