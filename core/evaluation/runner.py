@@ -262,6 +262,8 @@ def train_method(
             for parts in under.values():
                 parts.append(population)
         if name in (MEMORY, POPULATION_MEMORY):
+            # From all the user's training samples, the loop's validation rows included (so its best
+            # checkpoint is picked on rows the memory may quote); the held-out test text is never in it.
             for u in data:
                 under[u.user_id].append(memory_prefix(base, u.samples))
         if name != "prefix":  # composing KVs is concatenating them (tests/test_engine_batch_cache.py)
