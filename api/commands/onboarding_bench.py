@@ -72,7 +72,9 @@ def writing_of(users: int, samples: int) -> dict[str, list[str]]:
     return {name.lower(): [*texts.train, *texts.test][:samples] for name, texts in loaded.items()}
 
 
-def _summary(seconds: list[float]) -> dict:
+def _summary(seconds: list[float]) -> dict | None:
+    if not seconds:  # e.g. STEER_TRAIN_INSTANT_VERSION=false, and every job ended before an answer
+        return None
     return {
         "p50_s": round(statistics.median(seconds), 2),
         "max_s": round(max(seconds), 2),
@@ -181,7 +183,7 @@ def run_onboarding_bench(config: OnboardingBenchConfig) -> dict:
             last = max(u["trained_s"] for u in users)
             report: dict = {
                 "config": asdict(config),
-                "instant": _summary([u["instant_s"] for u in users if "instant_s" in u]) if users else None,
+                "instant": _summary([u["instant_s"] for u in users if "instant_s" in u]),
                 "users_without_instant_answer": [u["external_id"] for u in users if "instant_s" not in u],
                 "trained": _summary([u["trained_s"] for u in users]),
                 "job_status": sorted({u["status"] for u in users}),
