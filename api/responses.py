@@ -273,6 +273,14 @@ class ControlCreated(Body):
     job: FineTuningJob
 
 
+class PopulationTraining(Body):
+    object: Literal["population.training"] = "population.training"
+    control: Control = Field(description="The population prefix is the control named `population`.")
+    users: int = Field(description="Users whose samples were drawn.")
+    samples: int = Field(description="Samples the population trains on.")
+    job: FineTuningJob
+
+
 class Onboarding(Body):
     object: Literal["onboarding"] = "onboarding"
     user: User

@@ -99,6 +99,16 @@ class RetrainRequest(_Strict):
     hyperparameters: dict[str, Any] | None = None
 
 
+class PopulationRequest(_Strict):
+    samples_per_user: int = Field(default=20, description="Samples drawn from each user (fewer if a user has fewer).")
+    max_users: int = Field(default=256, description="Users drawn at random when more have samples.")
+    seed: int = Field(default=0, description="Seed of the random draw.")
+    hyperparameters: dict[str, Any] | None = Field(
+        default=None,
+        description='Training hyperparameters; each may be "auto" (batch_size: the rows of several users).',
+    )
+
+
 def ts(value: datetime | None) -> int | None:
     """Unix seconds, as OpenAI's API returns times."""
     return None if value is None else int(value.timestamp())

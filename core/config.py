@@ -241,6 +241,13 @@ class Settings(BaseSettings):
         description="Users' active prefixes a control prefix trains beside (composed before it, one per row "
         "in turn). 0: controls train alone, which kept users' own text closer in docs/EVALUATION.md.",
     )
+    population_prefix: bool = Field(
+        default=True,
+        description="Once the admin has trained the deployment's population prefix (the control named "
+        "`population`, from a sample of every user's text: POST /v1/admin/population), each user's prefix trains "
+        "on top of it and serves composed with the population version it was trained on, so the user's "
+        "capacity goes to what is theirs (docs/EVALUATION.md, issue 11). Off: users train and serve alone.",
+    )
     # --- per-user quotas (user keys; the admin key is the operator's own and is not limited) ----
     user_max_active_jobs: int = Field(
         default=2,

@@ -124,6 +124,9 @@ class UserData:
     replace: scored once, before training, on this user's own validation rows by the same code that
     scores the user's prefix (metrics["reference_val_loss"]; None without validation rows). Methods
     with `stored_user` only (prefixes)."""
+    reference_composed: bool = False
+    """`reference_kv` already holds every part the stored version is served with (e.g. the population
+    version it trained on): scored as it is, without this user's `companions`."""
 
 
 @dataclass

@@ -144,10 +144,10 @@ class PrefixMethod:
         """A stored version of `data`'s user (a prefix KV, or an Adaptation of any method) as a
         frozen user module: scored exactly like the user's trainable prefix, beside the user's
         companions (a cycle of its own, so scoring it never shifts the companions the trainable
-        prefix sees)."""
+        prefix sees) unless it holds its own (`reference_composed`)."""
         kv, weights = _stored_parts(stored, self.base)
         module = StoredPrefix(kv, weights)
-        if data.companions:
+        if data.companions and not data.reference_composed:
             self._companions[id(module)] = _Companions(data.companions, self.base)
         return module
 

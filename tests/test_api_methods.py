@@ -10,25 +10,16 @@ Plus the `method` hyperparameter's own rules: "auto" there is the auto method, n
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
-from openai import OpenAI
 
 from api.app import create_app
 from core.db.migrate import upgrade_to_head
-from core.generation import GenerationRequest, MixedBatchGenerator
-from core.inference.catalog import prefix_ref
-from core.inference.engine import row_parts
-from core.inference.prefix_cache import store_loader
 from core.inference.redis_transport import REQUESTS_STREAM
-from core.prompts import chat_prompt_ids
-from core.sampling import SamplingParams
 from core.service.context import build_context
 from core.service.controls import get_control
 from core.service.hyperparameters import resolve, training_config, validate_hyperparameters
@@ -37,11 +28,9 @@ from tests.support.api import ADMIN, ADMIN_KEY, SAMPLES, RecordingDispatcher, ap
 from tests.support.inference import ServerThread
 from tests.support.processes import distributed_env as distributed_env_for
 from tests.support.processes import end, settings_from_env, spawn, spawn_train_worker, wait_for_log
+from tests.support.running import Running, chat
 
-JOB_TIMEOUT_S = 300
 WORKER_START_S = 120
-MESSAGES = [{"role": "user", "content": "Write one sentence about the sea."}]
-MAX_TOKENS = 12
 # Enough steps and a learning rate for a LoRA to change what the tiny model says (its B starts at 0);
 # no preservation term (its base-model samples would take most of the test's time).
 TRAINING = {"max_steps": 4, "learning_rate": 0.05, "preservation_weight": 0}
@@ -79,49 +68,6 @@ def test_a_control_trains_a_prefix_and_refuses_another_method(tmp_path: Path):
 
 
 # -- end to end --------------------------------------------------------------------------------------
-
-
-class Running:
-    """A running Steer: HTTP as the admin, `openai` clients per key, and the engine run directly on
-    the stored versions (what a request should get when it runs alone)."""
-
-    def __init__(self, base_url: str, ctx, worker_logs: list[Path] = ()) -> None:
-        self.base_url, self.ctx, self.worker_logs = base_url, ctx, list(worker_logs)
-        self.base = tiny_base_model()
-        self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
-
-    def client(self, key: str) -> OpenAI:
-        return OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=120)
-
-    def wait(self, job_id: str) -> dict:
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        while time.monotonic() < deadline:
-            job = self.http.get(f"/fine_tuning/jobs/{job_id}").json()
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                assert job["status"] == "succeeded", (job, self._logs())
-                return job
-            time.sleep(0.3)
-        raise AssertionError(f"job {job_id} did not finish; {self._logs()}")
-
-    def alone(self, subjects: list[str], with_lora: bool = True) -> str:
-        """Greedy answer of the engine run directly on these subjects' active versions, composed."""
-        parts = []
-        with self.ctx.session_factory() as session:
-            for subject in subjects:
-                parts.append(store_loader(self.ctx.store, self.base)(prefix_ref(active_prefix(session, subject))))
-        prefix, lora = row_parts(parts)
-        ids = chat_prompt_ids(self.base.tokenizer, MESSAGES)
-        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
-        request = GenerationRequest(ids, params, prefix, lora=lora if with_lora else None)
-        return MixedBatchGenerator(self.base).generate([request])[0].text
-
-    def _logs(self) -> str:
-        return "\n".join(path.read_text()[-3000:] for path in self.worker_logs)
-
-
-def chat(client: OpenAI, model: str) -> str:
-    reply = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0)
-    return reply.choices[0].message.content
 
 
 def drive_methods(steer: Running) -> None:

@@ -1,4 +1,4 @@
-"""Admin operations: batched retraining of many users; the workers that are alive."""
+"""Admin operations: batched retraining of many users; the population prefix; the workers that are alive."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ from api import workers as worker_registry
 from api.deps import AdminDep, ContextDep, DispatcherDep, SessionDep
 from api.jobs_dispatch import commit_and_dispatch
 from api.openapi import ADMIN_ERRORS, BODY_ERRORS
-from api.responses import FineTuningJobList, Worker, WorkerList
-from api.schemas import RetrainRequest, job_object
+from api.responses import FineTuningJobList, PopulationTraining, Worker, WorkerList
+from api.schemas import PopulationRequest, RetrainRequest, control_object, job_object
+from core.service.population import train_population
+from core.service.registry import active_prefix
 from core.service.retrain import RetrainSelection, create_retrain_jobs
+from core.service.samples import count_samples
 
 router = APIRouter(prefix="/admin", tags=["admin"], responses={**ADMIN_ERRORS, **BODY_ERRORS})
 
@@ -35,6 +38,27 @@ def retrain(
     commit_and_dispatch(session, dispatcher, jobs)
     base_model_id = ctx.model_card().model_id
     return FineTuningJobList(data=[job_object(job, base_model_id) for job in jobs], has_more=False)
+
+
+@router.post("/population", status_code=201)
+def population(
+    body: PopulationRequest, _admin: AdminDep, session: SessionDep, ctx: ContextDep, dispatcher: DispatcherDep
+) -> PopulationTraining:
+    """(Re)train the deployment's population prefix from a sample of every user's text. Users'
+    prefix jobs queued after its version is published train on top of it and serve composed with
+    it (`STEER_POPULATION_PREFIX`); retrain users (`POST /v1/admin/retrain`) to move them onto it.
+    Users already trained keep the population version they trained on."""
+    settings = ctx.settings
+    control, job, drawn = train_population(
+        session, settings, body.samples_per_user, body.max_users, body.hyperparameters, body.seed
+    )
+    commit_and_dispatch(session, dispatcher, [job])
+    return PopulationTraining(
+        control=control_object(control, active_prefix(session, control.id), count_samples(session, control.id)),
+        users=drawn["users"],
+        samples=drawn["samples"],
+        job=job_object(job, ctx.model_card().model_id),
+    )
 
 
 @router.get("/workers")

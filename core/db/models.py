@@ -190,6 +190,10 @@ class PrefixVersion(Base):
     state_blob_key: Mapped[str | None] = mapped_column(String(512))
     state_sha256: Mapped[str | None] = mapped_column(String(64))
     prefix_len: Mapped[int] = mapped_column(Integer)
+    # The population prefix version this one trained on top of, and is served composed with
+    # (core/service/population.py); no foreign key: a deleted population leaves the user's prefix
+    # servable alone.
+    population_version_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     status: Mapped[str] = mapped_column(String(16), default="active")
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)

@@ -11,7 +11,9 @@
 Controls may also be named in the request body (`controls: [...]`, `extra_body` in the openai
 client); they follow those of the model string. Each composed part is a prefix of its own; a row's
 prefix is their concatenation, user first (the order does not change the result: attention over
-prefix keys does not depend on their order, and tokens start after all of them).
+prefix keys does not depend on their order, and tokens start after all of them). A user version
+trained on top of the deployment's population prefix brings that population version with it, first
+(core/service/population.py).
 
 External ids may contain `+`, so the model part is the *longest* `+`-separated head that names a
 model the caller may use; the rest are control names. (A user `bob+formal` therefore wins over
@@ -38,7 +40,7 @@ from core.service import controls
 from core.service.api_keys import Caller
 from core.service.errors import InvalidInput, NotFound
 from core.service.model_ids import format_model_id, parse_control_ref, parse_model_id
-from core.service.registry import active_prefix
+from core.service.registry import active_prefix, served_population
 
 USER_ALIAS = "user:"
 CONTROL_SEPARATOR = "+"
@@ -79,13 +81,13 @@ def resolve_model(
     if len(wanted) > controls.MAX_CONTROLS_PER_REQUEST:
         raise InvalidInput(f"at most {controls.MAX_CONTROLS_PER_REQUEST} controls per request", param="model")
     refs = [_control_ref(session, name, version, base_model_id) for name, version in wanted]
-    return ([] if head is None else [head]) + refs
+    return head + refs
 
 
 def _split_controls(
     session: Session, caller: Caller, model: str, base_model_id: str
-) -> tuple[PrefixRef | None, list[tuple[str, int | None]]]:
-    """(the prefix of the model part, the controls after it); see the module docstring."""
+) -> tuple[list[PrefixRef], list[tuple[str, int | None]]]:
+    """(the prefixes of the model part, the controls after it); see the module docstring."""
     parts = model.split(CONTROL_SEPARATOR)
     for cut in range(len(parts), 0, -1):
         head, tail = CONTROL_SEPARATOR.join(parts[:cut]), [parse_control_ref(part) for part in parts[cut:]]
@@ -94,7 +96,7 @@ def _split_controls(
         if head.startswith(controls.EXTERNAL_ID_PREFIX):
             alone = parse_control_ref(head.removeprefix(controls.EXTERNAL_ID_PREFIX))
             if alone is not None:
-                return None, [alone, *tail]
+                return [], [alone, *tail]
             continue
         try:
             return _resolve_one(session, caller, head, base_model_id), tail
@@ -118,10 +120,11 @@ def _control_ref(session: Session, name: str, version: int | None, base_model_id
     return prefix_ref(row)
 
 
-def _resolve_one(session: Session, caller: Caller, model: str, base_model_id: str) -> PrefixRef | None:
-    """The prefix one model id names (None: the base model)."""
+def _resolve_one(session: Session, caller: Caller, model: str, base_model_id: str) -> list[PrefixRef]:
+    """The prefixes one model id names, in composition order: the population version it trained on,
+    if any, then the user's (none: the base model)."""
     if model == base_model_id:
-        return None
+        return []
     user, row = _user_version(session, caller, model, base_model_id)
     if row is None and _parse(model, base_model_id)[1] is None:
         raise NoTrainedPrefix(
@@ -136,7 +139,8 @@ def _resolve_one(session: Session, caller: Caller, model: str, base_model_id: st
             f"The model '{model}' is corrupt in storage (checksum mismatch) and cannot be served; "
             f"use 'user:{user.external_id}' for the user's current good version."
         )
-    return prefix_ref(row)
+    population = served_population(session, row)
+    return ([] if population is None else [prefix_ref(population)]) + [prefix_ref(row)]
 
 
 def prefix_ref(row: PrefixVersion) -> PrefixRef:

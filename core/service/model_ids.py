@@ -19,6 +19,8 @@ PREFIX = "ft"
 # also matches before a trailing newline, so every check here uses `fullmatch`.
 EXTERNAL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+\-]{0,127}$")
 CONTROL_PREFIX = "control:"
+POPULATION_CONTROL = "population"
+"""The reserved control name of the deployment's population prefix (core/service/population.py)."""
 CONTROL_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _CONTROL_REF = re.compile(r"^([a-z][a-z0-9_-]{0,63})(?::v([1-9][0-9]{0,8}))?$")
 _VERSION = re.compile(r"^v([1-9][0-9]{0,8})$")

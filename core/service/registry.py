@@ -48,6 +48,8 @@ class PrefixArtifacts:
     base_fingerprint: str
     prefix_len: int
     metrics: dict[str, Any]
+    population_version_id: str | None = None
+    """The population version it trained on top of and is served with (core/service/population.py)."""
 
 
 def publish_prefix(
@@ -123,6 +125,7 @@ def publish_prefix(
                 state_sha256=state_digest,
                 prefix_len=artifacts.prefix_len,
                 metrics=artifacts.metrics,
+                population_version_id=artifacts.population_version_id,
                 status="active" if activate else "candidate",
                 job_id=job_id,
             )
@@ -212,6 +215,19 @@ def active_prefix(session: Session, user_id: str) -> PrefixVersion | None:
         .order_by(PrefixVersion.version.desc())
         .limit(1)
     ).scalar_one_or_none()
+
+
+def served_population(session: Session, row: PrefixVersion) -> PrefixVersion | None:
+    """The population version `row` is served composed with: the one it trained on, while that
+    version still exists and is not corrupt (else `row` is served alone; a warning says so)."""
+    if row.population_version_id is None:
+        return None
+    population = session.get(PrefixVersion, row.population_version_id)
+    if population is None or population.status == "corrupt":
+        why = "deleted" if population is None else "corrupt"
+        log.warning("prefix %s v%s: its population version is %s; served alone", row.user_id, row.version, why)
+        return None
+    return population
 
 
 def list_versions(session: Session, user_id: str) -> list[PrefixVersion]:

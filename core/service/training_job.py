@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -52,6 +53,7 @@ from core.service.job_lease import (
 from core.service.jobs import add_event
 from core.service.metrics import TRAIN_STEP_SECONDS
 from core.service.model_ids import subject_model_id
+from core.service.population import active_population
 from core.service.registry import (
     PREFIX_DTYPE,
     PrefixArtifacts,
@@ -59,6 +61,7 @@ from core.service.registry import (
     load_state_bytes,
     publish_prefix,
     remove_unindexed_blobs,
+    served_population,
 )
 from core.service.samples import user_sample_texts
 from core.storage import BlobNotFound, BlobStoreUnavailable
@@ -250,6 +253,7 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
     if settings.train_instant_version and not is_encoder_decoder(base):
         users = [(d.user_id, external_ids[d.user_id], d.samples) for d in todo if d.user_id not in controls]
         publish_instant_versions(ctx, base, run.job_id, users, config)
+    population = _population(ctx, run.job_id, base) if config.method == PREFIX else None
     active_at_start: dict[str, int | None] = {}  # user -> their active version as training starts
     compared_with: dict[str, int | None] = {}  # user -> the active version the new one must beat
     for data in todo:
@@ -258,10 +262,16 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
         if active is not None and active.base_fingerprint != base.fingerprint:
             active = None  # trained on another base model: nothing to build on or compare with
         data.resume_state = _warm_start_state(ctx, run.job_id, base, active, config)
-        data.reference_kv = _active_adaptation(ctx, run.job_id, base, active)
-        compared_with[data.user_id] = None if data.reference_kv is None or active is None else active.version
         if data.user_id in controls:
+            data.reference_kv = _active_adaptation(ctx, run.job_id, base, active)
             data.companions = _companions(ctx, run.job_id, base, data.user_id)
+        else:
+            # Compared as served: with the population version it trained on, whichever this job uses.
+            data.reference_kv = _served_adaptation(ctx, run.job_id, base, active)
+            data.reference_composed = True
+            if population is not None:
+                data.companions = [population.kv]
+        compared_with[data.user_id] = None if data.reference_kv is None or active is None else active.version
     crash_point("before_first_step", run.job_id)
     run.events_every = max(1, config.max_steps // EVENTS_PER_JOB)
     trained: list[tuple[TrainingConfig, TrainedAdaptation]] = []
@@ -283,7 +293,12 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
         metrics["active_val_loss"] = metrics.pop("reference_val_loss", None)
         metrics["compared_with_version"] = active_version
         activate, why = _no_worse(metrics, active_version)
+        on_population = population is not None and result.user_id not in controls and result.method == PREFIX
+        if on_population:
+            metrics["population_version"] = population.version
         artifacts = _artifacts(base, group_config, result, metrics)
+        if on_population:
+            artifacts = replace(artifacts, population_version_id=population.version_id)
         row = publish_prefix(
             ctx.session_factory,
             ctx.store,
@@ -411,6 +426,46 @@ def _active_adaptation(
         message = f"User {active.user_id}: active v{active.version} is unreadable ({exc}); not compared"
         _event(ctx, job_id, message, level="warning")
         return None
+
+
+@dataclass(frozen=True)
+class _Population:
+    version_id: str
+    version: int
+    kv: Any  # (L, 2, H, P, D)
+
+
+def _population(ctx: ServiceContext, job_id: str, base: BaseModel) -> _Population | None:
+    """The deployment's population prefix users train on top of (core/service/population.py), or
+    None: none trained, turned off, or unreadable (then users train alone; a warning says why)."""
+    with session_scope(ctx.session_factory) as session:
+        row = active_population(session, ctx.settings, base.fingerprint)
+    if row is None:
+        return None
+    try:
+        stored = load_prefix(ctx.store.get(row.blob_key, expected_sha256=row.sha256), base)
+    except (ArtifactError, BlobNotFound) as exc:
+        message = f"The population prefix v{row.version} is unreadable ({exc}); training alone"
+        _event(ctx, job_id, message, level="warning")
+        return None
+    _event(ctx, job_id, f"Training on top of the population prefix v{row.version}")
+    return _Population(row.id, row.version, stored.kv)
+
+
+def _served_adaptation(
+    ctx: ServiceContext, job_id: str, base: BaseModel, active: PrefixVersion | None
+) -> Adaptation | None:
+    """The active version exactly as served: composed after its population version, if any."""
+    adaptation = _active_adaptation(ctx, job_id, base, active)
+    if adaptation is None:
+        return None
+    with session_scope(ctx.session_factory) as session:
+        population = served_population(session, active)
+    under = _active_adaptation(ctx, job_id, base, population)
+    if under is None or under.kv is None:
+        return adaptation
+    kv = under.kv if adaptation.kv is None else torch.cat([under.kv, adaptation.kv], dim=3)
+    return replace(adaptation, kv=kv)
 
 
 def _companions(ctx: ServiceContext, job_id: str, base: BaseModel, control_id: str) -> list | None:

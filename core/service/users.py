@@ -8,12 +8,12 @@ import re
 from sqlalchemy import String, cast, delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import Job, User, utcnow
+from core.db import Job, Sample, User, utcnow
 from core.db.models import JOB_FINISHED_STATUSES
 from core.db.session import truncate_sqlite_wal
 from core.service.api_keys import Caller
 from core.service.errors import InvalidInput, NotFound
-from core.service.model_ids import EXTERNAL_ID_PATTERN
+from core.service.model_ids import CONTROL_PREFIX, EXTERNAL_ID_PATTERN, POPULATION_CONTROL
 from core.service.pagination import Page, paginate
 from core.storage import BlobStore, user_blob_prefix
 
@@ -88,6 +88,8 @@ def delete_user(
         for job in _jobs_of(session, user_id):
             if job.status not in JOB_FINISHED_STATUSES:
                 job.cancel_requested = True
+        if kind == "user":
+            _erase_population_copies(session, user_id)
     store.delete_prefix(user_blob_prefix(user_id))
     with factory.begin() as session:
         for job in _jobs_of(session, user_id):
@@ -106,6 +108,15 @@ def delete_user(
     store.delete_prefix(user_blob_prefix(user_id))
     _scrub_database_files(factory)
     log.info("erased user %s", user_id)
+
+
+def _erase_population_copies(session: Session, user_id: str) -> None:
+    """The population prefix's samples are copies of users' (core/service/population.py): an
+    erased user's text must not stay there. (What the trained population learnt from it stays until
+    the population is retrained.)"""
+    population = select(User.id).where(User.external_id == CONTROL_PREFIX + POPULATION_CONTROL)
+    own = select(Sample.sha256).where(Sample.user_id == user_id)
+    session.execute(delete(Sample).where(Sample.user_id.in_(population), Sample.sha256.in_(own)))
 
 
 def _scrub_database_files(factory: sessionmaker[Session]) -> None:

@@ -1,0 +1,121 @@
+"""The deployment's population prefix: one prefix trained on a sample of every user's text, under
+which each user's own prefix trains and serves (issue 11; docs/EVALUATION.md "Population prefix").
+
+What all users' writing shares (the register, the format, the model's habits on it) goes into the
+population prefix, so a user's own capacity goes to what is theirs: the likelihood-ratio idea of
+authorship attribution. On the literature it raised held-out fit, attribution and general text
+together.
+
+It is the control named `population` (model_ids.POPULATION_CONTROL): samples, jobs, versions,
+rollback and the prefix cache are a control's. What differs:
+- its samples are copied from the users' (`train_population`), a fixed share per user so a
+  prolific user does not become the population; erasing a user deletes their copies
+  (core/service/users.py); the trained prefix still carries what it learnt from them until the
+  population is retrained;
+- with `STEER_POPULATION_PREFIX` on, a user's prefix job trains with the active population version
+  composed before the user's prefix (frozen), and the new user version records that population
+  version (`PrefixVersion.population_version_id`): it is served composed with exactly the
+  population it was trained on, so retraining the population never changes a served user's output
+  until that user is retrained on the new one;
+- it trains like a user (preservation term on), not like an attribute control, on a batch as large
+  as the rows of several users, as the evaluation trained it.
+"""
+
+from __future__ import annotations
+
+import random
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from core.adapters import PREFIX as PREFIX_METHOD
+from core.config import Settings
+from core.db import Job, PrefixVersion, Sample, User
+from core.service.controls import CONTROL, external_id_of
+from core.service.errors import InvalidInput
+from core.service.hyperparameters import AUTO, METHOD, validate_hyperparameters
+from core.service.jobs import create_job
+from core.service.model_ids import POPULATION_CONTROL
+from core.service.registry import active_prefix
+from core.service.samples import add_samples
+
+SOURCE = "population"
+MAX_BATCH_SIZE = 64
+"""The population trains on the rows of this many users' batches at most in each step."""
+
+
+def active_population(session: Session, settings: Settings, base_fingerprint: str) -> PrefixVersion | None:
+    """The population version a user's prefix trains on now: the control's active version on this
+    base, when the deployment uses one (`STEER_POPULATION_PREFIX`)."""
+    if not settings.population_prefix:
+        return None
+    control = population_control(session)
+    row = None if control is None else active_prefix(session, control.id)
+    if row is None or row.base_fingerprint != base_fingerprint:
+        return None
+    return row
+
+
+def population_control(session: Session) -> User | None:
+    return session.scalar(
+        select(User).where(
+            User.external_id == external_id_of(POPULATION_CONTROL), User.kind == CONTROL, User.deleted_at.is_(None)
+        )
+    )
+
+
+def train_population(
+    session: Session, settings: Settings, samples_per_user: int, max_users: int, hyperparameters: object, seed: int = 0
+) -> tuple[User, Job, dict[str, int]]:
+    """Replace the population's samples with up to `samples_per_user` samples of each of up to
+    `max_users` live users (drawn at random, reproducibly by `seed`), and queue its training job.
+    Returns the control, the job, and counts of users and samples drawn."""
+    if not 1 <= samples_per_user <= 1000:
+        raise InvalidInput("samples_per_user must be in [1, 1000]", param="samples_per_user")
+    if not 1 <= max_users <= 10_000:
+        raise InvalidInput("max_users must be in [1, 10000]", param="max_users")
+    values = validate_hyperparameters(hyperparameters)
+    if values[METHOD] not in (None, PREFIX_METHOD):
+        raise InvalidInput("the population trains a prefix: method must be 'prefix'", param=f"hyperparameters.{METHOD}")
+    drawn = _draw_samples(session, samples_per_user, max_users, random.Random(seed))
+    if len(drawn) < 2:
+        raise InvalidInput(
+            f"a population needs the text of at least 2 users; {len(drawn)} live user(s) have samples",
+            param="max_users",
+        )
+    control = population_control(session)
+    if control is None:
+        control = User(external_id=external_id_of(POPULATION_CONTROL), kind=CONTROL)
+        session.add(control)
+        session.flush()
+    session.execute(delete(Sample).where(Sample.user_id == control.id))
+    texts = [text for user_texts in drawn.values() for text in user_texts]
+    added, _ = add_samples(session, _without_sample_cap(settings, len(texts)), control, texts, SOURCE)
+    values[METHOD] = PREFIX_METHOD
+    if values["batch_size"] == AUTO:
+        # Each step sees as many rows as the users' jobs would together (the evaluation's recipe).
+        users_batch = settings.train_batch_size_default or 8
+        values["batch_size"] = min(MAX_BATCH_SIZE, users_batch * len(drawn))
+    job = create_job(session, CONTROL, [control], values)
+    return control, job, {"users": len(drawn), "samples": len(added)}
+
+
+def _draw_samples(session: Session, per_user: int, max_users: int, rng: random.Random) -> dict[str, list[str]]:
+    rows = session.execute(
+        select(Sample.user_id, Sample.text)
+        .join(User, User.id == Sample.user_id)
+        .where(User.kind == "user", User.deleted_at.is_(None))
+        .order_by(Sample.user_id, Sample.created_at, Sample.id)
+    ).all()
+    by_user: dict[str, list[str]] = {}
+    for user_id, text in rows:
+        by_user.setdefault(user_id, []).append(text)
+    chosen = sorted(by_user) if len(by_user) <= max_users else sorted(rng.sample(sorted(by_user), max_users))
+    return {uid: rng.sample(by_user[uid], min(per_user, len(by_user[uid]))) for uid in chosen}
+
+
+def _without_sample_cap(settings: Settings, count: int) -> Settings:
+    """The per-user sample cap is a user's quota; the population holds a share of everyone's."""
+    if count <= settings.max_total_samples_per_user:
+        return settings
+    return settings.model_copy(update={"max_total_samples_per_user": count})
