@@ -3,24 +3,31 @@ from a sample of every user's text; a user's job queued after it trains on top o
 `openai` client then gets that user's answers from the population version and the user's composed
 in one row, exactly as the engine gives them alone; users trained before keep being served alone,
 and a retrained population changes no served user until that user is retrained; erasing a user
-deletes their text from the population's samples."""
+deletes their text from the population's samples. Embedded, and distributed (Postgres, Redis, S3,
+a Celery training worker and a `workers.infer` process)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from api.app import create_app
 from core.db import PrefixVersion, Sample
+from core.db.migrate import upgrade_to_head
+from core.inference.redis_transport import REQUESTS_STREAM
 from core.service.context import build_context
 from core.service.population import population_control
 from core.service.registry import active_prefix
 from tests.support.api import ADMIN_KEY, make_settings, tiny_base_model
 from tests.support.inference import ServerThread
+from tests.support.processes import distributed_env, end, settings_from_env, spawn, spawn_train_worker, wait_for_log
 from tests.support.running import Running, chat
 
+WORKER_START_S = 120
 TRAINING = {"max_steps": 4, "learning_rate": 0.05, "preservation_weight": 0}
 WRITERS = {
     "ann": [
@@ -41,85 +48,128 @@ WRITERS = {
 }
 
 
-def test_users_train_on_the_population_prefix_and_are_served_with_the_version_they_trained_on(tmp_path: Path):
+def test_users_train_on_the_population_prefix_embedded(tmp_path: Path):
     ctx = build_context(make_settings(tmp_path, max_batch_size=8), base_model=tiny_base_model())
     try:
         with ServerThread(create_app(context=ctx)) as server:
-            steer = Running(server.base_url, ctx)
-            users = {name: _onboard(steer, name) for name in ("ann", "ben")}
-
-            # Bad requests are refused and create nothing; only the admin trains the population.
-            for bad in ({"samples_per_user": 0}, {"max_users": 0}, {"hyperparameters": {"method": "lora"}}):
-                assert steer.http.post("/admin/population", json=bad).status_code == 400, bad
-            user_key = {"Authorization": f"Bearer {users['ann']['key']}"}
-            assert steer.http.post("/admin/population", json={}, headers=user_key).status_code == 403
-            with ctx.session_factory() as session:
-                assert population_control(session) is None
-
-            made = steer.http.post("/admin/population", json={"samples_per_user": 2, "hyperparameters": TRAINING})
-            assert made.status_code == 201, made.text
-            body = made.json()
-            assert (body["users"], body["samples"], body["control"]["model"]) == (2, 4, "control:population")
-            assert steer.wait(body["job"]["id"])["fine_tuned_model"] == "control:population:v1"
-            population_v1 = _active(ctx, body["control"]["id"])
-
-            # A user onboarded now trains on top of it and records the version it trained on.
-            users["cat"] = _onboard(steer, "cat")
-            cat_v = _active(ctx, users["cat"]["id"])
-            assert cat_v.population_version_id == population_v1.id and cat_v.metrics["population_version"] == 1
-            events = steer.http.get(f"/fine_tuning/jobs/{users['cat']['job']}/events?limit=100").json()["data"]
-            assert any(e["message"] == "Training on top of the population prefix v1" for e in events)
-            ann_v = _active(ctx, users["ann"]["id"])
-            assert ann_v.population_version_id is None  # trained before the population existed
-
-            # The openai client: cat's row is population v1 then cat's prefix, as the engine alone;
-            # without the population it would differ. Ann is served alone, as she trained.
-            expected = {
-                "cat": steer.alone_versions([population_v1, cat_v]),
-                "ann": steer.alone_versions([ann_v]),
-                "base": chat(steer.client(ADMIN_KEY), steer.base.model_id),
-            }
-            assert expected["cat"] != steer.alone_versions([cat_v])
-            burst = ["cat", "ann", "base"] * 3
-
-            def ask(name: str) -> str:
-                if name == "base":
-                    return chat(steer.client(ADMIN_KEY), steer.base.model_id)
-                return chat(steer.client(users[name]["key"]), f"user:{name}")
-
-            with ThreadPoolExecutor(len(burst)) as pool:
-                answers = list(pool.map(ask, burst))
-            assert answers == [expected[name] for name in burst]
-
-            # A new population version serves no one until they retrain: cat keeps v1.
-            again = steer.http.post("/admin/population", json={"samples_per_user": 3, "hyperparameters": TRAINING})
-            assert steer.wait(again.json()["job"]["id"])["fine_tuned_model"] == "control:population:v2"
-            population_v2 = _active(ctx, body["control"]["id"])
-            assert ask("cat") == expected["cat"]
-            retrain = steer.http.post("/admin/retrain", json={"user_ids": [users["cat"]["id"]]})
-            assert retrain.status_code == 201, retrain.text
-            entry = steer.wait(retrain.json()["data"][0]["id"])["result"]["users"][users["cat"]["id"]]
-            with ctx.session_factory() as session:
-                retrained = session.scalar(
-                    select(PrefixVersion).where(
-                        PrefixVersion.user_id == users["cat"]["id"], PrefixVersion.version == entry["version"]
-                    )
-                )
-            assert retrained.population_version_id == population_v2.id
-            # Compared with v1 as served (population v1 + cat v1), whichever population it trains on.
-            assert retrained.metrics["compared_with_version"] == cat_v.version
-            served = _active(ctx, users["cat"]["id"])
-            population_of_served = population_v2 if served.id == retrained.id else population_v1
-            assert ask("cat") == steer.alone_versions([population_of_served, served])
-
-            # Erasing a user deletes their text from the population's samples too.
-            control_id = body["control"]["id"]
-            assert _population_texts(ctx, control_id) & set(WRITERS["ann"])
-            assert steer.http.delete(f"/users/{users['ann']['id']}").status_code == 200
-            left = _population_texts(ctx, control_id)
-            assert left and not left & set(WRITERS["ann"])
+            drive_population(Running(server.base_url, ctx))
     finally:
         ctx.close()
+
+
+@pytest.fixture
+def distributed(
+    fresh_postgres_database: str, redis_url: str, s3_server, tmp_path: Path
+) -> Iterator[tuple[dict, list[Path]]]:
+    """Its own database: the population draws from every user in it."""
+    upgrade_to_head(fresh_postgres_database)
+    env = distributed_env(
+        fresh_postgres_database,
+        redis_url,
+        s3_server,
+        "population",
+        STEER_TRAIN_BATCH_SIZE_DEFAULT="2",
+        STEER_TRAIN_PREFIX_LEN_DEFAULT="2",
+        STEER_TRAIN_MAX_SEQ_LEN="64",
+        STEER_MAX_BATCH_SIZE="8",
+        STEER_TRAIN_INSTANT_VERSION="false",  # as make_settings: the trained version is each user's first
+    )
+    logs = [tmp_path / "train.log", tmp_path / "infer.log"]
+    trainer = spawn_train_worker(env, logs[0])
+    inference = spawn(["-m", "workers.infer"], env, logs[1])
+    try:
+        wait_for_log(inference, logs[1], "consuming " + REQUESTS_STREAM, WORKER_START_S)
+        yield env, logs
+    finally:
+        end(inference)
+        end(trainer)
+
+
+@pytest.mark.integration
+def test_users_train_on_the_population_prefix_distributed(distributed):
+    env, logs = distributed
+    ctx = build_context(settings_from_env(env))  # as `steer serve` builds it: the workers hold the model
+    try:
+        with ServerThread(create_app(context=ctx)) as server:
+            drive_population(Running(server.base_url, ctx, logs))
+    finally:
+        ctx.close()
+
+
+def drive_population(steer: Running) -> None:
+    ctx = steer.ctx
+    users = {name: _onboard(steer, name) for name in ("ann", "ben")}
+
+    # Bad requests are refused and create nothing; only the admin trains the population.
+    for bad in ({"samples_per_user": 0}, {"max_users": 0}, {"hyperparameters": {"method": "lora"}}):
+        assert steer.http.post("/admin/population", json=bad).status_code == 400, bad
+    user_key = {"Authorization": f"Bearer {users['ann']['key']}"}
+    assert steer.http.post("/admin/population", json={}, headers=user_key).status_code == 403
+    with ctx.session_factory() as session:
+        assert population_control(session) is None
+
+    made = steer.http.post("/admin/population", json={"samples_per_user": 2, "hyperparameters": TRAINING})
+    assert made.status_code == 201, made.text
+    body = made.json()
+    assert (body["users"], body["samples"], body["control"]["model"]) == (2, 4, "control:population")
+    assert steer.wait(body["job"]["id"])["fine_tuned_model"] == "control:population:v1"
+    population_v1 = _active(ctx, body["control"]["id"])
+
+    # A user onboarded now trains on top of it and records the version it trained on.
+    users["cat"] = _onboard(steer, "cat")
+    cat_v = _active(ctx, users["cat"]["id"])
+    assert cat_v.population_version_id == population_v1.id and cat_v.metrics["population_version"] == 1
+    events = steer.http.get(f"/fine_tuning/jobs/{users['cat']['job']}/events?limit=100").json()["data"]
+    assert any(e["message"] == "Training on top of the population prefix v1" for e in events)
+    ann_v = _active(ctx, users["ann"]["id"])
+    assert ann_v.population_version_id is None  # trained before the population existed
+
+    # The openai client: cat's row is population v1 then cat's prefix, as the engine alone;
+    # without the population it would differ. Ann is served alone, as she trained.
+    expected = {
+        "cat": steer.alone_versions([population_v1, cat_v]),
+        "ann": steer.alone_versions([ann_v]),
+        "base": chat(steer.client(ADMIN_KEY), steer.base.model_id),
+    }
+    assert expected["cat"] != steer.alone_versions([cat_v])
+    burst = ["cat", "ann", "base"] * 3
+
+    def ask(name: str) -> str:
+        if name == "base":
+            return chat(steer.client(ADMIN_KEY), steer.base.model_id)
+        return chat(steer.client(users[name]["key"]), f"user:{name}")
+
+    with ThreadPoolExecutor(len(burst)) as pool:
+        answers = list(pool.map(ask, burst))
+    assert answers == [expected[name] for name in burst]
+
+    # A new population version serves no one until they retrain: cat keeps v1.
+    again = steer.http.post("/admin/population", json={"samples_per_user": 3, "hyperparameters": TRAINING})
+    assert steer.wait(again.json()["job"]["id"])["fine_tuned_model"] == "control:population:v2"
+    population_v2 = _active(ctx, body["control"]["id"])
+    assert ask("cat") == expected["cat"]
+    retrain = steer.http.post("/admin/retrain", json={"user_ids": [users["cat"]["id"]]})
+    assert retrain.status_code == 201, retrain.text
+    entry = steer.wait(retrain.json()["data"][0]["id"])["result"]["users"][users["cat"]["id"]]
+    with ctx.session_factory() as session:
+        retrained = session.scalar(
+            select(PrefixVersion).where(
+                PrefixVersion.user_id == users["cat"]["id"], PrefixVersion.version == entry["version"]
+            )
+        )
+    assert retrained.population_version_id == population_v2.id
+    # Compared with v1 as served (population v1 + cat v1), whichever population it trains on.
+    assert retrained.metrics["compared_with_version"] == cat_v.version
+    served = _active(ctx, users["cat"]["id"])
+    population_of_served = population_v2 if served.id == retrained.id else population_v1
+    assert ask("cat") == steer.alone_versions([population_of_served, served])
+
+    # Erasing a user deletes their text from the population's samples too.
+    control_id = body["control"]["id"]
+    assert _population_texts(ctx, control_id) & set(WRITERS["ann"])
+    assert steer.http.delete(f"/users/{users['ann']['id']}").status_code == 200
+    left = _population_texts(ctx, control_id)
+    assert left and not left & set(WRITERS["ann"])
 
 
 def _onboard(steer: Running, name: str) -> dict:
