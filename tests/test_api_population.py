@@ -139,6 +139,8 @@ def drive_population(steer: Running) -> None:
             return chat(steer.client(ADMIN_KEY), steer.base.model_id)
         return chat(steer.client(users[name]["key"]), f"user:{name}")
 
+    twice = steer.http.post("/completions", json={"model": "user:cat+population:v1", "prompt": "Hi"})
+    assert twice.status_code == 400 and "twice" in twice.json()["error"]["message"]
     with ThreadPoolExecutor(len(burst)) as pool:
         answers = list(pool.map(ask, burst))
     assert answers == [expected[name] for name in burst]

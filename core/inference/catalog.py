@@ -81,6 +81,8 @@ def resolve_model(
     if len(wanted) > controls.MAX_CONTROLS_PER_REQUEST:
         raise InvalidInput(f"at most {controls.MAX_CONTROLS_PER_REQUEST} controls per request", param="model")
     refs = [_control_ref(session, name, version, base_model_id) for name, version in wanted]
+    if {ref.key for ref in head} & {ref.key for ref in refs}:
+        raise InvalidInput("a prefix is named twice: this model already includes the population prefix", param="model")
     return head + refs
 
 
