@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
+import redis
+
 from core.service.context import ServiceContext
 from core.service.errors import DispatchError
 from core.service.executor import EmbeddedExecutor
+from core.service.instant_queue import announce_queued_job
 from core.service.job_lease import JobRecovery, recover_lost_jobs
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,10 @@ class CeleryDispatcher:
 
         self.celery = make_celery(ctx.settings)
         settings = ctx.settings
+        # Inference workers publish a queued job's instant versions (core/service/instant_queue.py).
+        self.instant = None
+        if settings.train_instant_version and settings.redis_url:
+            self.instant = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
         self.recovery = JobRecovery(
             lambda: recover_lost_jobs(
                 ctx.session_factory,
@@ -51,6 +58,11 @@ class CeleryDispatcher:
             self.celery.send_task(TRAIN_TASK, args=[job_id], queue=TRAIN_QUEUE)
         except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
             raise DispatchError(f"cannot queue job {job_id}: the broker is unavailable ({exc})") from exc
+        if self.instant is not None:
+            try:
+                announce_queued_job(self.instant, job_id)
+            except redis.RedisError as exc:  # the job publishes them itself when it starts
+                log.warning("job %s: instant versions not announced to the inference workers: %s", job_id, exc)
 
     def stop(self) -> None:
         self.recovery.stop()

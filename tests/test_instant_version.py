@@ -11,15 +11,18 @@ import pytest
 import torch
 
 from api.app import create_app
+from core.db.migrate import upgrade_to_head
 from core.inference.catalog import prefix_ref
 from core.inference.prefix_cache import store_loader
+from core.inference.redis_transport import REQUESTS_STREAM
 from core.service import training_job
 from core.service.context import build_context
 from core.service.registry import active_prefix
 from core.tuning import instant_prefix
 from tests.support.api import SAMPLES, make_settings, tiny_base_model
 from tests.support.inference import ServerThread
-from tests.test_api_methods import Running, chat
+from tests.support.processes import distributed_env, end, settings_from_env, spawn, spawn_train_worker, wait_for_log
+from tests.support.running import Running, chat
 
 TRAINING = {"max_steps": 4, "learning_rate": 0.05, "preservation_weight": 0}
 
@@ -128,3 +131,44 @@ def test_a_user_onboarded_behind_a_running_job_answers_before_their_own_job_star
             assert statuses == {1: "retired", 2: "active"}
     finally:
         ctx.close()
+
+
+@pytest.mark.integration
+def test_distributed_a_user_queued_behind_busy_training_workers_answers_from_an_inference_worker(
+    fresh_postgres_database: str, redis_url: str, s3_server, tmp_path: Path
+):
+    """No training worker is free (none runs at all): the inference worker publishes the queued
+    job's instant version (core/service/instant_queue.py); when a training worker takes the job, it
+    publishes no second one and the trained version replaces it."""
+    upgrade_to_head(fresh_postgres_database)
+    env = distributed_env(fresh_postgres_database, redis_url, s3_server, "instant", STEER_TRAIN_INSTANT_VERSION="true")
+    logs = [tmp_path / "infer.log", tmp_path / "train.log"]
+    inference = spawn(["-m", "workers.infer"], env, logs[0])
+    trainer = None
+    ctx = build_context(settings_from_env(env))
+    try:
+        wait_for_log(inference, logs[0], "consuming " + REQUESTS_STREAM, 120)
+        with ServerThread(create_app(context=ctx)) as server:
+            steer = Running(server.base_url, ctx, logs)
+            body = {"external_id": "ada", "samples": SAMPLES, "hyperparameters": TRAINING}
+            onboarded = steer.http.post("/onboarding", json=body).json()
+            user, job_id, key = onboarded["user"]["id"], onboarded["job"]["id"], onboarded["api_key"]
+
+            versions = _wait(lambda: steer.http.get(f"/users/{user}/prefixes").json()["data"], "ada's instant version")
+            assert [(v["version"], v["status"], v["metrics"]["instant"]) for v in versions] == [(1, "active", True)]
+            assert steer.http.get(f"/fine_tuning/jobs/{job_id}").json()["status"] == "queued"
+            assert chat(steer.client(key), "user:ada") == steer.alone([user])
+            events = steer.http.get(f"/fine_tuning/jobs/{job_id}/events").json()["data"]
+            assert any("waits for its turn" in e["message"] for e in events)
+
+            trainer = spawn_train_worker(env, logs[1])
+            entry = steer.wait(job_id)["result"]["users"][user]
+            assert (entry["version"], entry["status"], entry["metrics"]["compared_with_version"]) == (2, "active", 1)
+            statuses = {v["version"]: v["status"] for v in steer.http.get(f"/users/{user}/prefixes").json()["data"]}
+            assert statuses == {1: "retired", 2: "active"}
+            assert chat(steer.client(key), "user:ada") == steer.alone([user])
+    finally:
+        ctx.close()
+        if trainer is not None:
+            end(trainer)
+        end(inference)

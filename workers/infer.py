@@ -1,7 +1,9 @@
 """`steer worker infer`: one inference worker process.
 
 Loads the base model, builds the prefix cache and the batching engine, and serves jobs from the
-Redis stream `steer:infer:requests` until SIGTERM/SIGINT. Run as many as there are machines.
+Redis stream `steer:infer:requests` until SIGTERM/SIGINT. Run as many as there are machines. It
+also publishes the instant versions of users whose training job is still queued
+(core/service/instant_queue.py).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def main() -> None:
     from core.inference.redis_transport import RedisInferenceWorker
     from core.inference.service import build_engine
     from core.model import load_base_model
+    from core.service.context import build_context
+    from core.service.instant_queue import InstantVersionListener
     from core.storage import make_blob_store
 
     base = load_base_model(
@@ -68,6 +72,13 @@ def main() -> None:
     if engine.prefixes is not None:  # not truthiness: an empty cache has len() 0
         erasures = ErasureListener(redis.Redis.from_url(settings.redis_url), engine.prefixes)
         erasures.start()
+    # Users onboarded behind a busy training worker answer from here (core/service/instant_queue.py).
+    instant = None
+    if settings.train_instant_version:
+        instant = InstantVersionListener(
+            redis.Redis.from_url(settings.redis_url), build_context(settings, base_model=base), consumer
+        )
+        instant.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
     log.info("inference worker ready: base=%s max_batch_size=%d", base.model_id, settings.max_batch_size)
@@ -76,6 +87,8 @@ def main() -> None:
     finally:
         if erasures is not None:
             erasures.stop()
+        if instant is not None:
+            instant.stop()
         engine.stop()
 
 

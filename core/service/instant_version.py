@@ -8,8 +8,9 @@ the usual no-worse rule (it is compared with the instant version on the same val
 the inference side picks it up on the next request, without a restart.
 
 A job queued behind others does not wait for its turn: the embedded executor publishes its users'
-instant versions as the job is submitted (`publish_for_queued_job`), so the sixteenth of sixteen
-users onboarded at once answers in seconds too, not after fifteen trainings.
+instant versions as the job is submitted (`publish_for_queued_job`), and in the distributed mode an
+inference worker does (core/service/instant_queue.py), so the sixteenth of sixteen users onboarded
+at once answers in seconds too, not after fifteen trainings.
 
 It is published outside the job (`job_id=None`): the registry's idempotency is per (user, job),
 and the job's own trained version must not be mistaken for a retry of it. A retried job finds the
@@ -42,7 +43,8 @@ INSTANT = "instant"
 """The key that marks an instant version in a version's metrics."""
 _CHECK_THEN_PUBLISH = threading.Lock()
 """A queued job's submission and a starting job may both look for users without a version; one at a
-time, so a user never gets two first versions (the second would be a stray candidate)."""
+time in a process, so they do not both compute one. Across processes (an inference worker and a
+training worker: core/service/instant_queue.py) the registry decides, under the user's row lock."""
 
 
 def publish_instant_versions(
@@ -115,5 +117,7 @@ def _publish_one(ctx: ServiceContext, base: BaseModel, user_id: str, samples: li
         prefix_len=prefix.prefix_len,
         metrics=metrics,
     )
-    row = publish_prefix(ctx.session_factory, ctx.store, user_id, artifacts, job_id=None, expected_active=None)
+    row = publish_prefix(
+        ctx.session_factory, ctx.store, user_id, artifacts, job_id=None, expected_active=None, only_if_none_active=True
+    )
     return row, time.monotonic() - started

@@ -62,6 +62,7 @@ def publish_prefix(
     lease_token: str | None = None,
     activate: bool = True,
     expected_active: int | None | Literal["any"] = "any",
+    only_if_none_active: bool = False,
 ) -> PrefixVersion | None:
     """Store a new prefix version of `user_id`, active (the previous one retired) or, with
     `activate=False`, a "candidate" beside the active one; None if the user is gone or going.
@@ -69,6 +70,10 @@ def publish_prefix(
     With `expected_active` (the version active when the caller compared against it; None: none
     was), the new version is activated only if that is still the active version: one that became
     active meanwhile was never compared with it, so it stays a candidate.
+
+    With `only_if_none_active`, nothing is stored (None) if the user has an active version by the
+    time the user's row is locked: an instant version is a first version only, whichever process
+    publishes it (core/service/instant_version.py).
 
     Idempotent per (user, job): a retried job finds the version its earlier attempt published
     and returns it instead of adding a duplicate. With `lease_token`, raises `LeaseLost` unless
@@ -79,6 +84,8 @@ def publish_prefix(
         # anyway), so two jobs can never pick the same version number and overwrite a blob.
         user = session.execute(select(User).where(User.id == user_id).with_for_update()).scalar_one_or_none()
         if user is None or user.deleted_at is not None:
+            return None
+        if only_if_none_active and active_prefix(session, user_id) is not None:
             return None
         if lease_token is not None and job_id is not None and not holds_lease(session, job_id, lease_token):
             raise LeaseLost(f"job {job_id} was taken over by another attempt")
