@@ -149,6 +149,8 @@ def drive_population(steer: Running) -> None:
     again = steer.http.post("/admin/population", json={"samples_per_user": 3, "hyperparameters": TRAINING})
     assert steer.wait(again.json()["job"]["id"])["fine_tuned_model"] == "control:population:v2"
     population_v2 = _active(ctx, body["control"]["id"])
+    events = steer.http.get(f"/fine_tuning/jobs/{again.json()['job']['id']}/events?limit=100").json()["data"]
+    assert not any("on top of the population" in e["message"] for e in events)  # it never trains on itself
     assert ask("cat") == expected["cat"]
     retrain = steer.http.post("/admin/retrain", json={"user_ids": [users["cat"]["id"]]})
     assert retrain.status_code == 201, retrain.text

@@ -253,7 +253,8 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
     if settings.train_instant_version and not is_encoder_decoder(base):
         users = [(d.user_id, external_ids[d.user_id], d.samples) for d in todo if d.user_id not in controls]
         publish_instant_versions(ctx, base, run.job_id, users, config)
-    population = _population(ctx, run.job_id, base) if config.method == PREFIX else None
+    has_users = any(data.user_id not in controls for data in todo)  # controls never train on it
+    population = _population(ctx, run.job_id, base) if config.method == PREFIX and has_users else None
     active_at_start: dict[str, int | None] = {}  # user -> their active version as training starts
     compared_with: dict[str, int | None] = {}  # user -> the active version the new one must beat
     for data in todo:
