@@ -70,6 +70,11 @@ class PrefixVersion(Body):
         "method `auto` keeps one of them per user (its `metrics.auto` has each method's validation loss)."
     )
     prefix_len: int = Field(description="Virtual tokens of the version's prefix (0: a LoRA alone).")
+    population_version: int | None = Field(
+        default=None,
+        description="The version of the population prefix (`control:population`) this version trained on "
+        "top of and is served composed with; null: served alone.",
+    )
     bytes: int
     sha256: str
     metrics: dict[str, Any]

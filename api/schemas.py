@@ -161,6 +161,7 @@ def prefix_object(user: User, row: PrefixVersion) -> responses.PrefixVersion:
         base_fingerprint=row.base_fingerprint,
         method=(row.metrics or {}).get("method", "prefix"),
         prefix_len=row.prefix_len,
+        population_version=(row.metrics or {}).get("population_version") if row.population_version_id else None,
         bytes=row.bytes,
         sha256=row.sha256,
         metrics=row.metrics,

@@ -121,6 +121,8 @@ def drive_population(steer: Running) -> None:
     assert cat_v.population_version_id == population_v1.id and cat_v.metrics["population_version"] == 1
     events = steer.http.get(f"/fine_tuning/jobs/{users['cat']['job']}/events?limit=100").json()["data"]
     assert any(e["message"] == "Training on top of the population prefix v1" for e in events)
+    listed = steer.http.get(f"/users/{users['cat']['id']}/prefixes").json()["data"]
+    assert [v["population_version"] for v in listed] == [1]
     ann_v = _active(ctx, users["ann"]["id"])
     assert ann_v.population_version_id is None  # trained before the population existed
 
