@@ -40,8 +40,10 @@ from core.service.registry import active_prefix
 from core.service.samples import add_samples
 
 SOURCE = "population"
-MAX_BATCH_SIZE = 64
-"""The population trains on the rows of this many users' batches at most in each step."""
+MAX_BATCH_SIZE = 16
+"""Rows of the population's step at most: one user's rows share one forward/backward pass
+(`users_per_pass` bounds passes across users, not within one), so this bounds its memory; 16 rows
+of 128 tokens is what 4 users at the default batch size put in one pass."""
 
 
 def active_population(session: Session, settings: Settings, base_fingerprint: str) -> PrefixVersion | None:
