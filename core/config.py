@@ -170,9 +170,8 @@ class Settings(BaseSettings):
         default=50,
         gt=0,
         description="Optimizer steps of a training job unless it asks otherwise (early stopping may end it "
-        "sooner). 50: the fewest steps that kept 98% of the validation-loss gain of the engine's 100 on "
-        "the quality-vs-steps curve (docs/BENCHMARKS.md, time to value), in half the time. "
-        "Unset: the engine's default.",
+        "sooner). 50: the fewest steps that kept 98% of the validation-loss gain of the engine's 100 (99%) on "
+        "the quality-vs-steps curve (docs/BENCHMARKS.md, time to value), in 59% of the time.",
     )
     train_prefix_len_default: int | None = Field(
         default=None,
@@ -249,7 +248,8 @@ class Settings(BaseSettings):
         description="Once the admin has trained the deployment's population prefix (the control named "
         "`population`, from a sample of every user's text: POST /v1/admin/population), each user's prefix trains "
         "on top of it and serves composed with the population version it was trained on, so the user's "
-        "capacity goes to what is theirs (docs/EVALUATION.md, issue 11). Off: users train and serve alone.",
+        "capacity goes to what is theirs (docs/EVALUATION.md, issue 11). Off: new jobs train alone (versions "
+        "already trained on a population keep serving with it).",
     )
     # --- per-user quotas (user keys; the admin key is the operator's own and is not limited) ----
     user_max_active_jobs: int = Field(

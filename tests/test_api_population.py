@@ -107,6 +107,9 @@ def drive_population(steer: Running) -> None:
     assert steer.http.post("/admin/population", json={}, headers=user_key).status_code == 403
     with ctx.session_factory() as session:
         assert population_control(session) is None
+    # The name is reserved: the controls routes neither create nor retrain it.
+    taken = steer.http.post("/controls", json={"name": "population", "samples": WRITERS["ann"]})
+    assert taken.status_code == 400 and "/v1/admin/population" in taken.json()["error"]["message"]
 
     made = steer.http.post("/admin/population", json={"samples_per_user": 2, "hyperparameters": TRAINING})
     assert made.status_code == 201, made.text
@@ -141,8 +144,12 @@ def drive_population(steer: Running) -> None:
             return chat(steer.client(ADMIN_KEY), steer.base.model_id)
         return chat(steer.client(users[name]["key"]), f"user:{name}")
 
-    twice = steer.http.post("/completions", json={"model": "user:cat+population:v1", "prompt": "Hi"})
-    assert twice.status_code == 400 and "twice" in twice.json()["error"]["message"]
+    for model in ("user:cat+population", "user:cat+population:v1"):  # it is in cat's model already
+        twice = steer.http.post("/completions", json={"model": model, "prompt": "Hi"})
+        assert twice.status_code == 400 and "already includes" in twice.json()["error"]["message"], model
+    cat_key = {"Authorization": f"Bearer {users['cat']['key']}"}
+    listed_models = {m["id"] for m in steer.http.get("/models", headers=cat_key).json()["data"]}
+    assert "user:cat" in listed_models and "user:cat+population" not in listed_models
     with ThreadPoolExecutor(len(burst)) as pool:
         answers = list(pool.map(ask, burst))
     assert answers == [expected[name] for name in burst]
@@ -151,6 +158,7 @@ def drive_population(steer: Running) -> None:
     again = steer.http.post("/admin/population", json={"samples_per_user": 3, "hyperparameters": TRAINING})
     assert steer.wait(again.json()["job"]["id"])["fine_tuned_model"] == "control:population:v2"
     population_v2 = _active(ctx, body["control"]["id"])
+    assert steer.http.post("/controls/population/retrain", json={}).status_code == 400
     events = steer.http.get(f"/fine_tuning/jobs/{again.json()['job']['id']}/events?limit=100").json()["data"]
     assert not any("on top of the population" in e["message"] for e in events)  # it never trains on itself
     assert ask("cat") == expected["cat"]
@@ -170,8 +178,13 @@ def drive_population(steer: Running) -> None:
     population_of_served = population_v2 if served.id == retrained.id else population_v1
     assert ask("cat") == steer.alone_versions([population_of_served, served])
 
-    # Erasing a user deletes their text from the population's samples too.
+    # Deleting a sample deletes its copy; erasing a user deletes all their text from the population's samples.
     control_id = body["control"]["id"]
+    ben_samples = steer.http.get(f"/users/{users['ben']['id']}/samples").json()["data"]
+    copied = [s for s in ben_samples if s["text"] in _population_texts(ctx, control_id)]
+    assert copied
+    assert steer.http.delete(f"/users/{users['ben']['id']}/samples/{copied[0]['id']}").status_code in (200, 204)
+    assert copied[0]["text"] not in _population_texts(ctx, control_id)
     assert _population_texts(ctx, control_id) & set(WRITERS["ann"])
     assert steer.http.delete(f"/users/{users['ann']['id']}").status_code == 200
     left = _population_texts(ctx, control_id)

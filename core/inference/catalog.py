@@ -39,7 +39,7 @@ from core.inference.prefix_cache import PrefixRef
 from core.service import controls
 from core.service.api_keys import Caller
 from core.service.errors import InvalidInput, NotFound
-from core.service.model_ids import format_model_id, parse_control_ref, parse_model_id
+from core.service.model_ids import POPULATION_CONTROL, format_model_id, parse_control_ref, parse_model_id
 from core.service.registry import active_prefix, served_population
 
 USER_ALIAS = "user:"
@@ -80,9 +80,11 @@ def resolve_model(
         raise InvalidInput("a control is named twice", param="model")
     if len(wanted) > controls.MAX_CONTROLS_PER_REQUEST:
         raise InvalidInput(f"at most {controls.MAX_CONTROLS_PER_REQUEST} controls per request", param="model")
+    if len(head) > 1 and any(name == POPULATION_CONTROL for name, _ in wanted):
+        raise InvalidInput(
+            "this model already includes the population prefix it was trained on; do not name it", param="model"
+        )
     refs = [_control_ref(session, name, version, base_model_id) for name, version in wanted]
-    if {ref.key for ref in head} & {ref.key for ref in refs}:
-        raise InvalidInput("a prefix is named twice: this model already includes the population prefix", param="model")
     return head + refs
 
 
@@ -178,7 +180,7 @@ def list_models(session: Session, caller: Caller, base_model_id: str, base_creat
             continue
         name, created = controls.name_of(control), int(row.created_at.timestamp())
         entries.append(ModelEntry(control.external_id, "steer", created))
-        if not caller.is_admin:
+        if not caller.is_admin and name != POPULATION_CONTROL:  # a user's version brings its own population
             entries += [ModelEntry(alias + CONTROL_SEPARATOR + name, "steer", created) for alias in aliases]
     return entries
 

@@ -25,7 +25,7 @@ from core.service.api_keys import ADMIN
 from core.service.errors import Conflict, InvalidInput, NotFound
 from core.service.hyperparameters import AUTO, METHOD, validate_hyperparameters
 from core.service.jobs import create_job
-from core.service.model_ids import CONTROL_NAME_PATTERN, CONTROL_PREFIX
+from core.service.model_ids import CONTROL_NAME_PATTERN, CONTROL_PREFIX, POPULATION_CONTROL
 from core.service.samples import add_samples
 from core.service.users import delete_user
 from core.storage import BlobStore
@@ -59,6 +59,7 @@ def create_control(
     """A new control trained from `texts` (validated samples): the control, its queued job, and
     how many of `texts` were duplicates."""
     validate_control_name(name)
+    _not_the_population(name)
     if session.scalar(select(User.id).where(User.external_id == external_id_of(name))) is not None:
         raise Conflict(f"a control named {name!r} exists; delete it first or pick another name")
     control = User(external_id=external_id_of(name), kind=CONTROL)
@@ -70,6 +71,7 @@ def create_control(
 
 def train_control(session: Session, control: User, hyperparameters: object) -> Job:
     """A queued job (re)training `control` on its samples, beside the users' current prefixes."""
+    _not_the_population(name_of(control))
     values = validate_hyperparameters(hyperparameters)
     if values[METHOD] not in (None, PREFIX_METHOD):
         # A control is a prefix composed with any user's adaptation, whatever its method.
@@ -80,6 +82,15 @@ def train_control(session: Session, control: User, hyperparameters: object) -> J
         # user's prefix attached that would teach the control to undo the user.
         values["preservation_weight"] = 0.0
     return create_job(session, CONTROL, [control], values)
+
+
+def _not_the_population(name: str) -> None:
+    """The population prefix is a control trained from users' text by its own route."""
+    if name == POPULATION_CONTROL:
+        raise InvalidInput(
+            f"the control name {name!r} is reserved for the population prefix: POST /v1/admin/population",
+            param="name",
+        )
 
 
 def get_control(session: Session, name: str) -> User:

@@ -38,8 +38,10 @@ def announce_queued_job(client: redis.Redis, job_id: str) -> None:
 
 
 def ensure_group(client: redis.Redis) -> None:
+    # From the stream's start when the group is new: a job announced before the first worker came up
+    # is still handled (a job no longer queued costs one lookup).
     try:
-        client.xgroup_create(INSTANT_STREAM, GROUP, id="$", mkstream=True)
+        client.xgroup_create(INSTANT_STREAM, GROUP, id="0", mkstream=True)
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
@@ -81,6 +83,9 @@ class InstantVersionListener:
             except redis.ResponseError as exc:  # the group vanished with a Redis restart
                 log.warning("instant-version stream: %s; recreating the group", exc)
                 grouped = False
+                self._stop.wait(_RETRY_S)
+            except Exception:  # noqa: BLE001 - the thread must outlive anything one entry does
+                log.exception("instant-version listener error; continuing")
                 self._stop.wait(_RETRY_S)
 
     def _publish(self, job_id: str) -> None:

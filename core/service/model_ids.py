@@ -21,6 +21,8 @@ EXTERNAL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+\-]{0,127}$")
 CONTROL_PREFIX = "control:"
 POPULATION_CONTROL = "population"
 """The reserved control name of the deployment's population prefix (core/service/population.py)."""
+POPULATION_COPY_SOURCE = "population:"
+"""`Sample.source` of a population sample copied from a user: this prefix, then the user's id."""
 CONTROL_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _CONTROL_REF = re.compile(r"^([a-z][a-z0-9_-]{0,63})(?::v([1-9][0-9]{0,8}))?$")
 _VERSION = re.compile(r"^v([1-9][0-9]{0,8})$")

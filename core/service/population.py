@@ -35,11 +35,10 @@ from core.service.controls import CONTROL, external_id_of
 from core.service.errors import InvalidInput
 from core.service.hyperparameters import AUTO, METHOD, validate_hyperparameters
 from core.service.jobs import create_job
-from core.service.model_ids import POPULATION_CONTROL
+from core.service.model_ids import POPULATION_CONTROL, POPULATION_COPY_SOURCE
 from core.service.registry import active_prefix
 from core.service.samples import add_samples
 
-SOURCE = "population"
 MAX_BATCH_SIZE = 16
 """Rows of the population's step at most: one user's rows share one forward/backward pass
 (`users_per_pass` bounds passes across users, not within one), so this bounds its memory; 16 rows
@@ -66,6 +65,10 @@ def population_control(session: Session) -> User | None:
     )
 
 
+MAX_SAMPLES = 20_000
+"""Samples a population trains on at most (samples_per_user x max_users)."""
+
+
 def train_population(
     session: Session, settings: Settings, samples_per_user: int, max_users: int, hyperparameters: object, seed: int = 0
 ) -> tuple[User, Job, dict[str, int]]:
@@ -76,6 +79,8 @@ def train_population(
         raise InvalidInput("samples_per_user must be in [1, 1000]", param="samples_per_user")
     if not 1 <= max_users <= 10_000:
         raise InvalidInput("max_users must be in [1, 10000]", param="max_users")
+    if samples_per_user * max_users > MAX_SAMPLES:
+        raise InvalidInput(f"samples_per_user x max_users must be at most {MAX_SAMPLES}", param="max_users")
     values = validate_hyperparameters(hyperparameters)
     if values[METHOD] not in (None, PREFIX_METHOD):
         raise InvalidInput("the population trains a prefix: method must be 'prefix'", param=f"hyperparameters.{METHOD}")
@@ -91,29 +96,38 @@ def train_population(
         session.add(control)
         session.flush()
     session.execute(delete(Sample).where(Sample.user_id == control.id))
-    texts = [text for user_texts in drawn.values() for text in user_texts]
-    added, _ = add_samples(session, _without_sample_cap(settings, len(texts)), control, texts, SOURCE)
+    room = _without_sample_cap(settings, sum(len(texts) for texts in drawn.values()))
+    added = 0
+    for user_id, texts in drawn.items():  # each copy names its user: erasure finds it (users.py)
+        rows, _ = add_samples(session, room, control, texts, POPULATION_COPY_SOURCE + user_id)
+        added += len(rows)
     values[METHOD] = PREFIX_METHOD
     if values["batch_size"] == AUTO:
         # Each step sees as many rows as the users' jobs would together (the evaluation's recipe).
         users_batch = settings.train_batch_size_default or 8
         values["batch_size"] = min(MAX_BATCH_SIZE, users_batch * len(drawn))
     job = create_job(session, CONTROL, [control], values)
-    return control, job, {"users": len(drawn), "samples": len(added)}
+    return control, job, {"users": len(drawn), "samples": added}
 
 
 def _draw_samples(session: Session, per_user: int, max_users: int, rng: random.Random) -> dict[str, list[str]]:
-    rows = session.execute(
-        select(Sample.user_id, Sample.text)
-        .join(User, User.id == Sample.user_id)
-        .where(User.kind == "user", User.deleted_at.is_(None))
-        .order_by(Sample.user_id, Sample.created_at, Sample.id)
-    ).all()
-    by_user: dict[str, list[str]] = {}
-    for user_id, text in rows:
-        by_user.setdefault(user_id, []).append(text)
-    chosen = sorted(by_user) if len(by_user) <= max_users else sorted(rng.sample(sorted(by_user), max_users))
-    return {uid: rng.sample(by_user[uid], min(per_user, len(by_user[uid]))) for uid in chosen}
+    """Up to `per_user` texts of each of up to `max_users` live users with samples: users first,
+    then only their samples, so the draw's memory is bounded by what it keeps."""
+    users = sorted(
+        session.scalars(
+            select(Sample.user_id)
+            .join(User, User.id == Sample.user_id)
+            .where(User.kind == "user", User.deleted_at.is_(None))
+            .distinct()
+        )
+    )
+    chosen = users if len(users) <= max_users else sorted(rng.sample(users, max_users))
+    drawn = {}
+    for user_id in chosen:
+        ids = list(session.scalars(select(Sample.id).where(Sample.user_id == user_id).order_by(Sample.id)))
+        picked = sorted(rng.sample(ids, min(per_user, len(ids))))
+        drawn[user_id] = list(session.scalars(select(Sample.text).where(Sample.id.in_(picked)).order_by(Sample.id)))
+    return drawn
 
 
 def _without_sample_cap(settings: Settings, count: int) -> Settings:

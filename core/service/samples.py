@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import re
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from core.config import Settings
 from core.data import clean_text, sample_fingerprint
 from core.db import Sample, User
 from core.service.errors import InvalidInput, NotFound, PayloadTooLarge
+from core.service.model_ids import POPULATION_COPY_SOURCE
 from core.service.pagination import Page, paginate
 
 UPLOAD_SUFFIXES = (".txt", ".jsonl")
@@ -131,6 +132,10 @@ def delete_sample(session: Session, user: User, sample_id: str) -> None:
     if sample is None or sample.user_id != user.id:
         raise NotFound(f"no sample with id {sample_id!r}")
     session.delete(sample)
+    # Its copy in the population prefix's samples goes with it (core/service/population.py).
+    session.execute(
+        delete(Sample).where(Sample.source == POPULATION_COPY_SOURCE + user.id, Sample.sha256 == sample.sha256)
+    )
     session.flush()
 
 

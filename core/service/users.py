@@ -13,7 +13,7 @@ from core.db.models import JOB_FINISHED_STATUSES
 from core.db.session import truncate_sqlite_wal
 from core.service.api_keys import Caller
 from core.service.errors import InvalidInput, NotFound
-from core.service.model_ids import CONTROL_PREFIX, EXTERNAL_ID_PATTERN, POPULATION_CONTROL
+from core.service.model_ids import CONTROL_PREFIX, EXTERNAL_ID_PATTERN, POPULATION_CONTROL, POPULATION_COPY_SOURCE
 from core.service.pagination import Page, paginate
 from core.storage import BlobStore, user_blob_prefix
 
@@ -114,6 +114,8 @@ def _erase_population_copies(session: Session, user_id: str) -> None:
     """The population prefix's samples are copies of users' (core/service/population.py): an
     erased user's text must not stay there. (What the trained population learnt from it stays until
     the population is retrained.)"""
+    session.execute(delete(Sample).where(Sample.source == POPULATION_COPY_SOURCE + user_id))
+    # The same text copied under another user's name (both wrote it) goes too.
     population = select(User.id).where(User.external_id == CONTROL_PREFIX + POPULATION_CONTROL)
     own = select(Sample.sha256).where(Sample.user_id == user_id)
     session.execute(delete(Sample).where(Sample.user_id.in_(population), Sample.sha256.in_(own)))
