@@ -1,24 +1,26 @@
 """The deployment's population prefix: one prefix trained on a sample of every user's text, under
-which each user's own prefix trains and serves (issue 11; docs/EVALUATION.md "Population prefix").
+which each user's own prefix trains and serves (issue 11; docs/EVALUATION.md, "What users read, a
+population prefix and memory prefixes").
 
 What all users' writing shares (the register, the format, the model's habits on it) goes into the
 population prefix, so a user's own capacity goes to what is theirs: the likelihood-ratio idea of
-authorship attribution. On the literature it raised held-out fit, attribution and general text
-together.
+authorship attribution. On both registers evaluated it raised held-out fit, attribution and general
+text together.
 
 It is the control named `population` (model_ids.POPULATION_CONTROL): samples, jobs, versions,
 rollback and the prefix cache are a control's. What differs:
 - its samples are copied from the users' (`train_population`), a fixed share per user so a
-  prolific user does not become the population; erasing a user deletes their copies
-  (core/service/users.py); the trained prefix still carries what it learnt from them until the
-  population is retrained;
+  prolific user does not become the population; each copy names its user, and deleting a sample or
+  erasing a user deletes the copies (core/service/samples.py, users.py); the trained prefix still
+  carries what it learnt from them until the population is retrained;
 - with `STEER_POPULATION_PREFIX` on, a user's prefix job trains with the active population version
   composed before the user's prefix (frozen), and the new user version records that population
   version (`PrefixVersion.population_version_id`): it is served composed with exactly the
   population it was trained on, so retraining the population never changes a served user's output
   until that user is retrained on the new one;
 - it trains like a user (preservation term on), not like an attribute control, on a batch as large
-  as the rows of several users, as the evaluation trained it.
+  as the rows of several users, as the evaluation trained it; only `POST /v1/admin/population`
+  creates or retrains it (the controls routes refuse the name).
 """
 
 from __future__ import annotations
