@@ -290,6 +290,9 @@ def test_every_operation_answers_a_success_that_matches_its_schema(fresh):
     assert cancelled.json()["status"] == "cancelled"
     call("POST", "/v1/admin/retrain", 201, body={"user_ids": [user_id]})
     call("GET", "/v1/admin/workers", 200)
+    call("POST", "/v1/onboarding", 201, body={"external_id": "typed-peer", "samples": SAMPLES[::-1]})  # 2 users
+    population = call("POST", "/v1/admin/population", 201, body={"samples_per_user": 2}).json()
+    assert (population["users"], population["control"]["model"]) == (2, "control:population")
 
     models = {m["id"] for m in call("GET", "/v1/models", 200, key=key).json()["data"]}
     assert {base.model_id, "user:typed-user"} <= models
@@ -309,7 +312,7 @@ def test_every_operation_answers_a_success_that_matches_its_schema(fresh):
     control = TestUser("control:brief", created["control"]["id"], "")
     control_version = publish_random_prefix(ctx, base, control, seed=3, prefix_len=2)
     name = {"name": "brief"}
-    assert [c["name"] for c in call("GET", "/v1/controls", 200, key=key).json()["data"]] == ["brief"]
+    assert [c["name"] for c in call("GET", "/v1/controls", 200, key=key).json()["data"]] == ["brief", "population"]
     assert call("GET", "/v1/controls/{name}", 200, key=key, path_parameters=name).json()["active_version"] == 1
     call("GET", "/v1/controls/{name}/versions", 200, key=key, path_parameters=name)
     call("POST", "/v1/controls/{name}/retrain", 201, path_parameters=name, body={"hyperparameters": {"max_steps": 1}})
