@@ -10,20 +10,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from sqlalchemy import select
 
 from api.app import create_app
+from core.artifacts import load_prefix
 from core.db import PrefixVersion, Sample
 from core.db.migrate import upgrade_to_head
 from core.inference.redis_transport import REQUESTS_STREAM
+from core.service import training_job
 from core.service.context import build_context
 from core.service.population import population_control
-from core.service.registry import active_prefix
+from core.service.registry import PrefixArtifacts, active_prefix, publish_prefix
 from tests.support.api import ADMIN_KEY, make_settings, tiny_base_model
-from tests.support.inference import ServerThread
+from tests.support.inference import ServerThread, create_user, publish_random_prefix, random_prefix_bytes
 from tests.support.processes import distributed_env, end, settings_from_env, spawn, spawn_train_worker, wait_for_log
 from tests.support.running import Running, chat
 
@@ -208,3 +212,31 @@ def _active(ctx, subject_id: str) -> PrefixVersion:
 def _population_texts(ctx, control_id: str) -> set[str]:
     with ctx.session_factory() as session:
         return set(session.scalars(select(Sample.text).where(Sample.user_id == control_id)))
+
+
+def test_a_version_on_a_population_is_compared_as_served(tmp_path: Path):
+    """The no-worse rule scores the active version as the catalog serves it: after the population
+    version it trained on; alone once that version is gone or corrupt (as served then too)."""
+    settings = make_settings(tmp_path)
+    upgrade_to_head(settings.effective_database_url)
+    ctx = build_context(settings, base_model=tiny_base_model())
+    try:
+        base = ctx.base_model()
+        holder, user = create_user(ctx, "population-holder"), create_user(ctx, "dee")
+        publish_random_prefix(ctx, base, holder, seed=1, prefix_len=3)
+        population = _active(ctx, holder.user_id)
+        pinned = replace(
+            PrefixArtifacts(random_prefix_bytes(base, 2, 2), None, base.model_id, base.fingerprint, 2, {}),
+            population_version_id=population.id,
+        )
+        active = publish_prefix(ctx.session_factory, ctx.store, user.user_id, pinned, job_id=None)
+        own = load_prefix(ctx.store.get(active.blob_key), base).kv
+        under = load_prefix(ctx.store.get(population.blob_key), base).kv
+
+        served = training_job._served_adaptation(ctx, "no-job", base, active)
+        assert torch.equal(served.kv, torch.cat([under, own], dim=3))
+        with ctx.session_factory.begin() as session:
+            session.get(PrefixVersion, population.id).status = "corrupt"
+        assert torch.equal(training_job._served_adaptation(ctx, "no-job", base, active).kv, own)
+    finally:
+        ctx.close()
