@@ -19,7 +19,6 @@ import pytest
 
 from api.app import create_app
 from core.db.migrate import upgrade_to_head
-from core.inference.redis_transport import REQUESTS_STREAM
 from core.service.context import build_context
 from core.service.controls import get_control
 from core.service.hyperparameters import resolve, training_config, validate_hyperparameters
@@ -27,10 +26,9 @@ from core.service.registry import active_prefix
 from tests.support.api import ADMIN, ADMIN_KEY, SAMPLES, RecordingDispatcher, api_client, make_settings, tiny_base_model
 from tests.support.inference import ServerThread
 from tests.support.processes import distributed_env as distributed_env_for
-from tests.support.processes import end, settings_from_env, spawn, spawn_train_worker, wait_for_log
+from tests.support.processes import running_workers, settings_from_env
 from tests.support.running import Running, chat
 
-WORKER_START_S = 120
 # Enough steps and a learning rate for a LoRA to change what the tiny model says (its B starts at 0);
 # no preservation term (its base-model samples would take most of the test's time).
 TRAINING = {"max_steps": 4, "learning_rate": 0.05, "preservation_weight": 0}
@@ -168,15 +166,8 @@ def distributed(postgres_url: str, redis_url: str, s3_server, tmp_path: Path) ->
         STEER_TRAIN_MAX_SEQ_LEN="64",
         STEER_MAX_BATCH_SIZE="8",
     )
-    logs = [tmp_path / "train.log", tmp_path / "infer.log"]
-    trainer = spawn_train_worker(env, logs[0])
-    inference = spawn(["-m", "workers.infer"], env, logs[1])
-    try:
-        wait_for_log(inference, logs[1], "consuming " + REQUESTS_STREAM, WORKER_START_S)
+    with running_workers(env, tmp_path) as logs:
         yield env, logs
-    finally:
-        end(inference)
-        end(trainer)
 
 
 @pytest.mark.integration

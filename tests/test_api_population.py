@@ -21,17 +21,15 @@ from api.app import create_app
 from core.artifacts import load_prefix
 from core.db import PrefixVersion, Sample
 from core.db.migrate import upgrade_to_head
-from core.inference.redis_transport import REQUESTS_STREAM
 from core.service import training_job
 from core.service.context import build_context
 from core.service.population import population_control
 from core.service.registry import PrefixArtifacts, active_prefix, publish_prefix
 from tests.support.api import ADMIN_KEY, make_settings, tiny_base_model
 from tests.support.inference import ServerThread, create_user, publish_random_prefix, random_prefix_bytes
-from tests.support.processes import distributed_env, end, settings_from_env, spawn, spawn_train_worker, wait_for_log
+from tests.support.processes import distributed_env, running_workers, settings_from_env
 from tests.support.running import Running, chat
 
-WORKER_START_S = 120
 TRAINING = {"max_steps": 4, "learning_rate": 0.05, "preservation_weight": 0}
 WRITERS = {
     "ann": [
@@ -78,15 +76,8 @@ def distributed(
         STEER_MAX_BATCH_SIZE="8",
         STEER_TRAIN_INSTANT_VERSION="false",  # as make_settings: the trained version is each user's first
     )
-    logs = [tmp_path / "train.log", tmp_path / "infer.log"]
-    trainer = spawn_train_worker(env, logs[0])
-    inference = spawn(["-m", "workers.infer"], env, logs[1])
-    try:
-        wait_for_log(inference, logs[1], "consuming " + REQUESTS_STREAM, WORKER_START_S)
+    with running_workers(env, tmp_path) as logs:
         yield env, logs
-    finally:
-        end(inference)
-        end(trainer)
 
 
 @pytest.mark.integration

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,23 @@ def spawn_train_worker(env: dict[str, str], log_path: Path, concurrency: int = 1
         env,
         log_path,
     )
+
+
+@contextmanager
+def running_workers(env: dict[str, str], log_dir: Path, start_timeout_s: float = 120) -> Iterator[list[Path]]:
+    """A Celery training worker and a `workers.infer` process on `env`, the inference worker
+    consuming its stream; yields their logs (train, infer), ends both on exit."""
+    from core.inference.redis_transport import REQUESTS_STREAM  # imports redis: only tests that spawn need it
+
+    logs = [log_dir / "train.log", log_dir / "infer.log"]
+    trainer = spawn_train_worker(env, logs[0])
+    inference = spawn(["-m", "workers.infer"], env, logs[1])
+    try:
+        wait_for_log(inference, logs[1], "consuming " + REQUESTS_STREAM, start_timeout_s)
+        yield logs
+    finally:
+        end(inference)
+        end(trainer)
 
 
 def end(process: subprocess.Popen) -> None:
