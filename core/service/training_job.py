@@ -255,6 +255,7 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
         publish_instant_versions(ctx, base, run.job_id, users, config)
     has_users = any(data.user_id not in controls for data in todo)  # controls never train on it
     population = _population(ctx, run.job_id, base) if config.method == PREFIX and has_users else None
+    populations: dict[str, Adaptation | None] = {}  # population version id -> its KV, read once per job
     active_at_start: dict[str, int | None] = {}  # user -> their active version as training starts
     compared_with: dict[str, int | None] = {}  # user -> the active version the new one must beat
     for data in todo:
@@ -268,7 +269,7 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
             data.companions = _companions(ctx, run.job_id, base, data.user_id)
         else:
             # Compared as served: with the population version it trained on, whichever this job uses.
-            data.reference_kv = _served_adaptation(ctx, run.job_id, base, active)
+            data.reference_kv = _served_adaptation(ctx, run.job_id, base, active, populations)
             data.reference_composed = True
             if population is not None:
                 data.companions = [population.kv]
@@ -454,15 +455,25 @@ def _population(ctx: ServiceContext, job_id: str, base: BaseModel) -> _Populatio
 
 
 def _served_adaptation(
-    ctx: ServiceContext, job_id: str, base: BaseModel, active: PrefixVersion | None
+    ctx: ServiceContext,
+    job_id: str,
+    base: BaseModel,
+    active: PrefixVersion | None,
+    populations: dict[str, Adaptation | None] | None = None,
 ) -> Adaptation | None:
-    """The active version exactly as served: composed after its population version, if any."""
+    """The active version exactly as served: composed after its population version, if any
+    (`populations`: the population versions this job has read, by id; most users share one)."""
     adaptation = _active_adaptation(ctx, job_id, base, active)
     if adaptation is None:
         return None
     with session_scope(ctx.session_factory) as session:
         population = served_population(session, active)
-    under = _active_adaptation(ctx, job_id, base, population)
+    if population is None:
+        return adaptation
+    populations = {} if populations is None else populations
+    if population.id not in populations:
+        populations[population.id] = _active_adaptation(ctx, job_id, base, population)
+    under = populations[population.id]
     if under is None or under.kv is None:
         return adaptation
     kv = under.kv if adaptation.kv is None else torch.cat([under.kv, adaptation.kv], dim=3)
