@@ -8,6 +8,7 @@ a Celery training worker and a `workers.infer` process)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -15,16 +16,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from api.app import create_app
 from core.artifacts import load_prefix
-from core.db import PrefixVersion, Sample
+from core.db import Job, PrefixVersion, Sample
 from core.db.migrate import upgrade_to_head
+from core.db.session import make_engine, make_session_factory
 from core.service import training_job
 from core.service.context import build_context
-from core.service.population import population_control
-from core.service.registry import PrefixArtifacts, active_prefix, publish_prefix
+from core.service.errors import Conflict
+from core.service.population import population_control, train_population
+from core.service.registry import PrefixArtifacts, active_prefix, publish_prefix, served_population
+from core.service.samples import add_samples
+from core.service.users import get_or_create_user
 from tests.support.api import ADMIN_KEY, make_settings, tiny_base_model
 from tests.support.inference import ServerThread, create_user, publish_random_prefix, random_prefix_bytes
 from tests.support.processes import distributed_env, running_workers, settings_from_env
@@ -205,7 +210,7 @@ def _population_texts(ctx, control_id: str) -> set[str]:
         return set(session.scalars(select(Sample.text).where(Sample.user_id == control_id)))
 
 
-def test_a_version_on_a_population_is_compared_as_served(tmp_path: Path):
+def test_a_version_on_a_population_is_compared_as_served(tmp_path: Path, caplog):
     """The no-worse rule scores the active version as the catalog serves it: after the population
     version it trained on; alone once that version is gone or corrupt (as served then too)."""
     settings = make_settings(tmp_path)
@@ -229,5 +234,35 @@ def test_a_version_on_a_population_is_compared_as_served(tmp_path: Path):
         with ctx.session_factory.begin() as session:
             session.get(PrefixVersion, population.id).status = "corrupt"
         assert torch.equal(training_job._served_adaptation(ctx, "no-job", base, active).kv, own)
+        with caplog.at_level(logging.WARNING, logger="core.service.registry"), ctx.session_factory() as session:
+            for _ in range(3):  # as three requests would
+                assert served_population(session, session.get(PrefixVersion, active.id)) is None
+        said = [r.getMessage() for r in caplog.records if "population version is corrupt" in r.getMessage()]
+        assert len(said) == 1  # when first served alone (by _served_adaptation above), not per request
     finally:
         ctx.close()
+
+
+def test_a_second_population_request_while_one_trains_is_refused_and_changes_nothing(tmp_path: Path):
+    """409 while the population's job is queued or running: a second draw would replace the samples
+    under the running job. Once the job has ended, the next request trains again."""
+    settings = make_settings(tmp_path)
+    upgrade_to_head(settings.effective_database_url)
+    factory = make_session_factory(make_engine(settings.effective_database_url))
+    with factory.begin() as session:
+        for name in ("ann", "ben"):
+            user, _ = get_or_create_user(session, name)
+            add_samples(session, settings, user, WRITERS[name], "api")
+        control, first, _ = train_population(session, settings, 2, 10, TRAINING)
+    with factory() as session:
+        drawn_first = set(session.scalars(select(Sample.text).where(Sample.user_id == control.id)))
+        with pytest.raises(Conflict, match=first.id):
+            train_population(session, settings, 3, 10, TRAINING, seed=1)
+        session.rollback()
+        assert set(session.scalars(select(Sample.text).where(Sample.user_id == control.id))) == drawn_first
+        assert session.scalar(select(func.count(Job.id))) == 1
+    with factory.begin() as session:
+        session.get(Job, first.id).status = "succeeded"
+    with factory.begin() as session:
+        _, second, counts = train_population(session, settings, 3, 10, TRAINING, seed=1)
+    assert second.id != first.id and counts == {"users": 2, "samples": 6}

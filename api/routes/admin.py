@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Request
 from api import workers as worker_registry
 from api.deps import AdminDep, ContextDep, DispatcherDep, SessionDep
 from api.jobs_dispatch import commit_and_dispatch
-from api.openapi import ADMIN_ERRORS, BODY_ERRORS
+from api.openapi import ADMIN_ERRORS, BODY_ERRORS, errors
 from api.responses import FineTuningJobList, PopulationTraining, Worker, WorkerList
 from api.schemas import PopulationRequest, RetrainRequest, control_object, job_object
 from core.service.population import train_population
@@ -40,7 +40,7 @@ def retrain(
     return FineTuningJobList(data=[job_object(job, base_model_id) for job in jobs], has_more=False)
 
 
-@router.post("/population", status_code=201)
+@router.post("/population", status_code=201, responses=errors(409))
 def population(
     body: PopulationRequest, _admin: AdminDep, session: SessionDep, ctx: ContextDep, dispatcher: DispatcherDep
 ) -> PopulationTraining:

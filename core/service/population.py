@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import random
 
-from sqlalchemy import delete, select
+from sqlalchemy import String, cast, delete, select
 from sqlalchemy.orm import Session
 
 from core.adapters import PREFIX as PREFIX_METHOD
 from core.config import Settings
 from core.db import Job, PrefixVersion, Sample, User
 from core.service.controls import CONTROL, external_id_of
-from core.service.errors import InvalidInput
+from core.service.errors import Conflict, InvalidInput
 from core.service.hyperparameters import AUTO, METHOD, validate_hyperparameters
 from core.service.jobs import create_job
 from core.service.model_ids import POPULATION_CONTROL, POPULATION_COPY_SOURCE
@@ -97,6 +97,8 @@ def train_population(
         control = User(external_id=external_id_of(POPULATION_CONTROL), kind=CONTROL)
         session.add(control)
         session.flush()
+    else:
+        _refuse_while_training(session, control)
     session.execute(delete(Sample).where(Sample.user_id == control.id))
     room = _without_sample_cap(settings, sum(len(texts) for texts in drawn.values()))
     added = 0
@@ -110,6 +112,23 @@ def train_population(
         values["batch_size"] = min(MAX_BATCH_SIZE, users_batch * len(drawn))
     job = create_job(session, CONTROL, [control], values)
     return control, job, {"users": len(drawn), "samples": added}
+
+
+def _refuse_while_training(session: Session, control: User) -> None:
+    """A second population request while one trains would replace the samples under the running
+    job (it reads them when it starts) and publish two versions in an order no one chose."""
+    training = session.scalars(
+        select(Job).where(
+            Job.kind == CONTROL,
+            Job.status.in_(("queued", "running")),
+            cast(Job.user_ids, String).like(f'%"{control.id}"%'),
+        )
+    ).first()
+    if training is not None:
+        raise Conflict(
+            f"the population is already training (job {training.id}, {training.status}); "
+            "wait for it to finish or cancel it"
+        )
 
 
 def _draw_samples(session: Session, per_user: int, max_users: int, rng: random.Random) -> dict[str, list[str]]:

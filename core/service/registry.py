@@ -231,10 +231,16 @@ def served_population(session: Session, row: PrefixVersion) -> PrefixVersion | N
         return None
     population = session.get(PrefixVersion, row.population_version_id)
     if population is None or population.status == "corrupt":
-        why = "deleted" if population is None else "corrupt"
-        log.warning("prefix %s v%s: its population version is %s; served alone", row.user_id, row.version, why)
+        if row.id not in _warned_served_alone:  # once per process, not on every request it serves
+            _warned_served_alone.add(row.id)
+            why = "deleted" if population is None else "corrupt"
+            log.warning("prefix %s v%s: its population version is %s; served alone", row.user_id, row.version, why)
         return None
     return population
+
+
+_warned_served_alone: set[str] = set()
+"""Ids of versions whose lost population `served_population` has logged."""
 
 
 def list_versions(session: Session, user_id: str) -> list[PrefixVersion]:
