@@ -21,6 +21,7 @@ import torch
 from core.errors import InvalidTrainingData
 from core.lora import LoRAWeights
 from core.model import BaseModel
+from core.precision import training_base
 from core.prefix import PrefixConfig
 from core.training import Progress, TrainingConfig, UserData, train_prefixes, train_users
 from core.tuning import LoRAMethod
@@ -68,7 +69,7 @@ def train_adapters(
         raise InvalidTrainingData(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
     if config.method != PREFIX and getattr(base.model.config, "is_encoder_decoder", False):
         raise InvalidTrainingData(f"method {config.method!r} needs a decoder-only base model; use 'prefix'")
-    return run(base, users, config, on_progress, should_cancel)
+    return run(training_base(base, config.compute_dtype), users, config, on_progress, should_cancel)
 
 
 def _train_prefix(base, users, config, on_progress, should_cancel) -> list[TrainedAdaptation]:

@@ -236,6 +236,14 @@ class Settings(BaseSettings):
         "a step runs several passes and adds up their gradients (the same result): training memory "
         "stays bounded however many users a job holds.",
     )
+    train_compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
+        description="The base model's arithmetic while training. `bfloat16` runs each step on a "
+        "bfloat16 copy of the weights (+2 bytes per weight in the training process; the trained "
+        "prefixes stay float32 and are served in float32): 0.63x the step time for the same "
+        "validation loss on a CPU with AMX (docs/BENCHMARKS.md), slower than float32 on a CPU without "
+        "bfloat16 instructions. `auto`: bfloat16 on a CPU with AMX or a CUDA GPU that supports it.",
+    )
     control_companions: int = Field(
         default=0,
         ge=0,

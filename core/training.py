@@ -27,6 +27,7 @@ from core.data import FORMAT_CHAT, FORMAT_PLAIN, IGNORE, Example, build_examples
 from core.errors import InvalidTrainingData, TrainingCancelled
 from core.lora import LoRAConfig
 from core.model import BaseModel
+from core.precision import FLOAT32, computing_in, resolve_compute_dtype, training_base
 from core.prefix import PrefixConfig
 from core.preservation import Anchors, kl_from_base, sample_anchors
 from core.seq2seq import Seq2SeqPrefixMethod, is_encoder_decoder
@@ -77,6 +78,9 @@ class TrainingConfig:
     """Share of `max_steps` (and of `time_budget_s`) that PT-PEFT spends on its prefix stage."""
     pt_peft_train_prefix: bool = False
     """Whether PT-PEFT's prefix keeps training beside the LoRA in the second stage (else frozen)."""
+    compute_dtype: str = FLOAT32
+    """'float32'; 'bfloat16': the base model's arithmetic in bfloat16 (core/precision.py), the trained
+    parameters and what is exported stay float32; 'auto': bfloat16 where the hardware is fast at it."""
     users_per_pass: int | None = None
     """At most this many users' rows in one forward/backward pass (None: all of them). A step then
     runs several passes whose gradients add up before the optimizer steps — the same gradients, as
@@ -226,7 +230,7 @@ class _UserRun:
             if self.bad_evals >= patience:
                 self.done, self.stopped_early = True, True
 
-    def result(self, started: float) -> TrainedUser:
+    def result(self, started: float, compute_dtype: str) -> TrainedUser:
         if not self.val:  # nothing to select on: the last state is the result
             self.best_state = _snapshot(self.module)
         self.module.load_state_dict(self.best_state)
@@ -246,6 +250,7 @@ class _UserRun:
             "preservation_kl": self.last_kl,
             "stopped_early": self.stopped_early,
             "train_seconds": round(time.monotonic() - started, 3),
+            "compute_dtype": compute_dtype,
         }
         return TrainedUser(self.user_id, self.module, dict(self.best_state), metrics)
 
@@ -260,6 +265,7 @@ def train_prefixes(
 ) -> list[TrainedPrefix]:
     """Train one prefix per user, all users sharing each forward/backward pass over the frozen base."""
     _check_fits_context(base, users, config)
+    base = training_base(base, config.compute_dtype)
     if config.prefix_len_candidates:
         return _train_choosing_prefix_len(base, users, config, on_progress, should_cancel)
     method = prefix_method(base, config.prefix)
@@ -302,6 +308,12 @@ def train_users(
         raise InvalidTrainingData("no users to train")
     if len({u.user_id for u in users}) != len(users):
         raise InvalidTrainingData("a user appears twice in one training job")
+    config = replace(config, compute_dtype=resolve_compute_dtype(config.compute_dtype, base.device))
+    with computing_in(config.compute_dtype, base.device):
+        return _train(base, method, users, config, on_progress, should_cancel)
+
+
+def _train(base, method, users, config, on_progress, should_cancel) -> list[TrainedUser]:
     started = time.monotonic()
     base.model.requires_grad_(False)
     runs = [_UserRun(base, method, u, config) for u in users]
@@ -329,7 +341,7 @@ def train_users(
             on_progress(_progress(step, total_steps, active, tokens, started, step_started))
     final = [r for r in runs if r.val and not r.done and r.steps % config.eval_every != 0]
     _evaluate(base, method, final, config)  # the last steps may hold the best validation loss
-    return [r.result(started) for r in runs]
+    return [r.result(started, config.compute_dtype) for r in runs]
 
 
 def _progress(step: int, total_steps: int, active: list[_UserRun], tokens: int, started: float, step_started: float):

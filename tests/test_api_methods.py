@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 from api.app import create_app
 from core.db.migrate import upgrade_to_head
@@ -179,5 +180,31 @@ def test_every_method_trains_and_serves_through_the_openai_client_distributed(di
     try:
         with ServerThread(create_app(context=ctx)) as server:
             drive_methods(Running(server.base_url, ctx, logs))
+    finally:
+        ctx.close()
+
+
+def test_a_deployment_training_in_bfloat16_serves_its_float32_versions_through_the_openai_client(tmp_path: Path):
+    """`STEER_TRAIN_COMPUTE_DTYPE=bfloat16`: jobs train on the bfloat16 copy of the weights, the
+    versions are float32 and the serving model float32, so a user's answer is the engine's alone."""
+    settings = make_settings(tmp_path, max_batch_size=8, train_compute_dtype="bfloat16")
+    ctx = build_context(settings, base_model=tiny_base_model())
+    try:
+        with ServerThread(create_app(context=ctx)) as server:
+            steer = Running(server.base_url, ctx)
+            keys, versions = {}, {}
+            for name, method in (("pat", None), ("lou", "lora")):
+                body = {"external_id": name, "samples": SAMPLES, "hyperparameters": {**TRAINING, "method": method}}
+                created = steer.http.post("/onboarding", json=body)
+                assert created.status_code == 201, created.text
+                steer.wait(created.json()["job"]["id"])
+                keys[name] = created.json()["api_key"]
+                with ctx.session_factory() as session:
+                    versions[name] = active_prefix(session, created.json()["user"]["id"])
+                assert versions[name].metrics["compute_dtype"] == "bfloat16"
+                assert versions[name].metrics["steps"] == TRAINING["max_steps"]
+            assert ctx.base_model().dtype == torch.float32  # serving stays float32
+            for name in keys:
+                assert chat(steer.client(keys[name]), f"user:{name}") == steer.alone_versions([versions[name]])
     finally:
         ctx.close()

@@ -46,6 +46,11 @@ def run(
         "--users-per-pass",
         help="users per training forward/backward pass: the same result, memory bounded by it (0: all at once)",
     ),
+    compute_dtype: str = typer.Option(
+        EvalSpec.compute_dtype,
+        "--compute-dtype",
+        help="auto, float32 or bfloat16: the base model's arithmetic while training (core/precision.py)",
+    ),
     preservation: float = typer.Option(
         TrainingConfig.preservation_weight, "--preservation", help="KL-to-base weight of the prefix method (0: off)"
     ),
@@ -101,6 +106,7 @@ def run(
         pt_peft_train_prefix=pt_peft_train_prefix,
         preservation_weight=preservation,
         users_per_pass=users_per_pass or None,
+        compute_dtype=compute_dtype,
         generations=generations,
         generation_tokens=generation_tokens,
         frequency_penalty=frequency_penalty,

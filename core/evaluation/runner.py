@@ -107,6 +107,9 @@ class EvalSpec:
     pt_peft_train_prefix: bool = TrainingConfig.pt_peft_train_prefix
     users_per_pass: int | None = 4
     """Users per forward/backward pass in training (the same result; bounded memory); None: all."""
+    compute_dtype: str = "auto"
+    """The base model's arithmetic while training, 'auto' as the service (core/precision.py);
+    scoring is always float32."""
     generations: int = 0
     """Texts each user's adaptation writes per neutral prompt for the generation judge (0: none)."""
     generation_tokens: int = GenerationSettings.max_tokens
@@ -149,6 +152,7 @@ class EvalSpec:
             pt_peft_prefix_share=self.pt_peft_prefix_share,
             pt_peft_train_prefix=self.pt_peft_train_prefix,
             users_per_pass=self.users_per_pass,
+            compute_dtype=self.compute_dtype,
         )
 
 

@@ -158,4 +158,5 @@ def training_config(resolved: dict[str, Any], settings: Settings) -> TrainingCon
         method=method,
         lora=LoRAConfig(rank=resolved.get("lora_rank") or settings.train_lora_rank_default),
         users_per_pass=settings.train_users_per_pass,
+        compute_dtype=settings.train_compute_dtype,
     )
