@@ -12,6 +12,7 @@ from api import responses
 from core.db import ApiKey as ApiKeyRow
 from core.db import Job, JobEvent, PrefixVersion, Sample, User
 from core.db.models import File as FileRow
+from core.service import population
 from core.service.api_keys import shown_prefix
 from core.service.model_ids import CONTROL_NAME_PATTERN, EXTERNAL_ID_PATTERN
 
@@ -100,8 +101,10 @@ class RetrainRequest(_Strict):
 
 
 class PopulationRequest(_Strict):
-    samples_per_user: int = Field(default=20, description="Samples drawn from each user (fewer if a user has fewer).")
-    max_users: int = Field(default=256, description="Users drawn at random when more have samples.")
+    samples_per_user: int = Field(
+        default=population.SAMPLES_PER_USER, description="Samples drawn from each user (fewer if a user has fewer)."
+    )
+    max_users: int = Field(default=population.MAX_USERS, description="Users drawn at random when more have samples.")
     seed: int = Field(default=0, description="Seed of the random draw.")
     hyperparameters: dict[str, Any] | None = Field(
         default=None,

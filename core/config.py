@@ -253,11 +253,20 @@ class Settings(BaseSettings):
     )
     population_prefix: bool = Field(
         default=True,
-        description="Once the admin has trained the deployment's population prefix (the control named "
-        "`population`, from a sample of every user's text: POST /v1/admin/population), each user's prefix trains "
+        description="Once the deployment's population prefix is trained (the control named `population`, from "
+        "a sample of every user's text: automatically, STEER_POPULATION_AUTO_USERS, or POST "
+        "/v1/admin/population), each user's prefix trains "
         "on top of it and serves composed with the population version it was trained on, so the user's "
         "capacity goes to what is theirs (docs/EVALUATION.md, issue 11). Off: new jobs train alone (versions "
         "already trained on a population keep serving with it).",
+    )
+    population_auto_users: int = Field(
+        default=10,
+        ge=0,
+        description="With the population prefix on: once this many users have samples and there is no "
+        "population yet, or twice as many as the active population was drawn from, an onboarding also "
+        "queues the population's training (as POST /v1/admin/population with its defaults), ahead of the "
+        "user's job. 0: only the admin trains it. Not after a failed population job (the admin retries).",
     )
     # --- per-user quotas (user keys; the admin key is the operator's own and is not limited) ----
     user_max_active_jobs: int = Field(

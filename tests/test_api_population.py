@@ -266,3 +266,68 @@ def test_a_second_population_request_while_one_trains_is_refused_and_changes_not
     with factory.begin() as session:
         _, second, counts = train_population(session, settings, 3, 10, TRAINING, seed=1)
     assert second.id != first.id and counts == {"users": 2, "samples": 6}
+
+
+def test_the_population_trains_itself_once_the_deployment_has_enough_users(tmp_path: Path):
+    """`STEER_POPULATION_AUTO_USERS=3`: the third onboarding queues the population ahead of the
+    user's job, so that user trains on top of it; a fourth user does not retrain it (not twice the
+    users yet); after a failed population job nothing is queued until the admin acts; at twice the
+    users it retrains."""
+    settings = make_settings(tmp_path, max_batch_size=8, population_auto_users=3)
+    ctx = build_context(settings, base_model=tiny_base_model())
+    try:
+        with ServerThread(create_app(context=ctx)) as server:
+            steer = Running(server.base_url, ctx)
+            users = {name: _onboard(steer, name) for name in ("ann", "ben")}
+            with ctx.session_factory() as session:
+                assert population_control(session) is None  # 2 users: not yet
+            users["cat"] = _onboard(steer, "cat")
+            control_id = _control_id(ctx)
+            assert _population_texts(ctx, control_id) & set(WRITERS["cat"])  # drawn from all three
+            population = _active(ctx, control_id)
+            assert population is not None and population.version == 1
+            cat_v = _active(ctx, users["cat"]["id"])
+            assert cat_v.population_version_id == population.id  # queued first, trained first
+
+            more = {
+                f"u{i}": [f"Note {i}: the train leaves at {i} o'clock.", f"Note {i}: bring {i} maps."] for i in range(4)
+            }
+            _onboard_texts(steer, "u0", more["u0"])  # 4 users: fewer than twice 3
+            assert _active(ctx, control_id).version == 1 and _population_jobs(ctx, control_id) == 1
+
+            with ctx.session_factory.begin() as session:  # the last population job failed
+                last = session.scalars(select(Job).order_by(Job.created_at.desc())).all()
+                next(j for j in last if j.kind == "control").status = "failed"
+            for name in ("u1", "u2"):  # 6 users: twice as many, but the admin has not looked
+                _onboard_texts(steer, name, more[name])
+            assert _population_jobs(ctx, control_id) == 1
+            with ctx.session_factory.begin() as session:
+                last = session.scalars(select(Job).order_by(Job.created_at.desc())).all()
+                next(j for j in last if j.kind == "control").status = "succeeded"
+            _onboard_texts(steer, "u3", more["u3"])  # 7 >= 2 x 3: retrained on everyone's text
+            assert _population_jobs(ctx, control_id) == 2
+            with ctx.session_factory() as session:  # u3's own job may have run first (fair turns)
+                newest = session.scalars(
+                    select(Job).where(Job.kind == "control").order_by(Job.created_at.desc())
+                ).first()
+            assert steer.wait(newest.id)["fine_tuned_model"] == "control:population:v2"
+            assert _population_texts(ctx, control_id) & set(more["u3"])
+    finally:
+        ctx.close()
+
+
+def _onboard_texts(steer: Running, name: str, texts: list[str]) -> None:
+    body = {"external_id": name, "samples": texts, "hyperparameters": TRAINING}
+    response = steer.http.post("/onboarding", json=body)
+    assert response.status_code == 201, response.text
+    steer.wait(response.json()["job"]["id"])
+
+
+def _control_id(ctx) -> str:
+    with ctx.session_factory() as session:
+        return population_control(session).id
+
+
+def _population_jobs(ctx, control_id: str) -> int:
+    with ctx.session_factory() as session:
+        return sum(1 for j in session.scalars(select(Job).where(Job.kind == "control")) if control_id in j.user_ids)

@@ -12,6 +12,7 @@ from api.schemas import OnboardingRequest, job_object, user_object
 from api.uploads import read_sample_upload, upload_openapi
 from core.service.api_keys import issue_user_key
 from core.service.jobs import create_job
+from core.service.population import MAX_USERS, SAMPLES_PER_USER, population_due, train_population
 from core.service.samples import add_samples, validate_samples
 from core.service.users import get_or_create_user
 
@@ -35,9 +36,13 @@ async def onboard(
     texts = validate_samples(upload.samples, settings)
     user, created = get_or_create_user(session, upload.fields["external_id"])
     added, duplicates = add_samples(session, settings, user, texts, upload.source)
+    jobs = []
+    if population_due(session, settings):  # queued first: an idle deployment trains it before the user
+        jobs.append(train_population(session, settings, SAMPLES_PER_USER, MAX_USERS, None)[1])
     job = create_job(session, "onboarding", [user], upload.fields.get("hyperparameters"))
+    jobs.append(job)
     key = issue_user_key(session, user) if created else None
-    commit_and_dispatch(session, dispatcher, [job])
+    commit_and_dispatch(session, dispatcher, jobs)
     return Onboarding(
         user=user_object(user),
         created=created,

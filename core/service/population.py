@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 
-from sqlalchemy import String, cast, delete, select
+from sqlalchemy import String, cast, delete, distinct, func, select
 from sqlalchemy.orm import Session
 
 from core.adapters import PREFIX as PREFIX_METHOD
@@ -69,6 +69,10 @@ def population_control(session: Session) -> User | None:
 
 MAX_SAMPLES = 20_000
 """Samples a population trains on at most (samples_per_user x max_users)."""
+SAMPLES_PER_USER = 20
+"""Samples drawn from each user unless the admin asks otherwise (the evaluation's recipe)."""
+MAX_USERS = 256
+"""Users drawn (at random) unless the admin asks otherwise."""
 
 
 def train_population(
@@ -112,6 +116,35 @@ def train_population(
         values["batch_size"] = min(MAX_BATCH_SIZE, users_batch * len(drawn))
     job = create_job(session, CONTROL, [control], values)
     return control, job, {"users": len(drawn), "samples": added}
+
+
+def population_due(session: Session, settings: Settings) -> bool:
+    """Whether the deployment should (re)train its population now (`STEER_POPULATION_AUTO_USERS`):
+    enough users with samples and none yet, or twice the users the active one was drawn from; never
+    while one trains, nor after a failed one (an admin looks first)."""
+    if not settings.population_prefix or settings.population_auto_users == 0:
+        return False
+    users = session.scalar(
+        select(func.count(distinct(Sample.user_id)))
+        .join(User, User.id == Sample.user_id)
+        .where(User.kind == "user", User.deleted_at.is_(None))
+    )
+    if users < max(2, settings.population_auto_users):  # a population of one user is that user
+        return False
+    control = population_control(session)
+    if control is None:
+        return True
+    last = session.scalars(
+        select(Job)
+        .where(Job.kind == CONTROL, cast(Job.user_ids, String).like(f'%"{control.id}"%'))
+        .order_by(Job.created_at.desc())
+    ).first()
+    if last is not None and last.status in ("queued", "running", "failed"):
+        return False
+    if active_prefix(session, control.id) is None:
+        return True
+    drawn_from = session.scalar(select(func.count(distinct(Sample.source))).where(Sample.user_id == control.id))
+    return users >= 2 * drawn_from
 
 
 def _refuse_while_training(session: Session, control: User) -> None:

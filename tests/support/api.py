@@ -41,6 +41,9 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         # The instant version (tests/test_instant_version.py) would make every trained version v2;
         # the other tests read more plainly with the trained version first.
         "train_instant_version": False,
+        # Tests that onboard many users would queue a population job ahead of theirs
+        # (tests/test_api_population.py tests it).
+        "population_auto_users": 0,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -34,6 +34,9 @@ def distributed_env(
         "STEER_DATA_DIR": str(model_cache_dir().parent),  # share the converted model cache
         "OMP_NUM_THREADS": "1",  # worker processes share two cores with the test
         "STEER_TRAIN_INSTANT_VERSION": "false",  # as make_settings: trained versions come first
+        # The shared database holds every test's users: a population would train in whichever test
+        # crossed the threshold (tests/test_api_population.py turns it on in a database of its own).
+        "STEER_POPULATION_AUTO_USERS": "0",
         **extra,
     }
 
