@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 
-from sqlalchemy import String, cast, delete, distinct, func, select
+from sqlalchemy import Select, String, cast, delete, distinct, func, select
 from sqlalchemy.orm import Session
 
 from core.adapters import PREFIX as PREFIX_METHOD
@@ -134,11 +134,7 @@ def population_due(session: Session, settings: Settings) -> bool:
     control = population_control(session)
     if control is None:
         return True
-    last = session.scalars(
-        select(Job)
-        .where(Job.kind == CONTROL, cast(Job.user_ids, String).like(f'%"{control.id}"%'))
-        .order_by(Job.created_at.desc())
-    ).first()
+    last = session.scalars(_jobs_of(control)).first()
     if last is not None and last.status in ("queued", "running", "failed"):
         return False
     if active_prefix(session, control.id) is None:
@@ -150,18 +146,21 @@ def population_due(session: Session, settings: Settings) -> bool:
 def _refuse_while_training(session: Session, control: User) -> None:
     """A second population request while one trains would replace the samples under the running
     job (it reads them when it starts) and publish two versions in an order no one chose."""
-    training = session.scalars(
-        select(Job).where(
-            Job.kind == CONTROL,
-            Job.status.in_(("queued", "running")),
-            cast(Job.user_ids, String).like(f'%"{control.id}"%'),
-        )
-    ).first()
+    training = session.scalars(_jobs_of(control).where(Job.status.in_(("queued", "running")))).first()
     if training is not None:
         raise Conflict(
             f"the population is already training (job {training.id}, {training.status}); "
             "wait for it to finish or cancel it"
         )
+
+
+def _jobs_of(control: User) -> Select[tuple[Job]]:
+    """The population's training jobs, newest first."""
+    return (
+        select(Job)
+        .where(Job.kind == CONTROL, cast(Job.user_ids, String).like(f'%"{control.id}"%'))
+        .order_by(Job.created_at.desc())
+    )
 
 
 def _draw_samples(session: Session, per_user: int, max_users: int, rng: random.Random) -> dict[str, list[str]]:
