@@ -314,6 +314,7 @@ def train_users(
 
 
 def _train(base, method, users, config, on_progress, should_cancel) -> list[TrainedUser]:
+    """The loop of `train_users`, inside the job's precision."""
     started = time.monotonic()
     base.model.requires_grad_(False)
     runs = [_UserRun(base, method, u, config) for u in users]
