@@ -5,7 +5,9 @@ base weights (made once per base model and kept: +2 bytes per weight) under auto
 trainable parameters, their optimiser state and every exported prefix or LoRA stay float32, and are
 served by the float32 model like any other. On a CPU with AMX (docs/BENCHMARKS.md, "Training in
 bfloat16") a step took 0.63x the time for the same validation loss, rescored in float32. On a CPU
-without bfloat16 instructions it is slower than float32: the default stays float32.
+without bfloat16 instructions it is slower than float32, so 'auto' (the service's default) picks
+bfloat16 only where it was measured to pay or the hardware is built for it: a CPU with AMX, or a
+CUDA GPU that supports it; float32 elsewhere (and the engine's own default is float32).
 
 A job's validation losses, its no-worse comparison with the user's active version and its
 preservation anchors are all computed in the job's precision, so they are comparable with each other.

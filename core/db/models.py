@@ -24,11 +24,13 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    cast,
     event,
     false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.sql.elements import ColumnElement
 
 from core.db.types import UTCDateTime
 
@@ -243,6 +245,13 @@ class Job(Base):
         passive_deletes=True,
         order_by="JobEvent.id",
     )
+
+    @staticmethod
+    def may_train(user_id: str) -> ColumnElement[bool]:
+        """SQL condition narrowing jobs to those whose `user_ids` (a JSON list) may hold `user_id`:
+        a text match, the same on SQLite and Postgres (ids are hex, so they need no escaping).
+        Where another id could contain it, test `user_id in job.user_ids` on the rows."""
+        return cast(Job.user_ids, String).like(f'%"{user_id}"%')
 
 
 class JobEvent(Base):

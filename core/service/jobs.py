@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import String, cast, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.db import Job, JobEvent, PrefixVersion, User, utcnow
@@ -77,7 +77,7 @@ def list_jobs(
             return Page(items=[], has_more=False)
         user_id = caller.user_id
     if user_id is not None:
-        statement = statement.where(cast(Job.user_ids, String).like(f'%"{user_id}"%'))
+        statement = statement.where(Job.may_train(user_id))
     page = paginate(session, statement, Job, after=after, limit=limit, newest_first=True)
     page.items = [job for job in page.items if _visible(job, caller) and (user_id is None or user_id in job.user_ids)]
     return page

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 
-from sqlalchemy import Select, String, cast, delete, distinct, func, select
+from sqlalchemy import Select, delete, distinct, func, select
 from sqlalchemy.orm import Session
 
 from core.adapters import PREFIX as PREFIX_METHOD
@@ -156,11 +156,7 @@ def _refuse_while_training(session: Session, control: User) -> None:
 
 def _jobs_of(control: User) -> Select[tuple[Job]]:
     """The population's training jobs, newest first."""
-    return (
-        select(Job)
-        .where(Job.kind == CONTROL, cast(Job.user_ids, String).like(f'%"{control.id}"%'))
-        .order_by(Job.created_at.desc())
-    )
+    return select(Job).where(Job.kind == CONTROL, Job.may_train(control.id)).order_by(Job.created_at.desc())
 
 
 def _draw_samples(session: Session, per_user: int, max_users: int, rng: random.Random) -> dict[str, list[str]]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
-from sqlalchemy import String, cast, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.adapters import AUTO, TRAINED_METHODS
@@ -59,9 +59,7 @@ def check_job_quota(session: Session, settings: Settings, user_id: str, hyperpar
             param="hyperparameters.max_steps",
         )
     candidates = session.scalars(
-        select(Job.user_ids).where(
-            Job.status.in_(("queued", "running")), cast(Job.user_ids, String).like(f'%"{user_id}"%')
-        )
+        select(Job.user_ids).where(Job.status.in_(("queued", "running")), Job.may_train(user_id))
     )
     active = sum(1 for user_ids in candidates if user_ids == [user_id])
     if active >= settings.user_max_active_jobs:

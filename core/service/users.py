@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 
-from sqlalchemy import String, cast, delete, select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import Job, Sample, User, utcnow
@@ -134,7 +134,6 @@ def _scrub_database_files(factory: sessionmaker[Session]) -> None:
 def _jobs_of(session: Session, user_id: str) -> list[Job]:
     """Jobs whose `user_ids` (a JSON list) contain `user_id`.
 
-    The text match narrows the rows in SQL the same way on SQLite and Postgres (ids are hex, so
-    they need no escaping); the exact membership test is done here."""
-    candidates = session.execute(select(Job).where(cast(Job.user_ids, String).like(f'%"{user_id}"%'))).scalars()
+    `Job.may_train` narrows the rows in SQL; the exact membership test is done here."""
+    candidates = session.execute(select(Job).where(Job.may_train(user_id))).scalars()
     return [job for job in candidates if user_id in (job.user_ids or [])]
