@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Path, Request, Security
 from fastapi.security import HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -15,6 +15,7 @@ from core.db import session_scope
 from core.service.api_keys import Caller, authenticate
 from core.service.context import ServiceContext
 from core.service.errors import PermissionDenied, Unauthenticated
+from core.service.model_ids import MAX_VERSION
 
 
 def get_context(request: Request) -> ServiceContext:
@@ -86,3 +87,8 @@ def require_admin(caller: CallerDep) -> Caller:
 
 
 AdminDep = Annotated[Caller, Depends(require_admin)]
+
+
+VersionPath = Annotated[int, Path(ge=1, le=MAX_VERSION, description="A prefix version number (`v<N>` of a model id)")]
+"""A version number in a path: bounded like the model ids that name versions, so a number past the
+database's 64-bit integers is a 400, never an overflow."""

@@ -28,6 +28,7 @@ from core.service.errors import (
     NotFound,
     PayloadTooLarge,
     PermissionDenied,
+    StorageLimitExceeded,
     Unauthenticated,
 )
 from core.service.quotas import RateLimited
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 # (exception class, HTTP status, OpenAI error type, code); first match wins, so subclasses first.
 _MAPPING: list[tuple[type[Exception], int, str, str | None]] = [
     (PayloadTooLarge, 413, "invalid_request_error", "payload_too_large"),
+    (StorageLimitExceeded, 400, "invalid_request_error", "storage_limit_exceeded"),
     (InvalidInput, 400, "invalid_request_error", None),
     (InvalidRequest, 400, "invalid_request_error", None),
     (InvalidTrainingData, 400, "invalid_request_error", "invalid_training_data"),

@@ -10,7 +10,12 @@ from core.service.errors import PayloadTooLarge
 
 class BodySizeLimit:
     """Refuse bodies over `limit` bytes with 413: at once when Content-Length says so, else as
-    soon as the streamed body passes the limit (a chunked upload cannot get around it)."""
+    soon as the streamed body passes the limit (a chunked upload cannot get around it).
+
+    A streamed body is cut off inside whatever reads it, and a reader may wrap the error in its
+    own (FastAPI's body parser answers 400 "There was an error parsing the body"). So once the
+    limit is passed, this middleware owns the answer: whatever the app then sends or raises is
+    dropped, and the client gets the 413."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -22,24 +27,39 @@ class BodySizeLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > self.limit:
-            response = error_response(
-                413,
-                f"request body of {int(declared)} bytes exceeds the limit of {self.limit}",
-                "invalid_request_error",
-                code="payload_too_large",
+            await self._too_large(f"request body of {int(declared)} bytes exceeds the limit of {self.limit}")(
+                scope, receive, send
             )
-            await response(scope, receive, send)
             return
         seen = 0
+        exceeded = False
+        started = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    # Raised inside the route: the error handlers answer 413 in OpenAI's format.
+                    exceeded = True
                     raise PayloadTooLarge(f"request body exceeds the limit of {self.limit} bytes")
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded and not started:
+                return  # the app's answer to a body it could not read: replaced below
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not exceeded or started:
+                raise
+        if exceeded and not started:
+            await self._too_large(f"request body exceeds the limit of {self.limit} bytes")(scope, receive, send)
+
+    @staticmethod
+    def _too_large(message: str):
+        return error_response(413, message, "invalid_request_error", code="payload_too_large")

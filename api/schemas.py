@@ -12,8 +12,9 @@ from api import responses
 from core.db import ApiKey as ApiKeyRow
 from core.db import Job, JobEvent, PrefixVersion, Sample, User
 from core.db.models import File as FileRow
-from core.service import population
+from core.service import population, retrain
 from core.service.api_keys import shown_prefix
+from core.service.hyperparameters import MAX_SEED
 from core.service.model_ids import CONTROL_NAME_PATTERN, EXTERNAL_ID_PATTERN
 
 
@@ -83,7 +84,7 @@ class CreateJobRequest(_Strict):
     suffix: str | None = Field(
         default=None, description="The external id of the user to train (admin key); a user key's own, if given."
     )
-    seed: int | None = Field(default=None, description="Same as `hyperparameters.seed`.")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Same as `hyperparameters.seed`.")
     metadata: dict[str, str] | None = Field(default=None, description="Accepted for OpenAI compatibility; not stored.")
 
 
@@ -96,16 +97,26 @@ class RetrainRequest(_Strict):
     other_base_model: bool = Field(
         default=False, description="Retrain users whose active prefix was trained on another base model."
     )
-    users_per_job: int = Field(default=8, description="Users trained together in one batched job.")
+    users_per_job: int = Field(
+        default=8, ge=1, le=retrain.MAX_USERS_PER_JOB, description="Users trained together in one batched job."
+    )
     hyperparameters: dict[str, Any] | None = None
 
 
 class PopulationRequest(_Strict):
     samples_per_user: int = Field(
-        default=population.SAMPLES_PER_USER, description="Samples drawn from each user (fewer if a user has fewer)."
+        default=population.SAMPLES_PER_USER,
+        ge=1,
+        le=population.MAX_SAMPLES_PER_USER,
+        description="Samples drawn from each user (fewer if a user has fewer).",
     )
-    max_users: int = Field(default=population.MAX_USERS, description="Users drawn at random when more have samples.")
-    seed: int = Field(default=0, description="Seed of the random draw.")
+    max_users: int = Field(
+        default=population.MAX_USERS,
+        ge=1,
+        le=population.MAX_DRAWN_USERS,
+        description="Users drawn at random when more have samples.",
+    )
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seed of the random draw.")
     hyperparameters: dict[str, Any] | None = Field(
         default=None,
         description='Training hyperparameters; each may be "auto" (batch_size: the rows of several users).',

@@ -105,6 +105,14 @@ class Settings(BaseSettings):
     max_total_samples_per_user: int = Field(
         default=10_000, gt=0, description="Most writing samples one user may store."
     )
+    max_files_per_user: int = Field(
+        default=100, gt=0, description="Most training files (`/v1/files`) one user key may keep stored."
+    )
+    max_file_bytes_per_user: int = Field(
+        default=25_000_000,
+        gt=0,
+        description="Most bytes of training files one user key may keep stored (all its files together).",
+    )
     max_completion_body_bytes: int = Field(
         default=1_000_000,
         gt=0,

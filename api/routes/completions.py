@@ -122,9 +122,11 @@ async def _complete(request: Request, caller: Caller, body_type: type[ChatComple
     limiter = _large_readers() if len(raw) > _LARGE_BODY_BYTES else None
     completion = await anyio.to_thread.run_sync(_read, body_type, raw, context, limiter=limiter)
     card = context.model_card()
-    quota = await _count_against_quota(request, caller, completion)
     service: CompletionService = request.app.state.completions
-    submission = await service.submit(caller, completion, card.model_id)
+    # The model is resolved before the quota counts it: a refused model (404, 400) costs nothing.
+    prefixes = await service.resolve(caller, completion, card.model_id)
+    quota = await _count_against_quota(request, caller, completion)
+    submission = await service.submit(caller, completion, card.model_id, prefixes)
     response = await answer(request, completion, submission)
     response.headers.update(quota)
     return response

@@ -6,7 +6,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from api.deps import AdminDep, BaseModelIdDep, CallerDep, ContextDep, DispatcherDep, SessionDep, SettingsDep
+from api.deps import (
+    AdminDep,
+    BaseModelIdDep,
+    CallerDep,
+    ContextDep,
+    DispatcherDep,
+    SessionDep,
+    SettingsDep,
+    VersionPath,
+)
 from api.jobs_dispatch import commit_and_dispatch
 from api.openapi import ADMIN_ERRORS, BODY_ERRORS, errors
 from api.responses import (
@@ -94,7 +103,7 @@ def versions(name: str, session: SessionDep, _caller: CallerDep) -> PrefixVersio
 
 
 @router.post("/{name}/versions/{version}/activate", responses={**ADMIN_ERRORS, **errors(409)})
-def activate(name: str, version: int, session: SessionDep, _admin: AdminDep) -> PrefixVersionBody:
+def activate(name: str, version: VersionPath, session: SessionDep, _admin: AdminDep) -> PrefixVersionBody:
     """Serve this version of the control from now on (roll back, or forward again)."""
     control = get_control(session, name)
     return prefix_object(control, activate_version(session, control.id, version))

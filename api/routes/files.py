@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi import APIRouter, Form, Query, Request, UploadFile
 from fastapi.responses import PlainTextResponse, Response
 
 from api.deps import CallerDep, SessionDep, SettingsDep
 from api.openapi import BODY_ERRORS
 from api.responses import File, FileDeleted, FileList
 from api.schemas import file_object
+from core.service.errors import InvalidInput
 from core.service.files import create_file, delete_file, get_file, list_files
 
 router = APIRouter(prefix="/files", tags=["files"])
@@ -26,12 +27,15 @@ async def upload(
         ),
     ],
     purpose: Annotated[str, Form(description='"fine-tune"')],
+    request: Request,
     session: SessionDep,
     caller: CallerDep,
     settings: SettingsDep,
 ) -> File:
     """Upload a training file; it is checked now (400 naming the bad line) and kept as sent. A user
     key owns it; an admin upload belongs to no user and only the admin key sees it."""
+    if len((await request.form()).getlist("file")) > 1:  # the form is parsed once; this reads it again
+        raise InvalidInput("upload one file per request (this one has several `file` parts)", param="file")
     data = await file.read()
     row = create_file(session, settings, caller, file.filename or "", purpose, data)
     session.commit()  # before answering: the client may name the file in its very next request

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
@@ -26,6 +27,7 @@ from core.service.jobs import (
 from core.service.quotas import check_job_quota
 from core.service.samples import add_samples
 
+_EVENT_ID = re.compile(r"[0-9]{1,18}")
 JobStatusFilter = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
@@ -53,7 +55,9 @@ def create(
         base_model_ids=(base_model_id, settings.base_model),
     )
     hyperparameters = _with_seed(body.hyperparameters, body.seed)
-    texts = file_texts(session, settings, caller, body.training_file, "training_file") if body.training_file else []
+    texts = (
+        [] if body.training_file is None else file_texts(session, settings, caller, body.training_file, "training_file")
+    )
     if body.validation_file is not None:
         file_texts(session, settings, caller, body.validation_file, "validation_file")
     if not caller.is_admin:
@@ -61,7 +65,7 @@ def create(
     if texts:
         add_samples(session, settings, user, texts, source="upload")
     job = create_job(session, "retrain", [user], hyperparameters)
-    if body.training_file:
+    if body.training_file is not None:
         add_event(session, job.id, f"Training file {body.training_file}: {len(texts)} sample(s) added or kept")
     commit_and_dispatch(session, dispatcher, [job])
     return job_object(job, base_model_id, caller.user_id)
@@ -111,9 +115,10 @@ def events(
     job = get_job(session, caller, job_id)
     cursor = None
     if after is not None:
+        # ASCII digits that fit the id column: `isdigit()` also takes "²" and any length (a 500).
         digits = after.removeprefix("ftevent-")
-        if not digits.isdigit():
-            raise InvalidInput(f"unknown cursor 'after={after}'", param="after")
+        if not _EVENT_ID.fullmatch(digits):
+            raise InvalidInput(f"unknown cursor 'after={after[:100]}'", param="after")
         cursor = int(digits)
     rows, has_more = list_events(session, job, after=cursor, limit=limit, caller=caller)
     return FineTuningJobEventList(data=[event_object(e) for e in rows], has_more=has_more)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from api.deps import AdminDep, CallerDep, ContextDep, SessionDep
+from api.deps import AdminDep, CallerDep, ContextDep, SessionDep, VersionPath
 from api.openapi import ADMIN_ERRORS, errors
 from api.responses import (
     ApiKey,
@@ -95,7 +95,7 @@ def prefixes(user_id: str, session: SessionDep, caller: CallerDep) -> PrefixVers
 
 
 @router.post("/{user_id}/prefixes/{version}/activate", responses=errors(409))
-def activate(user_id: str, version: int, session: SessionDep, caller: CallerDep) -> PrefixVersion:
+def activate(user_id: str, version: VersionPath, session: SessionDep, caller: CallerDep) -> PrefixVersion:
     """Serve this version from now on (roll back to an earlier one, or forward again)."""
     user = get_user(session, caller, user_id)
     return prefix_object(user, activate_version(session, user.id, version))

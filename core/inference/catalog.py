@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from core.db import PrefixVersion, User
@@ -39,7 +39,13 @@ from core.inference.prefix_cache import PrefixRef
 from core.service import controls
 from core.service.api_keys import Caller
 from core.service.errors import InvalidInput, NotFound
-from core.service.model_ids import POPULATION_CONTROL, format_model_id, parse_control_ref, parse_model_id
+from core.service.model_ids import (
+    EXTERNAL_ID_PATTERN,
+    POPULATION_CONTROL,
+    format_model_id,
+    parse_control_ref,
+    parse_model_id,
+)
 from core.service.registry import active_prefix, served_population
 
 USER_ALIAS = "user:"
@@ -91,12 +97,18 @@ def resolve_model(
 def _split_controls(
     session: Session, caller: Caller, model: str, base_model_id: str
 ) -> tuple[list[PrefixRef], list[tuple[str, int | None]]]:
-    """(the prefixes of the model part, the controls after it); see the module docstring."""
+    """(the prefixes of the model part, the controls after it); see the module docstring.
+
+    Only the cuts that leave at most `MAX_CONTROLS_PER_REQUEST` controls are tried, longest head
+    first, so a long `+` chain costs a handful of lookups whatever its length (a chain of 3,000
+    parts once cost a query per cut and seconds of CPU)."""
     parts = model.split(CONTROL_SEPARATOR)
-    for cut in range(len(parts), 0, -1):
-        head, tail = CONTROL_SEPARATOR.join(parts[:cut]), [parse_control_ref(part) for part in parts[cut:]]
+    shortest_head = max(1, len(parts) - controls.MAX_CONTROLS_PER_REQUEST)
+    for cut in range(len(parts), shortest_head - 1, -1):
+        tail = [parse_control_ref(part) for part in parts[cut:]]
         if None in tail:
             continue
+        head = CONTROL_SEPARATOR.join(parts[:cut])
         if head.startswith(controls.EXTERNAL_ID_PREFIX):
             alone = parse_control_ref(head.removeprefix(controls.EXTERNAL_ID_PREFIX))
             if alone is not None:
@@ -106,7 +118,14 @@ def _split_controls(
             return _resolve_one(session, caller, head, base_model_id), tail
         except NotFound:
             continue
-    raise NotFound(f"The model '{model}' does not exist or you do not have access to it.")
+    if shortest_head > 1:
+        raise InvalidInput(f"at most {controls.MAX_CONTROLS_PER_REQUEST} controls per request", param="model")
+    raise NotFound(f"The model '{_shown(model)}' does not exist or you do not have access to it.")
+
+
+def _shown(model: str) -> str:
+    """`model` as an error message quotes it: a long one cut short (the message is not a mirror)."""
+    return model if len(model) <= 200 else model[:200] + "..."
 
 
 def _control_ref(session: Session, name: str, version: int | None, base_model_id: str) -> PrefixRef:
@@ -137,10 +156,10 @@ def _resolve_one(session: Session, caller: Caller, model: str, base_model_id: st
             param="model",
         )
     if row is None:
-        raise NotFound(f"The model '{model}' does not exist or you do not have access to it.")
+        raise NotFound(f"The model '{_shown(model)}' does not exist or you do not have access to it.")
     if row.status == "corrupt":
         raise CorruptModel(
-            f"The model '{model}' is corrupt in storage (checksum mismatch) and cannot be served; "
+            f"The model '{_shown(model)}' is corrupt in storage (checksum mismatch) and cannot be served; "
             f"use 'user:{user.external_id}' for the user's current good version."
         )
     population = served_population(session, row)
@@ -186,32 +205,39 @@ def list_models(session: Session, caller: Caller, base_model_id: str, base_creat
 
 
 def _parse(model: str, base_model_id: str) -> tuple[str, int | None]:
-    if model.startswith(USER_ALIAS) and len(model) > len(USER_ALIAS):
+    if model.startswith(USER_ALIAS) and EXTERNAL_ID_PATTERN.fullmatch(model[len(USER_ALIAS) :]):
         return model[len(USER_ALIAS) :], None
     ref = parse_model_id(model)
     if ref is None or ref.base_model_id != base_model_id:
-        raise NotFound(f"The model '{model}' does not exist or you do not have access to it.")
+        raise NotFound(f"The model '{_shown(model)}' does not exist or you do not have access to it.")
     return ref.external_id, ref.version
 
 
 def retrieve_model(
     session: Session, caller: Caller, model: str, base_model_id: str, base_created: int = 0
 ) -> ModelEntry:
-    """One model id the caller may use, as `/v1/models` lists it; `NotFound` otherwise (also for a
-    user without an active prefix, and for corrupt versions, which are never listed)."""
-    missing = NotFound(f"The model '{model}' does not exist or you do not have access to it.")
+    """One model id the caller may use: every id `/v1/models` lists, and every other id a completion
+    accepts (`control:<name>:v<N>`, `user:<id>+<control>`, ...); `NotFound` otherwise (also for a
+    user without an active prefix, and for corrupt versions, which are never listed).
+
+    It is the completion's own resolution, so the two cannot disagree; `created` is the newest
+    composed part's, `owned_by` the user's external id when a user's prefix is part of it."""
+    missing = NotFound(f"The model '{_shown(model)}' does not exist or you do not have access to it.")
     if model == base_model_id:
         return ModelEntry(base_model_id, "steer", base_created)
-    if model.startswith(controls.EXTERNAL_ID_PREFIX):
-        control = _live_subject(session, model, controls.CONTROL)
-        row = None if control is None else active_prefix(session, control.id)
-        if row is None or row.base_model_id != base_model_id:
-            raise missing
-        return ModelEntry(model, "steer", int(row.created_at.timestamp()))
-    user, row = _user_version(session, caller, model, base_model_id)
-    if row is None or row.status == "corrupt":
+    try:
+        refs = resolve_model(session, caller, model, base_model_id)
+    except (InvalidInput, CorruptArtifact):  # NoTrainedPrefix is an InvalidInput
+        raise missing from None
+    if not refs:  # the base model composed with nothing: only its own id names it
         raise missing
-    return ModelEntry(model, user.external_id, int(row.created_at.timestamp()))
+    rows = session.execute(
+        select(PrefixVersion.created_at, User.kind, User.external_id)
+        .join(User, User.id == PrefixVersion.user_id)
+        .where(or_(*(and_(PrefixVersion.user_id == r.user_id, PrefixVersion.version == r.version) for r in refs)))
+    ).all()
+    owner = next((external_id for _, kind, external_id in rows if kind == "user"), "steer")
+    return ModelEntry(model, owner, max(int(created.timestamp()) for created, _, _ in rows))
 
 
 def retire_model(session: Session, caller: Caller, model: str, base_model_id: str) -> PrefixVersion:
@@ -224,7 +250,7 @@ def retire_model(session: Session, caller: Caller, model: str, base_model_id: st
         raise InvalidInput("name one version to retire: ft:<base>:<external_id>:v<N>", param="model")
     user, row = _user_version(session, caller, model, base_model_id)
     if row is None:
-        raise NotFound(f"The model '{model}' does not exist or you do not have access to it.")
+        raise NotFound(f"The model '{_shown(model)}' does not exist or you do not have access to it.")
     if row.status == "active":
         fallback = session.scalar(
             select(PrefixVersion)
@@ -258,7 +284,7 @@ def _user_version(
     external_id, version = _parse(model, base_model_id)
     user = _live_subject(session, external_id, "user")
     if user is None or not caller.may_access(user.id):
-        raise NotFound(f"The model '{model}' does not exist or you do not have access to it.")
+        raise NotFound(f"The model '{_shown(model)}' does not exist or you do not have access to it.")
     row = _named_version(session, user.id, version)
     if row is not None and row.base_model_id != base_model_id:
         row = None

@@ -34,6 +34,28 @@ if TYPE_CHECKING:
 MAX_N = 16
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # what OpenAI's legacy completions endpoint defaults to
+MAX_MODEL_CHARS = 1024
+"""Longer than any model id with its controls (an external id is at most 128 characters, a model
+string names at most four controls of 64): a longer `model` is refused before it is parsed."""
+
+# OpenAI parameters this server does not serve, and the values of each that ask for nothing (sent
+# by clients that fill every field): any other value is a 400 naming the parameter, never a 200
+# that silently lacks what was asked for.
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none"),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+}
 
 
 @dataclass(frozen=True)
@@ -68,7 +90,7 @@ class _Common(BaseModel):
     chat: ClassVar[bool]
     default_max_tokens: ClassVar[int]
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MAX_MODEL_CHARS)
     # Integers must be JSON integers, as OpenAI requires: "5" or 5.0 or true is a 400.
     max_tokens: int | None = Field(default=None, ge=1, strict=True)
     temperature: float = 1.0
@@ -78,7 +100,7 @@ class _Common(BaseModel):
     n: int = Field(default=1, ge=1, le=MAX_N, strict=True)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, strict=True)
-    stream: bool = False
+    stream: bool = Field(default=False, strict=True)  # "yes" or 1 is a 400, as OpenAI answers
     stream_options: dict[str, Any] | None = None
     controls: list[str] = Field(default_factory=list, max_length=16)
 
@@ -194,7 +216,7 @@ class CompletionBody(_Common):
     default_max_tokens: ClassVar[int] = DEFAULT_COMPLETION_MAX_TOKENS
 
     prompt: str | list[str] | list[int]
-    echo: bool = False
+    echo: bool = Field(default=False, strict=True)
 
     def prompt_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         prompt = self.prompt_text_or_ids()
@@ -219,10 +241,19 @@ def parse_body(cls: type[_Common], data: Any) -> Any:
     if not isinstance(data, dict):
         raise InvalidInput("the request body must be a JSON object")
     refuse_lone_surrogates(data)
+    refuse_unsupported(data)
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
         raise InvalidInput.from_validation(exc) from exc
+
+
+def refuse_unsupported(data: dict[str, Any]) -> None:
+    """400 naming the first parameter that asks for something this server does not do."""
+    for name, harmless in _UNSUPPORTED.items():
+        value = data.get(name)
+        if not any(type(value) is type(ok) and value == ok for ok in harmless):
+            raise InvalidInput(f"{name} is not supported by this server; leave it out", param=name)
 
 
 def refuse_lone_surrogates(data: Any) -> None:

@@ -65,13 +65,21 @@ class CompletionService:
         self.session_factory = session_factory
         self.request_timeout_s = request_timeout_s
 
-    async def submit(self, caller: Caller, request: CompletionRequest, base_model_id: str) -> Submission:
-        """Queue `request` for `caller`; the submission's `job` is the one that runs.
+    async def submit(
+        self,
+        caller: Caller,
+        request: CompletionRequest,
+        base_model_id: str,
+        prefixes: list[PrefixRef] | None = None,
+    ) -> Submission:
+        """Queue `request` for `caller`; the submission's `job` is the one that runs. `prefixes` are
+        what `resolve` gave for this request (resolved here when None).
 
         Raises what resolution raises (NotFound, NoTrainedPrefix, CorruptModel), what the
         completer raises (QueueFull, InvalidRequest, InferenceUnavailable, ...), or
         InferenceFailed when no intact prefix version could be loaded."""
-        prefixes = await self._resolve(caller, request, base_model_id)
+        if prefixes is None:
+            prefixes = await self.resolve(caller, request, base_model_id)
         job = request.job(prefixes, deadline=time.time() + self.request_timeout_s)
         for _ in range(MAX_CORRUPT_FALLBACKS):
             try:
@@ -83,11 +91,13 @@ class CompletionService:
                 if exc.ref is None:
                     raise
                 await self._quarantine(job, exc.ref, exc)
-                prefixes = await self._resolve(caller, request, base_model_id)
+                prefixes = await self.resolve(caller, request, base_model_id)
                 job = dataclasses.replace(job, prefixes=tuple(prefixes), request_id=uuid.uuid4().hex)
         raise InferenceFailed("no intact prefix version could be loaded for this model")
 
-    async def _resolve(self, caller: Caller, request: CompletionRequest, base_model_id: str) -> list[PrefixRef]:
+    async def resolve(self, caller: Caller, request: CompletionRequest, base_model_id: str) -> list[PrefixRef]:
+        """The prefixes `request.model` names for `caller` (authorization: raises NotFound, ...)."""
+
         def resolve() -> list[PrefixRef]:
             with self.session_factory() as session:
                 return catalog.resolve_model(session, caller, request.model, base_model_id, request.controls)

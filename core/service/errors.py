@@ -40,6 +40,10 @@ class PayloadTooLarge(InvalidInput):
     """An upload is larger than `STEER_MAX_UPLOAD_BYTES`."""
 
 
+class StorageLimitExceeded(InvalidInput):
+    """Storing this would take a key past a configured storage limit (the message names it)."""
+
+
 class Unauthenticated(ServiceError):
     """No API key, or one that matches no active key."""
 

@@ -16,20 +16,22 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core.config import Settings
 from core.db.models import FILE_ID_PREFIX, File
 from core.service.api_keys import Caller
-from core.service.errors import InvalidInput, NotFound, PayloadTooLarge
+from core.service.errors import InvalidInput, NotFound, PayloadTooLarge, StorageLimitExceeded
 from core.service.pagination import Page, paginate
 from core.service.samples import parse_sample_file, validate_samples
 
 PURPOSE = "fine-tune"
 _FILE_ID = re.compile(re.escape(FILE_ID_PREFIX) + r"[0-9a-f]{32}")
 _MAX_FILENAME = 255
+_UNPRINTABLE = {"Cc", "Cf", "Zl", "Zp"}  # control and format characters, line/paragraph separators
 
 
 def training_texts(filename: str, data: bytes, settings: Settings, param: str = "file") -> list[str]:
@@ -102,11 +104,36 @@ def create_file(session: Session, settings: Settings, caller: Caller, filename: 
     filename = (filename or "").rsplit("/", 1)[-1]
     if not filename or len(filename) > _MAX_FILENAME:
         raise InvalidInput(f"the file needs a name of 1-{_MAX_FILENAME} characters", param="file")
+    if any(unicodedata.category(char) in _UNPRINTABLE for char in filename):
+        # NUL, newlines, ESC ...: echoed back they corrupt logs and terminals, and PostgreSQL
+        # refuses a NUL in text outright.
+        raise InvalidInput("the file name may not contain control characters", param="file")
     training_texts(filename, data, settings)
+    if caller.user_id is not None:
+        _check_storage(session, settings, caller.user_id, len(data))
     row = File(user_id=caller.user_id, filename=filename, purpose=purpose, bytes=len(data), data=data)
     session.add(row)
     session.flush()
     return row
+
+
+def _check_storage(session: Session, settings: Settings, user_id: str, new_bytes: int) -> None:
+    """A user key keeps at most `max_files_per_user` files of `max_file_bytes_per_user` bytes in all
+    (an admin upload belongs to no user and is the operator's own)."""
+    count, stored = session.execute(
+        select(func.count(File.id), func.coalesce(func.sum(File.bytes), 0)).where(File.user_id == user_id)
+    ).one()
+    if count >= settings.max_files_per_user:
+        raise StorageLimitExceeded(
+            f"this key already stores {count} files, the limit (STEER_MAX_FILES_PER_USER); delete one first",
+            param="file",
+        )
+    if stored + new_bytes > settings.max_file_bytes_per_user:
+        raise StorageLimitExceeded(
+            f"this file's {new_bytes} bytes would bring this key's stored files to {stored + new_bytes} bytes; "
+            f"the limit is {settings.max_file_bytes_per_user} (STEER_MAX_FILE_BYTES_PER_USER); delete files first",
+            param="file",
+        )
 
 
 def get_file(session: Session, caller: Caller, file_id: str) -> File:

@@ -22,12 +22,14 @@ from core.service.errors import InvalidInput
 from core.training import TrainingConfig
 
 AUTO = "auto"
+MAX_SEED = 2**31 - 1
+"""The largest training seed (also of the population's draw): within every RNG's range."""
 # name -> (type, minimum, maximum); None bounds are open.
 _INTS = {
     "prefix_len": (1, 512),
     "max_steps": (1, 100_000),
     "batch_size": (1, 256),
-    "seed": (0, 2**31 - 1),
+    "seed": (0, MAX_SEED),
     "lora_rank": (1, 64),
 }
 _FLOATS = {

@@ -26,6 +26,8 @@ POPULATION_COPY_SOURCE = "population:"
 CONTROL_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _CONTROL_REF = re.compile(r"^([a-z][a-z0-9_-]{0,63})(?::v([1-9][0-9]{0,8}))?$")
 _VERSION = re.compile(r"^v([1-9][0-9]{0,8})$")
+MAX_VERSION = 999_999_999
+"""The largest version number a model id can name (`v` and at most nine digits)."""
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,8 @@ SAMPLES_PER_USER = 20
 """Samples drawn from each user unless the admin asks otherwise (the evaluation's recipe)."""
 MAX_USERS = 256
 """Users drawn (at random) unless the admin asks otherwise."""
+MAX_SAMPLES_PER_USER = 1000
+MAX_DRAWN_USERS = 10_000
 
 
 def train_population(
@@ -81,10 +83,10 @@ def train_population(
     """Replace the population's samples with up to `samples_per_user` samples of each of up to
     `max_users` live users (drawn at random, reproducibly by `seed`), and queue its training job.
     Returns the control, the job, and counts of users and samples drawn."""
-    if not 1 <= samples_per_user <= 1000:
-        raise InvalidInput("samples_per_user must be in [1, 1000]", param="samples_per_user")
-    if not 1 <= max_users <= 10_000:
-        raise InvalidInput("max_users must be in [1, 10000]", param="max_users")
+    if not 1 <= samples_per_user <= MAX_SAMPLES_PER_USER:
+        raise InvalidInput(f"samples_per_user must be in [1, {MAX_SAMPLES_PER_USER}]", param="samples_per_user")
+    if not 1 <= max_users <= MAX_DRAWN_USERS:
+        raise InvalidInput(f"max_users must be in [1, {MAX_DRAWN_USERS}]", param="max_users")
     if samples_per_user * max_users > MAX_SAMPLES:
         raise InvalidInput(f"samples_per_user x max_users must be at most {MAX_SAMPLES}", param="max_users")
     values = validate_hyperparameters(hyperparameters)
