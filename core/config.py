@@ -128,6 +128,14 @@ class Settings(BaseSettings):
         description="Most generation requests waiting for a batch; beyond it requests get 429 with Retry-After.",
     )
     request_timeout_s: float = Field(default=120, gt=0, description="Seconds a generation request may wait and run.")
+    style_strength_default: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=2.0,
+        description="How strongly a user's prefix applies when a request names no `style_strength`: "
+        "logits = base + s * (personalised - base), the base model's row beside it in the batch "
+        "(1 = the personalised model alone, 0 = the base model).",
+    )
     infer_claim_idle_s: float = Field(
         default=30,
         gt=0,

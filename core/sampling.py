@@ -11,6 +11,8 @@ import torch
 
 from core.errors import InvalidRequest
 
+MAX_STYLE_STRENGTH = 2.0
+
 
 @dataclass
 class SamplingParams:
@@ -28,6 +30,11 @@ class SamplingParams:
     generated it so far (negative values favour repeats)."""
     presence_penalty: float = 0.0
     """OpenAI's: lowered by this once a row has generated the token at all."""
+    style_strength: float = 1.0
+    """How strongly a row's prefix (and LoRA) apply, by guidance against the base model: the row
+    decodes from logits = base + s * (personalised - base), the base model's row run beside it in
+    the same batch. 1 is the personalised row alone, 0 the base model's answer, above 1 amplifies
+    the difference. A row without a prefix ignores it."""
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -42,6 +49,8 @@ class SamplingParams:
             value = getattr(self, name)
             if not math.isfinite(value) or not -2.0 <= value <= 2.0:
                 raise InvalidRequest(f"{name} must be between -2 and 2")
+        if not math.isfinite(self.style_strength) or not 0.0 <= self.style_strength <= MAX_STYLE_STRENGTH:
+            raise InvalidRequest(f"style_strength must be between 0 and {MAX_STYLE_STRENGTH:g}")
 
     @property
     def greedy(self) -> bool:

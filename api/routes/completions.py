@@ -143,7 +143,9 @@ async def _count_against_quota(request: Request, caller: Caller, completion: Com
 
 def _read(body_type: type[ChatCompletionBody | CompletionBody], raw: bytes, context) -> CompletionRequest:
     """Parse, validate, template and tokenize a body: CPU-bound, so on a worker thread."""
-    return parse_body(body_type, parse_json(raw)).to_request(context.model_card())
+    return parse_body(body_type, parse_json(raw)).to_request(
+        context.model_card(), context.settings.style_strength_default
+    )
 
 
 def _large_readers() -> anyio.CapacityLimiter:

@@ -12,6 +12,12 @@ left-padded) and samples their first tokens, (2) runs one decoding pass over eve
 whatever user, prefix or prompt length it has, (3) samples all rows at once, each with its own
 parameters and generator (core/sampling.py), and (4) evicts finished rows. Each row's columns,
 positions and mask are its own, so a row's output does not depend on its neighbours.
+
+A request with a `style_strength` s other than 1 (and a prefix or LoRA to weaken or amplify) runs as
+two rows of the same batch: its own, and a *guide* row of the base model with the same prompt that
+is fed the same tokens. Its tokens are sampled from base + s * (own - base), computed per step from
+the two rows' logits (classifier-free guidance, DExperts' expert-minus-base). s = 0 is served as the
+base model's row alone: the same answer, one row cheaper.
 """
 
 from __future__ import annotations
@@ -62,6 +68,20 @@ class GenerationRequest:
         """Columns this request's prefill needs: its prefix plus its prompt."""
         return prefix_length(self.prefix) + len(self.prompt_ids)
 
+    @property
+    def personalised(self) -> bool:
+        return prefix_length(self.prefix) > 0 or self.lora is not None
+
+    @property
+    def guided(self) -> bool:
+        """Decoded against a guide row of the base model (0 < style_strength != 1)."""
+        return self.personalised and self.params.style_strength not in (0.0, 1.0)
+
+    @property
+    def rows(self) -> int:
+        """Rows of the running batch this request takes: its own, and its guide row if guided."""
+        return 2 if self.guided else 1
+
 
 @dataclass
 class GenerationResult:
@@ -81,6 +101,10 @@ class _Row:
     request: GenerationRequest
     generator: torch.Generator
     output: RowOutput
+    guide: _Row | None = None
+    """The base model's row this one is guided against (style_strength), if any."""
+    guides: _Row | None = None
+    """For a guide row: the row it guides. It shares that row's output: same tokens, same end."""
 
     @property
     def finished(self) -> bool:
@@ -137,7 +161,8 @@ class MixedBatchGenerator:
 
     @property
     def running(self) -> int:
-        return len(self._rows)
+        """Requests in the running batch (a guided one takes two rows, and counts once)."""
+        return sum(row.guides is None for row in self._rows)
 
     @property
     def queued(self) -> int:
@@ -174,9 +199,16 @@ class MixedBatchGenerator:
 
     def _prefill(self, requests: list[GenerationRequest]) -> None:
         """Prefill a group together, sample its first tokens, and add its rows to the batch."""
-        loras = [r.lora for r in requests]
-        logits, cache = self.runner.prefill([r.prompt_ids for r in requests], [r.prefix for r in requests], loras)
-        rows = [_Row(r, make_generator(r.params.seed), self.outputs.new_row(r.params)) for r in requests]
+        rows: list[_Row] = []
+        for request in requests:
+            row = _Row(request, make_generator(request.params.seed), self.outputs.new_row(request.params))
+            rows.append(row)
+            if request.guided:
+                row.guide = _Row(request, row.generator, row.output, guides=row)
+                rows.append(row.guide)
+        prefixes = [_served_prefix(row) for row in rows]
+        loras = [None if row.guides is not None or _as_base(row.request) else row.request.lora for row in rows]
+        logits, cache = self.runner.prefill([row.request.prompt_ids for row in rows], prefixes, loras)
         self._accept(rows, logits, cache.next_position.tolist())
         self.runner.join(cache, list(range(len(rows))), loras)
         self._rows.extend(rows)
@@ -186,10 +218,22 @@ class MixedBatchGenerator:
         self._accept(self._rows, logits, self.runner.next_positions())
 
     def _accept(self, rows: list[_Row], logits: torch.Tensor, positions: list[int]) -> None:
+        """Sample one token for each request's row of `rows` (guide rows follow theirs)."""
+        index = {id(row): i for i, row in enumerate(rows)}
+        own = [i for i, row in enumerate(rows) if row.guides is None]
+        if len(own) < len(rows):
+            logits = logits.clone()
+            for i in own:
+                guide = rows[i].guide
+                if guide is not None:  # base + s * (own - base), in float32
+                    base = logits[index[id(guide)]]
+                    logits[i] = base + rows[i].request.params.style_strength * (logits[i] - base)
+            logits = logits[own]
+        mine = [rows[i] for i in own]
         tokens = sample_tokens(
-            logits, [r.output.params for r in rows], [r.generator for r in rows], [r.output.token_ids for r in rows]
+            logits, [r.output.params for r in mine], [r.generator for r in mine], [r.output.token_ids for r in mine]
         )
-        for row, token, position in zip(rows, tokens, positions):
+        for row, token, position in zip(mine, tokens, [positions[i] for i in own]):
             piece = self.outputs.accept(row.output, token, position)
             if piece and row.request.on_text is not None:
                 row.request.on_text(piece)
@@ -200,9 +244,20 @@ class MixedBatchGenerator:
             return []
         self.runner.keep([i for i, row in enumerate(self._rows) if not row.finished])
         self._rows = [row for row in self._rows if not row.finished]
+        done = [row for row in done if row.guides is None]
         for row in done:
             self.scheduler.finished(row.request.request_id)
         return [_result(row) for row in done]
+
+
+def _as_base(request: GenerationRequest) -> bool:
+    """style_strength 0: the base model's answer, served as its row alone."""
+    return request.params.style_strength == 0.0
+
+
+def _served_prefix(row: _Row) -> Prefix:
+    """The prefix a batch row runs under: none for a guide row or a request at strength 0."""
+    return None if row.guides is not None or _as_base(row.request) else row.request.prefix
 
 
 def _result(row: _Row) -> GenerationResult:

@@ -21,6 +21,10 @@ class Schedulable(Protocol):
     def width(self) -> int:
         """Prefix plus prompt tokens: the columns this request's prefill needs."""
 
+    @property
+    def rows(self) -> int:
+        """Rows of the running batch it takes (2 for a request guided against the base model)."""
+
 
 @dataclass
 class StepPlan:
@@ -49,7 +53,7 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.prefill_token_budget = prefill_token_budget
         self.queue: deque[Schedulable] = deque()
-        self.running: set[Hashable] = set()
+        self.running: dict[Hashable, int] = {}  # request id -> rows it takes in the running batch
         self._cancelled: set[Hashable] = set()
 
     def add(self, request: Schedulable) -> None:
@@ -61,7 +65,7 @@ class Scheduler:
 
     def finished(self, request_id: Hashable) -> None:
         """A running row left the batch."""
-        self.running.discard(request_id)
+        self.running.pop(request_id, None)
         self._cancelled.discard(request_id)
 
     def plan(self) -> StepPlan:
@@ -73,24 +77,34 @@ class Scheduler:
                 self.queue.remove(request)
                 self._cancelled.discard(request.request_id)
             plan.cancelled = [r for r in self._cancelled if r in self.running]
-        room = self.max_batch_size - len(self.running)
-        while self.queue and room > 0:
+        room = self.max_batch_size - sum(self.running.values())
+        while self.queue and self._fits(self.queue[0], room, plan):
             group = self._next_group(room)
             plan.prefill.append(group)
-            room -= len(group)
-            self.running.update(r.request_id for r in group)
+            room -= sum(_rows(r) for r in group)
+            self.running.update((r.request_id, _rows(r)) for r in group)
         return plan
+
+    def _fits(self, request: Schedulable, room: int, plan: StepPlan) -> bool:
+        """Whether `request` may join now: its rows fit, or it is alone in an empty batch (a guided
+        request on a batch of one row must still run)."""
+        return _rows(request) <= room or (not self.running and not plan.prefill)
 
     def _next_group(self, room: int) -> list[Schedulable]:
         group: list[Schedulable] = []
-        widest = 0
-        while self.queue and len(group) < room:
+        widest = rows = 0
+        while self.queue and (rows + _rows(self.queue[0]) <= room or not group):
             width = max(widest, self.queue[0].width)
-            if group and width * (len(group) + 1) > self.prefill_token_budget:
+            if group and width * (rows + _rows(self.queue[0])) > self.prefill_token_budget:
                 break
-            group.append(self.queue.popleft())
-            widest = width
+            request = self.queue.popleft()
+            group.append(request)
+            widest, rows = width, rows + _rows(request)
         return group
+
+
+def _rows(request: Schedulable) -> int:
+    return getattr(request, "rows", 1)
 
 
 def _ids(requests: list[Schedulable]) -> str:

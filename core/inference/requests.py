@@ -23,7 +23,7 @@ from core.errors import InvalidRequest
 from core.inference.jobs import InferenceJob
 from core.inference.prefix_cache import PrefixRef
 from core.prompts import chat_prompt_ids, text_ids
-from core.sampling import SamplingParams
+from core.sampling import MAX_STYLE_STRENGTH, SamplingParams
 from core.service.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -103,6 +103,14 @@ class _Common(BaseModel):
     stream: bool = Field(default=False, strict=True)  # "yes" or 1 is a 400, as OpenAI answers
     stream_options: dict[str, Any] | None = None
     controls: list[str] = Field(default_factory=list, max_length=16)
+    style_strength: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=MAX_STYLE_STRENGTH,
+        description="How strongly the user's voice applies (`extra_body` in the openai client): the "
+        "answer decodes from base + s * (personalised - base); 1 = the personalised model, 0 = the base "
+        "model's answer; the deployment's default when left out.",
+    )
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
@@ -114,13 +122,20 @@ class _Common(BaseModel):
     def _finite_penalty(cls, value: Any) -> Any:
         return 0.0 if value is None else _finite_number(value)
 
+    @field_validator("style_strength", mode="before")
+    @classmethod
+    def _finite_strength(cls, value: Any) -> Any:
+        return None if value is None else _finite_number(value)
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.get("include_usage"))
 
-    def to_request(self, card: ModelCard) -> CompletionRequest:
+    def to_request(self, card: ModelCard, style_strength_default: float = 1.0) -> CompletionRequest:
         """The request this body asks for on the base model of `card`, or `InvalidInput`."""
         params = self.sampling(card.max_context)
+        if self.style_strength is None:
+            params.style_strength = style_strength_default
         prompt_ids = self.prompt_ids(card.tokenizer)
         param = "messages" if self.chat else "prompt"
         if not prompt_ids:
@@ -151,6 +166,7 @@ class _Common(BaseModel):
             self.seed,
             frequency_penalty=float(self.frequency_penalty),
             presence_penalty=float(self.presence_penalty),
+            style_strength=1.0 if self.style_strength is None else float(self.style_strength),
         )
         try:
             params.validate()
@@ -278,7 +294,15 @@ def refuse_lone_surrogates(data: Any) -> None:
 
 
 def _param_of(message: str) -> str | None:
-    for name in ("max_tokens", "temperature", "top_p", "stop", "frequency_penalty", "presence_penalty"):
+    for name in (
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "frequency_penalty",
+        "presence_penalty",
+        "style_strength",
+    ):
         if message.startswith(name):
             return name
     return None
