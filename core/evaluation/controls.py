@@ -34,20 +34,20 @@ import random
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from core.data import FORMAT_CHAT, FORMAT_PLAIN, IGNORE, Example, build_examples, prepare_samples
+from core.data import FORMAT_PLAIN, IGNORE, Example, build_examples, prepare_samples
 from core.evaluation import datasets
 from core.evaluation.metrics import PrefixScorer, ppl, score_rows
-from core.evaluation.runner import environment
+from core.evaluation.runner import environment, service_settings
 from core.generation import FINISH_STOP, GenerationRequest, MixedBatchGenerator
 from core.model import BaseModel
-from core.prefix import PrefixConfig
 from core.prompts import chat_prompt_ids
 from core.sampling import SamplingParams
+from core.service.recipe import control_recipe, user_recipe
 from core.training import TrainingConfig, UserData, train_prefixes
 
 LENGTH, REGISTER = "length", "register"
@@ -101,18 +101,21 @@ class ControlEvalSpec:
     test_per_user: int = 4
     samples_per_control: int = 24
     test_per_control: int = 4
-    user_steps: int = 30
-    control_steps: int = 30
-    batch_size: int = 2
-    max_seq_len: int = 96
-    prefix_len: int = 16
-    learning_rate: float = 2e-3
-    eval_every: int = 10
-    patience: int = 3
-    user_preservation: float = TrainingConfig.preservation_weight
-    """KL-to-base weight of the users' prefixes (the service default)."""
-    control_preservation: float = 0.0
-    """KL-to-base weight of the controls (the service side's plan: 0)."""
+    # Training knobs: overrides of the service's recipe (core/service/recipe.py) for the users' job
+    # and the controls' job; None, the default of each, trains what the service trains.
+    user_steps: int | None = None
+    control_steps: int | None = None
+    batch_size: int | None = None
+    max_seq_len: int | None = None
+    prefix_len: int | None = None
+    learning_rate: float | None = None
+    eval_every: int | None = None
+    patience: int | None = None
+    user_preservation: float | None = None
+    """KL-to-base weight of the users' prefixes (None: the service's)."""
+    control_preservation: float | None = None
+    """KL-to-base weight of the controls (None: the service's for controls, 0)."""
+    compute_dtype: str | None = None
     max_companions: int = 8
     """Most users' prefixes one control trains beside (the service side's plan: up to 8)."""
     prompts: int = 6
@@ -122,19 +125,32 @@ class ControlEvalSpec:
     seed: int = 0
     out: str = "eval-controls"
 
-    def training_config(self, steps: int, preservation: float) -> TrainingConfig:
-        return TrainingConfig(
-            prefix=PrefixConfig(prefix_len=self.prefix_len),
-            learning_rate=self.learning_rate,
-            max_steps=steps,
-            batch_size=self.batch_size,
-            max_seq_len=self.max_seq_len,
-            eval_every=self.eval_every,
-            patience=self.patience,
-            formats=(FORMAT_PLAIN, FORMAT_CHAT),
-            seed=self.seed,
-            preservation_weight=preservation,
+    def training_config(self, kind: str = "user") -> TrainingConfig:
+        """The service's recipe for a `kind` ("user" or "control") job, with this spec's overrides."""
+        settings = service_settings()
+        config = user_recipe(settings) if kind == "user" else control_recipe(settings)
+        steps, preservation = (
+            (self.user_steps, self.user_preservation)
+            if kind == "user"
+            else (self.control_steps, self.control_preservation)
         )
+        fields = {
+            "max_steps": steps,
+            "preservation_weight": preservation,
+            "batch_size": self.batch_size,
+            "max_seq_len": self.max_seq_len,
+            "learning_rate": self.learning_rate,
+            "eval_every": self.eval_every,
+            "patience": self.patience,
+            "compute_dtype": self.compute_dtype,
+            "seed": self.seed,
+        }
+        config = replace(config, **{k: v for k, v in fields.items() if v is not None})
+        if steps is not None:  # the service's warm-up follows its step budget
+            config = replace(config, warmup_steps=min(10, max(0, steps // 10)))
+        if self.prefix_len is not None:
+            config = replace(config, prefix=replace(config.prefix, prefix_len=self.prefix_len))
+        return config
 
 
 # --- corpora -------------------------------------------------------------------------------------
@@ -234,7 +250,7 @@ def check_disjoint(users: dict[str, datasets.UserTexts], controls: list[ControlC
 
 def train_user_prefixes(base: BaseModel, users: dict[str, datasets.UserTexts], spec: ControlEvalSpec, log=None):
     """Every user's own prefix, all users in one shared job."""
-    config = spec.training_config(spec.user_steps, spec.user_preservation)
+    config = spec.training_config("user")
     trained = train_prefixes(base, [UserData(u.user, u.train) for u in users.values()], config, on_progress=log)
     return {t.user_id: t.kv for t in trained}, {t.user_id: _training_summary(t.metrics) for t in trained}
 
@@ -254,7 +270,7 @@ def train_controls(
     base: BaseModel, controls: list[ControlCorpus], companions: list | None, spec: ControlEvalSpec, log=None
 ):
     """All controls of one recipe in one shared job; each sees `companions` before it, in turn."""
-    config = spec.training_config(spec.control_steps, spec.control_preservation)
+    config = spec.training_config("control")
     data = [UserData(c.name, c.train, companions=companions) for c in controls]
     trained = train_prefixes(base, data, config, on_progress=log)
     return {t.user_id: t.kv for t in trained}, {t.user_id: _training_summary(t.metrics) for t in trained}
@@ -554,8 +570,9 @@ def run_control_evaluation(
         t = phase(f"train controls ({recipe})", t)
     prefixes = composed_prefixes(user_kvs, control_kvs)
     scorer = PrefixScorer(base, prefixes)
-    own = {u: held_out_rows(base, users[u].test, spec.max_seq_len) for u in evaluated}
-    attribute = {c.name: held_out_rows(base, c.test, spec.max_seq_len) for c in controls}
+    max_seq_len = spec.training_config().max_seq_len
+    own = {u: held_out_rows(base, users[u].test, max_seq_len) for u in evaluated}
+    attribute = {c.name: held_out_rows(base, c.test, max_seq_len) for c in controls}
     scored = score_matrix(scorer, own, attribute, spec.recipes)
     t = phase("score", t)
     tags = evaluated + [f"{u}+{r}/{c.name}" for r in spec.recipes for u in evaluated for c in controls]

