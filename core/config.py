@@ -223,6 +223,18 @@ class Settings(BaseSettings):
         description="Weight of the KL-to-base term on base-model samples that keeps a prefix from changing "
         "the model on unrelated text, unless a job asks otherwise (0: off). Unset: the engine's default.",
     )
+    train_chat_requests: Literal["generic", "derived"] = Field(
+        default="generic",
+        description='The request each chat training row pairs a sample with: `generic` (one of four "write '
+        'in my voice" requests) or `derived` (a request the sample answers, from its own topic words: '
+        "core/data.py), so the prefix learns how the user answers a request, not to ignore it.",
+    )
+    train_preservation_prompts: Literal["none", "requests"] = Field(
+        default="none",
+        description="What the preservation anchors are: `none` (text the base model samples from nothing) or "
+        "`requests` (the base model's own answers to everyday requests: the KL term then keeps its instruction "
+        "following too).",
+    )
     train_method_default: Literal["prefix", "lora", "pt-peft", "auto"] = Field(
         default="prefix",
         description="What a job trains per user unless it asks otherwise (hyperparameter `method`): `prefix` "

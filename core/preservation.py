@@ -10,6 +10,11 @@ so a prefix may change what the user's text needs and pays for whatever else it 
 Data-free on purpose: no corpus to ship, and nothing of any other user is involved. The anchors
 depend only on the base model and the job's seed, so a user trained alone and the same user
 trained beside others see the same anchors (the multi-user equivalence still holds).
+
+Unconditioned anchors keep the model's *text* where it was; they say nothing about requests. With
+`ANCHOR_PROMPTS_REQUESTS` each anchor is instead a chat request of `ANCHOR_REQUESTS` and the base
+model's own sampled answer to it: the prefix is pulled to answer requests as the base model does,
+so it can change how an answer is said more cheaply than whether the request is answered.
 """
 
 from __future__ import annotations
@@ -19,8 +24,29 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from core.data import Example
+from core.data import IGNORE, Example
 from core.model import BaseModel
+from core.prompts import chat_prompt_ids
+
+ANCHOR_PROMPTS_NONE = "none"
+ANCHOR_PROMPTS_REQUESTS = "requests"
+ANCHOR_PROMPTS = (ANCHOR_PROMPTS_NONE, ANCHOR_PROMPTS_REQUESTS)
+ANCHOR_REQUESTS = (
+    "Reply to a friend who asked if you can come to dinner on Saturday.",
+    "Write a short note asking a neighbour to water your plants next week.",
+    "Explain in a few sentences how to boil an egg.",
+    "Announce to your team that the office will close early on Friday.",
+    "Thank a teacher for their help this year.",
+    "Describe the view from a window in winter.",
+    "Give three tips for a first job interview.",
+    "Write a message cancelling a meeting and proposing a new time.",
+    "Summarise why people enjoy reading novels.",
+    "Ask a shop whether an order has been sent yet.",
+    "Write a birthday message for a cousin.",
+    "Explain what a budget is to a child.",
+)
+"""Everyday requests whose base-model answers anchor instruction following. Kept apart from the
+evaluation's request bank (core/evaluation/tasks.py), which no training ever sees."""
 
 
 @dataclass
@@ -30,14 +56,25 @@ class Anchors:
     examples: list[Example]
     log_probs: list[torch.Tensor]
     """Per anchor, (len - 1, vocab) float32: the base model's prediction of each next token."""
+    first: list[int] | None = None
+    """Per anchor, the first position whose prediction the KL counts (None: all of them; a request
+    anchor counts only the positions that predict its answer)."""
+
+    def first_position(self, k: int) -> int:
+        return 0 if self.first is None else self.first[k]
 
     def __len__(self) -> int:
         return len(self.examples)
 
 
 @torch.no_grad()
-def sample_anchors(base: BaseModel, count: int, length: int, seed: int) -> Anchors:
-    """`count` sequences of `length` tokens sampled from the bare base model (seeded)."""
+def sample_anchors(base: BaseModel, count: int, length: int, seed: int, prompts: str = ANCHOR_PROMPTS_NONE) -> Anchors:
+    """`count` sequences of `length` tokens sampled from the bare base model (seeded): from nothing,
+    or (`prompts="requests"`) as answers to the first `count` of `ANCHOR_REQUESTS`."""
+    if prompts == ANCHOR_PROMPTS_REQUESTS:
+        return _request_anchors(base, count, length, seed)
+    if prompts != ANCHOR_PROMPTS_NONE:
+        raise ValueError(f"anchor prompts must be one of {ANCHOR_PROMPTS}, not {prompts!r}")
     tokenizer = base.tokenizer
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     prompt = torch.full((count, 1), start, dtype=torch.long, device=base.device)
@@ -58,10 +95,40 @@ def sample_anchors(base: BaseModel, count: int, length: int, seed: int) -> Ancho
     return Anchors([Example(row, list(row)) for row in sampled.tolist()], list(log_probs))
 
 
-def kl_from_base(hidden: torch.Tensor, base: BaseModel, base_log_probs: torch.Tensor) -> torch.Tensor:
+def _request_anchors(base: BaseModel, count: int, length: int, seed: int) -> Anchors:
+    """Each anchor: a request (chat-formatted) and the base model's sampled answer of `length`
+    tokens; the KL is taken over the answer's positions only (the request is the same either way)."""
+    tokenizer = base.tokenizer
+    examples, log_probs, first = [], [], []
+    with torch.random.fork_rng(devices=[base.device] if base.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for k in range(count):
+            request = ANCHOR_REQUESTS[k % len(ANCHOR_REQUESTS)]
+            prompt = torch.tensor(
+                [chat_prompt_ids(tokenizer, [{"role": "user", "content": request}])], device=base.device
+            )
+            sampled = base.model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                top_p=0.95,
+                temperature=1.0,
+                max_new_tokens=length,
+                min_new_tokens=length,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            row = sampled[0].tolist()
+            answer_from = prompt.shape[1]
+            examples.append(Example(row, [IGNORE] * answer_from + row[answer_from:]))
+            log_probs.append(F.log_softmax(base.model(input_ids=sampled).logits[0, :-1].float(), dim=-1))
+            first.append(answer_from - 1)  # the position that predicts the answer's first token
+    return Anchors(examples, log_probs, first)
+
+
+def kl_from_base(hidden: torch.Tensor, base: BaseModel, base_log_probs: torch.Tensor, first: int = 0) -> torch.Tensor:
     """Token-mean KL(base || prefixed) over one anchor row: `hidden` (T, H) is the prefixed model's
-    last hidden state at the anchor's positions (the last one is not scored)."""
-    logits = base.model.get_output_embeddings()(hidden[:-1]).float()
+    last hidden state at the anchor's positions (the last one is not scored), counted from `first`."""
+    logits = base.model.get_output_embeddings()(hidden[first:-1]).float()
     log_probs = F.log_softmax(logits, dim=-1)
     # kl_div(input=log q, target=log p) sums p * (log p - log q): KL(base || prefixed) per position.
-    return F.kl_div(log_probs, base_log_probs, log_target=True, reduction="none").sum(-1).mean()
+    return F.kl_div(log_probs, base_log_probs[first:], log_target=True, reduction="none").sum(-1).mean()

@@ -23,13 +23,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from core.data import FORMAT_CHAT, FORMAT_PLAIN, IGNORE, Example, build_examples, prepare_samples, split_samples
+from core.data import (
+    FORMAT_CHAT,
+    FORMAT_PLAIN,
+    IGNORE,
+    REQUESTS_GENERIC,
+    Example,
+    build_examples,
+    prepare_samples,
+    split_samples,
+)
 from core.errors import InvalidTrainingData, TrainingCancelled
 from core.lora import LoRAConfig
 from core.model import BaseModel
 from core.precision import FLOAT32, computing_in, resolve_compute_dtype, training_base
 from core.prefix import PrefixConfig
-from core.preservation import Anchors, kl_from_base, sample_anchors
+from core.preservation import ANCHOR_PROMPTS_NONE, Anchors, kl_from_base, sample_anchors
 from core.seq2seq import Seq2SeqPrefixMethod, is_encoder_decoder
 from core.tuning import PrefixMethod, TuningMethod, prefix_hidden_states
 
@@ -55,6 +64,9 @@ class TrainingConfig:
     """Evaluations without a validation improvement before a user stops early."""
     val_fraction: float = 0.15
     formats: tuple[str, ...] = (FORMAT_PLAIN, FORMAT_CHAT)
+    chat_requests: str = REQUESTS_GENERIC
+    """The request of each chat example: 'generic' (one of four "write in my voice" requests) or
+    'derived' (a request the sample answers, from its own topic words): core/data.py."""
     time_budget_s: float | None = None
     seed: int = 0
     prefix_len_candidates: tuple[int, ...] = ()
@@ -69,6 +81,9 @@ class TrainingConfig:
     """How many anchor sequences the base model samples per job (each step uses one per user)."""
     preservation_len: int = 48
     """Tokens per anchor sequence."""
+    preservation_prompts: str = ANCHOR_PROMPTS_NONE
+    """What the anchors answer: 'none' (sampled from nothing: the model's text is kept) or 'requests'
+    (the base model's answers to everyday requests: its instruction following is kept)."""
     method: str = "prefix"
     """What each user trains: 'prefix', 'lora', 'pt-peft' (a prefix stage, then a LoRA stage with
     that prefix kept) or 'auto' (each of them; per user, the lowest validation loss): core/adapters.py."""
@@ -320,7 +335,9 @@ def _train(base, method, users, config, on_progress, should_cancel) -> list[Trai
     runs = [_UserRun(base, method, u, config) for u in users]
     anchors = None
     if config.preservation_weight > 0 and getattr(method, "preserves", True):
-        anchors = sample_anchors(base, config.preservation_anchors, config.preservation_len, config.seed)
+        anchors = sample_anchors(
+            base, config.preservation_anchors, config.preservation_len, config.seed, config.preservation_prompts
+        )
     _evaluate(base, method, runs, config, initial=True)
     step = 0
     total_steps = max(r.max_steps for r in runs)
@@ -442,7 +459,12 @@ def _backward_group(
         # CPU (8 users, forward + backward), likely its users x tokens x vocabulary intermediates.
         kl = torch.stack(
             [
-                kl_from_base(hidden[len(rows) + j, : len(anchors.examples[k].input_ids)], base, anchors.log_probs[k])
+                kl_from_base(
+                    hidden[len(rows) + j, : len(anchors.examples[k].input_ids)],
+                    base,
+                    anchors.log_probs[k],
+                    anchors.first_position(k),
+                )
                 for j, k in enumerate(picked)
             ]
         )  # (U,)
@@ -527,7 +549,7 @@ def _examples(base: BaseModel, method: TuningMethod, texts: list[str], config: T
     examples for a decoder."""
     if hasattr(method, "examples"):
         return method.examples(texts, config)
-    return build_examples(base.tokenizer, texts, config.max_seq_len, config.formats)
+    return build_examples(base.tokenizer, texts, config.max_seq_len, config.formats, config.chat_requests)
 
 
 def _per_user_mean(token_sums, token_counts, owners, n_users):

@@ -1,13 +1,19 @@
 """Writing samples → training examples."""
 
+import pytest
+
 from core.data import (
+    CHAT_INSTRUCTIONS,
     FORMAT_CHAT,
     FORMAT_PLAIN,
     IGNORE,
+    REQUESTS_DERIVED,
     build_examples,
     clean_text,
+    derive_request,
     prepare_samples,
     split_samples,
+    topic_words,
 )
 from tests.engine_fixtures import tiny  # noqa: F401
 
@@ -42,3 +48,26 @@ def test_long_samples_are_chunked_to_the_window(tiny):
     text = " ".join(f"word{i}" for i in range(300))
     examples = build_examples(tiny.tokenizer, [text], 64)
     assert len(examples) > 4 and all(len(e.input_ids) <= 64 for e in examples)
+
+
+def test_a_derived_request_names_the_samples_own_topic_and_is_stable():
+    text = "The tariff question again: the tariff on wool hurts farmers, and the treasury needs revenue."
+    request = derive_request(text)
+    assert request == derive_request(text)
+    assert {"tariff"} <= set(topic_words(text)) and "tariff" in request
+    assert not ({"the", "and", "again"} & set(topic_words(text)))
+    assert derive_request("!!! ...") in CHAT_INSTRUCTIONS  # nothing topical: a generic request
+
+
+def test_derived_chat_rows_ask_each_sample_its_own_request(tiny):
+    samples = ["Gardens and roses: the roses bloom early in warm gardens.", "Revenue grew; revenue is what counts."]
+    generic = build_examples(tiny.tokenizer, samples, 128, (FORMAT_CHAT,))
+    derived = build_examples(tiny.tokenizer, samples, 128, (FORMAT_CHAT,), chat_requests=REQUESTS_DERIVED)
+    for example, sample in zip(derived, samples):
+        prompt = tiny.tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label == IGNORE])
+        assert derive_request(sample) in prompt
+    # the answers (scored tokens) are the same text either way: only the request changed
+    scored = [[t for t, label in zip(e.input_ids, e.labels) if label != IGNORE] for e in (*generic, *derived)]
+    assert scored[:2] == scored[2:]
+    with pytest.raises(ValueError, match="chat requests"):
+        build_examples(tiny.tokenizer, samples, 128, (FORMAT_CHAT,), chat_requests="clever")

@@ -4,8 +4,10 @@ from dataclasses import replace
 
 import torch
 
+from core.data import REQUESTS_DERIVED
 from core.prefix import PrefixConfig
-from core.preservation import kl_from_base, sample_anchors
+from core.preservation import ANCHOR_PROMPTS_REQUESTS, ANCHOR_REQUESTS, kl_from_base, sample_anchors
+from core.prompts import chat_prompt_ids
 from core.training import TrainingConfig, UserData, _hidden_states, train_prefixes
 from tests.engine_fixtures import tiny  # noqa: F401
 
@@ -81,3 +83,38 @@ def test_preservation_off_samples_no_anchors_and_changes_nothing(tiny, monkeypat
     monkeypatch.setattr(core.training, "sample_anchors", refuse)
     result = train_prefixes(tiny, [UserData("bob", BOB)], replace(_config(), max_steps=2, preservation_weight=0.0))[0]
     assert result.metrics["preservation_kl"] is None
+
+
+def test_request_anchors_are_the_base_models_answers_and_count_only_the_answer(tiny):
+    anchors = sample_anchors(tiny, 3, 10, seed=5, prompts=ANCHOR_PROMPTS_REQUESTS)
+    again = sample_anchors(tiny, 3, 10, seed=5, prompts=ANCHOR_PROMPTS_REQUESTS)
+    assert [ex.input_ids for ex in anchors.examples] == [ex.input_ids for ex in again.examples]
+    for k, example in enumerate(anchors.examples):
+        prompt = chat_prompt_ids(tiny.tokenizer, [{"role": "user", "content": ANCHOR_REQUESTS[k]}])
+        assert example.input_ids[: len(prompt)] == prompt and len(example.input_ids) == len(prompt) + 10
+        assert anchors.first_position(k) == len(prompt) - 1  # the position predicting the answer's first token
+    assert _mean_kl(tiny, None, anchors) < 1e-5
+    # the request's own positions do not count: a KL from the answer on equals the KL over the answer alone
+    kv = torch.randn(tiny.geometry.num_layers, 2, tiny.geometry.num_kv_heads, 3, tiny.geometry.head_dim) * 3
+    with torch.no_grad():
+        hidden, _ = _hidden_states(tiny, anchors.examples[:1], [kv])
+        row = hidden[0, : len(anchors.examples[0].input_ids)]
+        whole = kl_from_base(row, tiny, anchors.log_probs[0])
+        answer = kl_from_base(row, tiny, anchors.log_probs[0], anchors.first_position(0))
+    assert float(whole) != float(answer) and float(answer) > 0
+
+
+def test_multi_user_training_with_derived_requests_and_request_anchors_equals_each_user_alone(tiny):
+    config = _config(
+        preservation_weight=1.0,
+        max_steps=5,
+        max_seq_len=80,
+        chat_requests=REQUESTS_DERIVED,
+        preservation_prompts=ANCHOR_PROMPTS_REQUESTS,
+    )
+    together = train_prefixes(tiny, [UserData("alice", ALICE), UserData("bob", BOB)], config)
+    alone = [train_prefixes(tiny, [UserData(u, texts)], config)[0] for u, texts in (("alice", ALICE), ("bob", BOB))]
+    for t, a in zip(together, alone):
+        torch.testing.assert_close(t.kv, a.kv, atol=1e-5, rtol=1e-4)
+    generic = train_prefixes(tiny, [UserData("alice", ALICE)], replace(config, chat_requests="generic"))[0]
+    assert not torch.allclose(generic.kv, alone[0].kv, atol=1e-4)  # the rows really differ

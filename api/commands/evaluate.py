@@ -76,6 +76,16 @@ def run(
         "--compute-dtype",
         help=_service("auto, float32 or bfloat16: the base model's arithmetic while training", "compute_dtype"),
     ),
+    chat_requests: str | None = typer.Option(
+        None,
+        "--chat-requests",
+        help=_service("generic or derived: the request of each chat training row", "chat_requests"),
+    ),
+    preservation_prompts: str | None = typer.Option(
+        None,
+        "--preservation-prompts",
+        help=_service("none or requests: what the preservation anchors answer", "preservation_prompts"),
+    ),
     preservation: float | None = typer.Option(
         None, "--preservation", help=_service("KL-to-base weight of every method (0: off)", "preservation_weight")
     ),
@@ -130,6 +140,8 @@ def run(
         pt_peft_prefix_share=pt_peft_share,
         pt_peft_train_prefix=pt_peft_train_prefix,
         preservation_weight=preservation,
+        chat_requests=chat_requests,
+        preservation_prompts=preservation_prompts,
         users_per_pass=users_per_pass,
         compute_dtype=compute_dtype,
         generations=generations,

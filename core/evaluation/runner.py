@@ -116,6 +116,10 @@ class EvalSpec:
     """Users per forward/backward pass in training (the same result; bounded memory)."""
     compute_dtype: str | None = None
     """The base model's arithmetic while training (core/precision.py); scoring is always float32."""
+    chat_requests: str | None = None
+    """The request of each chat training row: 'generic' or 'derived' (core/data.py)."""
+    preservation_prompts: str | None = None
+    """The preservation anchors: 'none' or 'requests' (core/preservation.py)."""
     generations: int = 0
     """Texts each user's adaptation writes per neutral prompt for the generation judge (0: none)."""
     generation_tokens: int = GenerationSettings.max_tokens
@@ -170,6 +174,8 @@ class EvalSpec:
             "pt_peft_train_prefix": self.pt_peft_train_prefix,
             "users_per_pass": self.users_per_pass,
             "compute_dtype": self.compute_dtype,
+            "chat_requests": self.chat_requests,
+            "preservation_prompts": self.preservation_prompts,
         }
         prefix = {"prefix_len": self.prefix_len, "reparameterize": self.reparameterize, "init": self.init}
         lora = {"rank": self.lora_rank, "targets": self.lora_targets}

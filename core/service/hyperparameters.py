@@ -161,4 +161,6 @@ def training_config(resolved: dict[str, Any], settings: Settings) -> TrainingCon
         lora=LoRAConfig(rank=resolved.get("lora_rank") or settings.train_lora_rank_default),
         users_per_pass=settings.train_users_per_pass,
         compute_dtype=settings.train_compute_dtype,
+        chat_requests=settings.train_chat_requests,
+        preservation_prompts=settings.train_preservation_prompts,
     )
