@@ -89,6 +89,12 @@ def run(
     preservation: float | None = typer.Option(
         None, "--preservation", help=_service("KL-to-base weight of every method (0: off)", "preservation_weight")
     ),
+    tasks: bool = typer.Option(
+        True, "--tasks/--no-tasks", help="answer the concrete request bank: degeneration, relevance, voice"
+    ),
+    style_strengths: str | None = typer.Option(
+        None, "--style-strengths", help="comma list: also answer the request bank at these style strengths"
+    ),
     generations: int = typer.Option(
         0, "--generations", help="texts per neutral prompt each user's adaptation writes for the style judge (0: none)"
     ),
@@ -108,7 +114,7 @@ def run(
 ) -> None:
     """Train per-user prefixes and baselines on authored text and report how well each captures its user."""
     needed = {"matplotlib"}  # the report's figures
-    if generations:
+    if generations or tasks:
         needed.add("sklearn")  # the style judge
     if "peft-lora" in methods:
         needed.add("peft")
@@ -144,6 +150,8 @@ def run(
         preservation_prompts=preservation_prompts,
         users_per_pass=users_per_pass,
         compute_dtype=compute_dtype,
+        tasks=tasks,
+        style_strengths=tuple(float(v) for v in style_strengths.split(",")) if style_strengths else (),
         generations=generations,
         generation_tokens=generation_tokens,
         frequency_penalty=frequency_penalty,

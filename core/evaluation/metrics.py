@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -79,6 +79,9 @@ class UserEvalSet:
     user: str
     plain: list[list[Example]]  # one list of chunks per test sample
     chat: list[Example]
+    """The held-out text as answers to the four generic requests (what today's rows train on)."""
+    task_chat: list[Example] = field(default_factory=list)
+    """The held-out text as the answer to a request it answers (derived from it: core/data.py)."""
 
 
 def ppl(loss_sum: float, count: float) -> float:
@@ -88,7 +91,8 @@ def ppl(loss_sum: float, count: float) -> float:
 def rows_needed(sets: list[UserEvalSet], general: list[Example], users: list[str]) -> int:
     """Rows one method's evaluation scores (for a progress bar): attribution + chat + general."""
     plain = sum(len(c) for s in sets for c in s.plain)
-    return plain * len(users) + sum(len(s.chat) for s in sets) + len(general) * len(users)
+    chat = sum(len(s.chat) + len(s.task_chat) for s in sets)
+    return plain * len(users) + chat + len(general) * len(users)
 
 
 def evaluate_base(scorer: Scorer, sets: list[UserEvalSet], general: list[Example], **kw) -> dict:
@@ -99,6 +103,9 @@ def evaluate_base(scorer: Scorer, sets: list[UserEvalSet], general: list[Example
         ps, pc = score_rows(scorer, plain, [None] * len(plain), **kw)
         cs, cc = score_rows(scorer, s.chat, [None] * len(s.chat), **kw)
         per_user[s.user] = {"ppl_plain": ppl(ps.sum(), pc.sum()), "ppl_chat": ppl(cs.sum(), cc.sum())}
+        if s.task_chat:
+            ts, tc = score_rows(scorer, s.task_chat, [None] * len(s.task_chat), **kw)
+            per_user[s.user]["ppl_task"] = ppl(ts.sum(), tc.sum())
     gs, gc = score_rows(scorer, general, [None] * len(general), **kw)
     return {"per_user": per_user, "ppl_general": ppl(gs.sum(), gc.sum())}
 
@@ -162,6 +169,10 @@ def evaluate_method(scorer: Scorer, sets: list[UserEvalSet], general: list[Examp
             "attribution_accuracy_calibrated": _accuracy(predicted_calibrated[mine], i),
             "test_samples": int(mine.sum()),
         }
+        if s.task_chat:
+            ts, tc = score_rows(scorer, s.task_chat, [s.user] * len(s.task_chat), **kw)
+            per_user[s.user]["ppl_task"] = ppl(ts.sum(), tc.sum())
+            per_user[s.user]["ratio_task"] = per_user[s.user]["ppl_task"] / b["ppl_task"]
     overall = {
         key: sum(p[key] for p in per_user.values()) / len(per_user)
         for key in (
@@ -169,6 +180,9 @@ def evaluate_method(scorer: Scorer, sets: list[UserEvalSet], general: list[Examp
             *("ppl_plain", "ppl_chat", "ppl_general", "own_vs_others"),
         )
     }
+    for key in ("ppl_task", "ratio_task"):
+        if all(key in p for p in per_user.values()):
+            overall[key] = sum(p[key] for p in per_user.values()) / len(per_user)
     overall["attribution_accuracy"] = float((predicted == truth).double().mean())
     overall["attribution_accuracy_calibrated"] = float((predicted_calibrated == truth).double().mean())
     overall["attribution_accuracy_grouped"] = grouped

@@ -65,6 +65,43 @@ def _generation_lines(results: dict) -> list[str]:
     return lines
 
 
+def _task_lines(results: dict) -> list[str]:
+    """Voice and task: the request bank's answers, greedy and sampled, per method and strength."""
+    base = results["base"].get("tasks")
+    if base is None:
+        return []
+    ceiling = results.get("judge", {}).get("ceiling", {}).get("overall")
+    lines = [
+        "",
+        "## Voice and task (the concrete request bank, core/evaluation/tasks.py)",
+        "",
+        f"Relevance is the share of answers naming the request's topic, and its ratio to the base model's; "
+        f"voice is the judge's attribution of the answers (its ceiling on real held-out text: {_f(ceiling)}). "
+        "Held-out perplexity ratios: the user's real text as the answer to a request derived from it "
+        "(task), and to today's generic requests (chat).",
+        "",
+        "| answers of | decoding | degenerate | relevant | relevance / base | judge attribution | "
+        "ppl ratio task | ppl ratio chat |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [("base model", None, base)]
+    for name, m in results["methods"].items():
+        if "tasks" in m:
+            rows.append((name, m["overall"], m["tasks"]))
+        for strength, tasks in m.get("tasks_by_strength", {}).items():
+            rows.append((f"{name}, style strength {strength}", None, tasks))
+    for name, overall, tasks in rows:
+        for decoding in ("greedy", "sampled"):
+            o, b = tasks[decoding]["overall"], base[decoding]["overall"]
+            ratio = o["relevant"] / b["relevant"] if b["relevant"] else None
+            ppl = (overall or {}).get("ratio_task"), (overall or {}).get("ratio_chat")
+            lines.append(
+                f"| {name} | {decoding} | {_f(o['degenerate'])} | {_f(o['relevant'])} | {_f(ratio)} | "
+                f"{_f(o.get('judge_attribution'))} | {_f(ppl[0])} | {_f(ppl[1])} |"
+            )
+    return lines
+
+
 def _finite(value):
     """NaN/inf become null so the JSON is standard."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -107,6 +144,7 @@ def markdown(results: dict, charts: dict[str, str]) -> str:
             f"{_f(o['train_seconds_per_user'], 1)} |"
         )
     lines += _generation_lines(results)
+    lines += _task_lines(results)
     lines += ["", "## Per user", ""]
     header = "| user | base ppl plain | base ppl chat |" + "".join(
         f" {n} plain | {n} chat | {n} attr | {n} general |" for n in methods

@@ -19,7 +19,7 @@ import transformers
 from core.adapters import LORA, PT_PEFT, Adaptation, train_adapters
 from core.artifacts import Prefix, save_prefix
 from core.config import Settings
-from core.data import FORMAT_CHAT, FORMAT_PLAIN, build_examples, prepare_samples
+from core.data import FORMAT_CHAT, FORMAT_PLAIN, REQUESTS_DERIVED, build_examples, prepare_samples
 from core.evaluation import datasets
 from core.evaluation.baselines import (
     GroupedScorer,
@@ -37,6 +37,7 @@ from core.evaluation.metrics import (
     evaluate_method,
     rows_needed,
 )
+from core.evaluation.tasks import at_strength, measure_tasks
 from core.memory import memory_prefix
 from core.model import BaseModel
 from core.prefix import PrefixEncoder
@@ -120,6 +121,11 @@ class EvalSpec:
     """The request of each chat training row: 'generic' or 'derived' (core/data.py)."""
     preservation_prompts: str | None = None
     """The preservation anchors: 'none' or 'requests' (core/preservation.py)."""
+    tasks: bool = True
+    """Answer the concrete request bank (core/evaluation/tasks.py) greedy and sampled: degeneration,
+    relevance against the base model's, the judge's attribution of the answers."""
+    style_strengths: tuple[float, ...] = ()
+    """Also answer the request bank at these style strengths (the strength curve), every method."""
     generations: int = 0
     """Texts each user's adaptation writes per neutral prompt for the generation judge (0: none)."""
     generation_tokens: int = GenerationSettings.max_tokens
@@ -281,7 +287,8 @@ def eval_sets(base: BaseModel, users: dict[str, datasets.UserTexts], max_len: in
         test = prepare_samples(u.test)
         plain = [build_examples(base.tokenizer, [t], max_len, (FORMAT_PLAIN,)) for t in test]
         chat = build_examples(base.tokenizer, test, max_len, (FORMAT_CHAT,))
-        sets.append(UserEvalSet(u.user, [p for p in plain if p], chat))
+        task = build_examples(base.tokenizer, test, max_len, (FORMAT_CHAT,), chat_requests=REQUESTS_DERIVED)
+        sets.append(UserEvalSet(u.user, [p for p in plain if p], chat, task))
     return sets
 
 
@@ -447,12 +454,14 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) ->
         bar.phase("score base model", n_base)
         results["base"] = evaluate_base(PrefixScorer(base, {}), sets, general, on_chunk=bar.advance)
         judge = None
-        if spec.generations:
+        if spec.generations or spec.tasks:
             bar.phase("generation judge and the base model's texts", 1)
             judge = StyleJudge({u.user: u.train for u in users.values()}, seed=spec.seed)
             results["judge"] = {"ceiling": judge.attribution({u.user: u.test for u in users.values()})}
-            for key, settings in spec.generation_settings().items():
+            for key, settings in spec.generation_settings().items() if spec.generations else ():
                 results["base"][key] = judge_generations(base, dict.fromkeys(users), judge, settings)
+            if spec.tasks:
+                results["base"]["tasks"] = measure_tasks(base, dict.fromkeys(users), judge)
             write_partial(results, out)
         trained: dict[str, tuple] = {}  # the service's methods trained so far, for auto to choose from
         for name in spec.methods:
@@ -474,8 +483,13 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) ->
             evaluated["overall"]["artifact_bytes"] = next(iter(train_metrics.values()))["artifact_bytes"]
             if judge is not None and isinstance(scorer, PrefixScorer):  # the baselines do not run in our engine
                 bar.phase(f"generate {name}", 1)
-                for key, settings in spec.generation_settings().items():
+                for key, settings in spec.generation_settings().items() if spec.generations else ():
                     evaluated[key] = judge_generations(base, scorer.kvs, judge, settings)
+                if spec.tasks:
+                    evaluated["tasks"] = measure_tasks(base, scorer.kvs, judge)
+                    evaluated["tasks_by_strength"] = {
+                        str(s): measure_tasks(base, scorer.kvs, judge, at_strength(s)) for s in spec.style_strengths
+                    }
             results["methods"][name] = evaluated
             write_partial(results, out)
             del scorer
