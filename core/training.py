@@ -382,12 +382,14 @@ def _train_choosing_prefix_len(base, users, config, on_progress, should_cancel) 
     """Every (user, candidate length) pair trains as its own row group in the same passes; per user,
     the candidate with the lowest validation loss wins (the lowest training loss without a split)."""
     candidates = sorted(set(config.prefix_len_candidates))
+    # Each variant is its user with another prefix shape: every other field kept as it is (a field
+    # dropped here once scored the reference without `reference_composed`, the population twice).
     variants = [
-        UserData(
-            f"{u.user_id}#{n}",
-            u.samples,
+        replace(
+            u,
+            user_id=f"{u.user_id}#{n}",
             prefix=replace(config.prefix, prefix_len=n),
-            companions=u.companions,
+            resume_state=None,  # an earlier prefix's encoder state has another candidate's shape
             reference_kv=u.reference_kv if n == candidates[0] else None,  # one score is enough
         )
         for u in users

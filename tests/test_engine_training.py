@@ -177,3 +177,17 @@ def test_a_stored_prefix_is_scored_on_the_users_validation_rows_like_the_users_o
     scored = train_prefixes(tiny, [replace(control, reference_kv=trained.kv)], config)[0]
     torch.testing.assert_close(scored.kv, trained.kv, atol=0, rtol=0)
     assert scored.metrics["reference_val_loss"] is not None
+
+
+def test_the_prefix_length_search_scores_the_stored_version_as_served(tiny):
+    """A user on a population prefix: the stored version already holds the population
+    (`reference_composed`), so the search must score it exactly as a job without the search does
+    (it once rebuilt the user by hand, dropped the flag and composed the population twice)."""
+    config = _config(max_steps=2)
+    population = train_prefixes(tiny, [UserData("population", BOB)], config)[0].kv
+    user = UserData("alice", ALICE, companions=[population])
+    stored = train_prefixes(tiny, [user], config)[0].kv
+    compared = replace(user, reference_kv=torch.cat([population, stored], dim=3), reference_composed=True)
+    plain = train_prefixes(tiny, [compared], config)[0]
+    searched = train_prefixes(tiny, [compared], replace(config, prefix_len_candidates=(2, 3)))[0]
+    assert abs(searched.metrics["reference_val_loss"] - plain.metrics["reference_val_loss"]) < 1e-6
