@@ -36,7 +36,7 @@ from core.prompts import chat_prompt_ids, text_ids
 from core.tuning import PrefixMethod, init_tokens, once_per_module, repeated_to
 
 if TYPE_CHECKING:
-    from core.training import TrainingConfig, UserData
+    from core.training_inputs import TrainingConfig, UserData
 
 
 @dataclass

@@ -17,135 +17,27 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from core.data import (
-    FORMAT_CHAT,
-    FORMAT_PLAIN,
     IGNORE,
-    REQUESTS_GENERIC,
     Example,
     build_examples,
     prepare_samples,
     split_samples,
 )
 from core.errors import InvalidTrainingData, TrainingCancelled
-from core.lora import LoRAConfig
 from core.model import BaseModel
-from core.precision import FLOAT32, computing_in, resolve_compute_dtype, training_base
+from core.precision import computing_in, resolve_compute_dtype, training_base
 from core.prefix import PrefixConfig
-from core.preservation import ANCHOR_PROMPTS_NONE, Anchors, kl_from_base, sample_anchors
+from core.preservation import Anchors, kl_from_base, sample_anchors
 from core.seq2seq import Seq2SeqPrefixMethod, is_encoder_decoder
+from core.training_inputs import TrainingConfig, UserData
 from core.tuning import PrefixMethod, TuningMethod, prefix_hidden_states
-
-
-@dataclass
-class TrainingConfig:
-    """Hyperparameters of one training job (shared by every user in it)."""
-
-    prefix: PrefixConfig = field(default_factory=PrefixConfig)
-    learning_rate: float = 2e-3
-    max_steps: int = 100
-    """Upper bound on optimizer steps per user."""
-    epochs: float | None = None
-    """If set, stop each user after this many passes over their training examples (whichever first)."""
-    batch_size: int = 4
-    """Rows per user per step (a multi-user step holds batch_size rows of every active user)."""
-    max_seq_len: int = 128
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    eval_every: int = 10
-    patience: int = 3
-    """Evaluations without a validation improvement before a user stops early."""
-    val_fraction: float = 0.15
-    formats: tuple[str, ...] = (FORMAT_PLAIN, FORMAT_CHAT)
-    chat_requests: str = REQUESTS_GENERIC
-    """The request of each chat example: 'generic' (one of four "write in my voice" requests) or
-    'derived' (a request the sample answers, from its own topic words): core/data.py."""
-    time_budget_s: float | None = None
-    seed: int = 0
-    prefix_len_candidates: tuple[int, ...] = ()
-    """If set, each user trains one prefix per candidate length, all in the same shared passes, and
-    keeps the one with the lowest validation loss: prefix length stops being a knob users must tune."""
-    preservation_weight: float = 0.5
-    """Weight of KL(base || prefixed) on base-model samples added to each user's loss
-    (core/preservation.py): keeps the prefix from changing the model on text not like the user's.
-    0 turns it off (no anchors are sampled, no extra rows). 0.5 from the sweep in
-    docs/EVALUATION.md: general-text perplexity 1.19x -> 0.88x base, held-out plain unchanged."""
-    preservation_anchors: int = 8
-    """How many anchor sequences the base model samples per job (each step uses one per user)."""
-    preservation_len: int = 48
-    """Tokens per anchor sequence."""
-    preservation_prompts: str = ANCHOR_PROMPTS_NONE
-    """What the anchors answer: 'none' (sampled from nothing: the model's text is kept) or 'requests'
-    (the base model's answers to everyday requests: its instruction following is kept)."""
-    method: str = "prefix"
-    """What each user trains: 'prefix', 'lora', 'pt-peft' (a prefix stage, then a LoRA stage with
-    that prefix kept) or 'auto' (each of them; per user, the lowest validation loss): core/adapters.py."""
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    """The LoRA of methods 'lora' and 'pt-peft'."""
-    pt_peft_prefix_share: float = 0.5
-    """Share of `max_steps` (and of `time_budget_s`) that PT-PEFT spends on its prefix stage."""
-    pt_peft_train_prefix: bool = False
-    """Whether PT-PEFT's prefix keeps training beside the LoRA in the second stage (else frozen)."""
-    compute_dtype: str = FLOAT32
-    """'float32'; 'bfloat16': the base model's arithmetic in bfloat16 (core/precision.py), the trained
-    parameters and what is exported stay float32; 'auto': bfloat16 where the hardware is fast at it."""
-    users_per_pass: int | None = None
-    """At most this many users' rows in one forward/backward pass (None: all of them). A step then
-    runs several passes whose gradients add up before the optimizer steps — the same gradients, as
-    each user's comes from their own loss alone, in activation memory bounded by this number of
-    users instead of growing with the job."""
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["formats"] = list(self.formats)
-        data["prefix_len_candidates"] = list(self.prefix_len_candidates)
-        data["lora"] = self.lora.to_dict()
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainingConfig:
-        data = dict(data)
-        prefix = PrefixConfig(**data.pop("prefix", {}))
-        lora = LoRAConfig.from_dict(data.pop("lora", {}))
-        for name in ("formats", "prefix_len_candidates"):
-            if name in data:
-                data[name] = tuple(data[name])
-        return cls(prefix=prefix, lora=lora, **data)
-
-
-@dataclass
-class UserData:
-    user_id: str
-    samples: list[str]
-    resume_state: dict[str, torch.Tensor] | None = None
-    """The user module's state_dict from an earlier job (a PrefixEncoder's for prefixes): continue
-    from there instead of initialising."""
-    prefix: PrefixConfig | None = None
-    """This user's own prefix shape, instead of the job's `config.prefix`."""
-    examples: list | None = None
-    """Rows already in the method's own form (e.g. synthetic seq2seq pairs), used instead of
-    `samples`; they are split into training and validation rows like samples."""
-    companions: list[torch.Tensor] | None = None
-    """Frozen prefix KVs (L, 2, H, P, D) composed before this user's own prefix, one per row in
-    turn (a control prefix trains beside users' prefixes: core/tuning.py's PrefixMethod)."""
-    prefix_kv: torch.Tensor | None = None
-    """A prefix KV (L, 2, H, P, D) this user's rows carry under a LoRA (core/tuning.py's LoRAMethod):
-    PT-PEFT's second stage gets the prefix of its first."""
-    reference_kv: torch.Tensor | None = None
-    """A stored prefix KV (L, 2, H, P, D) to compare the result with, e.g. the version this job may
-    replace: scored once, before training, on this user's own validation rows by the same code that
-    scores the user's prefix (metrics["reference_val_loss"]; None without validation rows). Methods
-    with `stored_user` only (prefixes)."""
-    reference_composed: bool = False
-    """`reference_kv` already holds every part the stored version is served with (e.g. the population
-    version it trained on): scored as it is, without this user's `companions`."""
 
 
 @dataclass

@@ -36,7 +36,7 @@ from core.prefix import (
 from core.prompts import text_ids
 
 if TYPE_CHECKING:
-    from core.training import UserData
+    from core.training_inputs import UserData
 
 
 class TuningMethod(Protocol):
