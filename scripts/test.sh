@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The one test command: `bash scripts/test.sh [pytest args]`.
+# The one test command: `bash scripts/test.sh [--fast] [pytest args]`.
+# --fast: only the fast lane (`-m fast`, tests/conftest.py): engine equivalence, unit and API
+# contract tests, for the edit-test loop. CI runs everything.
 #
 # Idempotent on a fresh machine with Python 3.11: creates .venv, installs Steer with its test
 # extras, starts PostgreSQL and Redis if they are not already answering (installing them with
@@ -106,6 +108,10 @@ ruff format --check .
 # --- tests --------------------------------------------------------------------------------
 # Missing Postgres/Redis/S3 must fail the run here, not skip the integration tests.
 export STEER_TEST_REQUIRE_SERVICES="${STEER_TEST_REQUIRE_SERVICES:-1}"
+if [ "${1:-}" = "--fast" ]; then
+    shift
+    set -- -m fast "$@"
+fi
 set +e
 python -m pytest "$@"
 rc=$?

@@ -25,6 +25,40 @@ REDIS_TEST_DB = 5  # a dedicated database number, flushed at the start of the se
 SEAWEED_START_ATTEMPTS = 3
 
 
+# The fast lane (`bash scripts/test.sh --fast`, or `pytest -m fast`): the engine's equivalence and
+# unit tests and the API's contract tests on the tiny model, for the edit-test loop (measured in
+# docs/RELIABILITY.md; target <= 3 minutes on 2 cores). The full suite stays what CI runs.
+FAST_LANE = {
+    "test_import_graph",
+    "test_config",
+    "test_docs",
+    "test_engine_data",
+    "test_engine_sampling",
+    "test_engine_scheduler",
+    "test_engine_generation",
+    "test_engine_prefix",
+    "test_engine_batch_cache",
+    "test_engine_style_strength",
+    "test_engine_lora",
+    "test_engine_artifacts",
+    "test_engine_preservation",
+    "test_api_hardening",
+    "test_bad_input",
+    "test_api_input",
+    "test_api_auth",
+    "test_isolation",
+    "test_evaluation_tasks",
+    "test_error_disclosure",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in FAST_LANE and not item.get_closest_marker("slow") and not item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.fast)
+
+
 def _services_required() -> bool:
     return os.environ.get("STEER_TEST_REQUIRE_SERVICES", "") not in ("", "0", "false")
 
