@@ -30,6 +30,9 @@ class SamplingParams:
     generated it so far (negative values favour repeats)."""
     presence_penalty: float = 0.0
     """OpenAI's: lowered by this once a row has generated the token at all."""
+    no_repeat_ngram: int = 0
+    """With n > 0, a token that would complete an n-gram this row has already written is never
+    chosen (transformers' `no_repeat_ngram_size`, per row): loops of n tokens cannot happen. 0: off."""
     style_strength: float = 1.0
     """How strongly a row's prefix (and LoRA) apply, by guidance against the base model: the row
     decodes from logits = base + s * (personalised - base), the base model's row run beside it in
@@ -49,6 +52,8 @@ class SamplingParams:
             value = getattr(self, name)
             if not math.isfinite(value) or not -2.0 <= value <= 2.0:
                 raise InvalidRequest(f"{name} must be between -2 and 2")
+        if not isinstance(self.no_repeat_ngram, int) or not 0 <= self.no_repeat_ngram <= 16:
+            raise InvalidRequest("no_repeat_ngram must be an integer between 0 and 16")
         if not math.isfinite(self.style_strength) or not 0.0 <= self.style_strength <= MAX_STYLE_STRENGTH:
             raise InvalidRequest(f"style_strength must be between 0 and {MAX_STYLE_STRENGTH:g}")
 
@@ -58,7 +63,7 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.no_repeat_ngram > 0
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -122,7 +127,19 @@ def _penalized(
     presence = torch.tensor([params[i].presence_penalty for i in rows], dtype=logits.dtype, device=logits.device)
     index = torch.tensor(rows, device=logits.device)
     penalty = counts * frequency[:, None] + (counts > 0).to(logits.dtype) * presence[:, None]
+    for slot, i in enumerate(rows):
+        banned = _repeating_tokens(generated[i], params[i].no_repeat_ngram)
+        if banned:
+            penalty[slot, torch.tensor(banned, device=logits.device)] = float("inf")
     return logits.index_copy(0, index, logits.index_select(0, index) - penalty)
+
+
+def _repeating_tokens(tokens: Sequence[int], n: int) -> list[int]:
+    """The tokens that would complete an n-gram `tokens` already holds (none when n is 0)."""
+    if n <= 0 or len(tokens) < n:
+        return []
+    context = tuple(tokens[len(tokens) - n + 1 :])
+    return sorted({tokens[k + n - 1] for k in range(len(tokens) - n + 1) if tuple(tokens[k : k + n - 1]) == context})
 
 
 def _outside_nucleus_removed(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 import torch
 
+from core.generation import GenerationRequest, MixedBatchGenerator
 from core.generation.output import FINISH_LENGTH, FINISH_STOP, IncrementalDetokenizer, OutputProcessor
+from core.prompts import text_ids
 from core.sampling import SamplingParams, make_generator, sample_tokens
 from tests.engine_fixtures import tiny  # noqa: F401
 
@@ -104,3 +106,24 @@ def test_stop_string_across_tokens_is_cut_and_never_streamed(tiny):
     for i, t in enumerate(tok("one two three", add_special_tokens=False)["input_ids"][:2]):
         processor.accept(row, t, i)
     assert row.finish_reason == FINISH_LENGTH and row.text == "one two"
+
+
+def test_no_repeat_ngram_never_lets_a_row_write_an_n_gram_twice(tiny):
+    """The tiny model loops at once when greedy; with no_repeat_ngram=n no n-gram of its tokens repeats,
+    and a row's answer still does not depend on its batch."""
+    prompt = text_ids(tiny.tokenizer, "Once upon a time")
+    looping = MixedBatchGenerator(tiny).generate([GenerationRequest(prompt, SamplingParams(40, temperature=0))])[0]
+    grams = lambda ids, n: [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]  # noqa: E731
+    assert len(set(grams(looping.token_ids, 3))) < len(grams(looping.token_ids, 3))  # it does loop
+    requests = [
+        GenerationRequest(prompt, SamplingParams(40, temperature=0, no_repeat_ngram=3, ignore_eos=True)),
+        GenerationRequest(prompt, SamplingParams(30, temperature=0.9, seed=4, no_repeat_ngram=2, ignore_eos=True)),
+        GenerationRequest(prompt, SamplingParams(20, temperature=0)),
+    ]
+    mixed = MixedBatchGenerator(tiny, max_batch_size=8).generate(requests)
+    for request, result in zip(requests, mixed):
+        n = request.params.no_repeat_ngram
+        if n:
+            assert len(set(grams(result.token_ids, n))) == len(grams(result.token_ids, n))
+        assert result.token_ids == MixedBatchGenerator(tiny).generate([request])[0].token_ids
+    assert mixed[2].token_ids == looping.token_ids[:20]  # rows without it are untouched

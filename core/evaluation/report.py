@@ -91,7 +91,7 @@ def _task_lines(results: dict) -> list[str]:
         for strength, tasks in m.get("tasks_by_strength", {}).items():
             rows.append((f"{name}, style strength {strength}", None, tasks))
     for name, overall, tasks in rows:
-        for decoding in ("greedy", "sampled"):
+        for decoding in [d for d in tasks if d in base]:
             o, b = tasks[decoding]["overall"], base[decoding]["overall"]
             ratio = o["relevant"] / b["relevant"] if b["relevant"] else None
             ppl = (overall or {}).get("ratio_task"), (overall or {}).get("ratio_chat")

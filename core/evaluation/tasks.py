@@ -78,21 +78,30 @@ class AnswerSettings:
     max_tokens: int = 96
     top_p: float = 1.0
     style_strength: float = 1.0
+    no_repeat_ngram: int = 0
     seed: int = 0
 
     def params(self, seed: int) -> SamplingParams:
         return SamplingParams(
-            self.max_tokens, self.temperature, self.top_p, seed=seed, style_strength=self.style_strength
+            self.max_tokens,
+            self.temperature,
+            self.top_p,
+            seed=seed,
+            style_strength=self.style_strength,
+            no_repeat_ngram=self.no_repeat_ngram,
         )
 
 
 GREEDY = AnswerSettings("greedy", temperature=0.0)
 SAMPLED = AnswerSettings("sampled", temperature=1.0)  # the service's defaults (OpenAI's): T = 1, top_p = 1
+GREEDY_NO_REPEAT = AnswerSettings("greedy, no repeated 4-gram", temperature=0.0, no_repeat_ngram=4)
+"""Greedy with a loop guard (core/sampling.py: no_repeat_ngram): a candidate for what the service
+decodes greedy personalised rows with."""
 
 
-def at_strength(strength: float) -> tuple[AnswerSettings, AnswerSettings]:
+def at_strength(strength: float) -> tuple[AnswerSettings, ...]:
     """Greedy and sampled decoding at one style strength (core/generation: guidance against the base)."""
-    return tuple(replace(one, style_strength=strength) for one in (GREEDY, SAMPLED))
+    return tuple(replace(one, style_strength=strength) for one in (GREEDY, SAMPLED, GREEDY_NO_REPEAT))
 
 
 def is_degenerate(text: str) -> bool:
@@ -162,7 +171,7 @@ def measure_tasks(
     base: BaseModel,
     adaptations: Mapping[str, Adaptation | torch.Tensor | tuple | None],
     judge: StyleJudge | None,
-    settings: Sequence[AnswerSettings] = (GREEDY, SAMPLED),
+    settings: Sequence[AnswerSettings] = (GREEDY, SAMPLED, GREEDY_NO_REPEAT),
 ) -> dict:
     """`task_measures` of the adaptations' answers under each decoding, and the answers, to read."""
     measured = {}
