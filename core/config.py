@@ -128,6 +128,14 @@ class Settings(BaseSettings):
         description="Most generation requests waiting for a batch; beyond it requests get 429 with Retry-After.",
     )
     request_timeout_s: float = Field(default=120, gt=0, description="Seconds a generation request may wait and run.")
+    greedy_no_repeat_ngram: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="Greedy (temperature 0) requests on a user's prefix never write an n-gram of this many "
+        "tokens twice (a loop guard; the base model's greedy answers are untouched) unless the request sets "
+        "`no_repeat_ngram` itself. 0: off.",
+    )
     style_strength_default: float = Field(
         default=1.0,
         ge=0.0,

@@ -124,3 +124,30 @@ def test_the_deployments_default_strength_applies_when_a_request_names_none(tmp_
 def test_the_strength_survives_the_transport_between_api_and_workers():
     job = InferenceJob([1, 2, 3], SamplingParams(4, temperature=0.5, style_strength=0.25))
     assert InferenceJob.from_dict(job.to_dict()).params == job.params
+
+
+def test_the_deployments_loop_guard_applies_to_greedy_personalised_requests_only(tmp_path_factory, base):
+    """STEER_GREEDY_NO_REPEAT_NGRAM: a greedy request on a user's prefix never repeats an n-gram
+    (exactly the engine's answer with that guard); the base model's greedy answer and sampled
+    requests are untouched; a request may set its own (0: off)."""
+    ctx, users = _service(tmp_path_factory, base, greedy_no_repeat_ngram=3)
+    try:
+        with ServerThread(build_app(ctx)) as server:
+            key, user_id = users["alice"].key, users["alice"].user_id
+
+            def engine(user: str | None, guard: int, temperature: float = 0.0, seed: int | None = None) -> str:
+                kv = None
+                if user is not None:
+                    with ctx.session_factory() as session:
+                        kv = store_loader(ctx.store, base)(prefix_ref(active_prefix(session, user))).kv
+                prompt = chat_prompt_ids(base.tokenizer, [{"role": "user", "content": PROMPT}])
+                params = SamplingParams(12, temperature=temperature, seed=seed, no_repeat_ngram=guard)
+                return MixedBatchGenerator(base).generate([GenerationRequest(prompt, params, kv)])[0].text
+
+            assert _ask(server, key, "user:alice", None) == engine(user_id, 3)
+            assert engine(user_id, 3) != engine(user_id, 0)  # the tiny model loops: the guard acts
+            assert _ask(server, key, "user:alice", {"no_repeat_ngram": 0}) == engine(user_id, 0)
+            assert _ask(server, ADMIN_KEY, base.model_id, None) == engine(None, 0)
+            assert _ask(server, key, "user:alice", None, temperature=0.8, seed=3) == engine(user_id, 0, 0.8, 3)
+    finally:
+        ctx.close()

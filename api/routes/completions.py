@@ -125,6 +125,7 @@ async def _complete(request: Request, caller: Caller, body_type: type[ChatComple
     service: CompletionService = request.app.state.completions
     # The model is resolved before the quota counts it: a refused model (404, 400) costs nothing.
     prefixes = await service.resolve(caller, completion, card.model_id)
+    completion = completion.with_loop_guard(prefixes, context.settings.greedy_no_repeat_ngram)
     quota = await _count_against_quota(request, caller, completion)
     submission = await service.submit(caller, completion, card.model_id, prefixes)
     response = await answer(request, completion, submission)

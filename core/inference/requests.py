@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -72,6 +72,15 @@ class CompletionRequest:
     include_usage: bool
     controls: tuple[str, ...] = ()
     """Control prefixes named in the body, composed after those of the `model` string."""
+    loop_guard_set: bool = False
+    """The request set `no_repeat_ngram` itself (else the deployment's guard for greedy personalised rows)."""
+
+    def with_loop_guard(self, prefixes: Sequence[PrefixRef], n: int) -> CompletionRequest:
+        """This request as served on `prefixes`: a greedy request on a user's prefix gets the
+        deployment's loop guard `n` unless it chose its own; the base model's answers are untouched."""
+        if not prefixes or not self.params.greedy or self.loop_guard_set or n == 0:
+            return self
+        return replace(self, params=replace(self.params, stop=list(self.params.stop), no_repeat_ngram=n))
 
     def job(self, prefixes: Sequence[PrefixRef], deadline: float) -> InferenceJob:
         """The job that runs this request with `prefixes` composed (none: the base model)."""
@@ -103,6 +112,14 @@ class _Common(BaseModel):
     stream: bool = Field(default=False, strict=True)  # "yes" or 1 is a 400, as OpenAI answers
     stream_options: dict[str, Any] | None = None
     controls: list[str] = Field(default_factory=list, max_length=16)
+    no_repeat_ngram: int | None = Field(
+        default=None,
+        ge=0,
+        le=16,
+        strict=True,
+        description="Never write an n-gram of this many tokens twice (`extra_body`); 0: off; left out: the "
+        "deployment's loop guard for greedy personalised requests.",
+    )
     style_strength: float | None = Field(
         default=None,
         ge=0.0,
@@ -147,7 +164,15 @@ class _Common(BaseModel):
                 param=param,
             )
         return CompletionRequest(
-            self.model, self.chat, prompt_ids, params, self.n, self.stream, self.include_usage, tuple(self.controls)
+            self.model,
+            self.chat,
+            prompt_ids,
+            params,
+            self.n,
+            self.stream,
+            self.include_usage,
+            tuple(self.controls),
+            loop_guard_set=self.no_repeat_ngram is not None,
         )
 
     def prompt_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -167,6 +192,7 @@ class _Common(BaseModel):
             frequency_penalty=float(self.frequency_penalty),
             presence_penalty=float(self.presence_penalty),
             style_strength=1.0 if self.style_strength is None else float(self.style_strength),
+            no_repeat_ngram=self.no_repeat_ngram or 0,
         )
         try:
             params.validate()
