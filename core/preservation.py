@@ -80,19 +80,24 @@ def sample_anchors(base: BaseModel, count: int, length: int, seed: int, prompts:
     prompt = torch.full((count, 1), start, dtype=torch.long, device=base.device)
     with torch.random.fork_rng(devices=[base.device] if base.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        sampled = base.model.generate(
-            input_ids=prompt,
-            attention_mask=torch.ones_like(prompt),
-            do_sample=True,
-            top_p=0.95,
-            temperature=1.0,
-            max_new_tokens=length,
-            min_new_tokens=length,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        sampled = _sampled(base, prompt, length)
     # Every anchor has exactly 1 + `length` tokens (min_new_tokens): one unpadded forward scores all.
     log_probs = F.log_softmax(base.model(input_ids=sampled).logits[:, :-1].float(), dim=-1)
     return Anchors([Example(row, list(row)) for row in sampled.tolist()], list(log_probs))
+
+
+def _sampled(base: BaseModel, prompt: torch.Tensor, length: int) -> torch.Tensor:
+    """`prompt` (B, T) and exactly `length` tokens the base model samples after it (top-p 0.95)."""
+    return base.model.generate(
+        input_ids=prompt,
+        attention_mask=torch.ones_like(prompt),
+        do_sample=True,
+        top_p=0.95,
+        temperature=1.0,
+        max_new_tokens=length,
+        min_new_tokens=length,
+        pad_token_id=base.tokenizer.pad_token_id,
+    )
 
 
 def _request_anchors(base: BaseModel, count: int, length: int, seed: int) -> Anchors:
@@ -107,16 +112,7 @@ def _request_anchors(base: BaseModel, count: int, length: int, seed: int) -> Anc
             prompt = torch.tensor(
                 [chat_prompt_ids(tokenizer, [{"role": "user", "content": request}])], device=base.device
             )
-            sampled = base.model.generate(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
-                do_sample=True,
-                top_p=0.95,
-                temperature=1.0,
-                max_new_tokens=length,
-                min_new_tokens=length,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            sampled = _sampled(base, prompt, length)
             row = sampled[0].tolist()
             answer_from = prompt.shape[1]
             examples.append(Example(row, [IGNORE] * answer_from + row[answer_from:]))
