@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -73,14 +73,33 @@ def generate_texts(
     (user, prompt, draw), so the base model's rows for two users differ like two users' would."""
     prompts = [chat_prompt_ids(base.tokenizer, [{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
     prompts += [text_ids(base.tokenizer, opening) for opening in PLAIN_OPENINGS]
+    return generate_for_users(
+        base,
+        adaptations,
+        prompts,
+        draws=settings.per_prompt,
+        params=lambda user, p, draw: settings.params(zlib.crc32(f"{settings.seed}/{user}/{p}/{draw}".encode())),
+        batch_size=batch_size,
+    )
+
+
+def generate_for_users(
+    base: BaseModel,
+    adaptations: Mapping[str, Adaptation | torch.Tensor | tuple | None],
+    prompts: Sequence[list[int]],
+    params: Callable[[str, int, int], SamplingParams],
+    draws: int = 1,
+    batch_size: int = 32,
+) -> dict[str, list[str]]:
+    """Every user's texts for each prompt (and draw), in prompt order, all users in one mixed batch;
+    `params(user, prompt index, draw)` gives each row's sampling (its seed)."""
     requests, owners = [], []
     for user, value in adaptations.items():
-        kv = value.kv if isinstance(value, Adaptation) else value
+        kv = value.kv if isinstance(value, Adaptation) else (list(value) if isinstance(value, tuple) else value)
         lora = value.lora if isinstance(value, Adaptation) else None
         for p, ids in enumerate(prompts):
-            for draw in range(settings.per_prompt):
-                seed = zlib.crc32(f"{settings.seed}/{user}/{p}/{draw}".encode())
-                requests.append(GenerationRequest(ids, settings.params(seed), kv, lora, request_id=len(requests)))
+            for draw in range(draws):
+                requests.append(GenerationRequest(ids, params(user, p, draw), kv, lora, request_id=len(requests)))
                 owners.append(user)
     results = MixedBatchGenerator(base, max_batch_size=batch_size).generate(requests)
     texts: dict[str, list[str]] = {user: [] for user in adaptations}

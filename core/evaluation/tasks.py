@@ -31,8 +31,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from core.adapters import Adaptation
-from core.evaluation.generations import LOOP_SHARE, StyleJudge, repeated_ngram_share
-from core.generation import GenerationRequest, MixedBatchGenerator
+from core.evaluation.generations import LOOP_SHARE, StyleJudge, generate_for_users, repeated_ngram_share
 from core.model import BaseModel
 from core.prompts import chat_prompt_ids
 from core.sampling import SamplingParams
@@ -133,19 +132,13 @@ def answer_requests(
     """Each user's answers to every request, all users in one mixed batch (seeds per user and
     request, so the base model's answers for two users differ like two users' would when sampled)."""
     prompts = [chat_prompt_ids(base.tokenizer, [{"role": "user", "content": r.text}]) for r in requests]
-    batch, owners = [], []
-    for user, value in adaptations.items():
-        kv = value.kv if isinstance(value, Adaptation) else (list(value) if isinstance(value, tuple) else value)
-        lora = value.lora if isinstance(value, Adaptation) else None
-        for r, ids in enumerate(prompts):
-            seed = zlib.crc32(f"{settings.seed}/{user}/task{r}".encode())
-            batch.append(GenerationRequest(ids, settings.params(seed), kv, lora, request_id=len(batch)))
-            owners.append(user)
-    results = MixedBatchGenerator(base, max_batch_size=batch_size).generate(batch)
-    answers: dict[str, list[str]] = {user: [] for user in adaptations}
-    for owner, result in zip(owners, results):
-        answers[owner].append(result.text)
-    return answers
+    return generate_for_users(
+        base,
+        adaptations,
+        prompts,
+        params=lambda user, r, _: settings.params(zlib.crc32(f"{settings.seed}/{user}/task{r}".encode())),
+        batch_size=batch_size,
+    )
 
 
 def task_measures(
