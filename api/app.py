@@ -61,7 +61,13 @@ def create_app(
             if app.state.completer is None:
                 app.state.completer = build_completer(ctx.settings, ctx.base_model, ctx.store)
             completer = app.state.completer
-            app.state.completions = CompletionService(completer, ctx.session_factory, ctx.settings.request_timeout_s)
+            settings = ctx.settings
+            app.state.completions = CompletionService(
+                completer,
+                ctx.session_factory,
+                settings.request_timeout_s,
+                instant_wait_s=settings.instant_wait_s if settings.train_instant_version else 0.0,
+            )
             await completer.start()
             log.info("Steer API ready (%s mode)", ctx.settings.mode)
             yield

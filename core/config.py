@@ -128,6 +128,14 @@ class Settings(BaseSettings):
         description="Most generation requests waiting for a batch; beyond it requests get 429 with Retry-After.",
     )
     request_timeout_s: float = Field(default=120, gt=0, description="Seconds a generation request may wait and run.")
+    instant_wait_s: float = Field(
+        default=15,
+        ge=0,
+        le=120,
+        description="A request for `user:<id>` made before the user's first version exists, while a job "
+        "trains them, waits up to this many seconds for the job's instant version instead of answering 400 "
+        "`model_not_ready` at once (0: at once; no wait when STEER_TRAIN_INSTANT_VERSION is off).",
+    )
     greedy_no_repeat_ngram: int = Field(
         default=0,
         ge=0,

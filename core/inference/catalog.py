@@ -60,9 +60,16 @@ class ModelEntry:
 
 
 class NoTrainedPrefix(InvalidInput):
-    """The user exists but has no active prefix yet (HTTP 400, code `model_not_ready`)."""
+    """The user exists but has no active prefix yet (HTTP 400, code `model_not_ready`).
+
+    `user_id` is set when the model was a user's alias (`user:<id>`): its instant version may be a
+    moment away (`CompletionService.resolve` waits for it while the user has a job in flight)."""
 
     code = "model_not_ready"
+
+    def __init__(self, message: str, param: str | None = None, user_id: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.user_id = user_id
 
 
 class CorruptModel(CorruptArtifact):
@@ -154,6 +161,7 @@ def _resolve_one(session: Session, caller: Caller, model: str, base_model_id: st
             f"The user '{user.external_id}' has no trained prefix yet; train one first, or use the base "
             f"model '{base_model_id}' explicitly.",
             param="model",
+            user_id=user.id,
         )
     if row is None:
         raise NotFound(f"The model '{_shown(model)}' does not exist or you do not have access to it.")

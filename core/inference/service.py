@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+import anyio
 from anyio import to_thread
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -24,11 +25,14 @@ from core.inference.redis_transport import RedisCompleter
 from core.inference.requests import CompletionRequest
 from core.model import BaseModel
 from core.service.api_keys import Caller
+from core.service.jobs import has_job_in_flight
 from core.service.registry import quarantine_version
 from core.storage import BlobStore
 
 log = logging.getLogger(__name__)
 MAX_CORRUPT_FALLBACKS = 3
+INSTANT_POLL_S = 0.1
+"""How often a request for a user whose instant version is on its way looks for it again."""
 
 
 def build_engine(settings: Settings, base: BaseModel, store: BlobStore) -> InferenceEngine:
@@ -58,12 +62,24 @@ class CompletionService:
     checksum is never used: its version is quarantined (marked corrupt, the previous good version
     activated: `registry.quarantine_version`) and the model is resolved again, up to
     `MAX_CORRUPT_FALLBACKS` times, so `user:<id>` falls back while an explicit corrupt version
-    gets a clear error. The completer's lifetime is its owner's (`start`/`close`), not this one's."""
+    gets a clear error. The completer's lifetime is its owner's (`start`/`close`), not this one's.
 
-    def __init__(self, completer: Completer, session_factory: sessionmaker[Session], request_timeout_s: float):
+    A request for `user:<id>` that arrives before the user's first version exists, while a job for
+    them is queued or running, waits up to `instant_wait_s` for the job's instant version (published
+    within seconds of the job's submission: core/service/instant_version.py) instead of answering 400
+    at once; 0 answers at once."""
+
+    def __init__(
+        self,
+        completer: Completer,
+        session_factory: sessionmaker[Session],
+        request_timeout_s: float,
+        instant_wait_s: float = 0.0,
+    ):
         self.completer = completer
         self.session_factory = session_factory
         self.request_timeout_s = request_timeout_s
+        self.instant_wait_s = instant_wait_s
 
     async def submit(
         self,
@@ -102,7 +118,20 @@ class CompletionService:
             with self.session_factory() as session:
                 return catalog.resolve_model(session, caller, request.model, base_model_id, request.controls)
 
-        return await to_thread.run_sync(resolve)
+        def instant_version_coming(user_id: str) -> bool:
+            with self.session_factory() as session:
+                return has_job_in_flight(session, user_id)
+
+        give_up_at = time.monotonic() + self.instant_wait_s
+        while True:
+            try:
+                return await to_thread.run_sync(resolve)
+            except catalog.NoTrainedPrefix as exc:
+                if exc.user_id is None or time.monotonic() >= give_up_at:
+                    raise
+                if not await to_thread.run_sync(instant_version_coming, exc.user_id):
+                    raise
+            await anyio.sleep(INSTANT_POLL_S)
 
     async def _quarantine(self, job: InferenceJob, ref: PrefixRef, exc: Exception) -> None:
         log.error(

@@ -63,6 +63,14 @@ def get_job(session: Session, caller: Caller, job_id: str) -> Job:
     return job
 
 
+def has_job_in_flight(session: Session, user_id: str) -> bool:
+    """Whether a queued or running job trains `user_id` (their instant version may be on its way)."""
+    candidates = session.scalars(
+        select(Job.user_ids).where(Job.status.in_(("queued", "running")), Job.may_train(user_id))
+    )
+    return any(user_id in (user_ids or []) for user_ids in candidates)
+
+
 def list_jobs(
     session: Session, caller: Caller, *, after: str | None, limit: int, user_id: str | None, status: str | None = None
 ) -> Page[Job]:
