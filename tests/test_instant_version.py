@@ -213,4 +213,3 @@ def test_without_instant_versions_a_user_alias_answers_model_not_ready_while_the
             assert steer.http.get(f"/users/{onboarded['user']['id']}/prefixes").json()["data"] == []
     finally:
         ctx.close()
-
