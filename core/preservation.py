@@ -11,6 +11,12 @@ Data-free on purpose: no corpus to ship, and nothing of any other user is involv
 depend only on the base model and the job's seed, so a user trained alone and the same user
 trained beside others see the same anchors (the multi-user equivalence still holds).
 
+Because they depend on no user, they are sampled once per base model, not once per job
+(`base_anchors`): sampling them was most of a job's start-up (65 s of 112 s before step 1 on
+SmolLM2, issue 28). A process keeps them beside its model; with `keep_anchor_tokens_in(directory)`
+(the service's model cache) their tokens also outlive the process, and a new process only scores
+them again (one forward pass; scoring is deterministic where sampling need not be across machines).
+
 Unconditioned anchors keep the model's *text* where it was; they say nothing about requests. With
 `ANCHOR_PROMPTS_REQUESTS` each anchor is instead a chat request of `ANCHOR_REQUESTS` and the base
 model's own sampled answer to it: the prefix is pulled to answer requests as the base model does,
@@ -19,14 +25,26 @@ so it can change how an answer is said more cheaply than whether the request is 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import transformers
+from torch import nn
 from torch.nn import functional as F
 
 from core.data import IGNORE, Example
 from core.model import BaseModel
 from core.prompts import chat_prompt_ids
+
+log = logging.getLogger(__name__)
 
 ANCHOR_PROMPTS_NONE = "none"
 ANCHOR_PROMPTS_REQUESTS = "requests"
@@ -65,6 +83,101 @@ class Anchors:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+
+_remembered: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Anchors]] = weakref.WeakKeyDictionary()
+_remembered_lock = threading.Lock()
+_token_directory: Path | None = None
+MAX_REMEMBERED_PER_BASE = 2
+"""Anchor sets a process keeps per base model (a default set is 8 x 48 positions x the vocabulary
+in float32: 75 MB on SmolLM2)."""
+
+
+def keep_anchor_tokens_in(directory: Path | None) -> None:
+    """Keep sampled anchors' tokens under `directory` (None: in memory only), so that a new process
+    scores them instead of sampling them again. The service calls this with its model cache."""
+    global _token_directory
+    _token_directory = None if directory is None else Path(directory)
+
+
+def base_anchors(base: BaseModel, count: int, length: int, seed: int, prompts: str = ANCHOR_PROMPTS_NONE) -> Anchors:
+    """`sample_anchors(base, count, length, seed, prompts)`, sampled once per base model and
+    precision and then reused: the same tokens and log-probabilities for every job."""
+    key = _anchor_key(base, count, length, seed, prompts)
+    with _remembered_lock:
+        known = _remembered.setdefault(base.model, {})
+        if key in known:
+            return known[key]
+    anchors = _read_tokens(base, key)
+    if anchors is None:
+        anchors = sample_anchors(base, count, length, seed, prompts)
+        _write_tokens(key, anchors)
+    with _remembered_lock:
+        known = _remembered.setdefault(base.model, {})
+        while len(known) >= MAX_REMEMBERED_PER_BASE:
+            known.pop(next(iter(known)))
+        return known.setdefault(key, anchors)
+
+
+def _anchor_key(base: BaseModel, count: int, length: int, seed: int, prompts: str) -> tuple:
+    """What the sampled tokens depend on: the weights, the precision they are computed in, the
+    sampler's version, the draw, and (for request anchors) the requests themselves."""
+    autocast = torch.is_autocast_enabled(base.device.type)
+    computed_in = str(torch.get_autocast_dtype(base.device.type) if autocast else base.dtype)
+    requests = ANCHOR_REQUESTS if prompts == ANCHOR_PROMPTS_REQUESTS else ()
+    versions = (torch.__version__, transformers.__version__)
+    return (base.fingerprint, computed_in, base.device.type, count, length, seed, prompts, requests, versions)
+
+
+def _token_file(key: tuple) -> Path | None:
+    if _token_directory is None:
+        return None
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
+    return _token_directory / f"anchors-{digest}.json"
+
+
+def _read_tokens(base: BaseModel, key: tuple) -> Anchors | None:
+    path = _token_file(key)
+    if path is None or not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+        if stored["key"] != json.loads(json.dumps(key)):
+            return None
+        return _scored(base, stored["rows"], stored["first"])
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("ignoring an unreadable anchor file; sampling the anchors again")
+        return None
+
+
+def _write_tokens(key: tuple, anchors: Anchors) -> None:
+    path = _token_file(key)
+    if path is None:
+        return
+    record = {"key": key, "rows": [ex.input_ids for ex in anchors.examples], "first": anchors.first}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as out:
+            json.dump(record, out)
+        os.replace(out.name, path)  # whole or absent: another process may read it at any moment
+    except OSError as exc:
+        log.warning("could not keep the anchors' tokens (%s); the next process samples them again", exc)
+
+
+@torch.no_grad()
+def _scored(base: BaseModel, rows: list[list[int]], first: list[int] | None) -> Anchors:
+    """Anchors from their tokens: the base model's log-probabilities at each position, scored as
+    sampling scores them (unconditioned ones in one forward, request anchors one by one)."""
+    if first is None:
+        ids = torch.tensor(rows, device=base.device)
+        log_probs = F.log_softmax(base.model(input_ids=ids).logits[:, :-1].float(), dim=-1)
+        return Anchors([Example(list(row), list(row)) for row in rows], list(log_probs))
+    examples, log_probs = [], []
+    for k, row in enumerate(rows):
+        ids = torch.tensor([row], device=base.device)
+        log_probs.append(F.log_softmax(base.model(input_ids=ids).logits[0, :-1].float(), dim=-1))
+        examples.append(Example(list(row), [IGNORE] * (first[k] + 1) + row[first[k] + 1 :]))
+    return Anchors(examples, log_probs, first)
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from core.errors import InvalidTrainingData, TrainingCancelled
 from core.model import BaseModel
 from core.precision import computing_in, resolve_compute_dtype, training_base
 from core.prefix import PrefixConfig
-from core.preservation import Anchors, kl_from_base, sample_anchors
+from core.preservation import Anchors, base_anchors, kl_from_base
 from core.seq2seq import Seq2SeqPrefixMethod, is_encoder_decoder
 from core.training_inputs import TrainingConfig, UserData
 from core.tuning import PrefixMethod, TuningMethod, prefix_hidden_states
@@ -227,7 +227,7 @@ def _train(base, method, users, config, on_progress, should_cancel) -> list[Trai
     runs = [_UserRun(base, method, u, config) for u in users]
     anchors = None
     if config.preservation_weight > 0 and getattr(method, "preserves", True):
-        anchors = sample_anchors(
+        anchors = base_anchors(
             base, config.preservation_anchors, config.preservation_len, config.seed, config.preservation_prompts
         )
     _evaluate(base, method, runs, config, initial=True)

@@ -1,12 +1,23 @@
 """Knowledge preservation: the KL-to-base term on base-model samples (core/preservation.py)."""
 
+import json
+import weakref
 from dataclasses import replace
 
+import pytest
 import torch
 
 from core.data import REQUESTS_DERIVED
 from core.prefix import PrefixConfig
-from core.preservation import ANCHOR_PROMPTS_REQUESTS, ANCHOR_REQUESTS, kl_from_base, sample_anchors
+from core.preservation import (
+    ANCHOR_PROMPTS_NONE,
+    ANCHOR_PROMPTS_REQUESTS,
+    ANCHOR_REQUESTS,
+    base_anchors,
+    keep_anchor_tokens_in,
+    kl_from_base,
+    sample_anchors,
+)
 from core.prompts import chat_prompt_ids
 from core.training import TrainingConfig, UserData, _hidden_states, train_prefixes
 from tests.engine_fixtures import tiny  # noqa: F401
@@ -80,7 +91,7 @@ def test_preservation_off_samples_no_anchors_and_changes_nothing(tiny, monkeypat
     def refuse(*_args, **_kwargs):
         raise AssertionError("anchors sampled with preservation off")
 
-    monkeypatch.setattr(core.training, "sample_anchors", refuse)
+    monkeypatch.setattr(core.training, "base_anchors", refuse)
     result = train_prefixes(tiny, [UserData("bob", BOB)], replace(_config(), max_steps=2, preservation_weight=0.0))[0]
     assert result.metrics["preservation_kl"] is None
 
@@ -118,3 +129,51 @@ def test_multi_user_training_with_derived_requests_and_request_anchors_equals_ea
         torch.testing.assert_close(t.kv, a.kv, atol=1e-5, rtol=1e-4)
     generic = train_prefixes(tiny, [UserData("alice", ALICE)], replace(config, chat_requests="generic"))[0]
     assert not torch.allclose(generic.kv, alone[0].kv, atol=1e-4)  # the rows really differ
+
+
+@pytest.mark.parametrize("prompts", [ANCHOR_PROMPTS_NONE, ANCHOR_PROMPTS_REQUESTS])
+def test_anchors_are_sampled_once_per_base_model_and_kept_for_the_next_process(tiny, tmp_path, monkeypatch, prompts):
+    import core.preservation as preservation
+
+    fresh = sample_anchors(tiny, 3, 10, seed=7, prompts=prompts)
+    monkeypatch.setattr(preservation, "_remembered", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(preservation, "_token_directory", None)
+    keep_anchor_tokens_in(tmp_path)
+    first = base_anchors(tiny, 3, 10, seed=7, prompts=prompts)
+    assert [ex.input_ids for ex in first.examples] == [ex.input_ids for ex in fresh.examples]
+    assert len(list(tmp_path.glob("anchors-*.json"))) == 1
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("anchors sampled again")
+
+    monkeypatch.setattr(preservation, "sample_anchors", refuse)
+    assert base_anchors(tiny, 3, 10, seed=7, prompts=prompts) is first  # the same process: kept in memory
+
+    # A new process (nothing in memory): the kept tokens, scored again, equal a fresh sample.
+    monkeypatch.setattr(preservation, "_remembered", weakref.WeakKeyDictionary())
+    again = base_anchors(tiny, 3, 10, seed=7, prompts=prompts)
+    assert [(ex.input_ids, ex.labels) for ex in again.examples] == [(ex.input_ids, ex.labels) for ex in fresh.examples]
+    assert again.first == fresh.first
+    for mine, theirs in zip(again.log_probs, fresh.log_probs):
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5)
+
+    # Another draw is another set, sampled (here: refused, so it must not come from the cache).
+    with pytest.raises(AssertionError, match="sampled again"):
+        base_anchors(tiny, 3, 10, seed=8, prompts=prompts)
+    with pytest.raises(AssertionError, match="sampled again"):
+        base_anchors(tiny, 4, 10, seed=7, prompts=prompts)
+
+
+def test_an_unreadable_anchor_file_is_sampled_again(tiny, tmp_path, monkeypatch):
+    import core.preservation as preservation
+
+    monkeypatch.setattr(preservation, "_remembered", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(preservation, "_token_directory", None)
+    keep_anchor_tokens_in(tmp_path)
+    first = base_anchors(tiny, 2, 6, seed=3)
+    (path,) = tmp_path.glob("anchors-*.json")
+    path.write_text("{not json")
+    monkeypatch.setattr(preservation, "_remembered", weakref.WeakKeyDictionary())
+    again = base_anchors(tiny, 2, 6, seed=3)
+    assert [ex.input_ids for ex in again.examples] == [ex.input_ids for ex in first.examples]
+    assert json.loads(path.read_text())["rows"] == [ex.input_ids for ex in first.examples]  # and written anew

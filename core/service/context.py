@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.config import Settings
 from core.db import make_engine, make_session_factory
 from core.model import BaseModel, ModelCard, load_base_model, load_model_card
+from core.preservation import keep_anchor_tokens_in
 from core.service.admin_key import admin_key_hashes
 from core.storage import BlobStore, make_blob_store
 
@@ -40,6 +41,9 @@ class ServiceContext:
                     self._base_model = load_base_model(
                         s.base_model, device=s.device, dtype=s.dtype, cache_root=s.model_cache_dir
                     )
+                    # A process that loads the model may train: its jobs' preservation anchors
+                    # are sampled once per base model, here, and kept for the next process too.
+                    keep_anchor_tokens_in(s.model_cache_dir / "anchors")
         return self._base_model
 
     def model_card(self) -> ModelCard:
