@@ -75,7 +75,8 @@ class CeleryDispatcher:
         try:
             with self.celery.connection_for_read() as connection:
                 return int(connection.default_channel.client.llen(TRAIN_QUEUE))
-        except Exception:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - kombu raises many connection error types
+            log.warning("training queue depth unknown: the broker is unavailable (%s)", exc)
             return None
 
 

@@ -8,6 +8,7 @@ training executor and the inference engine run inside the API process.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 
@@ -16,6 +17,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from core.config import Settings
 from core.inference.heartbeat import WorkerStatus, list_workers, worker_metrics
+
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 
@@ -47,8 +50,8 @@ def metrics_exposition(state, settings: Settings, own: CollectorRegistry) -> byt
             names = [w.id for w in list_workers(client, settings.infer_worker_timeout_s)]
             for name, exposition in sorted(worker_metrics(client, names).items()):
                 _merge(families, exposition, worker=name)
-        except redis.RedisError:  # Redis down: the API's own metrics still count
-            pass
+        except redis.RedisError as exc:  # Redis down: the API's own metrics still count
+            log.warning("workers' metrics left out: Redis unavailable (%s)", exc)
     lines = []
     for family in families.values():
         lines += [*family.header, *family.samples]

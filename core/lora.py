@@ -228,9 +228,3 @@ class LoRAModule(nn.Module):
         return LoRAWeights(
             {n: (a.detach().float().cpu(), b.detach().float().cpu()) for n, (a, b) in self().modules.items()}
         )
-
-
-def rank_for_params(shapes: dict[str, tuple[int, int]], target_params: int) -> int:
-    """The rank whose LoRA over `shapes` has the parameter count closest to `target_params`."""
-    per_rank = sum(i + o for i, o in shapes.values())
-    return max(1, round(target_params / per_rank))
