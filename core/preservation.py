@@ -166,8 +166,9 @@ def _write_tokens(key: tuple, anchors: Anchors) -> None:
 
 @torch.no_grad()
 def _scored(base: BaseModel, rows: list[list[int]], first: list[int] | None) -> Anchors:
-    """Anchors from their tokens: the base model's log-probabilities at each position, scored as
-    sampling scores them (unconditioned ones in one forward, request anchors one by one)."""
+    """Anchors from their tokens: the base model's log-probabilities at each position (unconditioned
+    ones, all of one length, in one forward; request anchors one by one). Fresh samples and tokens
+    read back from disk are scored by this same code."""
     if first is None:
         ids = torch.tensor(rows, device=base.device)
         log_probs = F.log_softmax(base.model(input_ids=ids).logits[:, :-1].float(), dim=-1)
@@ -195,8 +196,7 @@ def sample_anchors(base: BaseModel, count: int, length: int, seed: int, prompts:
         torch.manual_seed(seed)
         sampled = _sampled(base, prompt, length)
     # Every anchor has exactly 1 + `length` tokens (min_new_tokens): one unpadded forward scores all.
-    log_probs = F.log_softmax(base.model(input_ids=sampled).logits[:, :-1].float(), dim=-1)
-    return Anchors([Example(row, list(row)) for row in sampled.tolist()], list(log_probs))
+    return _scored(base, sampled.tolist(), None)
 
 
 def _sampled(base: BaseModel, prompt: torch.Tensor, length: int) -> torch.Tensor:
@@ -217,7 +217,7 @@ def _request_anchors(base: BaseModel, count: int, length: int, seed: int) -> Anc
     """Each anchor: a request (chat-formatted) and the base model's sampled answer of `length`
     tokens; the KL is taken over the answer's positions only (the request is the same either way)."""
     tokenizer = base.tokenizer
-    examples, log_probs, first = [], [], []
+    rows, first = [], []
     with torch.random.fork_rng(devices=[base.device] if base.device.type == "cuda" else []):
         torch.manual_seed(seed)
         for k in range(count):
@@ -225,13 +225,9 @@ def _request_anchors(base: BaseModel, count: int, length: int, seed: int) -> Anc
             prompt = torch.tensor(
                 [chat_prompt_ids(tokenizer, [{"role": "user", "content": request}])], device=base.device
             )
-            sampled = _sampled(base, prompt, length)
-            row = sampled[0].tolist()
-            answer_from = prompt.shape[1]
-            examples.append(Example(row, [IGNORE] * answer_from + row[answer_from:]))
-            log_probs.append(F.log_softmax(base.model(input_ids=sampled).logits[0, :-1].float(), dim=-1))
-            first.append(answer_from - 1)  # the position that predicts the answer's first token
-    return Anchors(examples, log_probs, first)
+            rows.append(_sampled(base, prompt, length)[0].tolist())
+            first.append(prompt.shape[1] - 1)  # the position that predicts the answer's first token
+    return _scored(base, rows, first)
 
 
 def kl_from_base(hidden: torch.Tensor, base: BaseModel, base_log_probs: torch.Tensor, first: int = 0) -> torch.Tensor:

@@ -63,12 +63,17 @@ def get_job(session: Session, caller: Caller, job_id: str) -> Job:
     return job
 
 
-def has_job_in_flight(session: Session, user_id: str) -> bool:
-    """Whether a queued or running job trains `user_id` (their instant version may be on its way)."""
+def members_of_jobs_in_flight(session: Session, user_id: str) -> list[list[str]]:
+    """The user lists of the queued or running jobs that train `user_id`."""
     candidates = session.scalars(
         select(Job.user_ids).where(Job.status.in_(("queued", "running")), Job.may_train(user_id))
     )
-    return any(user_id in (user_ids or []) for user_ids in candidates)
+    return [user_ids for user_ids in candidates if user_id in (user_ids or [])]
+
+
+def has_job_in_flight(session: Session, user_id: str) -> bool:
+    """Whether a queued or running job trains `user_id` (their instant version may be on its way)."""
+    return bool(members_of_jobs_in_flight(session, user_id))
 
 
 def list_jobs(

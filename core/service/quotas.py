@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.adapters import AUTO, TRAINED_METHODS
 from core.config import Settings
-from core.db import Job
 from core.service.errors import InvalidInput, ServiceError
 from core.service.hyperparameters import validate_hyperparameters
+from core.service.jobs import members_of_jobs_in_flight
 
 log = logging.getLogger(__name__)
 WINDOW_S = 60
@@ -58,10 +57,7 @@ def check_job_quota(session: Session, settings: Settings, user_id: str, hyperpar
             + (f" ({cap // runs} with method auto, which trains {runs} methods)" if runs > 1 else ""),
             param="hyperparameters.max_steps",
         )
-    candidates = session.scalars(
-        select(Job.user_ids).where(Job.status.in_(("queued", "running")), Job.may_train(user_id))
-    )
-    active = sum(1 for user_ids in candidates if user_ids == [user_id])
+    active = sum(1 for user_ids in members_of_jobs_in_flight(session, user_id) if user_ids == [user_id])
     if active >= settings.user_max_active_jobs:
         raise RateLimited(
             f"this user already has {active} training jobs queued or running (the limit is "
