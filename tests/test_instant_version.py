@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,17 @@ def _wait(condition, what: str, timeout: float = 60):
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextmanager
+def _embedded(tmp_path: Path, **settings) -> Iterator[Running]:
+    """A served embedded Steer on the tiny model, seen from outside."""
+    ctx = build_context(make_settings(tmp_path, **settings), base_model=tiny_base_model())
+    try:
+        with ServerThread(create_app(context=ctx)) as server:
+            yield Running(server.base_url, ctx)
+    finally:
+        ctx.close()
 
 
 @pytest.fixture
@@ -69,85 +82,73 @@ def slow_instant_version(monkeypatch):
 def test_onboarding_answers_with_an_instant_version_until_the_trained_one_replaces_it(
     tmp_path: Path, held_training, slow_instant_version
 ):
-    settings = make_settings(tmp_path, train_instant_version=True, max_batch_size=4)
-    ctx = build_context(settings, base_model=tiny_base_model())
-    try:
-        with ServerThread(create_app(context=ctx)) as server:
-            steer = Running(server.base_url, ctx)
-            body = {"external_id": "ivy", "samples": SAMPLES, "hyperparameters": TRAINING}
-            onboarded = steer.http.post("/onboarding", json=body).json()
-            user, job_id, key = onboarded["user"]["id"], onboarded["job"]["id"], onboarded["api_key"]
+    with _embedded(tmp_path, train_instant_version=True, max_batch_size=4) as steer:
+        body = {"external_id": "ivy", "samples": SAMPLES, "hyperparameters": TRAINING}
+        onboarded = steer.http.post("/onboarding", json=body).json()
+        user, job_id, key = onboarded["user"]["id"], onboarded["job"]["id"], onboarded["api_key"]
 
-            # Asked the moment onboarding answers (no sleep, as the README's tour does): the request
-            # waits for the instant version (STEER_INSTANT_WAIT_S) instead of a 400.
-            answer = chat(steer.client(key), "user:ivy")
-            # Before any training step: version 1 is the instant one, active, and it answered.
-            (instant,) = steer.http.get(f"/users/{user}/prefixes").json()["data"]
-            assert instant["status"] == "active" and instant["metrics"]["instant"] is True
-            assert steer.http.get(f"/fine_tuning/jobs/{job_id}").json()["status"] == "running"
-            assert answer == steer.alone([user])  # served with its stored version
-            with ctx.session_factory() as session:
-                stored = store_loader(ctx.store, steer.base)(prefix_ref(active_prefix(session, user))).kv
-            kv = instant_prefix(steer.base, SAMPLES, settings.train_prefix_len_default)  # the user's first tokens
-            torch.testing.assert_close(stored.float(), kv.half().float())
-            events = steer.http.get(f"/fine_tuning/jobs/{job_id}/events").json()["data"]
-            assert any("instant version" in e["message"] for e in events)
+        # Asked the moment onboarding answers (no sleep, as the README's tour does): the request
+        # waits for the instant version (STEER_INSTANT_WAIT_S) instead of a 400.
+        answer = chat(steer.client(key), "user:ivy")
+        # Before any training step: version 1 is the instant one, active, and it answered.
+        (instant,) = steer.http.get(f"/users/{user}/prefixes").json()["data"]
+        assert instant["status"] == "active" and instant["metrics"]["instant"] is True
+        assert steer.http.get(f"/fine_tuning/jobs/{job_id}").json()["status"] == "running"
+        assert answer == steer.alone([user])  # served with its stored version
+        with steer.ctx.session_factory() as session:
+            stored = store_loader(steer.ctx.store, steer.base)(prefix_ref(active_prefix(session, user))).kv
+        kv = instant_prefix(steer.base, SAMPLES, steer.ctx.settings.train_prefix_len_default)  # the user's first tokens
+        torch.testing.assert_close(stored.float(), kv.half().float())
+        events = steer.http.get(f"/fine_tuning/jobs/{job_id}/events").json()["data"]
+        assert any("instant version" in e["message"] for e in events)
 
-            # Training runs; the trained version is compared with the instant one and replaces it.
-            held_training.set()
-            job = steer.wait(job_id)
-            entry = job["result"]["users"][user]
-            assert entry["version"] == 2 and entry["status"] == "active"
-            assert entry["metrics"]["compared_with_version"] == 1 and entry["metrics"]["active_val_loss"] is not None
-            statuses = {v["version"]: v["status"] for v in steer.http.get(f"/users/{user}/prefixes").json()["data"]}
-            assert statuses == {1: "retired", 2: "active"}
-            assert chat(steer.client(key), "user:ivy") == steer.alone([user])  # the same server: no restart
-            with ctx.session_factory() as session:
-                assert active_prefix(session, user).version == 2
+        # Training runs; the trained version is compared with the instant one and replaces it.
+        held_training.set()
+        job = steer.wait(job_id)
+        entry = job["result"]["users"][user]
+        assert entry["version"] == 2 and entry["status"] == "active"
+        assert entry["metrics"]["compared_with_version"] == 1 and entry["metrics"]["active_val_loss"] is not None
+        statuses = {v["version"]: v["status"] for v in steer.http.get(f"/users/{user}/prefixes").json()["data"]}
+        assert statuses == {1: "retired", 2: "active"}
+        assert chat(steer.client(key), "user:ivy") == steer.alone([user])  # the same server: no restart
+        with steer.ctx.session_factory() as session:
+            assert active_prefix(session, user).version == 2
 
-            # A second job for a user who already has a version publishes no instant one.
-            again = steer.http.post("/fine_tuning/jobs", json={"user": user, "hyperparameters": TRAINING}).json()
-            steer.wait(again["id"])
-            versions = steer.http.get(f"/users/{user}/prefixes").json()["data"]
-            assert [v["metrics"].get("instant", False) for v in versions] == [True, False, False]
-    finally:
-        ctx.close()
+        # A second job for a user who already has a version publishes no instant one.
+        again = steer.http.post("/fine_tuning/jobs", json={"user": user, "hyperparameters": TRAINING}).json()
+        steer.wait(again["id"])
+        versions = steer.http.get(f"/users/{user}/prefixes").json()["data"]
+        assert [v["metrics"].get("instant", False) for v in versions] == [True, False, False]
 
 
 def test_a_user_onboarded_behind_a_running_job_answers_before_their_own_job_starts(tmp_path: Path, held_training):
     """Sixteen users onboarded at once train one after another; none of them should wait for their
     turn to be served: a queued job's users get their instant versions as the job is submitted."""
-    settings = make_settings(tmp_path, train_instant_version=True, max_batch_size=4)
-    ctx = build_context(settings, base_model=tiny_base_model())
-    try:
-        with ServerThread(create_app(context=ctx)) as server:
-            steer = Running(server.base_url, ctx)
-            first = steer.http.post("/onboarding", json={"external_id": "ivy", "samples": SAMPLES}).json()
-            _wait(
-                lambda: steer.http.get(f"/fine_tuning/jobs/{first['job']['id']}").json()["status"] == "running",
-                "the first job to start",
-            )  # and hold: its training waits for the test
-            body = {"external_id": "ada", "samples": SAMPLES[::-1], "hyperparameters": TRAINING}
-            onboarded = steer.http.post("/onboarding", json=body).json()
-            user, job_id, key = onboarded["user"]["id"], onboarded["job"]["id"], onboarded["api_key"]
+    with _embedded(tmp_path, train_instant_version=True, max_batch_size=4) as steer:
+        first = steer.http.post("/onboarding", json={"external_id": "ivy", "samples": SAMPLES}).json()
+        _wait(
+            lambda: steer.http.get(f"/fine_tuning/jobs/{first['job']['id']}").json()["status"] == "running",
+            "the first job to start",
+        )  # and hold: its training waits for the test
+        body = {"external_id": "ada", "samples": SAMPLES[::-1], "hyperparameters": TRAINING}
+        onboarded = steer.http.post("/onboarding", json=body).json()
+        user, job_id, key = onboarded["user"]["id"], onboarded["job"]["id"], onboarded["api_key"]
 
-            versions = _wait(lambda: steer.http.get(f"/users/{user}/prefixes").json()["data"], "ada's instant version")
-            assert [(v["version"], v["status"], v["metrics"]["instant"]) for v in versions] == [(1, "active", True)]
-            assert steer.http.get(f"/fine_tuning/jobs/{job_id}").json()["status"] == "queued"  # still waiting
-            assert chat(steer.client(key), "user:ada") == steer.alone([user])
-            events = steer.http.get(f"/fine_tuning/jobs/{job_id}/events").json()["data"]
-            assert any("waits for its turn" in e["message"] for e in events)
+        versions = _wait(lambda: steer.http.get(f"/users/{user}/prefixes").json()["data"], "ada's instant version")
+        assert [(v["version"], v["status"], v["metrics"]["instant"]) for v in versions] == [(1, "active", True)]
+        assert steer.http.get(f"/fine_tuning/jobs/{job_id}").json()["status"] == "queued"  # still waiting
+        assert chat(steer.client(key), "user:ada") == steer.alone([user])
+        events = steer.http.get(f"/fine_tuning/jobs/{job_id}/events").json()["data"]
+        assert any("waits for its turn" in e["message"] for e in events)
 
-            # When its turn comes, the job publishes no second instant version; the trained one replaces it.
-            held_training.set()
-            steer.wait(first["job"]["id"])
-            entry = steer.wait(job_id)["result"]["users"][user]
-            assert entry["version"] == 2 and entry["status"] == "active"
-            assert entry["metrics"]["compared_with_version"] == 1
-            statuses = {v["version"]: v["status"] for v in steer.http.get(f"/users/{user}/prefixes").json()["data"]}
-            assert statuses == {1: "retired", 2: "active"}
-    finally:
-        ctx.close()
+        # When its turn comes, the job publishes no second instant version; the trained one replaces it.
+        held_training.set()
+        steer.wait(first["job"]["id"])
+        entry = steer.wait(job_id)["result"]["users"][user]
+        assert entry["version"] == 2 and entry["status"] == "active"
+        assert entry["metrics"]["compared_with_version"] == 1
+        statuses = {v["version"]: v["status"] for v in steer.http.get(f"/users/{user}/prefixes").json()["data"]}
+        assert statuses == {1: "retired", 2: "active"}
 
 
 @pytest.mark.integration
@@ -197,19 +198,13 @@ def test_without_instant_versions_a_user_alias_answers_model_not_ready_while_the
 ):
     """The wait is for an instant version that is coming; with none coming the answer is the
     README's `model_not_ready`, not a request held until some bound."""
-    settings = make_settings(tmp_path, train_instant_version=False, max_batch_size=4)
-    ctx = build_context(settings, base_model=tiny_base_model())
-    try:
-        with ServerThread(create_app(context=ctx)) as server:
-            steer = Running(server.base_url, ctx)
-            body = {"external_id": "ivy", "samples": SAMPLES, "hyperparameters": TRAINING}
-            onboarded = steer.http.post("/onboarding", json=body).json()
-            response = steer.http.post(
-                "/chat/completions",
-                headers={"Authorization": f"Bearer {onboarded['api_key']}"},
-                json={"model": "user:ivy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
-            )
-            assert response.status_code == 400 and response.json()["error"]["code"] == "model_not_ready"
-            assert steer.http.get(f"/users/{onboarded['user']['id']}/prefixes").json()["data"] == []
-    finally:
-        ctx.close()
+    with _embedded(tmp_path, train_instant_version=False, max_batch_size=4) as steer:
+        body = {"external_id": "ivy", "samples": SAMPLES, "hyperparameters": TRAINING}
+        onboarded = steer.http.post("/onboarding", json=body).json()
+        response = steer.http.post(
+            "/chat/completions",
+            headers={"Authorization": f"Bearer {onboarded['api_key']}"},
+            json={"model": "user:ivy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        )
+        assert response.status_code == 400 and response.json()["error"]["code"] == "model_not_ready"
+        assert steer.http.get(f"/users/{onboarded['user']['id']}/prefixes").json()["data"] == []
