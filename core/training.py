@@ -17,7 +17,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -33,6 +33,15 @@ from core.data import (
 from core.errors import InvalidTrainingData, TrainingCancelled
 from core.model import BaseModel
 from core.precision import computing_in, resolve_compute_dtype, training_base
+from core.preference import (
+    NO_PREFERENCE_LOSS,
+    OBJECTIVE_DPO,
+    OBJECTIVES,
+    PairRows,
+    dpo_losses,
+    pair_rows,
+    preference_score,
+)
 from core.prefix import PrefixConfig
 from core.preservation import Anchors, base_anchors, kl_from_base
 from core.seq2seq import Seq2SeqPrefixMethod, is_encoder_decoder
@@ -76,14 +85,19 @@ class _UserRun:
 
     def __init__(self, base: BaseModel, method: TuningMethod, data: UserData, config: TrainingConfig):
         self.user_id = data.user_id
-        samples = prepare_samples(data.samples) if data.examples is None else list(data.examples)
-        if not samples:
-            raise InvalidTrainingData(f"user {data.user_id}: no usable writing samples")
-        train, val = split_samples(samples, config.val_fraction, config.seed)
-        if data.examples is not None:
-            self.train, self.val = train, val
+        self.prefers = config.objective == OBJECTIVE_DPO
+        if self.prefers:
+            train, self.train, self.val = _pair_split(base, method, data, config)
+            val = self.val
         else:
-            self.train, self.val = _examples(base, method, train, config), _examples(base, method, val, config)
+            samples = prepare_samples(data.samples) if data.examples is None else list(data.examples)
+            if not samples:
+                raise InvalidTrainingData(f"user {data.user_id}: no usable writing samples")
+            train, val = split_samples(samples, config.val_fraction, config.seed)
+            if data.examples is not None:
+                self.train, self.val = train, val
+            else:
+                self.train, self.val = _examples(base, method, train, config), _examples(base, method, val, config)
         if not self.train:
             raise InvalidTrainingData(f"user {data.user_id}: samples too short to train on")
         # A generator of the user's own, not one drawn from by every user in turn: a user
@@ -118,6 +132,8 @@ class _UserRun:
         self.stopped_early = False
         self.best_state = _snapshot(self.module)
         self.n_train_samples, self.n_val_samples = len(train), len(val)
+        self.preference = None  # objective 'dpo': the held-out PreferenceScore of the best checkpoint
+        self.initial_preference = None
 
     def next_batch(self, batch_size: int) -> list[Example]:
         """The next `batch_size` examples of this user's own seeded, epoch-by-epoch shuffled stream."""
@@ -128,10 +144,11 @@ class _UserRun:
         picked, self.stream = self.stream[:batch_size], self.stream[batch_size:]
         return [self.train[i] for i in picked]
 
-    def record_eval(self, val_loss: float, patience: int) -> None:
+    def record_eval(self, val_loss: float, patience: int, preference=None) -> None:
         if val_loss < self.best_val - 1e-4:
             self.best_val, self.best_step, self.bad_evals = val_loss, self.steps, 0
             self.best_state = _snapshot(self.module)
+            self.preference = preference
         else:
             self.bad_evals += 1
             if self.bad_evals >= patience:
@@ -159,6 +176,10 @@ class _UserRun:
             "train_seconds": round(time.monotonic() - started, 3),
             "compute_dtype": compute_dtype,
         }
+        if self.prefers:
+            metrics["objective"] = OBJECTIVE_DPO
+            metrics["preference"] = None if self.preference is None else asdict(self.preference)
+            metrics["initial_preference"] = None if self.initial_preference is None else asdict(self.initial_preference)
         return TrainedUser(self.user_id, self.module, dict(self.best_state), metrics)
 
 
@@ -215,6 +236,8 @@ def train_users(
         raise InvalidTrainingData("no users to train")
     if len({u.user_id for u in users}) != len(users):
         raise InvalidTrainingData("a user appears twice in one training job")
+    if config.objective not in OBJECTIVES:
+        raise InvalidTrainingData(f"objective must be one of {OBJECTIVES}, not {config.objective!r}")
     config = replace(config, compute_dtype=resolve_compute_dtype(config.compute_dtype, base.device))
     with computing_in(config.compute_dtype, base.device):
         return _train(base, method, users, config, on_progress, should_cancel)
@@ -329,11 +352,13 @@ def _backward_group(
     base: BaseModel, method: TuningMethod, runs: list[_UserRun], config: TrainingConfig, anchors: Anchors | None
 ) -> int:
     """Forward + backward of one batch of `runs`' rows; returns the scored training tokens."""
-    rows, owners = [], []
+    rows, owners, batches = [], [], []
     for index, run in enumerate(runs):
         batch = run.next_batch(config.batch_size)
-        rows.extend(batch)
-        owners.extend([index] * len(batch))
+        batches.append(batch)
+        own = _pair_examples(batch) if run.prefers else batch
+        rows.extend(own)
+        owners.extend([index] * len(own))
     picked = []  # one anchor index per user, each user cycling on its own
     if anchors is not None:
         for run in runs:
@@ -347,6 +372,8 @@ def _backward_group(
         hidden, labels = _method_hidden_states(base, method, all_rows, modules + [run.module for run in runs])
         token_sums, token_counts = _row_sums(*_scored_losses(base, hidden[: len(rows)], labels[: len(rows)]))
     per_user, counts = _per_user_mean(token_sums, token_counts, owners, len(runs))  # (U,), (U,)
+    if config.objective == OBJECTIVE_DPO:  # every run of a job has the job's objective
+        per_user = _dpo_per_user(token_sums, batches, config.dpo_beta)
     objective = per_user
     if anchors is not None:
         # One LM-head call per anchor row: one call over all rows was measured 4-19% slower on the
@@ -378,6 +405,9 @@ def _evaluate(
     base: BaseModel, method: TuningMethod, runs: list[_UserRun], config: TrainingConfig, initial: bool = False
 ) -> None:
     """Validation loss per user (token mean over their validation examples), users batched together."""
+    if config.objective == OBJECTIVE_DPO:
+        _evaluate_preferences(base, method, runs, config, initial)
+        return
     runs = [r for r in runs if r.val]
     if not runs:
         return
@@ -395,6 +425,86 @@ def _evaluate(
         return
     for run, loss in zip(runs, losses):
         run.record_eval(loss, config.patience)
+
+
+def _evaluate_preferences(base, method, runs: list[_UserRun], config: TrainingConfig, initial: bool) -> None:
+    """Held-out DPO loss per user (what early stopping selects on) and its preference score; first
+    of all, the reference's log-likelihood of every pair, training and held-out, once."""
+    chunk = config.batch_size * 2
+    if initial:  # every run's pairs, held-out ones or not
+        for run, (sums, _) in zip(runs, _pair_sums(base, method, runs, _all_pairs, _reference_of, chunk)):
+            for pair, (preferred, rejected) in zip(_all_pairs(run), sums):
+                pair.reference_preferred, pair.reference_rejected = -preferred, -rejected
+    runs = [r for r in runs if r.val]
+    for run, (sums, counts) in zip(runs, _pair_sums(base, method, runs, lambda r: r.val, lambda r: r.module, chunk)):
+        score = preference_score(run.val, sums, counts, config.dpo_beta)
+        if initial:
+            run.initial_val, run.best_val, run.initial_preference = score.loss, score.loss, score
+            run.preference = score
+            run.reference_val = NO_PREFERENCE_LOSS  # the reference against itself: a zero margin
+        else:
+            run.record_eval(score.loss, config.patience, score)
+
+
+def _all_pairs(run: _UserRun) -> list[PairRows]:
+    return run.train + run.val
+
+
+def _reference_of(run: _UserRun):
+    return run.reference  # None: the base model
+
+
+def _pair_sums(base, method, runs: list[_UserRun], pairs_of, module_of, chunk: int):
+    """Per run: [(preferred, rejected) summed negative log-likelihood per pair], [preferred tokens]."""
+    rows = [(i, row) for i, run in enumerate(runs) for row in _pair_examples(pairs_of(run))]
+    sums: list[float] = []
+    counts: list[float] = []
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        modules = [module_of(runs[i]) for i, _ in part]
+        token_sums, token_counts = loss_sums(base, method, [row for _, row in part], modules)
+        sums.extend(token_sums.double().cpu().tolist())
+        counts.extend(token_counts.double().cpu().tolist())
+    per_run, at = [], 0
+    for run in runs:
+        n = 2 * len(pairs_of(run))
+        mine, tokens = sums[at : at + n], counts[at : at + n]
+        per_run.append((list(zip(mine[0::2], mine[1::2])), tokens[0::2]))
+        at += n
+    return per_run
+
+
+def _pair_examples(pairs: list[PairRows]) -> list[Example]:
+    """Each pair's two rows, preferred first: the order `_dpo_per_user` reads them back in."""
+    return [row for pair in pairs for row in (pair.preferred, pair.rejected)]
+
+
+def _dpo_per_user(token_sums: torch.Tensor, batches: list[list[PairRows]], beta: float) -> torch.Tensor:
+    """(U,) each user's mean DPO loss over their pairs in this step, from the rows' summed negative
+    log-likelihoods (in `_pair_examples` order, users one after another)."""
+    nll = token_sums.view(-1, 2)  # (pairs, [preferred, rejected])
+    references = torch.tensor(
+        [[p.reference_preferred, p.reference_rejected] for batch in batches for p in batch],
+        dtype=nll.dtype,
+        device=nll.device,
+    )
+    losses, _ = dpo_losses(-nll[:, 0], -nll[:, 1], references[:, 0], references[:, 1], beta)
+    owners = torch.tensor([i for i, batch in enumerate(batches) for _ in batch], device=nll.device)
+    totals = torch.zeros(len(batches), dtype=losses.dtype, device=nll.device).index_add(0, owners, losses)
+    sizes = torch.tensor([len(batch) for batch in batches], dtype=losses.dtype, device=nll.device)
+    return totals / sizes
+
+
+def _pair_split(base: BaseModel, method: TuningMethod, data: UserData, config: TrainingConfig):
+    """(preferred training answers, training pairs, held-out pairs) of a DPO user, split like samples."""
+    if hasattr(method, "loss_sums") or hasattr(method, "examples"):
+        raise InvalidTrainingData("preference tuning (DPO) needs a decoder-only base model")
+    if not data.pairs:
+        raise InvalidTrainingData(f"user {data.user_id}: no preference pairs to train on")
+    train, val = split_samples(list(data.pairs), config.val_fraction, config.seed)
+    rows = [pair_rows(base.tokenizer, pair, config.max_seq_len) for pair in train]
+    held_out = [pair_rows(base.tokenizer, pair, config.max_seq_len) for pair in val]
+    return [pair.preferred for pair in train], rows, held_out
 
 
 def _mean_loss_over(base, method, runs: list[_UserRun], module_of, chunk: int) -> list[float]:

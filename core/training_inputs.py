@@ -11,6 +11,7 @@ import torch
 from core.data import FORMAT_CHAT, FORMAT_PLAIN, REQUESTS_GENERIC
 from core.lora import LoRAConfig
 from core.precision import FLOAT32
+from core.preference import OBJECTIVE_SFT, PreferencePair
 from core.prefix import PrefixConfig
 from core.preservation import ANCHOR_PROMPTS_NONE
 
@@ -68,6 +69,11 @@ class TrainingConfig:
     compute_dtype: str = FLOAT32
     """'float32'; 'bfloat16': the base model's arithmetic in bfloat16 (core/precision.py), the trained
     parameters and what is exported stay float32; 'auto': bfloat16 where the hardware is fast at it."""
+    objective: str = OBJECTIVE_SFT
+    """'sft': each user's loss is the next-token loss of their own text; 'dpo': preference tuning
+    on each user's `pairs` against a frozen reference (core/preference.py)."""
+    dpo_beta: float = 0.1
+    """DPO's beta: how far from its reference the policy may move for a margin (OpenAI's default)."""
     users_per_pass: int | None = None
     """At most this many users' rows in one forward/backward pass (None: all of them). A step then
     runs several passes whose gradients add up before the optimizer steps — the same gradients, as
@@ -115,6 +121,9 @@ class UserData:
     replace: scored once, before training, on this user's own validation rows by the same code that
     scores the user's prefix (metrics["reference_val_loss"]; None without validation rows). Methods
     with `stored_user` only (prefixes)."""
+    pairs: list[PreferencePair] | None = None
+    """Objective 'dpo': this user's preference pairs (split into training and held-out pairs like
+    samples). The DPO reference is `reference_kv` (the active version as served), else the base model."""
     reference_composed: bool = False
     """`reference_kv` already holds every part the stored version is served with (e.g. the population
     version it trained on): scored as it is, without this user's `companions`."""
