@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 from fastapi import Request
@@ -39,14 +39,20 @@ log = logging.getLogger(__name__)
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first": nobody reads it
 
 
-async def answer(request: Request, completion: CompletionRequest, submission: Submission) -> Response:
+Answered = Callable[[str, list[str]], Awaitable[None]]
+"""Called with the answer's id and each choice's text once every choice has finished."""
+
+
+async def answer(
+    request: Request, completion: CompletionRequest, submission: Submission, on_answered: Answered | None = None
+) -> Response:
     shape = _Shape(submission, completion)
     headers = {"X-Request-Id": submission.job.request_id}
     if completion.stream:
         # "\n" line ends and no keep-alive comments (ping=0): the bytes this API has always sent.
         # A server shutting down lets the stream run to its end, which its job's deadline bounds.
         return EventSourceResponse(
-            _events(submission, shape, completion.include_usage),
+            _events(submission, shape, completion.include_usage, on_answered),
             headers={"Cache-Control": "no-cache", **headers},
             ping=0,
             sep="\n",
@@ -55,6 +61,7 @@ async def answer(request: Request, completion: CompletionRequest, submission: Su
     rows = await _results_unless_disconnected(request, submission)
     if rows is None:
         return JSONResponse({}, status_code=CLIENT_CLOSED_REQUEST)
+    await _tell(on_answered, shape.id, rows)
     return JSONResponse(shape.full(rows).model_dump(mode="json"), headers=headers)
 
 
@@ -80,7 +87,19 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _events(submission: Submission, shape: _Shape, include_usage: bool) -> AsyncIterator[str]:
+async def _tell(on_answered: Answered | None, answer_id: str, rows: list[RowFinished]) -> None:
+    """Hand the finished answer on; a failure there is logged, never the client's problem."""
+    if on_answered is None:
+        return
+    try:
+        await on_answered(answer_id, [row.text for row in sorted(rows, key=lambda row: row.index)])
+    except Exception:  # noqa: BLE001 - the answer stands whatever happens to its copy
+        log.warning("could not keep answer %s for feedback", answer_id, exc_info=True)
+
+
+async def _events(
+    submission: Submission, shape: _Shape, include_usage: bool, on_answered: Answered | None = None
+) -> AsyncIterator[str]:
     finished = False
     rows: list[RowFinished] = []
     try:
@@ -93,6 +112,7 @@ async def _events(submission: Submission, shape: _Shape, include_usage: bool) ->
                 rows.append(event)
                 yield _data(shape.finish(event))
         finished = True
+        await _tell(on_answered, shape.id, rows)
         if include_usage:
             yield _data(shape.usage_chunk(rows))
         yield "[DONE]"

@@ -26,7 +26,7 @@ from api.limits import BodySizeLimit
 from api.metrics import make_registry
 from api.openapi import V1_ERRORS, install_openapi
 from api.request_id import RequestIdMiddleware
-from api.routes import admin, completions, controls, files, health, jobs, onboarding, samples, users
+from api.routes import admin, completions, controls, feedback, files, health, jobs, onboarding, samples, users
 from core.config import Settings, get_settings
 from core.db.migrate import upgrade_to_head
 from core.inference import metrics as inference_metrics
@@ -96,7 +96,7 @@ def create_app(
     app.add_middleware(RequestIdMiddleware)  # outermost: every log line of a request carries its id
 
     v1 = APIRouter(prefix=API_PREFIX, responses=V1_ERRORS)
-    for module in (onboarding, users, samples, jobs, files, controls, admin):
+    for module in (onboarding, users, samples, jobs, files, controls, feedback, admin):
         v1.include_router(module.router)
     app.include_router(v1)
     app.include_router(completions.router, responses=V1_ERRORS)  # carries its own /v1 prefix

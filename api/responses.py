@@ -449,3 +449,15 @@ class CompletionChunk(Chunk):
     model: str
     choices: list[CompletionChunkChoice]
     usage: CompletionUsage | None = None
+
+
+class FeedbackRecorded(Body):
+    object: Literal["chat.completion.feedback"] = "chat.completion.feedback"
+    id: str
+    completion_id: str
+    choice_index: int
+    kind: str
+    samples_added: int = Field(description="Writing samples the feedback added (0 or 1).")
+    pairs_added: int = Field(description="Preference pairs the feedback added (0 or 1).")
+    job: str | None = Field(description="The training job this feedback queued (STEER_FEEDBACK_RETRAIN_AFTER).")
+    created_at: int

@@ -4,7 +4,7 @@ themselves are in `api/responses.py`)."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -85,7 +85,21 @@ class CreateJobRequest(_Strict):
         default=None, description="The external id of the user to train (admin key); a user key's own, if given."
     )
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Same as `hyperparameters.seed`.")
+    method: dict[str, Any] | None = Field(
+        default=None,
+        description='OpenAI\'s method: `{"type": "supervised"}` (the default) or `{"type": "dpo", "dpo": '
+        '{"hyperparameters": {"beta": 0.1}}}` (preference tuning on a file of preference lines).',
+    )
     metadata: dict[str, str] | None = Field(default=None, description="Accepted for OpenAI compatibility; not stored.")
+
+
+class FeedbackRequest(_Strict):
+    kind: Literal["accepted", "edited", "rejected"] = Field(
+        description="accepted: sent as it was; edited: sent `final_text`, an edit of it; rejected: thrown "
+        "away (with `final_text`: what the user wrote instead)."
+    )
+    final_text: str | None = Field(default=None, description="The text the user sent instead of the answer.")
+    choice_index: int = Field(default=0, ge=0, le=127, description="Which choice of the answer (`n` > 1).")
 
 
 class RetrainRequest(_Strict):

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from api.answers import answer
+from api.answers import Answered, answer
 from api.deps import CallerDep, get_context
 from api.openapi import errors, event_stream, request_schema
 from api.responses import (
@@ -30,9 +30,11 @@ from api.responses import (
 )
 from api.uploads import parse_json, read_body_limited
 from core.inference import catalog
+from core.inference.prefix_cache import PrefixRef
 from core.inference.requests import ChatCompletionBody, CompletionBody, CompletionRequest, parse_body
 from core.inference.service import CompletionService
 from core.service.api_keys import Caller
+from core.service.feedback import remember_completion, subject_user
 
 router = APIRouter(prefix="/v1", tags=["completions"])
 
@@ -128,9 +130,28 @@ async def _complete(request: Request, caller: Caller, body_type: type[ChatComple
     completion = completion.with_loop_guard(prefixes, context.settings.greedy_no_repeat_ngram)
     quota = await _count_against_quota(request, caller, completion)
     submission = await service.submit(caller, completion, card.model_id, prefixes)
-    response = await answer(request, completion, submission)
+    response = await answer(request, completion, submission, _kept_for_feedback(context, completion, prefixes))
     response.headers.update(quota)
     return response
+
+
+def _kept_for_feedback(context, completion: CompletionRequest, prefixes: list[PrefixRef]) -> Answered | None:
+    """Where the deployment takes feedback, a chat answer on a user's model is kept for it
+    (core/service/feedback.py); the base model's answers and legacy completions never are."""
+    if not (completion.chat and context.settings.feedback_enabled and prefixes):
+        return None
+
+    def keep(answer_id: str, answers: list[str]) -> None:
+        with context.session_factory.begin() as session:
+            user_id = subject_user(session, [ref.user_id for ref in prefixes])
+            if user_id is not None:
+                messages = [dict(m) for m in completion.messages]
+                remember_completion(session, context.settings, answer_id, user_id, completion.model, messages, answers)
+
+    async def kept(answer_id: str, answers: list[str]) -> None:
+        await run_in_threadpool(keep, answer_id, answers)
+
+    return kept
 
 
 async def _count_against_quota(request: Request, caller: Caller, completion: CompletionRequest) -> dict[str, str]:

@@ -12,8 +12,10 @@ from api.jobs_dispatch import commit_and_dispatch
 from api.openapi import BODY_ERRORS, errors
 from api.responses import FineTuningJob, FineTuningJobCheckpointList, FineTuningJobEventList, FineTuningJobList
 from api.schemas import CreateJobRequest, checkpoint_object, event_object, job_object
+from core.preference import OBJECTIVE_DPO
 from core.service.errors import InvalidInput
-from core.service.files import file_texts
+from core.service.files import file_pairs, file_texts
+from core.service.hyperparameters import OBJECTIVE, openai_method
 from core.service.jobs import (
     add_event,
     cancel_job,
@@ -24,6 +26,7 @@ from core.service.jobs import (
     list_jobs,
     user_to_train,
 )
+from core.service.preferences import count_pairs, store_pairs
 from core.service.quotas import check_job_quota
 from core.service.samples import add_samples
 
@@ -45,7 +48,11 @@ def create(
     """Retrain a user on their samples, as OpenAI's `fine_tuning.jobs.create`. A user key trains
     only itself, within its quotas (`STEER_USER_MAX_ACTIVE_JOBS`, `STEER_USER_MAX_STEPS_PER_JOB`:
     429 / 400 beyond them); the admin key names the user by `user` (id), `suffix` (external id) or
-    `model` (`user:<external_id>`). A `training_file`'s texts join the user's samples first."""
+    `model` (`user:<external_id>`). A `training_file`'s texts join the user's samples first.
+
+    `method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}` is preference tuning: the
+    `training_file` holds preference lines, which join the user's pairs (those of their feedback
+    too), and the job trains on them all against the user's active version."""
     user = user_to_train(
         session,
         caller,
@@ -54,19 +61,27 @@ def create(
         model=body.model,
         base_model_ids=(base_model_id, settings.base_model),
     )
-    hyperparameters = _with_seed(body.hyperparameters, body.seed)
-    texts = (
-        [] if body.training_file is None else file_texts(session, settings, caller, body.training_file, "training_file")
-    )
+    hyperparameters = _with_seed(openai_method(body.method, body.hyperparameters), body.seed)
+    prefers = isinstance(hyperparameters, dict) and hyperparameters.get(OBJECTIVE) == OBJECTIVE_DPO
+    read = file_pairs if prefers else file_texts
+    from_file: list = []
+    if body.training_file is not None:
+        from_file = read(session, settings, caller, body.training_file, "training_file")
     if body.validation_file is not None:
-        file_texts(session, settings, caller, body.validation_file, "validation_file")
+        read(session, settings, caller, body.validation_file, "validation_file")
+    if prefers and not from_file and count_pairs(session, user.id) == 0:
+        message = "a DPO job needs preference pairs: a training_file of preference lines"
+        raise InvalidInput(message, param="training_file")
     if not caller.is_admin:
         check_job_quota(session, settings, user.id, hyperparameters)
-    if texts:
-        add_samples(session, settings, user, texts, source="upload")
+    if prefers:
+        store_pairs(session, user.id, from_file, source="file")
+    elif from_file:
+        add_samples(session, settings, user, from_file, source="upload")
     job = create_job(session, "retrain", [user], hyperparameters)
     if body.training_file is not None:
-        add_event(session, job.id, f"Training file {body.training_file}: {len(texts)} sample(s) added or kept")
+        what = "preference pair(s) added" if prefers else "sample(s) added or kept"
+        add_event(session, job.id, f"Training file {body.training_file}: {len(from_file)} {what}")
     commit_and_dispatch(session, dispatcher, [job])
     return job_object(job, base_model_id, caller.user_id)
 

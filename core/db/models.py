@@ -285,3 +285,60 @@ class File(Base):
     # Deferred: listings and metadata read the row without its bytes; `data` loads when read.
     data: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+FEEDBACK_KINDS = ("accepted", "edited", "rejected")
+PAIR_SOURCES = ("file", "feedback")
+
+
+class StoredCompletion(Base):
+    """A user's chat completion, kept so that what the user did with it (feedback) can become
+    training data: the request's messages and each choice's answer. Only where the deployment opted
+    in (`STEER_FEEDBACK_ENABLED`), and only until `expires_at` (`STEER_FEEDBACK_RETENTION_DAYS`);
+    erased with the user."""
+
+    __tablename__ = "completions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the answer's own `chatcmpl-...` id
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    model: Mapped[str] = mapped_column(String(255))
+    messages: Mapped[list[dict[str, str]]] = mapped_column(JSON)
+    answers: Mapped[list[str]] = mapped_column(JSON)  # by choice index
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class Feedback(Base):
+    """What a user did with one choice of a stored completion: sent it as it was (accepted), sent
+    their edit of it (edited, `final_text`), or threw it away (rejected, optionally with what they
+    wrote instead). One per choice."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (
+        UniqueConstraint("completion_id", "choice_index"),
+        CheckConstraint(_in_list("kind", FEEDBACK_KINDS), name="kind"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)
+    completion_id: Mapped[str] = mapped_column(ForeignKey("completions.id", ondelete="CASCADE"))
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    choice_index: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    final_text: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class PreferencePairRecord(Base):
+    """One preference pair of a user (a request, the answer they preferred, one they did not), from
+    a DPO training file or from their feedback; what a DPO job trains on. Erased with the user."""
+
+    __tablename__ = "preference_pairs"
+    __table_args__ = (CheckConstraint(_in_list("source", PAIR_SOURCES), name="source"),)
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    messages: Mapped[list[dict[str, str]]] = mapped_column(JSON)
+    preferred: Mapped[str] = mapped_column(Text)
+    rejected: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

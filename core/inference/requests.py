@@ -74,6 +74,8 @@ class CompletionRequest:
     """Control prefixes named in the body, composed after those of the `model` string."""
     loop_guard_set: bool = False
     """The request set `no_repeat_ngram` itself (else the deployment's guard for greedy personalised rows)."""
+    messages: tuple[dict[str, str], ...] = ()
+    """A chat request's messages as plain turns (kept with the answer where feedback is on)."""
 
     def with_loop_guard(self, prefixes: Sequence[PrefixRef], n: int) -> CompletionRequest:
         """This request as served on `prefixes`: a greedy request on a user's prefix gets the
@@ -173,6 +175,7 @@ class _Common(BaseModel):
             self.include_usage,
             tuple(self.controls),
             loop_guard_set=self.no_repeat_ngram is not None,
+            messages=tuple(self.plain_messages()) if isinstance(self, ChatCompletionBody) else (),
         )
 
     def prompt_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:

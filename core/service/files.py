@@ -9,6 +9,11 @@ it carries:
              user's voice, and are left out), or `{"text": "..."}`
     .txt     one sample per blank-line separated paragraph
 
+and, for preference tuning (DPO), OpenAI's preference lines:
+`{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", "content": ...}],
+"non_preferred_output": [...]}` (core/service/preferences.py). A job takes the lines its method
+uses: a supervised job refuses a preference line, a DPO job any other line, by its number.
+
 A user key owns what it uploads; an admin upload has no owner and only the admin sees it.
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -26,6 +32,7 @@ from core.db.models import FILE_ID_PREFIX, File
 from core.service.api_keys import Caller
 from core.service.errors import InvalidInput, NotFound, PayloadTooLarge, StorageLimitExceeded
 from core.service.pagination import Page, paginate
+from core.service.preferences import PreferencePair, message_role, message_text, preference_pair
 from core.service.samples import parse_sample_file, validate_samples
 
 PURPOSE = "fine-tune"
@@ -34,30 +41,67 @@ _MAX_FILENAME = 255
 _UNPRINTABLE = {"Cc", "Cf", "Zl", "Zp"}  # control and format characters, line/paragraph separators
 
 
-def training_texts(filename: str, data: bytes, settings: Settings, param: str = "file") -> list[str]:
-    """The cleaned writing samples of a training file, or `InvalidInput` naming the bad line."""
+@dataclass
+class TrainingFile:
+    """What a training file holds: writing samples (supervised) and/or preference pairs (DPO), each
+    with the line it came from, so a job that cannot use a line can name it."""
+
+    filename: str
+    texts: list[tuple[int, str]] = field(default_factory=list)
+    pairs: list[tuple[int, PreferencePair]] = field(default_factory=list)
+
+
+def read_training_file(filename: str, data: bytes, settings: Settings, param: str = "file") -> TrainingFile:
+    """The samples and pairs of a training file, or `InvalidInput` naming the bad line."""
     if len(data) > settings.max_upload_bytes:
         raise PayloadTooLarge(
             f"file {filename!r} is {len(data)} bytes; the limit is {settings.max_upload_bytes}", param=param
         )
     name = (filename or "").lower()
     if name.endswith(".txt"):
-        texts = parse_sample_file(filename, data, settings)
+        parsed = TrainingFile(filename, texts=list(enumerate(parse_sample_file(filename, data, settings), start=1)))
     elif name.endswith(".jsonl"):
-        texts = _jsonl_texts(filename, data, param)
+        parsed = _jsonl_lines(filename, data, settings, param)
     else:
-        raise InvalidInput("upload a .jsonl (chat or text lines) or .txt file", param=param)
-    if not texts:
+        raise InvalidInput("upload a .jsonl (chat, text or preference lines) or .txt file", param=param)
+    if not parsed.texts and not parsed.pairs:
         raise InvalidInput(f"file {filename!r} holds no writing samples", param=param)
-    return validate_samples(texts, settings, param=param)
+    if parsed.texts:
+        cleaned = validate_samples([text for _, text in parsed.texts], settings, param=param)
+        parsed.texts = [(number, text) for (number, _), text in zip(parsed.texts, cleaned)]
+    return parsed
 
 
-def _jsonl_texts(filename: str, data: bytes, param: str) -> list[str]:
+def training_texts(parsed: TrainingFile, param: str) -> list[str]:
+    """A supervised job's samples: a preference line in the file is refused, by its number."""
+    if parsed.pairs:
+        number = parsed.pairs[0][0]
+        raise InvalidInput(
+            f'line {number} of {parsed.filename!r} is a preference example; train it with method={{"type": "dpo"}}',
+            param=param,
+        )
+    return [text for _, text in parsed.texts]
+
+
+def training_pairs(parsed: TrainingFile, param: str) -> list[PreferencePair]:
+    """A DPO job's pairs: a line that is not a preference example is refused, by its number."""
+    if parsed.texts:
+        number = parsed.texts[0][0]
+        where = f"line {number}" if parsed.filename.lower().endswith(".jsonl") else "paragraph {number}"
+        raise InvalidInput(
+            f"{where} of {parsed.filename!r} is not a preference example (input, preferred_output, "
+            "non_preferred_output), which a DPO job needs",
+            param=param,
+        )
+    return [pair for _, pair in parsed.pairs]
+
+
+def _jsonl_lines(filename: str, data: bytes, settings: Settings, param: str) -> TrainingFile:
     try:
         content = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"file {filename!r} is not valid UTF-8 (byte {exc.start})", param=param) from None
-    texts: list[str] = []
+    parsed = TrainingFile(filename)
     for number, line in enumerate(content.splitlines(), start=1):
         if not line.strip():
             continue
@@ -67,34 +111,19 @@ def _jsonl_texts(filename: str, data: bytes, param: str) -> list[str]:
             raise InvalidInput(f"line {number} of {filename!r} is not JSON", param=param) from None
         where = f"line {number} of {filename!r}"
         if isinstance(record, dict) and isinstance(record.get("text"), str):
-            texts.append(record["text"])
+            parsed.texts.append((number, record["text"]))
+        elif isinstance(record, dict) and "preferred_output" in record:
+            parsed.pairs.append((number, preference_pair(record, settings, where, param)))
         elif isinstance(record, dict) and isinstance(record.get("messages"), list):
-            written = [_content(turn, where, param) for turn in record["messages"] if _is_assistant(turn, where, param)]
+            turns = record["messages"]
+            written = [message_text(t, where, param) for t in turns if message_role(t, where, param) == "assistant"]
             if not written:
                 raise InvalidInput(f"{where} has no assistant message (the user's writing)", param=param)
-            texts.extend(written)
+            parsed.texts.extend((number, text) for text in written)
         else:
-            expected = 'an object with "messages" (chat format) or a string "text"'
+            expected = 'an object with "messages" (chat format), a string "text", or a preference example'
             raise InvalidInput(f"{where} must be {expected}", param=param)
-    return texts
-
-
-def _is_assistant(turn: object, where: str, param: str) -> bool:
-    if not isinstance(turn, dict) or not isinstance(turn.get("role"), str):
-        raise InvalidInput(f'{where}: every message needs a string "role"', param=param)
-    return turn["role"] == "assistant"
-
-
-def _content(turn: dict, where: str, param: str) -> str:
-    """An assistant message's text: a string, or OpenAI's list of `{"type": "text", "text": ...}` parts."""
-    content = turn.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(
-        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content
-    ):
-        return "".join(part["text"] for part in content)
-    raise InvalidInput(f"{where}: an assistant message's content must be text", param=param)
+    return parsed
 
 
 def create_file(session: Session, settings: Settings, caller: Caller, filename: str, purpose: str, data: bytes) -> File:
@@ -108,7 +137,7 @@ def create_file(session: Session, settings: Settings, caller: Caller, filename: 
         # NUL, newlines, ESC ...: echoed back they corrupt logs and terminals, and PostgreSQL
         # refuses a NUL in text outright.
         raise InvalidInput("the file name may not contain control characters", param="file")
-    training_texts(filename, data, settings)
+    read_training_file(filename, data, settings)
     if caller.user_id is not None:
         _check_storage(session, settings, caller.user_id, len(data))
     row = File(user_id=caller.user_id, filename=filename, purpose=purpose, bytes=len(data), data=data)
@@ -162,8 +191,17 @@ def delete_file(session: Session, caller: Caller, file_id: str) -> File:
 
 
 def file_texts(session: Session, settings: Settings, caller: Caller, file_id: str, param: str) -> list[str]:
-    """The writing samples of a file the caller may use in a job (404 for anyone else's)."""
+    """The writing samples of a file the caller may use in a supervised job (404 for anyone else's)."""
+    return training_texts(_read_file(session, settings, caller, file_id, param), param)
+
+
+def file_pairs(session: Session, settings: Settings, caller: Caller, file_id: str, param: str) -> list[PreferencePair]:
+    """The preference pairs of a file the caller may use in a DPO job (404 for anyone else's)."""
+    return training_pairs(_read_file(session, settings, caller, file_id, param), param)
+
+
+def _read_file(session: Session, settings: Settings, caller: Caller, file_id: str, param: str) -> TrainingFile:
     if not isinstance(file_id, str) or not file_id:
         raise InvalidInput(f"{param} must be a file id", param=param)
     row = get_file(session, caller, file_id)
-    return training_texts(row.filename, row.data, settings, param=param)
+    return read_training_file(row.filename, row.data, settings, param=param)

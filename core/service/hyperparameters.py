@@ -17,6 +17,7 @@ from core.adapters import AUTO as AUTO_METHOD
 from core.adapters import METHODS
 from core.config import Settings
 from core.lora import LoRAConfig
+from core.preference import OBJECTIVE_DPO, OBJECTIVE_SFT, OBJECTIVES
 from core.prefix import INIT_ACTIVATIONS, INIT_RANDOM, PrefixConfig
 from core.service.errors import InvalidInput
 from core.training import TrainingConfig
@@ -37,13 +38,18 @@ _FLOATS = {
     "learning_rate": (0.0, 1.0),
     "learning_rate_multiplier": (0.0, 100.0),
     "preservation_weight": (0.0, 100.0),
+    "beta": (0.0, 100.0),
 }
 _ZERO_ALLOWED = {"preservation_weight"}  # 0 means "off"; the others must be positive
 _ALIASES = {"epochs": "n_epochs"}
 INITS = (INIT_RANDOM, INIT_ACTIVATIONS)
 METHOD = "method"
 """Unset (None): the service default (`STEER_TRAIN_METHOD_DEFAULT`); "auto" is the auto method."""
-KNOWN = tuple(_INTS) + tuple(_FLOATS) + ("init", METHOD)
+OBJECTIVE = "objective"
+"""What the job optimises: 'sft' (the user's text) or 'dpo' (their preference pairs). Set from
+OpenAI's `method={"type": "supervised" | "dpo"}` (`openai_method`)."""
+KNOWN = tuple(_INTS) + tuple(_FLOATS) + ("init", METHOD, OBJECTIVE)
+OPENAI_METHODS = {"supervised": OBJECTIVE_SFT, "dpo": OBJECTIVE_DPO}
 
 
 def _unset(name: str) -> Any:
@@ -76,7 +82,10 @@ def validate_hyperparameters(raw: object) -> dict[str, Any]:
             continue
         if value is None or value == AUTO:
             continue
-        if name in _INTS:
+        if name == OBJECTIVE:
+            if value not in OBJECTIVES:
+                raise InvalidInput(f"objective must be one of {', '.join(OBJECTIVES)}", param=param)
+        elif name in _INTS:
             low, high = _INTS[name]
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise InvalidInput(f'{key} must be "auto" or an integer in [{low}, {high}]', param=param)
@@ -91,6 +100,8 @@ def validate_hyperparameters(raw: object) -> dict[str, Any]:
         elif value not in INITS:
             raise InvalidInput(f'init must be "auto" or one of {", ".join(INITS)}', param=param)
         values[name] = value
+    if values["beta"] != AUTO and values[OBJECTIVE] != OBJECTIVE_DPO:
+        raise InvalidInput('beta is a hyperparameter of method {"type": "dpo"}', param="hyperparameters.beta")
     if values["learning_rate"] != AUTO and values["learning_rate_multiplier"] != AUTO:
         raise InvalidInput(
             "give learning_rate or learning_rate_multiplier, not both",
@@ -116,6 +127,8 @@ def resolve(values: dict[str, Any], settings: Settings) -> dict[str, Any]:
         "init": INIT_ACTIVATIONS,
         "preservation_weight": _or_engine(settings.train_preservation_weight_default, "preservation_weight"),
         "lora_rank": settings.train_lora_rank_default,
+        OBJECTIVE: OBJECTIVE_SFT,
+        "beta": ENGINE_DEFAULTS.dpo_beta,
     }
     resolved = {name: (defaults[name] if values[name] == AUTO else values[name]) for name in defaults}
     resolved[METHOD] = values[METHOD] or settings.train_method_default
@@ -163,4 +176,39 @@ def training_config(resolved: dict[str, Any], settings: Settings) -> TrainingCon
         compute_dtype=settings.train_compute_dtype,
         chat_requests=settings.train_chat_requests,
         preservation_prompts=settings.train_preservation_prompts,
+        objective=resolved.get(OBJECTIVE, OBJECTIVE_SFT),
+        dpo_beta=resolved.get("beta", ENGINE_DEFAULTS.dpo_beta),
     )
+
+
+def openai_method(method: object, hyperparameters: object) -> dict[str, Any] | None:
+    """OpenAI's `method` object (`{"type": "supervised" | "dpo", "<type>": {"hyperparameters": {...}}}`)
+    folded into the job's raw hyperparameters (`objective` set); a name given both ways must agree."""
+    if method is None:
+        return hyperparameters  # type: ignore[return-value]  # validated next, as it is
+    if not isinstance(method, dict) or method.get("type") not in OPENAI_METHODS:
+        raise InvalidInput(f"method.type must be one of {', '.join(OPENAI_METHODS)}", param="method.type")
+    kind = method["type"]
+    unknown = set(method) - {"type", kind}
+    if unknown:
+        raise InvalidInput(f"method has unknown field(s) {', '.join(sorted(unknown))}", param="method")
+    nested = method.get(kind) or {}
+    nested = nested.get("hyperparameters") if isinstance(nested, dict) else None
+    if nested is None:
+        nested = {}
+    if not isinstance(nested, dict):
+        raise InvalidInput(f"method.{kind}.hyperparameters must be an object", param=f"method.{kind}.hyperparameters")
+    if hyperparameters is not None and not isinstance(hyperparameters, dict):
+        raise InvalidInput("hyperparameters must be an object", param="hyperparameters")
+    merged = dict(hyperparameters or {})
+    for key, value in nested.items():
+        if key in merged and merged[key] != value:
+            raise InvalidInput(
+                f"hyperparameters.{key} and method.{kind}.hyperparameters.{key} disagree",
+                param=f"method.{kind}.hyperparameters.{key}",
+            )
+        merged[key] = value
+    objective = OPENAI_METHODS[kind]
+    if merged.get(OBJECTIVE, objective) != objective:
+        raise InvalidInput(f"hyperparameters.objective contradicts method.type {kind!r}", param="hyperparameters")
+    return {**merged, OBJECTIVE: objective}

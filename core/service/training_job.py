@@ -33,12 +33,13 @@ from core.db import Job, PrefixVersion, User, database_now, session_scope, utcno
 from core.db.models import JOB_FINISHED_STATUSES
 from core.errors import ArtifactError, InvalidTrainingData, SteerError, TrainingCancelled
 from core.model import BaseModel
+from core.preference import NO_PREFERENCE_LOSS, OBJECTIVE_DPO
 from core.seq2seq import is_encoder_decoder
 from core.service.context import ServiceContext
 from core.service.controls import CONTROL, companion_prefixes
 from core.service.crash_points import crash_point
 from core.service.errors import ServiceError
-from core.service.hyperparameters import resolve, training_config
+from core.service.hyperparameters import OBJECTIVE, resolve, training_config
 from core.service.instant_version import publish_instant_versions
 from core.service.job_lease import (
     JobLease,
@@ -54,6 +55,7 @@ from core.service.jobs import add_event
 from core.service.metrics import TRAIN_STEP_SECONDS
 from core.service.model_ids import subject_model_id
 from core.service.population import active_population
+from core.service.preferences import user_pairs
 from core.service.registry import (
     PREFIX_DTYPE,
     PrefixArtifacts,
@@ -77,6 +79,12 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OperationalError, BlobStore
 NO_WORSE_TOLERANCE = 1e-3
 """Validation loss (nats per token) a new version may exceed the active one's by and still count as
 no worse: the active version is scored as stored (float16), the new one before that rounding."""
+
+
+DPO_PREFERRED_NLL_TOLERANCE = 0.10
+"""How much less likely (relative, per token) a DPO version may make the user's preferred answers
+than its reference does and still replace it: DPO may lower both answers' likelihood while it widens
+the margin, but not the user's own text by much."""
 
 
 class TransientJobError(ServiceError):
@@ -232,12 +240,18 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
         published = {row.user_id: row for row in session.query(PrefixVersion).filter(PrefixVersion.job_id == job.id)}
         users = [session.get(User, uid) for uid in job.user_ids]
         controls = {user.id for user in users if user is not None and user.kind == CONTROL}
+        prefers = resolved.get(OBJECTIVE) == OBJECTIVE_DPO
         todo: list[UserData] = []
         for uid, user in zip(job.user_ids, users):
             if user is None or user.deleted_at is not None:
                 run.result["skipped"][uid] = "user deleted"
             elif uid in published:
                 run.result["users"][uid] = _published_entry(user.external_id, published[uid])
+            elif prefers:
+                if pairs := user_pairs(session, uid):
+                    todo.append(UserData(user_id=uid, samples=[], pairs=pairs))
+                else:
+                    run.result["skipped"][uid] = "no preference pairs"
             elif not prepare_samples(texts := user_sample_texts(session, uid)):
                 run.result["skipped"][uid] = "no usable writing samples"
             else:
@@ -250,7 +264,7 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
 
     config = training_config(resolved, settings)
     base = ctx.base_model()
-    if settings.train_instant_version and not is_encoder_decoder(base):
+    if settings.train_instant_version and not is_encoder_decoder(base) and not prefers:
         users = [(d.user_id, external_ids[d.user_id], d.samples) for d in todo if d.user_id not in controls]
         publish_instant_versions(ctx, base, run.job_id, users, config)
     has_users = any(data.user_id not in controls for data in todo)  # controls never train on it
@@ -294,7 +308,7 @@ def _train_and_publish(ctx: ServiceContext, run: _Run) -> None:
         metrics["method"] = result.method
         metrics["active_val_loss"] = metrics.pop("reference_val_loss", None)
         metrics["compared_with_version"] = active_version
-        activate, why = _no_worse(metrics, active_version)
+        activate, why = _no_worse_preferences(metrics) if prefers else _no_worse(metrics, active_version)
         on_population = population is not None and result.user_id not in controls and result.method == PREFIX
         if on_population:
             metrics["population_version"] = population.version
@@ -381,6 +395,25 @@ def _no_worse(metrics: dict[str, Any], active_version: int | None) -> tuple[bool
     if new <= old + NO_WORSE_TOLERANCE:
         return True, versus
     return False, f"worse than the active version ({versus}); an admin may activate it"
+
+
+def _no_worse_preferences(metrics: dict[str, Any]) -> tuple[bool, str]:
+    """A DPO version replaces the active one only if, on the user's held-out pairs, it ranks the
+    preferred answers higher than its reference (the active version as served) does, and keeps the
+    preferred answers' own likelihood (the user's text) within `DPO_PREFERRED_NLL_TOLERANCE`."""
+    score = metrics.get("preference")
+    if not score:
+        return True, "no held-out preference pairs to compare on"
+    versus = (
+        f"held-out preference loss {score['loss']:.4f} (reference {NO_PREFERENCE_LOSS:.4f}), accuracy "
+        f"{score['accuracy']:.2f}, preferred-answer loss {score['preferred_nll']:.4f} "
+        f"(reference {score['reference_preferred_nll']:.4f})"
+    )
+    if score["loss"] >= NO_PREFERENCE_LOSS - NO_WORSE_TOLERANCE:
+        return False, f"no better than its reference on held-out pairs ({versus}); an admin may activate it"
+    if score["preferred_nll"] > score["reference_preferred_nll"] * (1 + DPO_PREFERRED_NLL_TOLERANCE):
+        return False, f"the user's preferred answers became less likely ({versus}); an admin may activate it"
+    return True, versus
 
 
 def _published_entry(external_id: str, row: PrefixVersion) -> dict[str, Any]:
