@@ -242,3 +242,26 @@ def test_the_population_memory_method_serves_the_three_parts_in_order(tmp_path, 
         torch.testing.assert_close(population, served["ada"][0])  # one population prefix for all
         torch.testing.assert_close(memory, memory_prefix(tiny, users[user].train))  # the user's own text
     assert not torch.allclose(served["ada"][1], served["bo"][1])
+
+
+def test_dpo_after_sft_is_evaluated_on_held_out_simulated_pairs(tmp_path, tiny):
+    """dpo starts from the same run's prefix (its SFT stage) and trains on simulated feedback; both
+    are read on the held-out pairs against the base model, by one rule."""
+    spec = tiny_spec(tmp_path, methods=("prefix", "dpo"), max_steps=3)
+    results = run_evaluation(spec, progress=False, base=tiny)
+    assert results["preference_data"]["simulated"] is True
+    assert sum(results["preference_data"]["test_pairs"].values()) > 0
+    for name in ("prefix", "dpo"):
+        preference = results["methods"][name]["preference"]
+        assert 0.0 <= preference["overall"]["accuracy"] <= 1.0 and set(preference["per_user"]) <= set(WORDS)
+    for user, numbers in results["methods"]["dpo"]["per_user"].items():
+        training = numbers["training"]
+        sft = results["methods"]["prefix"]["per_user"][user]["training"]
+        assert training["objective"] == "dpo" and training["train_samples"] > 0
+        assert training["train_seconds"] > training["dpo_seconds"] > 0  # the SFT stage counts too
+        assert training["initial_preference"]["margin"] == pytest.approx(0.0, abs=1e-3)  # starts at its SFT prefix
+        assert sft.get("objective") is None
+    # DPO moved the prefixes: the held-out margins differ from SFT's.
+    assert results["methods"]["dpo"]["preference"]["overall"]["margin"] != pytest.approx(
+        results["methods"]["prefix"]["preference"]["overall"]["margin"]
+    )

@@ -37,9 +37,11 @@ from core.evaluation.metrics import (
     evaluate_method,
     rows_needed,
 )
+from core.evaluation.preferences import preference_accuracy, simulated_pairs
 from core.evaluation.tasks import at_strength, measure_tasks
 from core.memory import memory_prefix
 from core.model import BaseModel
+from core.preference import OBJECTIVE_DPO
 from core.prefix import PrefixEncoder
 from core.service.recipe import PopulationRecipe, population_recipe, user_recipe
 from core.training import TrainingConfig, UserData, train_prefixes
@@ -49,13 +51,15 @@ POPULATION = "population"
 MEMORY = "memory"
 POPULATION_MEMORY = "population-memory"
 COMPOSED_PREFIX_METHODS = (POPULATION, MEMORY, POPULATION_MEMORY)
-METHODS = ("prefix", "lora", "pt-peft", "auto", "v0", *COMPOSED_PREFIX_METHODS, "prompt", "peft-lora")
+DPO = "dpo"
+METHODS = ("prefix", "lora", "pt-peft", "auto", "v0", DPO, *COMPOSED_PREFIX_METHODS, "prompt", "peft-lora")
 """prefix, lora, pt-peft and auto are the service's methods (core/adapters.py), trained and served
 exactly as the workers do; v0 is the untrained prefix published at onboarding (core/tuning.py's
 `instant_prefix`); population is each user's prefix trained and served on top of one prefix shared
 by all users (`train_population_prefix`), memory on top of the model's own KV of the user's most
 typical texts (core/memory.py), population-memory on top of both; prompt tuning and PEFT's LoRA (one
-adapter per forward) are baselines."""
+adapter per forward) are baselines. dpo is the prefix (the same run's, if it trained one) then a DPO
+job on simulated feedback (core/evaluation/preferences.py), as the service runs `method={"type": "dpo"}`."""
 ADAPTER_METHODS = (LORA, PT_PEFT, "auto")
 SWEEPS = {
     "samples": [10, 20, 50, 100, 0],  # 0 = all training samples
@@ -293,14 +297,49 @@ def eval_sets(base: BaseModel, users: dict[str, datasets.UserTexts], max_len: in
 
 
 def train_method(
-    base, name, spec: EvalSpec, users: dict[str, datasets.UserTexts], bar: ProgressBar, curve: list, **overrides
+    base,
+    name,
+    spec: EvalSpec,
+    users: dict[str, datasets.UserTexts],
+    bar: ProgressBar,
+    curve: list,
+    kept: dict | None = None,
+    pairs: dict | None = None,
+    **overrides,
 ):
-    """Train one method for all users: (scorer, per-user training metrics)."""
+    """Train one method for all users: (scorer, per-user training metrics). `kept` keeps the prefix
+    method's trained users for dpo to start from; `pairs` are dpo's training pairs per user."""
     data = [UserData(u.user, u.train) for u in users.values()]
 
     def on_progress(p):
         curve.append({"step": p.step, "train_loss": p.loss, "val_loss": p.val_loss})
         bar.advance(1, f"loss {p.loss:.3f}")
+
+    if name == DPO:
+        sft = (kept or {}).get("prefix")
+        if sft is None:
+            config = spec.training_config(spec.lr_prefix, **overrides)
+            bar.phase(f"train prefix for dpo ({len(data)} users)", config.max_steps)
+            sft = train_prefixes(base, data, config, on_progress=on_progress)
+        config = replace(spec.training_config(spec.lr_prefix, **overrides), objective=OBJECTIVE_DPO)
+        preferring = [
+            UserData(t.user_id, [], pairs=pairs[t.user_id], resume_state=t.state, reference_kv=t.kv) for t in sft
+        ]
+        bar.phase(f"train dpo ({len(data)} users)", config.max_steps)
+        started = time.monotonic()
+        trained = train_prefixes(base, preferring, config, on_progress=on_progress)
+        seconds = (time.monotonic() - started) / len(trained)
+        metrics = {
+            t.user_id: {
+                **t.metrics,
+                "dpo_seconds": seconds,
+                "train_seconds": seconds + s.metrics["train_seconds"],  # the SFT stage's too
+                "served_params": t.kv.numel(),
+                "artifact_bytes": len(save_prefix(Prefix(t.kv, base.model_id, base.fingerprint))),
+            }
+            for t, s in zip(trained, sft)
+        }
+        return PrefixScorer(base, {t.user_id: t.kv for t in trained}), metrics
 
     if name == "prefix" or name in COMPOSED_PREFIX_METHODS:
         config = spec.training_config(spec.lr_prefix, **overrides)
@@ -320,6 +359,8 @@ def train_method(
         bar.phase(f"train {name} ({len(data)} users)", config.max_steps)
         trained = train_prefixes(base, data, config, on_progress=on_progress)
         seconds = time.monotonic() - started
+        if kept is not None and name == "prefix":
+            kept["prefix"] = trained
         encoder_params = sum(p.numel() for p in PrefixEncoder(base.geometry, config.prefix).parameters())
         metrics = {}
         for t in trained:
@@ -464,12 +505,19 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) ->
                 results["base"]["tasks"] = measure_tasks(base, dict.fromkeys(users), judge)
             write_partial(results, out)
         trained: dict[str, tuple] = {}  # the service's methods trained so far, for auto to choose from
+        kept: dict = {}  # the prefix method's trained users, for dpo to start from
+        preferences = None
+        if DPO in spec.methods:
+            bar.phase("simulated feedback: the base model's drafts", 1)
+            preferences = _simulated_feedback(base, users)
+            results["preference_data"] = preferences["summary"]
         for name in spec.methods:
             curve = results["curves"].setdefault(name, [])
             if name == "auto" and all(m in trained for m in AUTO_CHOICES):
                 scorer, train_metrics = chosen_per_user(trained)  # what auto trains, already trained
             else:
-                scorer, train_metrics = train_method(base, name, spec, users, bar, curve)
+                train_pairs = None if preferences is None else preferences["train"]
+                scorer, train_metrics = train_method(base, name, spec, users, bar, curve, kept, train_pairs)
             if name in AUTO_CHOICES:
                 trained[name] = (scorer, train_metrics)
             bar.phase(f"evaluate {name}", rows_needed(sets, general, list(users)))
@@ -481,6 +529,8 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) ->
             ) / len(train_metrics)
             evaluated["overall"]["served_params"] = next(iter(train_metrics.values()))["served_params"]
             evaluated["overall"]["artifact_bytes"] = next(iter(train_metrics.values()))["artifact_bytes"]
+            if preferences is not None and isinstance(scorer, PrefixScorer):
+                evaluated["preference"] = preference_accuracy(base, scorer.kvs, preferences["test"], max_seq_len)
             if judge is not None and isinstance(scorer, PrefixScorer):  # the baselines do not run in our engine
                 bar.phase(f"generate {name}", 1)
                 for key, settings in spec.generation_settings().items() if spec.generations else ():
@@ -505,6 +555,22 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) ->
     write_report(results, out)
     (out / "results.partial.json").unlink(missing_ok=True)  # superseded by results.json
     return results
+
+
+def _simulated_feedback(base: BaseModel, users: dict[str, datasets.UserTexts]) -> dict:
+    """Training pairs from each user's training samples, held-out pairs from their test samples."""
+    started = time.monotonic()
+    train = simulated_pairs(base, {u.user: prepare_samples(u.train) for u in users.values()})
+    test = simulated_pairs(base, {u.user: prepare_samples(u.test) for u in users.values()})
+    summary = {
+        "simulated": True,
+        "how": "request derived from the user's sample; preferred = the sample; non-preferred = the base "
+        "model's greedy draft for that request",
+        "train_pairs": {user: len(p) for user, p in train.items()},
+        "test_pairs": {user: len(p) for user, p in test.items()},
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    return {"train": train, "test": test, "summary": summary}
 
 
 SWEPT_FIELDS = {
