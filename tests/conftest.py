@@ -42,6 +42,7 @@ FAST_LANE = {
     "test_engine_lora",
     "test_engine_artifacts",
     "test_engine_preservation",
+    "test_engine_dpo",
     "test_api_hardening",
     "test_bad_input",
     "test_api_input",
