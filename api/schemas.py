@@ -202,7 +202,7 @@ def job_object(job: Job, base_model_id: str, viewer: str | None = None) -> respo
     """The job as `viewer` (a user key's user id; None: the admin) may see it: a batch job that
     trains several users shows a user key only that user's part (id, result, model)."""
     error = responses.FineTuningJobError(message=job.error) if job.error else None
-    user_ids, result, fine_tuned_model = job.user_ids, job.result, job.fine_tuned_model
+    user_ids, result, fine_tuned_model = list(job.user_ids), job.result, job.fine_tuned_model
     if viewer is not None and len(user_ids) > 1:
         user_ids = [viewer]
         if result is not None:

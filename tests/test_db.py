@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -11,7 +12,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, delete, func, inspect, select
+from sqlalchemy import Engine, delete, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -36,6 +37,7 @@ from core.db.migrate import (
     schema_is_current,
     upgrade_to_head,
 )
+from core.db.models import JobUser
 
 EXPECTED_TABLES = {"users", "api_keys", "samples", "prefix_versions", "jobs", "job_events"}
 
@@ -129,6 +131,40 @@ def _count(session: Session, model: type[Base], user_id: str) -> int:
     return session.scalar(select(func.count()).select_from(model).where(model.user_id == user_id))
 
 
+def test_the_job_users_migration_keeps_every_jobs_users_in_order(database_url: str) -> None:
+    """0010 moves `jobs.user_ids` (JSON) into `job_users` rows, in order, and back on downgrade; an
+    id whose user is gone (erased) has no row to point at and is dropped."""
+    config = make_alembic_config(database_url)
+    upgrade_to_head(database_url)  # makes the database's directory where it is a file
+    command.downgrade(config, "base")
+    command.upgrade(config, "0009")
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            for uid in ("u1", "u2"):
+                connection.execute(
+                    text("INSERT INTO users (id, external_id, kind, created_at) VALUES (:id, :id, 'user', :now)"),
+                    {"id": uid, "now": utcnow()},
+                )
+            insert = text(
+                "INSERT INTO jobs (id, kind, status, user_ids, hyperparameters, progress, attempts, "
+                "cancel_requested, created_at, updated_at) "
+                "VALUES (:id, 'admin-batch', 'queued', :users, '{}', '{}', 0, false, :now, :now)"
+            )
+            connection.execute(insert, {"id": "ftjob-1", "users": '["u2", "gone", "u1"]', "now": utcnow()})
+        command.upgrade(config, "head")
+        with make_session_factory(engine)() as session:
+            assert list(session.get(Job, "ftjob-1").user_ids) == ["u2", "u1"]
+        command.downgrade(config, "0009")
+        with engine.connect() as connection:
+            stored = connection.execute(text("SELECT user_ids FROM jobs WHERE id = 'ftjob-1'")).scalar()
+        assert (json.loads(stored) if isinstance(stored, str) else stored) == ["u2", "u1"]
+    finally:
+        engine.dispose()
+        command.downgrade(config, "base")
+        upgrade_to_head(database_url)
+
+
 def test_deleting_a_user_cascades_in_the_database(sessions: sessionmaker[Session]) -> None:
     with session_scope(sessions) as session:
         user, job = _user_with_everything(session, "alice")
@@ -143,8 +179,10 @@ def test_deleting_a_user_cascades_in_the_database(sessions: sessionmaker[Session
         for model in (ApiKey, Sample, PrefixVersion):
             assert _count(session, model, user_id) == 0
             assert _count(session, model, other_id) > 0
-        # Jobs are not owned by one user; they stay until erasure code removes them.
+        # Jobs are not owned by one user; they stay until erasure code removes them, without the user.
         assert session.get(Job, job_id) is not None
+        assert list(session.get(Job, job_id).user_ids) == []
+        assert _count(session, JobUser, other_id) == 1
 
 
 def test_deleting_a_job_removes_events_and_detaches_prefix_versions(
@@ -216,7 +254,11 @@ def test_job_status_and_kind_are_checked(sessions: sessionmaker[Session]) -> Non
 
 def test_job_defaults_and_json_round_trip(sessions: sessionmaker[Session]) -> None:
     with session_scope(sessions) as session:
-        job = Job(kind="admin-batch", user_ids=["a", "b"], progress={"step": 3, "loss": [1.0, 0.5]})
+        users = [User(external_id="a"), User(external_id="b")]
+        session.add_all(users)
+        session.flush()
+        ids = [user.id for user in reversed(users)]  # the job's order, not the users' insertion order
+        job = Job(kind="admin-batch", user_ids=ids, progress={"step": 3, "loss": [1.0, 0.5]})
         session.add(job)
         job_id = job.id
     assert job_id.startswith("ftjob-") and job_id != new_job_id()
@@ -225,7 +267,12 @@ def test_job_defaults_and_json_round_trip(sessions: sessionmaker[Session]) -> No
         assert loaded is not None
         assert loaded.status == "queued"
         assert loaded.attempts == 0 and loaded.cancel_requested is False
-        assert loaded.user_ids == ["a", "b"]
+        assert list(loaded.user_ids) == ids
+        assert session.execute(select(Job.id).where(Job.trains(ids[1]))).scalars().all() == [job_id]
+        loaded.user_ids = ids[1:]  # replaced in one flush (a key of job and position would collide)
+    with session_scope(sessions) as session:
+        assert list(session.get(Job, job_id).user_ids) == ids[1:]
+        assert session.execute(select(Job.id).where(Job.trains(ids[0]))).scalars().all() == []
         assert loaded.progress == {"step": 3, "loss": [1.0, 0.5]}
         assert loaded.hyperparameters == {} and loaded.result is None
 

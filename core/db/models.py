@@ -1,9 +1,9 @@
 """SQLAlchemy models. The schema itself is created by the Alembic migrations in `migrations/`;
 a test checks that they agree with these classes.
 
-Erasing a user is one `DELETE FROM users`: keys, samples and prefix versions go with it by
-ON DELETE CASCADE. Jobs are not tied to one user (an admin batch covers many), so they keep
-`user_ids` as a JSON list and are cleaned up by the erase code, not by the database.
+Erasing a user is one `DELETE FROM users`: keys, samples, prefix versions and their places in jobs
+(`job_users`) go with it by ON DELETE CASCADE. A job is not tied to one user (an admin batch covers
+many), so the erase code, not the database, deletes a job left with no user.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    cast,
     event,
     false,
     text,
 )
+from sqlalchemy.ext.associationproxy import AssociationProxy, association_proxy
+from sqlalchemy.ext.orderinglist import ordering_list
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -217,7 +218,6 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_job_id)
     kind: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default="queued")
-    user_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text)
@@ -245,13 +245,35 @@ class Job(Base):
         passive_deletes=True,
         order_by="JobEvent.id",
     )
+    members: Mapped[list[JobUser]] = relationship(
+        order_by="JobUser.position",
+        collection_class=ordering_list("position"),
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        lazy="selectin",  # every reader of a job reads its users: one query for a whole page of jobs
+    )
+    user_ids: AssociationProxy[list[str]] = association_proxy(
+        "members", "user_id", creator=lambda user_id: JobUser(user_id=user_id)
+    )
+    """The users the job trains, in order (a list-like view of `members`; assigning replaces them)."""
 
     @staticmethod
-    def may_train(user_id: str) -> ColumnElement[bool]:
-        """SQL condition narrowing jobs to those whose `user_ids` (a JSON list) may hold `user_id`:
-        a text match, the same on SQLite and Postgres (ids are hex, so they need no escaping).
-        Where another id could contain it, test `user_id in job.user_ids` on the rows."""
-        return cast(Job.user_ids, String).like(f'%"{user_id}"%')
+    def trains(user_id: str) -> ColumnElement[bool]:
+        """SQL condition: the job trains `user_id` (an indexed lookup in `job_users`)."""
+        return Job.members.any(JobUser.user_id == user_id)
+
+
+class JobUser(Base):
+    """One user a job trains, at `position` in the job's order."""
+
+    __tablename__ = "job_users"
+
+    # A surrogate key and no unique (job, user): replacing a job's users deletes and inserts rows in
+    # one flush, where either would collide (a job never holds a user twice: core/service/jobs.py).
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
 
 
 class JobEvent(Base):

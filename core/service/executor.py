@@ -110,11 +110,12 @@ class EmbeddedExecutor:
     def _next_job(self, deferred: set[str]) -> tuple[str, str] | None:
         """(job id, owner) of the queued job to run next, fairly across owners; None if none."""
         with session_scope(self.ctx.session_factory) as session:
-            queued = session.execute(
-                select(Job.id, Job.user_ids)
+            jobs = session.scalars(
+                select(Job)
                 .where(Job.status == "queued", Job.cancel_requested.is_(False))
                 .order_by(Job.created_at, Job.id)
-            ).all()
+            )
+            queued = [(job.id, list(job.user_ids)) for job in jobs]
         candidates = [(job_id, _owner(job_id, user_ids)) for job_id, user_ids in queued if job_id not in deferred]
         if not candidates:
             return None

@@ -154,7 +154,7 @@ def _final_text(kind: str, final_text: object, draft: str, settings: Settings) -
 
 def feedback_since_last_job(session: Session, user_id: str) -> int:
     """The user's feedback items since their newest job was created (all of them if none)."""
-    newest = select(func.max(Job.created_at)).where(Job.may_train(user_id)).scalar_subquery()
+    newest = select(func.max(Job.created_at)).where(Job.trains(user_id)).scalar_subquery()
     query = select(func.count()).select_from(Feedback).where(Feedback.user_id == user_id)
     last = session.execute(select(newest)).scalar()
     if last is not None:

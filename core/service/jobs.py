@@ -32,7 +32,7 @@ def create_job(session: Session, kind: str, users: list[User], hyperparameters: 
     for user in users:
         if count_samples(session, user.id) == 0:
             raise InvalidInput(f"user {user.id} has no writing samples to train on", param="user")
-    job = Job(kind=kind, user_ids=[user.id for user in users], hyperparameters=values)
+    job = Job(kind=kind, user_ids=list(dict.fromkeys(user.id for user in users)), hyperparameters=values)
     session.add(job)
     session.flush()
     add_event(session, job.id, f"Created {kind} job for {len(users)} user(s)")
@@ -65,10 +65,8 @@ def get_job(session: Session, caller: Caller, job_id: str) -> Job:
 
 def members_of_jobs_in_flight(session: Session, user_id: str) -> list[list[str]]:
     """The user lists of the queued or running jobs that train `user_id`."""
-    candidates = session.scalars(
-        select(Job.user_ids).where(Job.status.in_(("queued", "running")), Job.may_train(user_id))
-    )
-    return [user_ids for user_ids in candidates if user_id in (user_ids or [])]
+    jobs = session.scalars(select(Job).where(Job.status.in_(("queued", "running")), Job.trains(user_id)))
+    return [list(job.user_ids) for job in jobs]
 
 
 def has_job_in_flight(session: Session, user_id: str) -> bool:
@@ -90,7 +88,7 @@ def list_jobs(
             return Page(items=[], has_more=False)
         user_id = caller.user_id
     if user_id is not None:
-        statement = statement.where(Job.may_train(user_id))
+        statement = statement.where(Job.trains(user_id))
     page = paginate(session, statement, Job, after=after, limit=limit, newest_first=True)
     page.items = [job for job in page.items if _visible(job, caller) and (user_id is None or user_id in job.user_ids)]
     return page

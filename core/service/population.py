@@ -153,7 +153,7 @@ def _refuse_while_training(session: Session, control: User) -> None:
 
 def _jobs_of(control: User) -> Select[tuple[Job]]:
     """The population's training jobs, newest first."""
-    return select(Job).where(Job.kind == CONTROL, Job.may_train(control.id)).order_by(Job.created_at.desc())
+    return select(Job).where(Job.kind == CONTROL, Job.trains(control.id)).order_by(Job.created_at.desc())
 
 
 def _draw_samples(session: Session, recipe: PopulationRecipe, rng: random.Random) -> dict[str, list[str]]:

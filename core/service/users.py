@@ -93,12 +93,12 @@ def delete_user(
     store.delete_prefix(user_blob_prefix(user_id))
     with factory.begin() as session:
         for job in _jobs_of(session, user_id):
-            remaining = [uid for uid in job.user_ids if uid != user_id]
+            remaining = [member for member in job.members if member.user_id != user_id]
             if not remaining:
                 session.delete(job)  # its events go with it (ON DELETE CASCADE)
             else:
                 # A batch job of several users: drop this user from it and from its result.
-                job.user_ids = remaining
+                job.members = remaining  # the others keep their rows
                 if job.result:
                     users = {k: v for k, v in job.result.get("users", {}).items() if k != user_id}
                     job.result = {**job.result, "users": users}
@@ -132,8 +132,5 @@ def _scrub_database_files(factory: sessionmaker[Session]) -> None:
 
 
 def _jobs_of(session: Session, user_id: str) -> list[Job]:
-    """Jobs whose `user_ids` (a JSON list) contain `user_id`.
-
-    `Job.may_train` narrows the rows in SQL; the exact membership test is done here."""
-    candidates = session.execute(select(Job).where(Job.may_train(user_id))).scalars()
-    return [job for job in candidates if user_id in (job.user_ids or [])]
+    """The jobs that train `user_id`."""
+    return list(session.execute(select(Job).where(Job.trains(user_id))).scalars())
