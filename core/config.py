@@ -113,6 +113,25 @@ class Settings(BaseSettings):
         gt=0,
         description="Most bytes of training files one user key may keep stored (all its files together).",
     )
+    feedback_enabled: bool = Field(
+        default=False,
+        description="Keep each chat completion on a user's model (request and answers) so the application "
+        "can report what the user did with it (`POST /v1/chat/completions/{id}/feedback`); off: nothing "
+        "is kept and feedback is 404.",
+    )
+    feedback_retention_days: float = Field(
+        default=30.0,
+        gt=0,
+        le=3650,
+        description="How long a kept completion may still take feedback; then it is deleted. What feedback "
+        "made of it (a sample, a preference pair) stays with the user until they are erased.",
+    )
+    feedback_retrain_after: int = Field(
+        default=0,
+        ge=0,
+        description="Queue a user's training job after this many new feedback items since their last job "
+        "(DPO when they have preference pairs, else supervised; within the user's job quota). 0: never.",
+    )
     max_completion_body_bytes: int = Field(
         default=1_000_000,
         gt=0,
