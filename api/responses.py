@@ -460,4 +460,4 @@ class FeedbackRecorded(Body):
     samples_added: int = Field(description="Writing samples the feedback added (0 or 1).")
     pairs_added: int = Field(description="Preference pairs the feedback added (0 or 1).")
     job: str | None = Field(description="The training job this feedback queued (STEER_FEEDBACK_RETRAIN_AFTER).")
-    created_at: int
+    created_at: Timestamp

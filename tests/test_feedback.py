@@ -14,12 +14,9 @@ import pytest
 from openai import OpenAI
 from sqlalchemy import func, select
 
-from api.app import create_app
 from core.data import clean_text
 from core.db.models import Feedback, PreferencePairRecord, Sample, StoredCompletion
-from core.service.context import build_context
-from tests.support.api import ADMIN_KEY, SAMPLES, make_settings, tiny_base_model
-from tests.support.inference import ServerThread
+from tests.support.api import ADMIN_KEY, SAMPLES, served_embedded
 
 JOB_TIMEOUT_S = 240
 ASK = [{"role": "user", "content": "Write a short note about the weekend."}]
@@ -84,12 +81,8 @@ class Steer:
 
 @contextmanager
 def steer(tmp_path, **settings):
-    ctx = build_context(make_settings(tmp_path, **settings), base_model=tiny_base_model())
-    try:
-        with ServerThread(create_app(context=ctx)) as server:
-            yield Steer(server.base_url, ctx)
-    finally:
-        ctx.close()
+    with served_embedded(tmp_path, **settings) as (base_url, ctx):
+        yield Steer(base_url, ctx)
 
 
 def test_feedback_on_answers_becomes_samples_and_pairs_only_for_their_own_user(tmp_path):
@@ -133,7 +126,12 @@ def test_feedback_on_answers_becomes_samples_and_pairs_only_for_their_own_user(t
         with service.ctx.session_factory() as session:
             (pair,) = session.execute(select(PreferencePairRecord)).scalars()
             texts = set(session.execute(select(Sample.text).where(Sample.user_id == ann_id)).scalars())
-        assert (pair.user_id, pair.preferred, pair.rejected, pair.source) == (ann_id, edit, clean_text(draft), "feedback")
+        assert (pair.user_id, pair.preferred, pair.rejected, pair.source) == (
+            ann_id,
+            edit,
+            clean_text(draft),
+            "feedback",
+        )
         assert pair.messages == ASK
         assert {clean_text(answer.choices[0].message.content), edit} <= texts
         # A rejected answer with nothing instead is recorded, and trains nothing.

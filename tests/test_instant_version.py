@@ -21,7 +21,7 @@ from core.service import instant_version, training_job
 from core.service.context import build_context
 from core.service.registry import active_prefix
 from core.tuning import instant_prefix
-from tests.support.api import SAMPLES, make_settings, tiny_base_model
+from tests.support.api import SAMPLES, served_embedded
 from tests.support.inference import ServerThread
 from tests.support.processes import distributed_env, end, settings_from_env, spawn, spawn_train_worker, wait_for_log
 from tests.support.running import Running, chat
@@ -42,12 +42,8 @@ def _wait(condition, what: str, timeout: float = 60):
 @contextmanager
 def _embedded(tmp_path: Path, **settings) -> Iterator[Running]:
     """A served embedded Steer on the tiny model, seen from outside."""
-    ctx = build_context(make_settings(tmp_path, **settings), base_model=tiny_base_model())
-    try:
-        with ServerThread(create_app(context=ctx)) as server:
-            yield Running(server.base_url, ctx)
-    finally:
-        ctx.close()
+    with served_embedded(tmp_path, **settings) as (base_url, ctx):
+        yield Running(base_url, ctx)
 
 
 @pytest.fixture

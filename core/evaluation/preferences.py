@@ -22,11 +22,11 @@ import torch
 from core.adapters import Adaptation
 from core.data import derive_request
 from core.evaluation.generations import generate_for_users
+from core.evaluation.metrics import PrefixScorer, score_rows
 from core.model import BaseModel
 from core.preference import PreferencePair, pair_rows
 from core.prompts import chat_prompt_ids
 from core.sampling import SamplingParams
-from core.training import token_losses
 
 DRAFT_TOKENS = 64
 
@@ -60,16 +60,15 @@ def preference_accuracy(
 ) -> dict:
     """Per user and overall: the share of held-out pairs whose implicit reward against the base
     model prefers the user's text, and the mean reward margin (nats)."""
+    scorer = PrefixScorer(base, dict(adaptations))  # the metrics' scorer: a LoRA row sees its LoRA too
     per_user = {}
     for user, user_pairs in pairs.items():
         if not user_pairs:
             continue
-        value = adaptations[user]
-        kv = value.kv if isinstance(value, Adaptation) else value
         rows = [row for p in user_pairs for row in _rows(base, p, max_len)]
-        own = _log_likelihoods(base, rows, kv, chunk)
-        reference = _log_likelihoods(base, rows, None, chunk)
-        rewards = own - reference  # (2 * pairs,)
+        own, _ = score_rows(scorer, rows, [user] * len(rows), chunk)  # summed NLL per row
+        reference, _ = score_rows(scorer, rows, [None] * len(rows), chunk)
+        rewards = reference - own  # log pi(y) - log base(y), (2 * pairs,)
         margins = rewards[0::2] - rewards[1::2]
         per_user[user] = {"accuracy": float((margins > 0).double().mean()), "margin": float(margins.mean())}
     overall = {key: sum(u[key] for u in per_user.values()) / len(per_user) for key in ("accuracy", "margin")}
@@ -79,12 +78,3 @@ def preference_accuracy(
 def _rows(base: BaseModel, pair: PreferencePair, max_len: int):
     rows = pair_rows(base.tokenizer, pair, max_len)
     return rows.preferred, rows.rejected
-
-
-def _log_likelihoods(base: BaseModel, rows, kv, chunk: int) -> torch.Tensor:
-    sums = []
-    for start in range(0, len(rows), chunk):
-        part = rows[start : start + chunk]
-        losses, _ = token_losses(base, part, [kv] * len(part))
-        sums.append(-losses.sum(dim=1).double().cpu())
-    return torch.cat(sums)

@@ -27,13 +27,13 @@ from sqlalchemy.orm import Session
 from core.config import Settings
 from core.data import clean_text
 from core.db import User, utcnow
-from core.db.models import FEEDBACK_KINDS, Feedback, Job, PreferencePairRecord, StoredCompletion
+from core.db.models import FEEDBACK_KINDS, Feedback, Job, StoredCompletion
 from core.preference import OBJECTIVE_DPO, OBJECTIVE_SFT, PreferencePair
 from core.service.api_keys import Caller
 from core.service.errors import Conflict, InvalidInput, NotFound
 from core.service.hyperparameters import OBJECTIVE
 from core.service.jobs import members_of_jobs_in_flight
-from core.service.preferences import store_pairs
+from core.service.preferences import count_pairs, store_pairs
 from core.service.samples import add_samples, validate_samples
 
 SOURCE = "feedback"
@@ -154,9 +154,8 @@ def _final_text(kind: str, final_text: object, draft: str, settings: Settings) -
 
 def feedback_since_last_job(session: Session, user_id: str) -> int:
     """The user's feedback items since their newest job was created (all of them if none)."""
-    newest = select(func.max(Job.created_at)).where(Job.trains(user_id)).scalar_subquery()
+    last = session.execute(select(func.max(Job.created_at)).where(Job.trains(user_id))).scalar()
     query = select(func.count()).select_from(Feedback).where(Feedback.user_id == user_id)
-    last = session.execute(select(newest)).scalar()
     if last is not None:
         query = query.where(Feedback.created_at > last)
     return session.execute(query).scalar_one()
@@ -171,7 +170,4 @@ def retraining_due(session: Session, settings: Settings, user_id: str) -> dict |
         return None
     if members_of_jobs_in_flight(session, user_id):
         return None
-    has_pairs = session.execute(
-        select(PreferencePairRecord.id).where(PreferencePairRecord.user_id == user_id).limit(1)
-    ).first()
-    return {OBJECTIVE: OBJECTIVE_DPO if has_pairs else OBJECTIVE_SFT}
+    return {OBJECTIVE: OBJECTIVE_DPO if count_pairs(session, user_id) else OBJECTIVE_SFT}

@@ -87,7 +87,7 @@ def training_pairs(parsed: TrainingFile, param: str) -> list[PreferencePair]:
     """A DPO job's pairs: a line that is not a preference example is refused, by its number."""
     if parsed.texts:
         number = parsed.texts[0][0]
-        where = f"line {number}" if parsed.filename.lower().endswith(".jsonl") else "paragraph {number}"
+        where = f"line {number}" if parsed.filename.lower().endswith(".jsonl") else f"paragraph {number}"
         raise InvalidInput(
             f"{where} of {parsed.filename!r} is not a preference example (input, preferred_output, "
             "non_preferred_output), which a DPO job needs",

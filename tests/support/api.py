@@ -104,3 +104,17 @@ def wait_for_job(client: TestClient, job_id: str, timeout: float = 120) -> dict:
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+@contextmanager
+def served_embedded(tmp_path: Path, **settings: Any) -> Iterator[tuple[str, Any]]:
+    """An embedded Steer on the tiny model, served on a loopback port: (its /v1 base URL, its
+    ServiceContext, closed afterwards)."""
+    from tests.support.inference import ServerThread
+
+    ctx = build_context(make_settings(tmp_path, **settings), base_model=tiny_base_model())
+    try:
+        with ServerThread(create_app(context=ctx)) as server:
+            yield server.base_url, ctx
+    finally:
+        ctx.close()
