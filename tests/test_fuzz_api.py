@@ -210,7 +210,8 @@ def test_response_enumerations_match_the_database():
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory):
     """An app of its own (the fuzzer's world is left in any state), with its schemathesis schema."""
-    app_settings = make_settings(tmp_path_factory.mktemp("typed"), request_timeout_s=60)
+    # Feedback on: its route's success needs a stored completion.
+    app_settings = make_settings(tmp_path_factory.mktemp("typed"), request_timeout_s=60, feedback_enabled=True)
     with api_client(app_settings, dispatcher=RecordingDispatcher()) as client:
         yield client, schemathesis.openapi.from_dict(client.get("/openapi.json").json())
 
@@ -299,7 +300,20 @@ def test_every_operation_answers_a_success_that_matches_its_schema(fresh):
     messages = [{"role": "user", "content": "Say hello."}]
     for model in (base.model_id, "user:typed-user"):
         chat = {"model": model, "messages": messages, "max_tokens": 3, "n": 2}
-        assert call("POST", "/v1/chat/completions", 200, key=key, body=chat).json()["object"] == "chat.completion"
+        answered = call("POST", "/v1/chat/completions", 200, key=key, body=chat).json()
+        assert answered["object"] == "chat.completion"
+        if model == "user:typed-user":
+            edit = {"kind": "edited", "final_text": "Hello there, from the typed user.", "choice_index": 1}
+            feedback = {"completion_id": answered["id"]}
+            recorded = call(
+                "POST",
+                "/v1/chat/completions/{completion_id}/feedback",
+                201,
+                key=key,
+                path_parameters=feedback,
+                body=edit,
+            )
+            assert (recorded.json()["samples_added"], recorded.json()["pairs_added"]) == (1, 1)
         stream = {**chat, "stream": True, "stream_options": {"include_usage": True}}
         events = _events(call("POST", "/v1/chat/completions", 200, key=key, body=stream))
         assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] > 0
