@@ -182,12 +182,15 @@ def service(tmp_path_factory, base):
 
 
 def _alone(base, ctx, subject_ids: list[str], prompt: str, max_tokens: int = 12) -> str:
-    """The engine run directly, alone, with these subjects' active prefixes composed in order."""
+    """The engine run directly, alone, with these subjects' active prefixes composed in order, greedy
+    with the loop guard the service gives rows on a prefix (STEER_GREEDY_NO_REPEAT_NGRAM)."""
     kvs = []
     for subject_id in subject_ids:
         with ctx.session_factory() as session:
             kvs.append(store_loader(ctx.store, base)(prefix_ref(active_prefix(session, subject_id))).kv)
-    request = GenerationRequest(text_ids(base.tokenizer, prompt), SamplingParams(max_tokens, temperature=0), kvs)
+    guard = ctx.settings.greedy_no_repeat_ngram if kvs else 0
+    params = SamplingParams(max_tokens, temperature=0, no_repeat_ngram=guard)
+    request = GenerationRequest(text_ids(base.tokenizer, prompt), params, kvs)
     return MixedBatchGenerator(base).generate([request])[0].text
 
 

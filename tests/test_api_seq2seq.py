@@ -69,9 +69,9 @@ def test_onboard_train_and_serve_on_a_local_bart(tmp_path: Path, bart_dir: Path)
         )
         assert plain.status_code == 200, plain.text
 
-    # The served text is the engine's own output with that prefix (the stored fp16 copy).
+    # The served text is the engine's own output with that prefix (the stored fp16 copy), greedy with
+    # the loop guard the service gives a user's greedy rows.
     prompt = chat_prompt_ids(base.tokenizer, messages)
-    direct = MixedBatchGenerator(base).generate(
-        [GenerationRequest(prompt, SamplingParams(8, temperature=0), kv.to(torch.float32))]
-    )[0]
+    params = SamplingParams(8, temperature=0, no_repeat_ngram=settings.greedy_no_repeat_ngram)
+    direct = MixedBatchGenerator(base).generate([GenerationRequest(prompt, params, kv.to(torch.float32))])[0]
     assert chat.json()["choices"][0]["message"]["content"] == direct.text

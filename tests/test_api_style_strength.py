@@ -58,13 +58,15 @@ def service(tmp_path_factory, base):
 
 
 def _alone(base, ctx, user_id: str | None, strength: float, temperature: float = 0.0, seed: int | None = None) -> str:
-    """The engine run directly, alone, on the user's active prefix at `strength`."""
-    kv = None
+    """The engine run directly, alone, on the user's active prefix at `strength`, decoded as the service
+    decodes it: greedy on a user's prefix with the deployment's loop guard (STEER_GREEDY_NO_REPEAT_NGRAM)."""
+    kv, guard = None, 0
     if user_id is not None:
         with ctx.session_factory() as session:
             kv = store_loader(ctx.store, base)(prefix_ref(active_prefix(session, user_id))).kv
+        guard = ctx.settings.greedy_no_repeat_ngram if temperature == 0 else 0
     prompt = chat_prompt_ids(base.tokenizer, [{"role": "user", "content": PROMPT}])
-    params = SamplingParams(12, temperature=temperature, seed=seed, style_strength=strength)
+    params = SamplingParams(12, temperature=temperature, seed=seed, style_strength=strength, no_repeat_ngram=guard)
     return MixedBatchGenerator(base).generate([GenerationRequest(prompt, params, kv)])[0].text
 
 
@@ -95,7 +97,8 @@ def test_a_burst_of_users_at_different_strengths_equals_each_request_alone(servi
     alone = [_alone(base, ctx, users[n].user_id, s, t, 7 if t else None) for n, s, t in cases]
     assert burst == alone
     by_case = dict(zip(cases, burst))
-    base_answer = _ask(server, ADMIN_KEY, base.model_id, None)
+    # The base model's greedy answer under the loop guard the service gives greedy personalised rows.
+    base_answer = _ask(server, ADMIN_KEY, base.model_id, {"no_repeat_ngram": ctx.settings.greedy_no_repeat_ngram})
     for name in ("alice", "bob"):
         assert by_case[(name, 0.0, 0.0)] == base_answer  # strength 0: the base model's answer
         assert by_case[(name, 1.0, 0.0)] == _ask(server, users[name].key, f"user:{name}", None)  # 1: today's

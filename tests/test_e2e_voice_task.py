@@ -1,7 +1,8 @@
-"""The service end to end on the default model (issue 24): onboard a real author with the
-recipe options docs/EVALUATION.md measured best, and the unchanged `openai` client gets answers to
-concrete requests that do the task (on topic, not looping) at temperature 0 and at the sampling
-defaults, from a version that learned the author's writing (validation loss below the base's)."""
+"""The service end to end on the default model (issue 24): onboard a real author at the service's
+defaults (the recipe options docs/EVALUATION.md measured best), and the unchanged `openai` client
+gets answers to concrete requests that do the task (on topic, not looping) at temperature 0 and at
+the sampling defaults, from a version that learned the author's writing (validation loss below the
+base's)."""
 
 from __future__ import annotations
 
@@ -33,13 +34,11 @@ def test_a_personalised_model_does_what_it_is_asked_greedy_and_sampled(tmp_path:
         admin_key=ADMIN_KEY,
         device="cpu",
         train_population_prefix=False,  # one user: a population job would only delay theirs
-        # The recipe docs/EVALUATION.md measured best (derived requests, request anchors, the
-        # 4-gram loop guard), not yet the defaults: at today's defaults this test fails (a greedy
-        # answer loops "singularly singularly ...", as the issue reports).
-        train_chat_requests="derived",
-        train_preservation_prompts="requests",
-        greedy_no_repeat_ngram=4,
-    )  # everything else: the service's defaults
+    )  # everything else, the recipe included: the service's defaults (derived requests, request
+    # anchors, the 4-gram loop guard: what docs/EVALUATION.md measured best; at the old defaults a
+    # greedy answer loops "singularly singularly ...", as the issue reports)
+    recipe = (settings.train_chat_requests, settings.train_preservation_prompts, settings.greedy_no_repeat_ngram)
+    assert recipe == ("derived", "requests", 4), recipe  # not overridden by the environment
     ctx = build_context(settings)
     try:
         with ServerThread(create_app(context=ctx)) as server:

@@ -167,7 +167,7 @@ def test_a_run_fills_every_recipe_user_and_control_and_writes_its_report(tiny, t
         eval_every=1,
         prompts=2,
         max_tokens=4,
-        max_seq_len=48,
+        max_seq_len=64,  # room for a derived request's chat prompt (~42 tokens on the tiny model) and an answer
         base_model="tiny",
         out=str(tmp_path / "out"),
     )

@@ -94,12 +94,15 @@ def client(server, key: str) -> openai.OpenAI:
 
 
 def direct(base, ctx, user_id: str | None, max_tokens: int = 10) -> str:
-    kv = None
+    """The engine alone, greedy as the service decodes it: on a user's prefix with the deployment's
+    loop guard (STEER_GREEDY_NO_REPEAT_NGRAM), the base model without."""
+    kv, guard = None, 0
     if user_id is not None:
         with ctx.session_factory() as session:
             kv = store_loader(ctx.store, base)(prefix_ref(active_prefix(session, user_id))).kv
+        guard = ctx.settings.greedy_no_repeat_ngram
     ids = chat_prompt_ids(base.tokenizer, MESSAGES)
-    request = GenerationRequest(ids, SamplingParams(max_tokens=max_tokens, temperature=0), kv)
+    request = GenerationRequest(ids, SamplingParams(max_tokens=max_tokens, temperature=0, no_repeat_ngram=guard), kv)
     return MixedBatchGenerator(base).generate([request])[0].text
 
 

@@ -68,12 +68,14 @@ def client(server, key: str) -> openai.OpenAI:
 
 
 def direct(base, ctx, user_id: str | None, prompt_ids: list[int], max_tokens: int = 12, **sampling) -> str:
-    """The engine run directly, alone, with the user's active prefix (None: base model)."""
+    """The engine run directly, alone, with the user's active prefix (None: base model), greedy as the
+    service decodes it: on a user's prefix with the deployment's loop guard (STEER_GREEDY_NO_REPEAT_NGRAM)."""
     kv = None
     if user_id is not None:
         with ctx.session_factory() as session:
             row = active_prefix(session, user_id)
         kv = store_loader(ctx.store, base)(prefix_ref(row)).kv
+        sampling.setdefault("no_repeat_ngram", ctx.settings.greedy_no_repeat_ngram)
     request = GenerationRequest(prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0, **sampling), kv)
     return MixedBatchGenerator(base).generate([request])[0].text
 

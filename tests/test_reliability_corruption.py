@@ -68,11 +68,11 @@ def store_setup(request, tmp_path):
 
 
 def _direct(ctx, row) -> str:
+    """The engine alone on this version, greedy with the loop guard the service gives a user's rows."""
     base = ctx.base_model()
     kv = store_loader(ctx.store, base)(prefix_ref(row)).kv
-    request = GenerationRequest(
-        chat_prompt_ids(base.tokenizer, MESSAGES), SamplingParams(max_tokens=10, temperature=0), kv
-    )
+    params = SamplingParams(max_tokens=10, temperature=0, no_repeat_ngram=ctx.settings.greedy_no_repeat_ngram)
+    request = GenerationRequest(chat_prompt_ids(base.tokenizer, MESSAGES), params, kv)
     return MixedBatchGenerator(base).generate([request])[0].text
 
 

@@ -94,8 +94,8 @@ class AnswerSettings:
 GREEDY = AnswerSettings("greedy", temperature=0.0)
 SAMPLED = AnswerSettings("sampled", temperature=1.0)  # the service's defaults (OpenAI's): T = 1, top_p = 1
 GREEDY_NO_REPEAT = AnswerSettings("greedy, no repeated 4-gram", temperature=0.0, no_repeat_ngram=4)
-"""Greedy with a loop guard (core/sampling.py: no_repeat_ngram): a candidate for what the service
-decodes greedy personalised rows with."""
+"""Greedy with a loop guard (core/sampling.py: no_repeat_ngram): what the service decodes greedy
+personalised rows with at its default STEER_GREEDY_NO_REPEAT_NGRAM (4)."""
 
 
 def at_strength(strength: float) -> tuple[AnswerSettings, ...]:

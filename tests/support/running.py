@@ -53,11 +53,13 @@ class Running:
             return self.alone_versions([active_prefix(session, subject) for subject in subjects], with_lora)
 
     def alone_versions(self, rows: list[PrefixVersion], with_lora: bool = True) -> str:
-        """Greedy answer of the engine run directly on these stored versions, composed in order."""
+        """Greedy answer of the engine run directly on these stored versions, composed in order, with
+        the loop guard the service gives greedy personalised rows (STEER_GREEDY_NO_REPEAT_NGRAM)."""
         parts = [store_loader(self.ctx.store, self.base)(prefix_ref(row)) for row in rows]
         prefix, lora = row_parts(parts)
         ids = chat_prompt_ids(self.base.tokenizer, MESSAGES)
-        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+        guard = self.ctx.settings.greedy_no_repeat_ngram if rows else 0
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, no_repeat_ngram=guard)
         request = GenerationRequest(ids, params, prefix, lora=lora if with_lora else None)
         return MixedBatchGenerator(self.base).generate([request])[0].text
 
