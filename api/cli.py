@@ -116,7 +116,7 @@ def model_prepare() -> None:
     from core.logging_setup import configure_logging
 
     configure_logging()
-    from core.model import load_base_model
+    from core.engine.model import load_base_model
 
     settings = _settings()
     base = load_base_model(settings.base_model, device="cpu", dtype="float32", cache_root=settings.model_cache_dir)

@@ -16,6 +16,7 @@ from core.service import population, retrain
 from core.service.api_keys import shown_prefix
 from core.service.hyperparameters import MAX_SEED
 from core.service.model_ids import CONTROL_NAME_PATTERN, EXTERNAL_ID_PATTERN
+from core.tuners.registry import PREFIX
 
 
 class _Strict(BaseModel):
@@ -187,7 +188,7 @@ def prefix_object(user: User, row: PrefixVersion) -> responses.PrefixVersion:
         status=row.status,
         base_model=row.base_model_id,
         base_fingerprint=row.base_fingerprint,
-        method=(row.metrics or {}).get("method", "prefix"),
+        method=(row.metrics or {}).get("method", PREFIX),
         prefix_len=row.prefix_len,
         population_version=(row.metrics or {}).get("population_version") if row.population_version_id else None,
         bytes=row.bytes,

@@ -19,6 +19,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.tuners.registry import PREFIX, SERVED_METHODS
+
 ENV_PREFIX = "STEER_"
 ENV_FILE_VARIABLE = "STEER_ENV_FILE"
 DEFAULT_ENV_FILE = ".env"
@@ -264,7 +266,7 @@ class Settings(BaseSettings):
         default="derived",
         description='The request each chat training row pairs a sample with: `generic` (one of four "write '
         'in my voice" requests) or `derived` (a request the sample answers, from its own topic words: '
-        "core/data.py), so the prefix learns how the user answers a request, not to ignore it. `derived`, "
+        "core/engine/data.py), so the prefix learns how the user answers a request, not to ignore it. `derived`, "
         "with `requests` anchors (STEER_TRAIN_PRESERVATION_PROMPTS): degenerate greedy answers 28.7% -> "
         "13.1% and relevance 0.786x -> 0.971x the base model's greedy (docs/EVALUATION.md, issue 24).",
     )
@@ -275,8 +277,8 @@ class Settings(BaseSettings):
         "following too). `requests`, with `derived` chat requests: the measured better recipe "
         "(docs/EVALUATION.md, issue 24; see STEER_TRAIN_CHAT_REQUESTS).",
     )
-    train_method_default: Literal["prefix", "lora", "pt-peft", "auto"] = Field(
-        default="prefix",
+    train_method_default: str = Field(
+        default=PREFIX,
         description="What a job trains per user unless it asks otherwise (hyperparameter `method`): `prefix` "
         "(prefix tuning), `lora` (a LoRA per user), `pt-peft` (a prefix, then a LoRA with that prefix) or "
         "`auto` (all three on the job's budget; per user, the lowest validation loss). Controls always "
@@ -366,6 +368,13 @@ class Settings(BaseSettings):
         description="Log lines of every process: `text` (UTC timestamp, level, logger, request id, message) "
         "or `json` (one object a line with the same fields, for log shippers).",
     )
+
+    @field_validator("train_method_default")
+    @classmethod
+    def _served_method(cls, value: str) -> str:
+        if value not in SERVED_METHODS:
+            raise ValueError(f"one of {', '.join(SERVED_METHODS)}, not {value!r}")
+        return value
 
     @field_validator("data_dir", mode="after")
     @classmethod

@@ -20,17 +20,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core import lora  # noqa: E402
-from core.adapters import LORA, PT_PEFT, train_adapters  # noqa: E402
-from core.bench import bench_lora, bench_serving, bench_training  # noqa: E402
+from api.commands.bench_engine import bench_lora, bench_serving, bench_training  # noqa: E402
 from core.config import get_settings  # noqa: E402
-from core.generation import GenerationRequest, MixedBatchGenerator  # noqa: E402
-from core.lora import LoRABatch, LoRAWeights, target_modules  # noqa: E402
-from core.model import load_base_model  # noqa: E402
-from core.prefix import batch_prefixes, forward_with_prefixes, kv_from_text  # noqa: E402
-from core.prompts import text_ids  # noqa: E402
-from core.sampling import SamplingParams  # noqa: E402
-from core.training import TrainingConfig, UserData  # noqa: E402
+from core.engine import lora  # noqa: E402
+from core.engine.generation import GenerationRequest, MixedBatchGenerator  # noqa: E402
+from core.engine.lora import LoRABatch, LoRAWeights, target_modules  # noqa: E402
+from core.engine.model import load_base_model  # noqa: E402
+from core.engine.prefix import batch_prefixes, forward_with_prefixes, kv_from_text  # noqa: E402
+from core.engine.prompts import text_ids  # noqa: E402
+from core.engine.sampling import SamplingParams  # noqa: E402
+from core.tuners.base import TrainingConfig, UserData  # noqa: E402
+from core.tuners.registry import LORA, PT_PEFT
+from core.tuners.train import train_adapters  # noqa: E402
 
 PROMPTS = ["The weather today is", "Once upon a time, in a land", "Dear team, a quick note:", "Numbers: one, two,"]
 WRITING = {

@@ -4,12 +4,12 @@ writing that the engine's equivalence tests share across model families."""
 import pytest
 import torch
 
-from core.generation import GenerationRequest
-from core.model import load_base_model
-from core.prefix import PrefixConfig, kv_from_text
-from core.prompts import chat_prompt_ids, text_ids
-from core.sampling import SamplingParams
-from core.training import TrainingConfig
+from core.engine.generation import GenerationRequest
+from core.engine.model import load_base_model
+from core.engine.prefix import PrefixConfig, kv_from_text
+from core.engine.prompts import chat_prompt_ids, text_ids
+from core.engine.sampling import SamplingParams
+from core.tuners.base import TrainingConfig
 from tests.support.models import model_cache_dir
 
 ALICE = [f"Alice writes about gardens, roses number {i}, and the quiet of early mornings." for i in range(8)]

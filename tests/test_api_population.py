@@ -19,7 +19,6 @@ import torch
 from sqlalchemy import func, select
 
 from api.app import create_app
-from core.artifacts import load_prefix
 from core.db import Job, PrefixVersion, Sample
 from core.db.migrate import upgrade_to_head
 from core.db.session import make_engine, make_session_factory
@@ -30,6 +29,7 @@ from core.service.population import population_control, train_population
 from core.service.registry import PrefixArtifacts, active_prefix, publish_prefix, served_population
 from core.service.samples import add_samples
 from core.service.users import get_or_create_user
+from core.tuners.artifacts import load_prefix
 from tests.support.api import ADMIN_KEY, make_settings, tiny_base_model
 from tests.support.inference import ServerThread, create_user, publish_random_prefix, random_prefix_bytes
 from tests.support.processes import distributed_env, running_workers, settings_from_env

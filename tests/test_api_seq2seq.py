@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.artifacts import load_prefix
-from core.generation import GenerationRequest, MixedBatchGenerator
-from core.model import load_base_model
-from core.prompts import chat_prompt_ids
-from core.sampling import SamplingParams
+from core.engine.generation import GenerationRequest, MixedBatchGenerator
+from core.engine.model import load_base_model
+from core.engine.prompts import chat_prompt_ids
+from core.engine.sampling import SamplingParams
 from core.service.registry import active_prefix
+from core.tuners.artifacts import load_prefix
 from tests.support.api import (
     api_client,
     bearer,

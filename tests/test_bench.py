@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from api.commands.bench import app
-from core.bench import (
+from api.commands.bench_engine import (
     CONTROL_SETS,
     _control_prefixes,
     bench_composition,

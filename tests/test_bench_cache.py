@@ -9,10 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from api.commands.bench import app
-from core.artifacts import Prefix, save_prefix
-from core.bench_cache import SCALE, bench_cache
+from api.commands.bench_store import SCALE, bench_cache
 from core.config import get_settings
 from core.storage import S3BlobStore
+from core.tuners.artifacts import Prefix, save_prefix
 from tests.engine_fixtures import tiny  # noqa: F401
 
 USERS = 24

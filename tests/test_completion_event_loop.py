@@ -20,7 +20,7 @@ import time
 import httpx
 import pytest
 
-from core.model import TINY_MODEL_ID
+from core.engine.model import TINY_MODEL_ID
 from tests.support.api import ADMIN, ADMIN_KEY
 from tests.support.inference import free_port
 from tests.support.models import model_cache_dir

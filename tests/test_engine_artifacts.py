@@ -10,9 +10,16 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from core import lora
-from core.adapters import LORA, PREFIX, PT_PEFT, TRAINED_METHODS, Adaptation, train_adapters
-from core.artifacts import (
+from core.config import Settings
+from core.engine import lora
+from core.engine.adaptation import Adaptation
+from core.engine.lora import LoRABatch, LoRAConfig, LoRAWeights, target_modules
+from core.engine.model import load_base_model
+from core.engine.prefix import PrefixConfig, PrefixEncoder, batch_prefixes, forward_with_prefixes
+from core.engine.prompts import text_ids
+from core.errors import CorruptArtifact, IncompatibleBaseModel
+from core.service.hyperparameters import ENGINE_DEFAULTS
+from core.tuners.artifacts import (
     Prefix,
     _tensors_sha256,
     load_prefix,
@@ -20,14 +27,10 @@ from core.artifacts import (
     save_prefix,
     save_training_state,
 )
-from core.config import Settings
-from core.errors import CorruptArtifact, IncompatibleBaseModel
-from core.lora import LoRABatch, LoRAConfig, LoRAWeights, target_modules
-from core.model import load_base_model
-from core.prefix import PrefixConfig, PrefixEncoder, batch_prefixes, forward_with_prefixes
-from core.prompts import text_ids
-from core.service.hyperparameters import ENGINE_DEFAULTS
-from core.training import TrainingConfig, UserData, train_prefixes
+from core.tuners.base import TrainingConfig, UserData
+from core.tuners.prefix_training import train_prefixes
+from core.tuners.registry import LORA, PREFIX, PT_PEFT, STORED_METHODS
+from core.tuners.train import train_adapters
 from tests.engine_fixtures import small_training_config, smollm2, tiny  # noqa: F401
 from tests.support.models import model_cache_dir
 
@@ -122,10 +125,10 @@ def test_smollm2_prefix_artifact_is_under_0_2_percent_of_the_base(smollm2):
 
 @pytest.fixture(scope="module")
 def adapted(tiny):
-    """One trained user per method (core/adapters.py), as the training job gets them."""
+    """One trained user per method (core/tuners/registry.py), as the training job gets them."""
     config = small_training_config(lora=LoRAConfig(rank=2), max_steps=4, learning_rate=3e-2)
     users = [UserData("u", [f"Sample number {i} about trains, timetables and coffee." for i in range(6)])]
-    return {method: train_adapters(tiny, users, replace(config, method=method))[0] for method in TRAINED_METHODS}
+    return {method: train_adapters(tiny, users, replace(config, method=method))[0] for method in STORED_METHODS}
 
 
 def _artifact(base, trained, **overrides) -> bytes:
@@ -177,7 +180,7 @@ def _fp16(adaptation, base) -> Adaptation:
     return Adaptation(None if adaptation.kv is None else rounded(adaptation.kv), weights)
 
 
-@pytest.mark.parametrize("method", TRAINED_METHODS)
+@pytest.mark.parametrize("method", STORED_METHODS)
 def test_every_method_round_trips_to_identical_tensors_and_logits(tiny, adapted, method):
     trained = adapted[method]
     data = _artifact(tiny, trained)

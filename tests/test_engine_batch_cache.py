@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from core.batch_cache import BatchCache, compose, prefix_length
-from core.generation import GenerationRequest, MixedBatchGenerator
-from core.prefix import batch_prefixes, forward_with_prefixes, kv_from_text
-from core.prompts import text_ids
-from core.sampling import SamplingParams
+from core.engine.batch_cache import BatchCache, compose, prefix_length
+from core.engine.generation import GenerationRequest, MixedBatchGenerator
+from core.engine.prefix import batch_prefixes, forward_with_prefixes, kv_from_text
+from core.engine.prompts import text_ids
+from core.engine.sampling import SamplingParams
 from tests.engine_fixtures import control_prefixes, smollm2, tiny  # noqa: F401
 
 TEXTS = ["We the People of the United States, in Order to form", "Dear team, the numbers are in", "Once upon a time"]

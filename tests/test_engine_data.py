@@ -2,7 +2,7 @@
 
 import pytest
 
-from core.data import (
+from core.engine.data import (
     CHAT_INSTRUCTIONS,
     FORMAT_CHAT,
     FORMAT_PLAIN,

@@ -7,12 +7,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from core.adapters import LORA, train_adapters
-from core.data import split_samples
+from core.engine.data import split_samples
+from core.engine.lora import LoRAConfig
 from core.errors import InvalidTrainingData
-from core.lora import LoRAConfig
-from core.preference import NO_PREFERENCE_LOSS, OBJECTIVE_DPO, PreferencePair, pair_rows, preference_score
-from core.training import TrainingConfig, UserData, token_losses, train_prefixes
+from core.tuners.base import TrainingConfig, UserData
+from core.tuners.loop import token_losses
+from core.tuners.preference import NO_PREFERENCE_LOSS, OBJECTIVE_DPO, PreferencePair, pair_rows, preference_score
+from core.tuners.prefix_training import train_prefixes
+from core.tuners.registry import LORA
+from core.tuners.train import train_adapters
 from tests.engine_fixtures import small_training_config as _config
 from tests.engine_fixtures import tiny  # noqa: F401
 

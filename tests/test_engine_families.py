@@ -22,13 +22,14 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
+from core.engine.generation import FINISH_LENGTH, GenerationRequest, MixedBatchGenerator
+from core.engine.model import BaseModel, geometry_of, load_base_model, load_model_card, tiny_model, weights_fingerprint
+from core.engine.prefix import PrefixConfig, batch_prefixes, forward_with_prefixes, kv_from_text
+from core.engine.prompts import chat_prompt_ids, text_ids
+from core.engine.sampling import SamplingParams
 from core.errors import InvalidTrainingData, ModelLoadError
-from core.generation import FINISH_LENGTH, GenerationRequest, MixedBatchGenerator
-from core.model import BaseModel, geometry_of, load_base_model, load_model_card, tiny_model, weights_fingerprint
-from core.prefix import PrefixConfig, batch_prefixes, forward_with_prefixes, kv_from_text
-from core.prompts import chat_prompt_ids, text_ids
-from core.sampling import SamplingParams
-from core.training import TrainingConfig, UserData, train_prefixes
+from core.tuners.base import TrainingConfig, UserData
+from core.tuners.prefix_training import train_prefixes
 from tests.engine_fixtures import ALICE, BOB, CAROL, mixed_requests, padded_rows, small_training_config, tiny  # noqa: F401
 
 FAMILIES = ("llama", "gpt2", "qwen2")

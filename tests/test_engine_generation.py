@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from core.engine.generation import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, GenerationRequest, MixedBatchGenerator
+from core.engine.prompts import chat_prompt_ids, text_ids
+from core.engine.sampling import SamplingParams
 from core.errors import InvalidRequest
-from core.generation import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, GenerationRequest, MixedBatchGenerator
-from core.prompts import chat_prompt_ids, text_ids
-from core.sampling import SamplingParams
 from tests.engine_fixtures import mixed_requests, smollm2, tiny  # noqa: F401
 
 

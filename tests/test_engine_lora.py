@@ -1,4 +1,4 @@
-"""Per-row LoRA (core/lora.py): rows of one batch carry their own LoRA, a prefix, both, several, or
+"""Per-row LoRA (core/engine/lora.py): rows of one batch carry their own LoRA, a prefix, both, several, or
 nothing, and each row's result equals that row alone; training LoRA and PT-PEFT for many users in one
 job equals training each alone."""
 
@@ -8,15 +8,16 @@ import dataclasses
 import pytest
 import torch
 
-from core import lora
-from core.adapters import AUTO, LORA, PT_PEFT, train_adapters
-from core.generation import GenerationRequest, MixedBatchGenerator
-from core.lora import LoRABatch, LoRAConfig, LoRAWeights, target_modules
-from core.model import weights_fingerprint
-from core.prefix import forward_with_prefixes, kv_from_text
-from core.prompts import chat_prompt_ids, text_ids
-from core.sampling import SamplingParams
-from core.training import UserData
+from core.engine import lora
+from core.engine.generation import GenerationRequest, MixedBatchGenerator
+from core.engine.lora import LoRABatch, LoRAConfig, LoRAWeights, target_modules
+from core.engine.model import weights_fingerprint
+from core.engine.prefix import forward_with_prefixes, kv_from_text
+from core.engine.prompts import chat_prompt_ids, text_ids
+from core.engine.sampling import SamplingParams
+from core.tuners.base import UserData
+from core.tuners.registry import AUTO, LORA, PT_PEFT
+from core.tuners.train import train_adapters
 from tests.engine_fixtures import ALICE, BOB, CAROL, padded_rows, small_training_config, smollm2, tiny  # noqa: F401
 
 
@@ -60,7 +61,7 @@ def rows(base):
 
 def last_logits(base, batch):
     ids, mask, _ = padded_rows([p for p, _, _ in batch], base.tokenizer.pad_token_id, left_pad=True)
-    from core.prefix import batch_prefixes
+    from core.engine.prefix import batch_prefixes
 
     cache = batch_prefixes([kv for _, kv, _ in batch], base.geometry, device=base.device, dtype=base.dtype)
     loras = LoRABatch.from_rows([w for _, _, w in batch], device=base.device, dtype=base.dtype)

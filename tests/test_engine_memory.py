@@ -1,4 +1,4 @@
-"""Memory prefixes (core/memory.py): the model's own KV of a user's typical texts, composed under the
+"""Memory prefixes (core/tuners/memory.py): the model's own KV of a user's typical texts, composed under the
 user's trained prefix (and a population prefix), keep the engine's guarantees: a composed row in a
 mixed batch equals the same row alone, and users trained on top of their own memories together
 equal each trained alone."""
@@ -6,12 +6,13 @@ equal each trained alone."""
 import pytest
 import torch
 
-from core.generation import GenerationRequest, MixedBatchGenerator
-from core.memory import memory_prefix, typical_samples
-from core.prefix import batch_prefixes, forward_with_prefixes, kv_from_text
-from core.prompts import text_ids
-from core.sampling import SamplingParams
-from core.training import UserData, train_prefixes
+from core.engine.generation import GenerationRequest, MixedBatchGenerator
+from core.engine.prefix import batch_prefixes, forward_with_prefixes, kv_from_text
+from core.engine.prompts import text_ids
+from core.engine.sampling import SamplingParams
+from core.tuners.base import UserData
+from core.tuners.memory import memory_prefix, typical_samples
+from core.tuners.prefix_training import train_prefixes
 from tests.engine_fixtures import ALICE, BOB, CAROL, padded_rows, small_training_config, tiny  # noqa: F401
 
 

@@ -1,14 +1,15 @@
-"""Every tuning method trains through the one loop of core/training.py: prompt tuning and LoRA get
+"""Every tuning method trains through the one loop of core/tuners/loop.py: prompt tuning and LoRA get
 the multi-user guarantee, epochs, early stopping and checkpoint restore exactly as prefixes do."""
 
 import pytest
 import torch
 
-from core.data import build_examples, prepare_samples, split_samples
+from core.engine.data import build_examples, prepare_samples, split_samples
+from core.engine.model import weights_fingerprint
 from core.evaluation.baselines import GroupedScorer, LoRA, PromptTuning, train_baseline
 from core.evaluation.metrics import PrefixScorer
-from core.model import weights_fingerprint
-from core.training import TrainingConfig, UserData, train_prefixes
+from core.tuners.base import TrainingConfig, UserData
+from core.tuners.prefix_training import train_prefixes
 from tests.engine_fixtures import tiny  # noqa: F401
 from tests.test_engine_training import ALICE, BOB, CAROL, _config
 

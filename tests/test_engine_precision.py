@@ -1,4 +1,4 @@
-"""Training in bfloat16 (core/precision.py): the engine's guarantees hold in it — several users in
+"""Training in bfloat16 (core/engine/precision.py): the engine's guarantees hold in it — several users in
 one job train what each trains alone, for prefixes and LoRA — the trained parameters keep learning
 at every step, what is exported is float32, and the float32 base model is never changed."""
 
@@ -7,12 +7,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from core.adapters import LORA, PREFIX, train_adapters
 from core.config import Settings
+from core.engine.model import weights_fingerprint
+from core.engine.precision import AUTO, BFLOAT16, FLOAT32, fast_bfloat16, resolve_compute_dtype, training_base
 from core.errors import InvalidTrainingData
-from core.model import weights_fingerprint
-from core.precision import AUTO, BFLOAT16, FLOAT32, fast_bfloat16, resolve_compute_dtype, training_base
-from core.training import UserData, train_prefixes
+from core.tuners.base import UserData
+from core.tuners.prefix_training import train_prefixes
+from core.tuners.registry import LORA, PREFIX
+from core.tuners.train import train_adapters
 from tests.engine_fixtures import ALICE, BOB, CAROL, tiny  # noqa: F401
 from tests.engine_fixtures import small_training_config as _config
 
@@ -51,7 +53,7 @@ def _exported(trained) -> list[torch.Tensor]:
 
 def test_bfloat16_training_learns_at_every_evaluation_and_stays_near_float32(tiny):
     """Autocast's weight cache would keep the first step's cast of the users' parameters for the
-    whole job: no evaluation after the first would improve (core/precision.py)."""
+    whole job: no evaluation after the first would improve (core/engine/precision.py)."""
     config = _config(max_steps=20, learning_rate=3e-2, eval_every=5)
     user = [UserData("bob", BOB * 2)]
     in_bf16 = train_prefixes(tiny, user, replace(config, compute_dtype=BFLOAT16))[0]

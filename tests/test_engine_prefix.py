@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from core.prefix import PrefixConfig, PrefixEncoder, batch_prefixes, forward_with_prefixes, kv_from_text
-from core.prompts import text_ids
+from core.engine.prefix import PrefixConfig, PrefixEncoder, batch_prefixes, forward_with_prefixes, kv_from_text
+from core.engine.prompts import text_ids
 from tests.engine_fixtures import padded_rows, smollm2, tiny  # noqa: F401
 from tests.support.models import model_cache_dir
 
@@ -36,7 +36,7 @@ def test_prefix_kv_of_real_text_equals_feeding_the_text_on_smollm2(smollm2):
 
 @pytest.mark.slow
 def test_the_model_card_of_smollm2_matches_the_loaded_model_without_loading_weights(smollm2, monkeypatch):
-    import core.model
+    import core.engine.model
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("weights loaded for a model card")

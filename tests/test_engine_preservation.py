@@ -1,4 +1,4 @@
-"""Knowledge preservation: the KL-to-base term on base-model samples (core/preservation.py)."""
+"""Knowledge preservation: the KL-to-base term on base-model samples (core/tuners/preservation.py)."""
 
 import json
 import weakref
@@ -7,9 +7,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from core.data import REQUESTS_DERIVED
-from core.prefix import PrefixConfig
-from core.preservation import (
+from core.engine.data import REQUESTS_DERIVED
+from core.engine.prefix import PrefixConfig
+from core.engine.prompts import chat_prompt_ids
+from core.tuners.base import TrainingConfig, UserData
+from core.tuners.loop import _hidden_states
+from core.tuners.prefix_training import train_prefixes
+from core.tuners.preservation import (
     ANCHOR_PROMPTS_NONE,
     ANCHOR_PROMPTS_REQUESTS,
     ANCHOR_REQUESTS,
@@ -18,8 +22,6 @@ from core.preservation import (
     kl_from_base,
     sample_anchors,
 )
-from core.prompts import chat_prompt_ids
-from core.training import TrainingConfig, UserData, _hidden_states, train_prefixes
 from tests.engine_fixtures import tiny  # noqa: F401
 
 ALICE = [f"Alice writes about gardens, roses number {i}, and the quiet of early mornings." for i in range(8)]
@@ -86,7 +88,7 @@ def test_preservation_keeps_the_prefixed_model_closer_to_the_base_on_unseen_text
 
 
 def test_preservation_off_samples_no_anchors_and_changes_nothing(tiny, monkeypatch):
-    import core.training
+    import core.tuners.loop
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("anchors sampled with preservation off")
@@ -133,7 +135,7 @@ def test_multi_user_training_with_derived_requests_and_request_anchors_equals_ea
 
 @pytest.mark.parametrize("prompts", [ANCHOR_PROMPTS_NONE, ANCHOR_PROMPTS_REQUESTS])
 def test_anchors_are_sampled_once_per_base_model_and_kept_for_the_next_process(tiny, tmp_path, monkeypatch, prompts):
-    import core.preservation as preservation
+    import core.tuners.preservation as preservation
 
     fresh = sample_anchors(tiny, 3, 10, seed=7, prompts=prompts)
     monkeypatch.setattr(preservation, "_remembered", weakref.WeakKeyDictionary())
@@ -165,7 +167,7 @@ def test_anchors_are_sampled_once_per_base_model_and_kept_for_the_next_process(t
 
 
 def test_an_unreadable_anchor_file_is_sampled_again(tiny, tmp_path, monkeypatch):
-    import core.preservation as preservation
+    import core.tuners.preservation as preservation
 
     monkeypatch.setattr(preservation, "_remembered", weakref.WeakKeyDictionary())
     monkeypatch.setattr(preservation, "_token_directory", None)

@@ -2,10 +2,10 @@
 
 import torch
 
-from core.generation import GenerationRequest, MixedBatchGenerator
-from core.generation.output import FINISH_LENGTH, FINISH_STOP, IncrementalDetokenizer, OutputProcessor
-from core.prompts import text_ids
-from core.sampling import SamplingParams, make_generator, sample_tokens
+from core.engine.generation import GenerationRequest, MixedBatchGenerator
+from core.engine.generation.output import FINISH_LENGTH, FINISH_STOP, IncrementalDetokenizer, OutputProcessor
+from core.engine.prompts import text_ids
+from core.engine.sampling import SamplingParams, make_generator, sample_tokens
 from tests.engine_fixtures import tiny  # noqa: F401
 
 

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from core.generation.scheduler import Scheduler
+from core.engine.generation.scheduler import Scheduler
 
 
 @dataclass

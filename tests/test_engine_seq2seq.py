@@ -11,21 +11,17 @@ import pytest
 import torch
 from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
-from core.batch_cache import BatchCache, Seq2SeqBatchCache, seq2seq_hooks
-from core.data import CHAT_INSTRUCTIONS
+from core.engine.batch_cache import BatchCache, Seq2SeqBatchCache, seq2seq_hooks
+from core.engine.data import CHAT_INSTRUCTIONS
+from core.engine.generation import GenerationRequest, MixedBatchGenerator
+from core.engine.model import BaseModel, PrefixGeometry, geometry_of, load_base_model, weights_fingerprint
+from core.engine.prefix import INIT_RANDOM, PrefixConfig, PrefixEncoder
+from core.engine.prompts import chat_prompt_ids, text_ids
+from core.engine.sampling import SamplingParams
 from core.errors import ModelLoadError
-from core.generation import GenerationRequest, MixedBatchGenerator
-from core.model import BaseModel, PrefixGeometry, geometry_of, load_base_model, weights_fingerprint
-from core.prefix import INIT_RANDOM, PrefixConfig, PrefixEncoder
-from core.prompts import chat_prompt_ids, text_ids
-from core.sampling import SamplingParams
-from core.seq2seq import (
-    Seq2SeqExample,
-    build_seq2seq_examples,
-    seq2seq_kv_from_text,
-    seq2seq_loss_sums,
-)
-from core.training import TrainingConfig, UserData, train_prefixes
+from core.tuners.base import TrainingConfig, UserData
+from core.tuners.prefix_training import train_prefixes
+from core.tuners.seq2seq import Seq2SeqExample, build_seq2seq_examples, seq2seq_kv_from_text, seq2seq_loss_sums
 from tests.engine_fixtures import tiny  # noqa: F401
 
 ENC, DEC, HEADS, HEAD_DIM = 2, 3, 4, 8

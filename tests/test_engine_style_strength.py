@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
+from core.engine.generation import GenerationRequest, MixedBatchGenerator
+from core.engine.prompts import chat_prompt_ids, text_ids
+from core.engine.sampling import SamplingParams
 from core.errors import InvalidRequest
-from core.generation import GenerationRequest, MixedBatchGenerator
-from core.prompts import chat_prompt_ids, text_ids
-from core.sampling import SamplingParams
 from tests.engine_fixtures import tiny  # noqa: F401
 from tests.test_engine_lora import random_lora
 from tests.test_engine_seq2seq import _requests as seq2seq_requests

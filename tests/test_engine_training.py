@@ -5,10 +5,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from core.engine.model import weights_fingerprint
+from core.engine.prefix import INIT_ACTIVATIONS, INIT_RANDOM, PrefixConfig
 from core.errors import InvalidTrainingData, TrainingCancelled
-from core.model import weights_fingerprint
-from core.prefix import INIT_ACTIVATIONS, INIT_RANDOM, PrefixConfig
-from core.training import TrainingConfig, UserData, train_prefixes
+from core.tuners.base import TrainingConfig, UserData
+from core.tuners.prefix_training import train_prefixes
 from tests.engine_fixtures import ALICE, BOB, CAROL, smollm2, tiny  # noqa: F401
 from tests.engine_fixtures import small_training_config as _config
 

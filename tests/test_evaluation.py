@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from core.data import Example
+from core.engine.data import Example
+from core.engine.model import load_base_model
 from core.evaluation import datasets
 from core.evaluation.metrics import UserEvalSet, evaluate_base, evaluate_method
 from core.evaluation.runner import EvalSpec, ProgressBar, load_users, run_evaluation, train_method
-from core.memory import memory_prefix
-from core.model import load_base_model
+from core.tuners.memory import memory_prefix
 from tests.support.evaluation import WORDS, tiny_spec, write_dataset
 from tests.support.models import model_cache_dir
 

@@ -9,7 +9,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from core.data import IGNORE, Example
+from core.engine.data import IGNORE, Example
+from core.engine.generation import GenerationRequest, MixedBatchGenerator
+from core.engine.prefix import batch_prefixes, forward_with_prefixes
+from core.engine.sampling import SamplingParams
 from core.evaluation import datasets
 from core.evaluation.controls import (
     LENGTH,
@@ -28,9 +31,6 @@ from core.evaluation.controls import (
     summarize,
 )
 from core.evaluation.metrics import PrefixScorer
-from core.generation import GenerationRequest, MixedBatchGenerator
-from core.prefix import batch_prefixes, forward_with_prefixes
-from core.sampling import SamplingParams
 from tests.engine_fixtures import tiny  # noqa: F401 - fixture
 
 TEXTS = [

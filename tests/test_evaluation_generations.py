@@ -7,6 +7,9 @@ import random
 
 import pytest
 
+from core.engine.model import load_base_model
+from core.engine.prefix import kv_from_text
+from core.engine.prompts import text_ids
 from core.evaluation.generations import (
     CHAT_PROMPTS,
     PLAIN_OPENINGS,
@@ -17,9 +20,6 @@ from core.evaluation.generations import (
     repeated_ngram_share,
 )
 from core.evaluation.runner import run_evaluation
-from core.model import load_base_model
-from core.prefix import kv_from_text
-from core.prompts import text_ids
 from tests.support.evaluation import WORDS, tiny_spec
 from tests.support.models import model_cache_dir
 

@@ -13,7 +13,7 @@ from core.evaluation.tasks import (
     is_relevant,
     measure_tasks,
 )
-from core.preservation import ANCHOR_REQUESTS
+from core.tuners.preservation import ANCHOR_REQUESTS
 from tests.engine_fixtures import ALICE, BOB, tiny  # noqa: F401
 
 WEEKEND = TASK_REQUESTS[0]

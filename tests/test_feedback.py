@@ -14,8 +14,8 @@ import pytest
 from openai import OpenAI
 from sqlalchemy import func, select
 
-from core.data import clean_text
 from core.db.models import Feedback, PreferencePairRecord, Sample, StoredCompletion
+from core.engine.data import clean_text
 from tests.support.api import ADMIN_KEY, SAMPLES, served_embedded
 
 JOB_TIMEOUT_S = 240

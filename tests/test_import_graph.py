@@ -93,3 +93,80 @@ def test_core_never_imports_the_api_or_the_workers():
                 names = [node.module or ""]
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ("api", "workers")]
     assert not offenders, offenders
+
+
+def test_the_engine_imports_nothing_above_it():
+    """core/engine/ is the bottom: it may import itself and core.errors, nothing else of Steer's."""
+    graph = core_graph()
+    offenders = [
+        f"{module} imports {imported}"
+        for module, imports in graph.items()
+        if module.startswith("core.engine")
+        for imported in imports
+        if not imported.startswith("core.engine") and imported not in ("core", "core.errors")
+    ]
+    assert not offenders, offenders
+
+
+def test_the_engine_check_finds_an_import_from_above():
+    graph = {"core.engine.model": {"core.tuners.loop"}, "core.tuners.loop": {"core.engine.model"}}
+    assert [m for m, imports in graph.items() if m.startswith("core.engine") and imports - {"core.errors"}]
+
+
+def _method_names() -> set[str]:
+    from core.tuners.registry import METHODS
+
+    return set(METHODS)
+
+
+def method_name_literals(tree: ast.Module, names: set[str]) -> list[int]:
+    """Lines where a method's name is written as a string of its own, outside docstrings and
+    f-strings' text (a name in prose is not a second list of methods)."""
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and node.value in names and id(node) not in docstrings
+    ]
+
+
+# Words that are also method names but mean something else where they are written: "auto" as a
+# setting's value (device, dtype, blob store), "prompt" as a request's field, "population" as the
+# shared control's name, "dpo" as an objective and as OpenAI's method type, "prefix" and "lora" as
+# a training config's sub-config keys.
+OTHER_MEANINGS = {
+    "auto": {"core/config.py", "core/engine/model.py", "core/engine/precision.py", "core/service/hyperparameters.py"},
+    "prompt": {"core/inference/requests.py", "core/evaluation/baselines.py", "core/evaluation/controls.py"},
+    "population": {"core/service/model_ids.py"},
+    "dpo": {"core/tuners/preference.py", "core/service/hyperparameters.py"},
+    "prefix": {"core/tuners/base.py"},
+    "lora": {"core/tuners/base.py"},
+}
+
+
+def test_method_names_are_written_only_in_the_registry():
+    names = _method_names()
+    offenders = []
+    for path in CORE.rglob("*.py"):
+        relative = str(path.relative_to(ROOT))
+        if relative == "core/tuners/registry.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for line in method_name_literals(tree, names):
+            word = path.read_text().splitlines()[line - 1]
+            if any(f'"{w}"' in word and relative in OTHER_MEANINGS.get(w, ()) for w in names):
+                continue
+            offenders.append(f"{relative}:{line}: {word.strip()}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_name_check_sees_a_literal():
+    tree = ast.parse('"""A docstring naming lora."""\nMETHODS = ("prefix", "lora")\n')
+    assert method_name_literals(tree, {"prefix", "lora"}) == [2, 2]

@@ -17,13 +17,13 @@ import pytest
 
 from core.config import Settings
 from core.db.migrate import upgrade_to_head
-from core.generation import GenerationRequest, MixedBatchGenerator
+from core.engine.generation import GenerationRequest, MixedBatchGenerator
+from core.engine.model import load_base_model
+from core.engine.prompts import chat_prompt_ids
+from core.engine.sampling import SamplingParams
 from core.inference.catalog import prefix_ref
 from core.inference.prefix_cache import store_loader
 from core.inference.redis_transport import REQUESTS_STREAM, RedisCompleter
-from core.model import load_base_model
-from core.prompts import chat_prompt_ids
-from core.sampling import SamplingParams
 from core.service.context import build_context
 from core.service.registry import active_prefix
 from tests.support.inference import ADMIN_KEY, ServerThread, build_app, create_user, publish_random_prefix

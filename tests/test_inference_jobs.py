@@ -2,8 +2,8 @@
 
 import json
 
+from core.engine.sampling import SamplingParams
 from core.inference.jobs import InferenceJob
-from core.sampling import SamplingParams
 
 
 def test_a_job_keeps_every_sampling_parameter_through_json_and_per_row():

@@ -7,11 +7,11 @@ import time
 import pytest
 import torch
 
-from core.adapters import Adaptation
+from core.engine.adaptation import Adaptation
+from core.engine.lora import LoRAWeights
 from core.errors import CorruptArtifact
 from core.inference.engine import row_parts
 from core.inference.prefix_cache import PrefixCache, PrefixRef
-from core.lora import LoRAWeights
 
 KV_BYTES = 2 * 2 * 2 * 4 * 8 * 4  # (L=2, 2, H=2, P=4, D=8) float32
 

@@ -20,7 +20,7 @@ from core.inference.redis_transport import REQUESTS_STREAM
 from core.service import instant_version, training_job
 from core.service.context import build_context
 from core.service.registry import active_prefix
-from core.tuning import instant_prefix
+from core.tuners.prefix import instant_prefix
 from tests.support.api import SAMPLES, served_embedded
 from tests.support.inference import ServerThread
 from tests.support.processes import distributed_env, end, settings_from_env, spawn, spawn_train_worker, wait_for_log

@@ -219,7 +219,7 @@ def test_keys_are_compared_in_constant_time():
 
 def test_prefixes_are_read_only_as_safetensors_from_index_recorded_keys(world, monkeypatch):
     client, members, base_model = world
-    import core.artifacts as artifacts
+    import core.tuners.artifacts as artifacts
 
     source = inspect.getsource(artifacts)
     assert "from safetensors.torch import load" in source and not UNSAFE_LOADERS.search(source)

@@ -14,11 +14,11 @@ import random
 import pytest
 from sqlalchemy import select
 
-from core.artifacts import load_prefix
 from core.config import Settings
 from core.db import PrefixVersion, Sample, User
 from core.evaluation.controls import ControlEvalSpec
 from core.evaluation.runner import EvalSpec
+from core.tuners.artifacts import load_prefix
 from tests.support.api import ADMIN, SAMPLES, api_client, onboard, tiny_base_model, wait_for_job
 
 # A deployment's settings, as environment variables: the service and the evaluation both read them.

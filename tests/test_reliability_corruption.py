@@ -14,11 +14,11 @@ import pytest
 
 from core.config import Settings
 from core.db.migrate import upgrade_to_head
-from core.generation import GenerationRequest, MixedBatchGenerator
+from core.engine.generation import GenerationRequest, MixedBatchGenerator
+from core.engine.prompts import chat_prompt_ids
+from core.engine.sampling import SamplingParams
 from core.inference.catalog import prefix_ref
 from core.inference.prefix_cache import store_loader
-from core.prompts import chat_prompt_ids
-from core.sampling import SamplingParams
 from core.service.context import build_context
 from core.service.registry import list_versions
 from tests.support.api import tiny_base_model

@@ -47,10 +47,10 @@ def main() -> None:
         metrics=lambda: generate_latest(registry),
     ).start()
     # Imported only now: importing torch alone takes seconds.
+    from core.engine.model import load_base_model
     from core.inference.erasure import ErasureListener
     from core.inference.redis_transport import RedisInferenceWorker
     from core.inference.service import build_engine
-    from core.model import load_base_model
     from core.service.context import build_context
     from core.service.instant_queue import InstantVersionListener
     from core.storage import make_blob_store

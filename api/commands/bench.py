@@ -1,5 +1,5 @@
-"""`steer bench serve|compose|lora|train|cache|load|onboarding`: the engine's figures (core/bench.py,
-core/bench_cache.py), the HTTP load test (api/commands/loadtest.py) and time to value for new users
+"""`steer bench serve|compose|lora|train|cache|load|onboarding`: the engine's figures (api/commands/bench_engine.py,
+api/commands/bench_store.py), the HTTP load test (api/commands/loadtest.py) and time to value for new users
 (api/commands/onboarding_bench.py), printed as JSON or a readable tree."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from typing import Annotated
 import torch
 import typer
 
-from core.bench import bench_composition, bench_lora, bench_serving, bench_training, machine_info
+from api.commands.bench_engine import bench_composition, bench_lora, bench_serving, bench_training, machine_info
 from core.config import get_settings
-from core.lora import LoRAConfig
-from core.model import BaseModel, load_base_model
+from core.engine.lora import LoRAConfig
+from core.engine.model import BaseModel, load_base_model
 
 app = typer.Typer(help="Benchmarks of the prefix engine (ratios measured in one run).", no_args_is_help=True)
 
@@ -142,7 +142,7 @@ def cache_command(
     as_json: AsJson = False,
 ) -> None:
     """Resident user prefixes at scale: memory per prefix, hit and cold-attach latency, cold vs warm batch."""
-    from core.bench_cache import bench_cache
+    from api.commands.bench_store import bench_cache
     from core.service.hyperparameters import ENGINE_DEFAULTS
     from core.storage import make_blob_store
 

@@ -7,9 +7,9 @@ import importlib.util
 import typer
 
 from core.config import get_settings
+from core.engine.model import load_base_model
 from core.evaluation.metrics import ATTRIBUTION_GROUP
 from core.evaluation.runner import METHODS, SWEEPS, EvalSpec, parse_values, run_evaluation, service_settings
-from core.model import load_base_model
 from core.service.recipe import user_recipe
 
 # Every training option defaults to the service's recipe (core/service/recipe.py): a run that sets

@@ -6,9 +6,9 @@ from __future__ import annotations
 import typer
 
 from core.config import get_settings
+from core.engine.model import load_base_model
 from core.evaluation.controls import RECIPES, ControlEvalSpec, run_control_evaluation
 from core.evaluation.runner import service_settings
-from core.model import load_base_model
 from core.service.recipe import control_recipe, user_recipe
 
 # Every training option defaults to the service's recipe (core/service/recipe.py).

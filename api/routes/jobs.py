@@ -12,7 +12,6 @@ from api.jobs_dispatch import commit_and_dispatch
 from api.openapi import BODY_ERRORS, errors
 from api.responses import FineTuningJob, FineTuningJobCheckpointList, FineTuningJobEventList, FineTuningJobList
 from api.schemas import CreateJobRequest, checkpoint_object, event_object, job_object
-from core.preference import OBJECTIVE_DPO
 from core.service.errors import InvalidInput
 from core.service.files import file_pairs, file_texts
 from core.service.hyperparameters import OBJECTIVE, openai_method
@@ -29,6 +28,7 @@ from core.service.jobs import (
 from core.service.preferences import count_pairs, store_pairs
 from core.service.quotas import check_job_quota
 from core.service.samples import add_samples
+from core.tuners.preference import OBJECTIVE_DPO
 
 _EVENT_ID = re.compile(r"[0-9]{1,18}")
 JobStatusFilter = Literal["queued", "running", "succeeded", "failed", "cancelled"]

@@ -1,8 +1,8 @@
-"""Baselines trained through the one training loop (core/training.py), exactly as prefixes are.
+"""Baselines trained through the one training loop (core/tuners/loop.py), exactly as prefixes are.
 
 Data split, step budget, epochs, time budget, schedule, preservation term, early stopping and
 checkpoint selection are the loop's; a baseline only says what a user trains and how it enters the
-forward pass (core/tuning.py's TuningMethod).
+forward pass (core/tuners/prefix.py's TuningMethod).
 
 - Prompt tuning (Lester et al. 2021): P trainable input embeddings per user placed before the tokens;
   the frozen model is unchanged. Mixed-user batches work as for prefixes.
@@ -24,9 +24,11 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
-from core.model import BaseModel
-from core.training import Progress, TrainingConfig, UserData, loss_sums, train_users
-from core.tuning import init_tokens, once_per_module
+from core.engine.model import BaseModel
+from core.tuners.base import Progress, TrainingConfig, UserData, once_per_module
+from core.tuners.loop import loss_sums, train_users
+from core.tuners.prefix import init_tokens
+from core.tuners.registry import PEFT_LORA, PROMPT
 
 LORA_TARGETS = ("q_proj", "v_proj")
 
@@ -55,7 +57,7 @@ class _SoftPrompt(nn.Module):
 class PromptTuning:
     """Per-user soft prompts (P, hidden) over `inputs_embeds`; rows of any users share one forward."""
 
-    name = "prompt"
+    name = PROMPT
     mixes_users = True
 
     def __init__(self, base: BaseModel, prompt_len: int):
@@ -101,7 +103,7 @@ class _Adapter(nn.Module):
 class LoRA:
     """One PEFT LoRA adapter per user on a private copy of the base model."""
 
-    name = "lora"
+    name = PEFT_LORA
     mixes_users = False
 
     def __init__(self, base: BaseModel, rank: int, targets=LORA_TARGETS, alpha: float | None = None):
@@ -173,7 +175,7 @@ def train_baseline(
     config: TrainingConfig,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> dict[str, dict]:
-    """Train `method` for every user through the training loop of prefixes (core/training.py).
+    """Train `method` for every user through the training loop of prefixes (core/tuners/loop.py).
 
     Returns per-user metrics; the method is left holding each user's best-validation state.
     """

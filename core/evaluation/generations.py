@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from core.adapters import Adaptation
-from core.generation import GenerationRequest, MixedBatchGenerator
-from core.model import BaseModel
-from core.prompts import chat_prompt_ids, text_ids
-from core.sampling import SamplingParams
+from core.engine.adaptation import Adaptation
+from core.engine.generation import GenerationRequest, MixedBatchGenerator
+from core.engine.model import BaseModel
+from core.engine.prompts import chat_prompt_ids, text_ids
+from core.engine.sampling import SamplingParams
 
 CHAT_PROMPTS = (
     "Write a short note to someone you work with.",

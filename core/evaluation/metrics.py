@@ -14,12 +14,12 @@ from typing import Protocol
 
 import torch
 
-from core import lora
-from core.adapters import Adaptation
-from core.data import Example
-from core.lora import LoRABatch
-from core.model import BaseModel
-from core.training import token_losses
+from core.engine import lora
+from core.engine.adaptation import Adaptation
+from core.engine.data import Example
+from core.engine.lora import LoRABatch
+from core.engine.model import BaseModel
+from core.tuners.loop import token_losses
 
 ATTRIBUTION_GROUP = 3
 """Held-out samples per decision of the grouped attribution figure."""
@@ -35,7 +35,7 @@ class PrefixScorer:
     """Each row sees its user's prefix KV (L, 2, H, P, D), through the engine's own mixed-batch forward.
     A value of `kvs` may also be a tuple of KVs composed in that order (a user's prefix, then control
     prefixes: core/evaluation/controls.py), exactly as a composed request is served, or an
-    Adaptation (core/adapters.py: a prefix and/or a LoRA), each row under its own user's LoRA."""
+    Adaptation (core/tuners/registry.py: a prefix and/or a LoRA), each row under its own user's LoRA."""
 
     def __init__(self, base: BaseModel, kvs: dict[str, torch.Tensor | tuple | Adaptation]):
         self.base, self.kvs = base, kvs
@@ -81,7 +81,7 @@ class UserEvalSet:
     chat: list[Example]
     """The held-out text as answers to the four generic requests (what today's rows train on)."""
     task_chat: list[Example] = field(default_factory=list)
-    """The held-out text as the answer to a request it answers (derived from it: core/data.py)."""
+    """The held-out text as the answer to a request it answers (derived from it: core/engine/data.py)."""
 
 
 def ppl(loss_sum: float, count: float) -> float:

@@ -2,7 +2,7 @@
 
 No installable corpus records what real users did with drafts, so the evaluation simulates the
 one act a writing assistant sees most: the user rewrites the model's draft as their own text. For
-each of a user's samples, the request is the one derived from the sample itself (core/data.py's
+each of a user's samples, the request is the one derived from the sample itself (core/engine/data.py's
 `derive_request`, the request the service's chat rows train on), the draft (non-preferred) is the
 frozen base model's greedy answer to that request, and the user's own sample is the final text
 (preferred). Pairs from the users' training samples train; pairs from their held-out test samples,
@@ -19,14 +19,14 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from core.adapters import Adaptation
-from core.data import derive_request
+from core.engine.adaptation import Adaptation
+from core.engine.data import derive_request
+from core.engine.model import BaseModel
+from core.engine.prompts import chat_prompt_ids
+from core.engine.sampling import SamplingParams
 from core.evaluation.generations import generate_for_users
 from core.evaluation.metrics import PrefixScorer, score_rows
-from core.model import BaseModel
-from core.preference import PreferencePair, pair_rows
-from core.prompts import chat_prompt_ids
-from core.sampling import SamplingParams
+from core.tuners.preference import PreferencePair, pair_rows
 
 DRAFT_TOKENS = 64
 

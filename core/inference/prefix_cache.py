@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from core.adapters import Adaptation
-from core.artifacts import load_prefix
-from core.model import BaseModel
+from core.engine.adaptation import Adaptation
+from core.engine.model import BaseModel
 from core.storage.base import BlobStore
+from core.tuners.artifacts import load_prefix
 
 log = logging.getLogger(__name__)
 PREFETCH_WORKERS = 8

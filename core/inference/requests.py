@@ -19,17 +19,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from core.engine.prompts import chat_prompt_ids, text_ids
+from core.engine.sampling import MAX_STYLE_STRENGTH, SamplingParams
 from core.errors import InvalidRequest
 from core.inference.jobs import InferenceJob
 from core.inference.prefix_cache import PrefixRef
-from core.prompts import chat_prompt_ids, text_ids
-from core.sampling import MAX_STYLE_STRENGTH, SamplingParams
 from core.service.errors import InvalidInput
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from core.model import ModelCard
+    from core.engine.model import ModelCard
 
 MAX_N = 16
 DEFAULT_MAX_TOKENS = 256

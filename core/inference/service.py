@@ -14,6 +14,7 @@ from anyio import to_thread
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
+from core.engine.model import BaseModel
 from core.inference import catalog
 from core.inference.completer import Completer, InProcessCompleter, Submission
 from core.inference.engine import InferenceEngine
@@ -23,7 +24,6 @@ from core.inference.metrics import PrefixCacheMetrics
 from core.inference.prefix_cache import PrefixCache, PrefixRef, store_loader
 from core.inference.redis_transport import RedisCompleter
 from core.inference.requests import CompletionRequest
-from core.model import BaseModel
 from core.service.api_keys import Caller
 from core.service.jobs import has_job_in_flight
 from core.service.registry import quarantine_version

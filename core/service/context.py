@@ -14,10 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
 from core.db import make_engine, make_session_factory
-from core.model import BaseModel, ModelCard, load_base_model, load_model_card
-from core.preservation import keep_anchor_tokens_in
+from core.engine.model import BaseModel, ModelCard, load_base_model, load_model_card
 from core.service.admin_key import admin_key_hashes
 from core.storage import BlobStore, make_blob_store
+from core.tuners.preservation import keep_anchor_tokens_in
 
 
 @dataclass

@@ -18,7 +18,6 @@ import random
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.adapters import PREFIX as PREFIX_METHOD
 from core.config import Settings
 from core.db import Job, PrefixVersion, User
 from core.service.api_keys import ADMIN
@@ -30,6 +29,7 @@ from core.service.recipe import control_values
 from core.service.samples import add_samples
 from core.service.users import delete_user
 from core.storage import BlobStore
+from core.tuners.registry import PREFIX as PREFIX_METHOD
 
 CONTROL = "control"
 EXTERNAL_ID_PREFIX = CONTROL_PREFIX

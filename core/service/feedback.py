@@ -25,16 +25,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.config import Settings
-from core.data import clean_text
 from core.db import User, utcnow
 from core.db.models import FEEDBACK_KINDS, Feedback, Job, StoredCompletion
-from core.preference import OBJECTIVE_DPO, OBJECTIVE_SFT, PreferencePair
+from core.engine.data import clean_text
 from core.service.api_keys import Caller
 from core.service.errors import Conflict, InvalidInput, NotFound
 from core.service.hyperparameters import OBJECTIVE
 from core.service.jobs import members_of_jobs_in_flight
 from core.service.preferences import count_pairs, store_pairs
 from core.service.samples import add_samples, validate_samples
+from core.tuners.preference import OBJECTIVE_DPO, OBJECTIVE_SFT, PreferencePair
 
 SOURCE = "feedback"
 ACCEPTED, EDITED, REJECTED = FEEDBACK_KINDS

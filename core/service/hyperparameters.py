@@ -5,7 +5,7 @@ stored); `resolve` turns "auto" into the configured defaults when the job runs, 
 `training_config` builds the engine's `TrainingConfig` from the resolved values.
 
 One exception: for `method`, "auto" is a method of its own (train every method, keep the best per
-user: core/adapters.py); the service default is asked for by leaving `method` out, or null.
+user: core/tuners/registry.py); the service default is asked for by leaving `method` out, or null.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from core.adapters import AUTO as AUTO_METHOD
-from core.adapters import METHODS
 from core.config import Settings
-from core.lora import LoRAConfig
-from core.preference import OBJECTIVE_DPO, OBJECTIVE_SFT, OBJECTIVES
-from core.prefix import INIT_ACTIVATIONS, INIT_RANDOM, PrefixConfig
+from core.engine.lora import LoRAConfig
+from core.engine.prefix import INIT_ACTIVATIONS, INIT_RANDOM, PrefixConfig
 from core.service.errors import InvalidInput
-from core.training import TrainingConfig
+from core.tuners.base import TrainingConfig
+from core.tuners.preference import OBJECTIVE_DPO, OBJECTIVE_SFT, OBJECTIVES
+from core.tuners.registry import AUTO as AUTO_METHOD
+from core.tuners.registry import SERVED_METHODS
 
 AUTO = "auto"
 MAX_SEED = 2**31 - 1
@@ -72,9 +72,9 @@ def validate_hyperparameters(raw: object) -> dict[str, Any]:
                 param=param,
             )
         if name == METHOD:
-            if value is not None and value not in METHODS:
+            if value is not None and value not in SERVED_METHODS:
                 raise InvalidInput(
-                    f"method must be one of {', '.join(METHODS)} (auto: train each, keep the best per user), "
+                    f"method must be one of {', '.join(SERVED_METHODS)} (auto: train each, keep the best per user), "
                     "or null for the service default",
                     param=param,
                 )

@@ -1,7 +1,7 @@
 """The instant version: a usable prefix seconds after onboarding, before any gradient step.
 
 A user with no version yet gets one as soon as their first training job starts: the KV the frozen
-model builds for the first tokens of their own writing (core/tuning.py's `instant_prefix`, which is
+model builds for the first tokens of their own writing (core/tuners/prefix.py's `instant_prefix`, which is
 where an activations-initialised prefix starts training). It is published and activated at once,
 so `user:<id>` answers with it while the job trains; the trained version then replaces it through
 the usual no-worse rule (it is compared with the instant version on the same validation rows), and
@@ -23,12 +23,9 @@ import threading
 import time
 from collections.abc import Sequence
 
-from core.adapters import PREFIX
-from core.artifacts import Prefix, save_prefix
-from core.data import prepare_samples
 from core.db import Job, User, session_scope
-from core.model import BaseModel
-from core.seq2seq import is_encoder_decoder
+from core.engine.data import prepare_samples
+from core.engine.model import BaseModel
 from core.service.context import ServiceContext
 from core.service.controls import CONTROL
 from core.service.hyperparameters import resolve, training_config
@@ -36,8 +33,11 @@ from core.service.jobs import add_event
 from core.service.model_ids import subject_model_id
 from core.service.registry import PREFIX_DTYPE, PrefixArtifacts, active_prefix, publish_prefix
 from core.service.samples import user_sample_texts
-from core.training import TrainingConfig
-from core.tuning import instant_prefix
+from core.tuners.artifacts import Prefix, save_prefix
+from core.tuners.base import TrainingConfig
+from core.tuners.prefix import instant_prefix
+from core.tuners.registry import PREFIX
+from core.tuners.seq2seq import is_encoder_decoder
 
 INSTANT = "instant"
 """The key that marks an instant version in a version's metrics."""

@@ -30,7 +30,6 @@ import random
 from sqlalchemy import Select, delete, distinct, func, select
 from sqlalchemy.orm import Session
 
-from core.adapters import PREFIX as PREFIX_METHOD
 from core.config import Settings
 from core.db import Job, PrefixVersion, Sample, User
 from core.service.controls import CONTROL, external_id_of
@@ -46,6 +45,7 @@ from core.service.recipe import (
 )
 from core.service.registry import active_prefix
 from core.service.samples import add_samples
+from core.tuners.registry import PREFIX as PREFIX_METHOD
 
 
 def active_population(session: Session, settings: Settings, base_fingerprint: str) -> PrefixVersion | None:

@@ -17,9 +17,9 @@ from sqlalchemy.orm import Session
 
 from core.config import Settings
 from core.db.models import PreferencePairRecord
-from core.preference import PreferencePair
 from core.service.errors import InvalidInput
 from core.service.samples import validate_samples
+from core.tuners.preference import PreferencePair
 
 __all__ = ["PreferencePair", "preference_pair", "store_pairs", "user_pairs", "count_pairs", "message_text"]
 

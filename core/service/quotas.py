@@ -23,11 +23,11 @@ from typing import Any
 from redis.exceptions import RedisError
 from sqlalchemy.orm import Session
 
-from core.adapters import AUTO, TRAINED_METHODS
 from core.config import Settings
 from core.service.errors import InvalidInput, ServiceError
 from core.service.hyperparameters import validate_hyperparameters
 from core.service.jobs import members_of_jobs_in_flight
+from core.tuners.registry import AUTO, STORED_METHODS
 
 log = logging.getLogger(__name__)
 WINDOW_S = 60
@@ -49,7 +49,7 @@ def check_job_quota(session: Session, settings: Settings, user_id: str, hyperpar
     """Refuse a user key's new job over its step cap (400) or beyond its active-job quota (429)."""
     values = validate_hyperparameters(hyperparameters)
     steps = values["max_steps"]
-    runs = len(TRAINED_METHODS) if values.get("method") == AUTO else 1  # auto trains every method on max_steps
+    runs = len(STORED_METHODS) if values.get("method") == AUTO else 1  # auto trains every method on max_steps
     if isinstance(steps, int) and steps * runs > settings.user_max_steps_per_job:
         cap = settings.user_max_steps_per_job
         raise InvalidInput(

@@ -18,10 +18,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from core.adapters import PREFIX as PREFIX_METHOD
 from core.config import Settings
 from core.service.hyperparameters import AUTO, METHOD, resolve, training_config, validate_hyperparameters
-from core.training import TrainingConfig
+from core.tuners.base import TrainingConfig
+from core.tuners.registry import PREFIX as PREFIX_METHOD
 
 T = TypeVar("T")
 

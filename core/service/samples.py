@@ -12,8 +12,8 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from core.config import Settings
-from core.data import clean_text, sample_fingerprint
 from core.db import Sample, User
+from core.engine.data import clean_text, sample_fingerprint
 from core.service.errors import InvalidInput, NotFound, PayloadTooLarge
 from core.service.model_ids import POPULATION_COPY_SOURCE
 from core.service.pagination import Page, paginate

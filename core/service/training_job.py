@@ -4,7 +4,7 @@ The Celery worker (`workers/train.py`) and the embedded in-process executor both
 a job id. It is idempotent by job id: a finished job is left alone, a retried one skips users
 whose prefix an earlier attempt already published, so redelivery never duplicates a version.
 
-Each user trains the job's method (hyperparameter `method`: core/adapters.py); controls always
+Each user trains the job's method (hyperparameter `method`: core/tuners/registry.py); controls always
 train prefixes.
 
 A fault never makes a user's model silently worse: a store that cannot be reached while the job
@@ -26,15 +26,12 @@ import torch
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from core.adapters import PREFIX, Adaptation, TrainedAdaptation, train_adapters
-from core.artifacts import Prefix, load_prefix, load_training_state, save_prefix, save_training_state
-from core.data import prepare_samples
 from core.db import Job, PrefixVersion, User, database_now, session_scope, utcnow
 from core.db.models import JOB_FINISHED_STATUSES
+from core.engine.adaptation import Adaptation
+from core.engine.data import prepare_samples
+from core.engine.model import BaseModel
 from core.errors import ArtifactError, InvalidTrainingData, SteerError, TrainingCancelled
-from core.model import BaseModel
-from core.preference import NO_PREFERENCE_LOSS, OBJECTIVE_DPO
-from core.seq2seq import is_encoder_decoder
 from core.service.context import ServiceContext
 from core.service.controls import CONTROL, companion_prefixes
 from core.service.crash_points import crash_point
@@ -67,7 +64,12 @@ from core.service.registry import (
 )
 from core.service.samples import user_sample_texts
 from core.storage import BlobNotFound, BlobStoreUnavailable
-from core.training import Progress, TrainingConfig, UserData
+from core.tuners.artifacts import Prefix, load_prefix, load_training_state, save_prefix, save_training_state
+from core.tuners.base import Progress, TrainedAdaptation, TrainingConfig, UserData
+from core.tuners.preference import NO_PREFERENCE_LOSS, OBJECTIVE_DPO
+from core.tuners.registry import PREFIX
+from core.tuners.seq2seq import is_encoder_decoder
+from core.tuners.train import train_adapters
 
 log = logging.getLogger(__name__)
 

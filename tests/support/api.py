@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from core.config import Settings
-from core.model import BaseModel, load_base_model
+from core.engine.model import BaseModel, load_base_model
 from core.service.context import build_context
 from tests.support.models import model_cache_dir
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import torch
 import uvicorn
 
-from core.artifacts import Prefix, save_prefix
-from core.model import BaseModel
+from core.engine.model import BaseModel
 from core.service.api_keys import issue_user_key
 from core.service.registry import PrefixArtifacts, publish_prefix
 from core.service.users import get_or_create_user
+from core.tuners.artifacts import Prefix, save_prefix
 
 ADMIN_KEY = "sk-steer-admin-test-key-for-inference"
 

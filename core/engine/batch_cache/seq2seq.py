@@ -40,8 +40,8 @@ import torch
 from torch.nn import functional as F
 from transformers import DynamicCache
 
-from core.batch_cache.decoder import BatchCache, Prefix, _LayeredKV, _ReservedLayer, compose
-from core.model import PrefixGeometry
+from core.engine.batch_cache.decoder import BatchCache, Prefix, _LayeredKV, _ReservedLayer, compose
+from core.engine.model import PrefixGeometry
 
 _SEQ2SEQ_ATTENTION = "steer_seq2seq"
 _SUPPORTED_ATTENTION = ("T5Attention", "BartAttention")
@@ -142,7 +142,7 @@ def _install(model) -> _Seq2SeqHooks:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    from core.model import encoder_decoder_layers
+    from core.engine.model import encoder_decoder_layers
 
     encoder, decoder = model.get_encoder(), model.get_decoder()
     attention = [m for m in encoder.modules() if type(m).__name__ in _SUPPORTED_ATTENTION]

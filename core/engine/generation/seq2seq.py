@@ -1,5 +1,5 @@
 """The runner for encoder-decoder base models (T5, BART): the BatchRunner interface over a
-Seq2SeqBatchCache (core/batch_cache/seq2seq.py).
+Seq2SeqBatchCache (core/engine/batch_cache/seq2seq.py).
 
 A row's prefill encodes its prompt under the encoder part of its prefix and runs the decoder's start
 token under the decoder part; the row then decodes one token per step, cross-attending to its own
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from core.batch_cache import Prefix, Seq2SeqBatchCache
-from core.generation.runner import BatchRunner, RowLoRA
+from core.engine.batch_cache import Prefix, Seq2SeqBatchCache
+from core.engine.generation.runner import BatchRunner, RowLoRA
 
 
 class Seq2SeqRunner(BatchRunner):

@@ -14,14 +14,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from core.batch_cache import prefix_length
-from core.generation import GenerationRequest, MixedBatchGenerator
-from core.lora import DEFAULT_TARGETS, LoRAWeights, target_modules
-from core.model import BaseModel
-from core.prefix import PrefixConfig, kv_from_text
-from core.prompts import chat_prompt_ids, text_ids
-from core.sampling import SamplingParams
-from core.training import TrainingConfig, UserData, train_prefixes
+from core.engine.batch_cache import prefix_length
+from core.engine.generation import GenerationRequest, MixedBatchGenerator
+from core.engine.lora import DEFAULT_TARGETS, LoRAWeights, target_modules
+from core.engine.model import BaseModel
+from core.engine.prefix import PrefixConfig, kv_from_text
+from core.engine.prompts import chat_prompt_ids, text_ids
+from core.engine.sampling import SamplingParams
+from core.tuners.base import TrainingConfig, UserData
+from core.tuners.prefix_training import train_prefixes
 
 TOPICS = [
     "the harvest",
@@ -427,7 +428,7 @@ def _peft_step_seconds(base: BaseModel, config: TrainingConfig, steps: int) -> f
         from peft import PrefixTuningConfig, get_peft_model
     except ImportError:
         return "peft not installed (pip install -e '.[bench]')"
-    from core.data import build_examples
+    from core.engine.data import build_examples
 
     model = get_peft_model(
         base.model,

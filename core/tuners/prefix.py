@@ -1,4 +1,4 @@
-"""What a tuning method supplies to the one training loop (core/training.py), and the prefix method.
+"""What a tuning method supplies to the one training loop (core/tuners/loop.py), and the prefix method.
 
 A method owns only what differs between methods: each user's trainable parameters (an nn.Module)
 and how they enter the frozen model's forward pass. Everything else — data split, batching,
@@ -15,59 +15,27 @@ calls it with rows of one user at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from core import lora
-from core.data import prepare_samples
-from core.lora import LoRABatch, LoRAConfig, LoRAModule, LoRAWeights, target_modules
-from core.model import BaseModel
-from core.prefix import (
+from core.engine import lora
+from core.engine.data import prepare_samples
+from core.engine.lora import LoRABatch, LoRAWeights
+from core.engine.model import BaseModel
+from core.engine.prefix import (
     INIT_ACTIVATIONS,
     PrefixConfig,
     PrefixEncoder,
-    batch_prefixes,
-    forward_with_prefixes,
     kv_from_text,
+    prefix_hidden_states,
 )
-from core.prompts import text_ids
+from core.engine.prompts import text_ids
+from core.tuners.base import once_per_module
 
 if TYPE_CHECKING:
-    from core.training_inputs import UserData
-
-
-class TuningMethod(Protocol):
-    mixes_users: bool
-    """True when one forward may hold rows of different users (each seeing its own parameters)."""
-
-    def new_user(self, data: UserData, train_texts: list[str], generator: torch.Generator) -> nn.Module:
-        """A fresh trainable module for `data.user_id`, on the base model's device. `train_texts` are
-        the user's training samples (for data-dependent initialisation), `generator` seeds any random
-        initialisation, so a user starts the same alone or beside others. With `data.resume_state`
-        set the loop loads it into the module afterwards (initialisation may be skipped)."""
-        ...
-
-    def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor, modules: list[nn.Module | None]) -> torch.Tensor:
-        """ids, mask (B, T) right-padded; modules[i] is row i's user module or None (base model).
-        Returns the last hidden state (B, T, hidden) at the rows' token positions."""
-        ...
-
-    def export(self, module: nn.Module):
-        """What serving (or measuring) the user's adaptation needs: tensors, detached, on CPU."""
-        ...
-
-
-def once_per_module(modules: list[nn.Module | None], value: Callable[[nn.Module], torch.Tensor]) -> list:
-    """value(m) per row, computed once per distinct module (a user's rows share one tensor, so one
-    backward through it, not one per row); None rows stay None."""
-    computed: dict[int, torch.Tensor] = {}
-    for m in modules:
-        if m is not None and id(m) not in computed:
-            computed[id(m)] = value(m)
-    return [None if m is None else computed[id(m)] for m in modules]
+    from core.tuners.base import UserData
 
 
 def init_tokens(tokenizer, samples: list[str], n: int) -> list[int]:
@@ -93,13 +61,6 @@ def repeated_to(ids: list[int], n: int, filler: int) -> list[int]:
     if not ids:
         return [filler] * n
     return (ids * (n // len(ids) + 1))[:n]
-
-
-def prefix_hidden_states(base: BaseModel, ids: torch.Tensor, mask: torch.Tensor, row_prefixes: list) -> torch.Tensor:
-    """(B, T, hidden) last hidden states, row i under row_prefixes[i]: a KV (L, 2, H, P, D), several
-    composed in order, or None."""
-    prefixes = batch_prefixes(row_prefixes, base.geometry, device=base.device, dtype=base.dtype)
-    return forward_with_prefixes(base, ids, mask, prefixes, hidden_states_only=True).last_hidden_state
 
 
 class PrefixMethod:
@@ -145,7 +106,7 @@ class PrefixMethod:
         frozen user module: scored exactly like the user's trainable prefix, beside the user's
         companions (a cycle of its own, so scoring it never shifts the companions the trainable
         prefix sees) unless it holds its own (`reference_composed`)."""
-        kv, weights = _stored_parts(stored, self.base)
+        kv, weights = stored_parts(stored, self.base)
         module = StoredPrefix(kv, weights)
         if data.companions and not data.reference_composed:
             self._companions[id(module)] = _Companions(data.companions, self.base)
@@ -166,17 +127,6 @@ class StoredPrefix(nn.Module):
         return self.kv
 
 
-class FixedLoRA(nn.Module):
-    """A stored LoRA (or none) in a trainable LoRA's place: calling it returns the weights."""
-
-    def __init__(self, weights: LoRAWeights | None):
-        super().__init__()
-        self.weights = weights
-
-    def forward(self) -> LoRAWeights | None:
-        return self.weights
-
-
 class _Companions:
     """One user's frozen companion prefixes, handed out in turn."""
 
@@ -190,59 +140,9 @@ class _Companions:
         return kv
 
 
-class UserAdapter(nn.Module):
-    """One user's LoRA, and the prefix (trainable or frozen) their rows carry under it, if any."""
-
-    def __init__(self, lora_module: LoRAModule, prefix: nn.Module | None):
-        super().__init__()
-        self.lora = lora_module
-        self.prefix = prefix
-
-
-class LoRAMethod:
-    """Per-user LoRA in the shared forward (core/lora.py): rows of any users mix in one pass, each
-    row gathering its own user's A and B; the base weights are never touched.
-
-    A user with `prefix_kv` (PT-PEFT's second stage: the prefix from its first stage) carries that
-    prefix on every row under the LoRA, frozen, or trained on with the LoRA when `train_prefix`."""
-
-    mixes_users = True
-
-    def __init__(self, base: BaseModel, config: LoRAConfig, *, train_prefix: bool = False):
-        self.base, self.config, self.train_prefix = base, config, train_prefix
-        self.shapes = target_modules(base.model, config.targets)
-
-    def new_user(self, data: UserData, train_texts: list[str], generator: torch.Generator) -> UserAdapter:
-        prefix = None
-        if data.prefix_kv is not None:
-            if self.train_prefix:  # the stage-1 KV as a raw trainable tensor (its MLP is not needed)
-                config = PrefixConfig(prefix_len=data.prefix_kv.shape[3], reparameterize=False)
-                prefix = PrefixEncoder(self.base.geometry, config, data.prefix_kv)
-            else:
-                prefix = StoredPrefix(data.prefix_kv.float())
-        return UserAdapter(LoRAModule(self.shapes, self.config, generator), prefix).to(self.base.device)
-
-    def hidden_states(self, ids, mask, modules):
-        kvs = once_per_module(modules, lambda m: None if m.prefix is None else m.prefix())
-        loras = once_per_module(modules, lambda m: m.lora())
-        batch = LoRABatch.from_rows(loras, device=self.base.device, dtype=self.base.dtype)
-        with lora.active(self.base.model, batch):
-            return prefix_hidden_states(self.base, ids, mask, kvs)
-
-    def stored_user(self, data: UserData, stored) -> nn.Module:
-        """A stored version (a prefix KV, or an Adaptation of any method) as a frozen user module."""
-        kv, weights = _stored_parts(stored, self.base)
-        return UserAdapter(FixedLoRA(weights), None if kv is None else StoredPrefix(kv))
-
-    def export(self, module: UserAdapter) -> tuple[torch.Tensor | None, LoRAWeights]:
-        """(prefix KV (L, 2, H, P, D) fp32 or None, LoRA weights fp32), on CPU."""
-        kv = None if module.prefix is None else module.prefix().detach().float().cpu().contiguous()
-        return kv, module.lora.export()
-
-
-def _stored_parts(stored, base: BaseModel) -> tuple[torch.Tensor | None, LoRAWeights | None]:
+def stored_parts(stored, base: BaseModel) -> tuple[torch.Tensor | None, LoRAWeights | None]:
     """(KV, LoRA) of a stored version on the base model's device: a KV tensor, or anything with
-    `kv` and `lora` (core/adapters.py's Adaptation)."""
+    `kv` and `lora` (core/tuners/registry.py's Adaptation)."""
     if isinstance(stored, torch.Tensor):
         return stored.to(base.device), None
     kv = None if stored.kv is None else stored.kv.to(base.device)

@@ -1,19 +1,24 @@
 """What a training job takes in: its `TrainingConfig` (shared by every user in it) and each user's
-`UserData`. Plain data, below the loop (core/training.py) and the methods (core/tuning.py,
-core/seq2seq.py) that read them, so neither needs the other to name its inputs."""
+`UserData`. Plain data, below the loop (core/tuners/loop.py) and the methods (core/tuners/prefix.py,
+core/tuners/seq2seq.py) that read them, so neither needs the other to name its inputs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
+from torch import nn
 
-from core.data import FORMAT_CHAT, FORMAT_PLAIN, REQUESTS_GENERIC
-from core.lora import LoRAConfig
-from core.precision import FLOAT32
-from core.preference import OBJECTIVE_SFT, PreferencePair
-from core.prefix import PrefixConfig
-from core.preservation import ANCHOR_PROMPTS_NONE
+from core.engine.adaptation import Adaptation
+from core.engine.data import FORMAT_CHAT, FORMAT_PLAIN, REQUESTS_GENERIC
+from core.engine.lora import LoRAConfig
+from core.engine.precision import FLOAT32
+from core.engine.prefix import PrefixConfig
+from core.tuners.preference import OBJECTIVE_SFT, PreferencePair
+from core.tuners.preservation import ANCHOR_PROMPTS_NONE
+from core.tuners.registry import PREFIX
 
 
 @dataclass
@@ -39,7 +44,7 @@ class TrainingConfig:
     formats: tuple[str, ...] = (FORMAT_PLAIN, FORMAT_CHAT)
     chat_requests: str = REQUESTS_GENERIC
     """The request of each chat example: 'generic' (one of four "write in my voice" requests) or
-    'derived' (a request the sample answers, from its own topic words): core/data.py."""
+    'derived' (a request the sample answers, from its own topic words): core/engine/data.py."""
     time_budget_s: float | None = None
     seed: int = 0
     prefix_len_candidates: tuple[int, ...] = ()
@@ -47,7 +52,7 @@ class TrainingConfig:
     keeps the one with the lowest validation loss: prefix length stops being a knob users must tune."""
     preservation_weight: float = 0.5
     """Weight of KL(base || prefixed) on base-model samples added to each user's loss
-    (core/preservation.py): keeps the prefix from changing the model on text not like the user's.
+    (core/tuners/preservation.py): keeps the prefix from changing the model on text not like the user's.
     0 turns it off (no anchors are sampled, no extra rows). 0.5 from the sweep in
     docs/EVALUATION.md: general-text perplexity 1.19x -> 0.88x base, held-out plain unchanged."""
     preservation_anchors: int = 8
@@ -57,9 +62,9 @@ class TrainingConfig:
     preservation_prompts: str = ANCHOR_PROMPTS_NONE
     """What the anchors answer: 'none' (sampled from nothing: the model's text is kept) or 'requests'
     (the base model's answers to everyday requests: its instruction following is kept)."""
-    method: str = "prefix"
+    method: str = PREFIX
     """What each user trains: 'prefix', 'lora', 'pt-peft' (a prefix stage, then a LoRA stage with
-    that prefix kept) or 'auto' (each of them; per user, the lowest validation loss): core/adapters.py."""
+    that prefix kept) or 'auto' (each of them; per user, the lowest validation loss): core/tuners/registry.py."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """The LoRA of methods 'lora' and 'pt-peft'."""
     pt_peft_prefix_share: float = 0.5
@@ -67,11 +72,11 @@ class TrainingConfig:
     pt_peft_train_prefix: bool = False
     """Whether PT-PEFT's prefix keeps training beside the LoRA in the second stage (else frozen)."""
     compute_dtype: str = FLOAT32
-    """'float32'; 'bfloat16': the base model's arithmetic in bfloat16 (core/precision.py), the trained
+    """'float32'; 'bfloat16': the base model's arithmetic in bfloat16 (core/engine/precision.py), the trained
     parameters and what is exported stay float32; 'auto': bfloat16 where the hardware is fast at it."""
     objective: str = OBJECTIVE_SFT
     """'sft': each user's loss is the next-token loss of their own text; 'dpo': preference tuning
-    on each user's `pairs` against a frozen reference (core/preference.py)."""
+    on each user's `pairs` against a frozen reference (core/tuners/preference.py)."""
     dpo_beta: float = 0.1
     """DPO's beta: how far from its reference the policy may move for a margin (OpenAI's default)."""
     users_per_pass: int | None = None
@@ -112,9 +117,9 @@ class UserData:
     `samples`; they are split into training and validation rows like samples."""
     companions: list[torch.Tensor] | None = None
     """Frozen prefix KVs (L, 2, H, P, D) composed before this user's own prefix, one per row in
-    turn (a control prefix trains beside users' prefixes: core/tuning.py's PrefixMethod)."""
+    turn (a control prefix trains beside users' prefixes: core/tuners/prefix.py's PrefixMethod)."""
     prefix_kv: torch.Tensor | None = None
-    """A prefix KV (L, 2, H, P, D) this user's rows carry under a LoRA (core/tuning.py's LoRAMethod):
+    """A prefix KV (L, 2, H, P, D) this user's rows carry under a LoRA (core/tuners/prefix.py's LoRAMethod):
     PT-PEFT's second stage gets the prefix of its first."""
     reference_kv: torch.Tensor | None = None
     """A stored prefix KV (L, 2, H, P, D) to compare the result with, e.g. the version this job may
@@ -127,3 +132,68 @@ class UserData:
     reference_composed: bool = False
     """`reference_kv` already holds every part the stored version is served with (e.g. the population
     version it trained on): scored as it is, without this user's `companions`."""
+
+
+class TuningMethod(Protocol):
+    mixes_users: bool
+    """True when one forward may hold rows of different users (each seeing its own parameters)."""
+
+    def new_user(self, data: UserData, train_texts: list[str], generator: torch.Generator) -> nn.Module:
+        """A fresh trainable module for `data.user_id`, on the base model's device. `train_texts` are
+        the user's training samples (for data-dependent initialisation), `generator` seeds any random
+        initialisation, so a user starts the same alone or beside others. With `data.resume_state`
+        set the loop loads it into the module afterwards (initialisation may be skipped)."""
+        ...
+
+    def hidden_states(self, ids: torch.Tensor, mask: torch.Tensor, modules: list[nn.Module | None]) -> torch.Tensor:
+        """ids, mask (B, T) right-padded; modules[i] is row i's user module or None (base model).
+        Returns the last hidden state (B, T, hidden) at the rows' token positions."""
+        ...
+
+    def export(self, module: nn.Module):
+        """What serving (or measuring) the user's adaptation needs: tensors, detached, on CPU."""
+        ...
+
+
+def once_per_module(modules: list[nn.Module | None], value: Callable[[nn.Module], torch.Tensor]) -> list:
+    """value(m) per row, computed once per distinct module (a user's rows share one tensor, so one
+    backward through it, not one per row); None rows stay None."""
+    computed: dict[int, torch.Tensor] = {}
+    for m in modules:
+        if m is not None and id(m) not in computed:
+            computed[id(m)] = value(m)
+    return [None if m is None else computed[id(m)] for m in modules]
+
+
+@dataclass
+class TrainedAdaptation:
+    user_id: str
+    method: str
+    """The method that produced `adaptation` (never 'auto')."""
+    adaptation: Adaptation
+    metrics: dict
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    """A prefix's training state (its reparameterization) to resume from; empty for other methods."""
+    prefix_config: PrefixConfig | None = None
+
+
+@dataclass
+class Progress:
+    step: int
+    max_steps: int
+    active_users: int
+    loss: float
+    val_loss: float | None
+    tokens_per_s: float
+    elapsed_s: float
+    eta_s: float
+
+
+@dataclass
+class TrainedUser:
+    """One user's result of any method: the module holds the best validation checkpoint."""
+
+    user_id: str
+    module: nn.Module
+    state: dict[str, torch.Tensor]  # module state_dict at that checkpoint, on CPU (for resuming)
+    metrics: dict

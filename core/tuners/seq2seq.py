@@ -1,9 +1,9 @@
 """Prefix tuning of encoder-decoder base models (T5, BART): examples, prefixes from text, losses, training.
 
-A seq2seq prefix is one KV tensor (L_enc + L_dec, 2, H, P, D) (core/batch_cache/seq2seq.py, Seq2SeqBatchCache):
+A seq2seq prefix is one KV tensor (L_enc + L_dec, 2, H, P, D) (core/engine/batch_cache/seq2seq.py, Seq2SeqBatchCache):
 the encoder part is in front of the source at every encoder layer, the decoder part in front of the
 target at every decoder layer. It trains in the same reparameterized form as a decoder-only prefix
-(core/prefix.py: PrefixEncoder, KV = base + MLP(E), over the combined tensor) and exports to the
+(core/engine/prefix.py: PrefixEncoder, KV = base + MLP(E), over the combined tensor) and exports to the
 same artifact.
 
 A user's writing becomes (source, target) pairs: the target is a chunk of the user's text, the source
@@ -11,7 +11,7 @@ what it answers or continues — a writing instruction for a sample's first chun
 for the others. Many users train in one forward/backward pass; the objective is the sum over users of
 each user's own token-mean loss, so each user's gradient is that of training them alone.
 
-Training goes through the one loop of every method (core/training.py): `Seq2SeqPrefixMethod` supplies
+Training goes through the one loop of every method (core/tuners/loop.py): `Seq2SeqPrefixMethod` supplies
 the rows ((source, target) pairs instead of one sequence) and scores them with the model's own logits
 (T5 rescales the decoder output before its tied head, BART adds a logits bias), so the split, early
 stopping, schedule and the multi-user guarantee are the loop's. The preservation term is not applied:
@@ -27,16 +27,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch.nn import functional as F
 
-from core.batch_cache import Prefix, Seq2SeqBatchCache, seq2seq_hooks
-from core.data import CHAT_INSTRUCTIONS, prepare_samples
+from core.engine.batch_cache import Prefix, Seq2SeqBatchCache, seq2seq_hooks
+from core.engine.data import CHAT_INSTRUCTIONS, prepare_samples
+from core.engine.model import BaseModel
+from core.engine.prefix import INIT_ACTIVATIONS, PrefixEncoder
+from core.engine.prompts import chat_prompt_ids, text_ids
 from core.errors import InvalidTrainingData
-from core.model import BaseModel
-from core.prefix import INIT_ACTIVATIONS, PrefixEncoder
-from core.prompts import chat_prompt_ids, text_ids
-from core.tuning import PrefixMethod, init_tokens, once_per_module, repeated_to
+from core.tuners.base import once_per_module
+from core.tuners.prefix import PrefixMethod, init_tokens, repeated_to
 
 if TYPE_CHECKING:
-    from core.training_inputs import TrainingConfig, UserData
+    from core.tuners.base import TrainingConfig, UserData
 
 
 @dataclass

@@ -18,10 +18,10 @@ from collections import Counter
 
 import torch
 
-from core.data import prepare_samples
-from core.model import BaseModel
-from core.prefix import kv_from_text
-from core.prompts import text_ids
+from core.engine.data import prepare_samples
+from core.engine.model import BaseModel
+from core.engine.prefix import kv_from_text
+from core.engine.prompts import text_ids
 
 MEMORY_TOKENS = 64
 """Tokens of the user's own text a memory prefix holds: four times a 16-token trained prefix."""

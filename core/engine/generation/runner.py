@@ -10,13 +10,13 @@ from collections.abc import Sequence
 
 import torch
 
-from core import lora
-from core.batch_cache import BatchCache, Prefix
-from core.lora import LoRABatch, LoRAWeights
-from core.model import BaseModel
+from core.engine import lora
+from core.engine.batch_cache import BatchCache, Prefix
+from core.engine.lora import LoRABatch, LoRAWeights
+from core.engine.model import BaseModel
 
 RowLoRA = LoRAWeights | Sequence[LoRAWeights] | None
-"""One row's LoRA: none, one, or several composed (core/lora.py)."""
+"""One row's LoRA: none, one, or several composed (core/engine/lora.py)."""
 
 
 class BatchRunner:

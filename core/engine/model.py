@@ -117,7 +117,7 @@ def encoder_decoder_layers(config) -> tuple[int, int]:
 
 def _encoder_decoder_geometry(config) -> PrefixGeometry:
     """One prefix tensor for both stacks: the first L_enc layers go to the encoder's self-attention,
-    the rest to the decoder's (core/batch_cache/seq2seq.py, Seq2SeqBatchCache). That needs one head shape."""
+    the rest to the decoder's (core/engine/batch_cache/seq2seq.py, Seq2SeqBatchCache). That needs one head shape."""
     encoder, decoder = encoder_decoder_layers(config)
     if hasattr(config, "encoder_attention_heads"):
         heads = (config.encoder_attention_heads, config.decoder_attention_heads)
@@ -147,7 +147,7 @@ def geometry_of(config) -> PrefixGeometry:
 
 def _refuse_sliding_window(config) -> None:
     """Sliding-window attention layers (Mistral, Gemma 2/3, Qwen2 with use_sliding_window) measure the
-    window in cache columns, and a batch's columns hold other rows' padding (core/batch_cache/): a
+    window in cache columns, and a batch's columns hold other rows' padding (core/engine/batch_cache/): a
     row's result would depend on its neighbours, so such a model is refused rather than served wrongly."""
     layer_types = getattr(config, "layer_types", None) or ()
     window = getattr(config, "sliding_window", None)

@@ -1,6 +1,6 @@
 """The training loop of every tuning method: one user, or many users sharing every forward/backward pass.
 
-A method (core/tuning.py's TuningMethod: prefixes in core/tuning.py, prompt tuning and LoRA in
+A method (core/tuners/prefix.py's TuningMethod: prefixes in core/tuners/prefix.py, prompt tuning and LoRA in
 core/evaluation/baselines.py) supplies each user's trainable module and how it enters the forward
 pass; everything else lives here once. Each user keeps their own module, optimizer, schedule, data
 order and early-stopping state; only the forward/backward pass over the frozen base is shared. The
@@ -17,23 +17,19 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from core.data import (
-    IGNORE,
-    Example,
-    build_examples,
-    prepare_samples,
-    split_samples,
-)
+from core.engine.data import IGNORE, Example, build_examples, prepare_samples, split_samples
+from core.engine.model import BaseModel
+from core.engine.precision import computing_in, resolve_compute_dtype
+from core.engine.prefix import prefix_hidden_states
 from core.errors import InvalidTrainingData, TrainingCancelled
-from core.model import BaseModel
-from core.precision import computing_in, resolve_compute_dtype, training_base
-from core.preference import (
+from core.tuners.base import Progress, TrainedUser, TrainingConfig, TuningMethod, UserData
+from core.tuners.preference import (
     NO_PREFERENCE_LOSS,
     OBJECTIVE_DPO,
     OBJECTIVES,
@@ -42,42 +38,7 @@ from core.preference import (
     pair_rows,
     preference_score,
 )
-from core.prefix import PrefixConfig
-from core.preservation import Anchors, base_anchors, kl_from_base
-from core.seq2seq import Seq2SeqPrefixMethod, is_encoder_decoder
-from core.training_inputs import TrainingConfig, UserData
-from core.tuning import PrefixMethod, TuningMethod, prefix_hidden_states
-
-
-@dataclass
-class Progress:
-    step: int
-    max_steps: int
-    active_users: int
-    loss: float
-    val_loss: float | None
-    tokens_per_s: float
-    elapsed_s: float
-    eta_s: float
-
-
-@dataclass
-class TrainedPrefix:
-    user_id: str
-    kv: torch.Tensor  # (L, 2, H, P, D) fp32 on CPU: the best validation checkpoint
-    state: dict[str, torch.Tensor]  # PrefixEncoder state at that checkpoint (for resuming)
-    prefix_config: PrefixConfig
-    metrics: dict
-
-
-@dataclass
-class TrainedUser:
-    """One user's result of any method: the module holds the best validation checkpoint."""
-
-    user_id: str
-    module: nn.Module
-    state: dict[str, torch.Tensor]  # module state_dict at that checkpoint, on CPU (for resuming)
-    metrics: dict
+from core.tuners.preservation import Anchors, base_anchors, kl_from_base
 
 
 class _UserRun:
@@ -183,30 +144,7 @@ class _UserRun:
         return TrainedUser(self.user_id, self.module, dict(self.best_state), metrics)
 
 
-def train_prefixes(
-    base: BaseModel,
-    users: list[UserData],
-    config: TrainingConfig,
-    *,
-    on_progress: Callable[[Progress], None] | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-) -> list[TrainedPrefix]:
-    """Train one prefix per user, all users sharing each forward/backward pass over the frozen base."""
-    _check_fits_context(base, users, config)
-    base = training_base(base, config.compute_dtype)
-    if config.prefix_len_candidates:
-        return _train_choosing_prefix_len(base, users, config, on_progress, should_cancel)
-    method = prefix_method(base, config.prefix)
-    trained = train_users(base, method, users, config, on_progress=on_progress, should_cancel=should_cancel)
-    return [TrainedPrefix(t.user_id, method.export(t.module), t.state, t.module.config, t.metrics) for t in trained]
-
-
-def prefix_method(base: BaseModel, config: PrefixConfig) -> PrefixMethod:
-    """Prefix tuning for the base model's family: a decoder, or an encoder-decoder (seq2seq rows)."""
-    return Seq2SeqPrefixMethod(base, config) if is_encoder_decoder(base) else PrefixMethod(base, config)
-
-
-def _check_fits_context(base: BaseModel, users: list[UserData], config: TrainingConfig) -> None:
+def check_fits_context(base: BaseModel, users: list[UserData], config: TrainingConfig) -> None:
     """A prefix and the longest row must fit the base model's context window: past it, models with
     learned positions (GPT-2) index out of range and rotary ones silently extrapolate."""
     lengths = [
@@ -291,41 +229,6 @@ def _progress(step: int, total_steps: int, active: list[_UserRun], tokens: int, 
         elapsed_s=elapsed,
         eta_s=elapsed / step * max(total_steps - step, 0),
     )
-
-
-def _train_choosing_prefix_len(base, users, config, on_progress, should_cancel) -> list[TrainedPrefix]:
-    """Every (user, candidate length) pair trains as its own row group in the same passes; per user,
-    the candidate with the lowest validation loss wins (the lowest training loss without a split)."""
-    candidates = sorted(set(config.prefix_len_candidates))
-    # Each variant is its user with another prefix shape: every other field kept as it is (a field
-    # dropped here once scored the reference without `reference_composed`, the population twice).
-    variants = [
-        replace(
-            u,
-            user_id=f"{u.user_id}#{n}",
-            prefix=replace(config.prefix, prefix_len=n),
-            resume_state=None,  # an earlier prefix's encoder state has another candidate's shape
-            reference_kv=u.reference_kv if n == candidates[0] else None,  # one score is enough
-        )
-        for u in users
-        for n in candidates
-    ]
-    trained = train_prefixes(
-        base, variants, replace(config, prefix_len_candidates=()), on_progress=on_progress, should_cancel=should_cancel
-    )
-    chosen = []
-    for i, user in enumerate(users):
-        group = trained[i * len(candidates) : (i + 1) * len(candidates)]
-
-        def score(t: TrainedPrefix) -> float:
-            return t.metrics["val_loss"] if t.metrics["val_loss"] is not None else t.metrics["train_loss"]
-
-        best = min(group, key=score)
-        best.user_id = user.user_id
-        best.metrics["reference_val_loss"] = group[0].metrics["reference_val_loss"]
-        best.metrics["prefix_len_search"] = {str(t.prefix_config.prefix_len): score(t) for t in group}
-        chosen.append(best)
-    return chosen
 
 
 def _train_step(

@@ -9,7 +9,7 @@ the preferred answer over the other one:
 
 The reference is the user's active version as served (the base model for a first version), so a
 DPO step moves the user's voice towards what they chose, measured from where it stands. The
-training loop (core/training.py) runs it like any other objective: rows of many users in one
+training loop (core/tuners/loop.py) runs it like any other objective: rows of many users in one
 forward, each user's loss their own mean over their pairs, so a user's gradient is that of their
 loss alone.
 """
@@ -23,9 +23,9 @@ import torch
 from torch.nn import functional as F
 from transformers import PreTrainedTokenizerBase
 
-from core.data import IGNORE, Example, clean_text
+from core.engine.data import IGNORE, Example, clean_text
+from core.engine.prompts import chat_prompt_ids, text_ids
 from core.errors import InvalidTrainingData
-from core.prompts import chat_prompt_ids, text_ids
 
 OBJECTIVE_SFT = "sft"
 OBJECTIVE_DPO = "dpo"

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from core.model import PrefixGeometry
+from core.engine.model import PrefixGeometry
 
 Prefix = torch.Tensor | Sequence[torch.Tensor] | None
 """One row's prefix: None (the base model), one KV (L, 2, H, P, D), or several composed in order."""

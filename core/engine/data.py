@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from core.prompts import chat_prompt_ids, text_ids
+from core.engine.prompts import chat_prompt_ids, text_ids
 
 FORMAT_PLAIN = "plain"
 FORMAT_CHAT = "chat"

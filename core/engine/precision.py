@@ -24,8 +24,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from core.engine.model import BaseModel
 from core.errors import InvalidTrainingData
-from core.model import BaseModel
 
 AUTO = "auto"
 FLOAT32 = "float32"

@@ -1,7 +1,7 @@
 """Adaptation artifacts: safetensors only (no pickle anywhere), bound to the base model they were trained on.
 
 Two artifacts per version:
-- the *servable* artifact: what a batch row carries for the user, by method (core/adapters.py):
+- the *servable* artifact: what a batch row carries for the user, by method (core/tuners/registry.py):
       kv                      (L, 2, H, P, D)  the prefix KV       methods prefix, pt-peft
       lora.<module path>.A    (r, in)          per adapted          methods lora, pt-peft
       lora.<module path>.B    (out, r)         projection, scale folded into B
@@ -29,10 +29,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from core.adapters import LORA, PREFIX, PT_PEFT, TRAINED_METHODS, Adaptation
+from core.engine.adaptation import Adaptation
+from core.engine.lora import LoRAWeights, target_modules
+from core.engine.model import BaseModel, PrefixGeometry
 from core.errors import CorruptArtifact, IncompatibleBaseModel
-from core.lora import LoRAWeights, target_modules
-from core.model import BaseModel, PrefixGeometry
+from core.tuners.registry import LORA, METHODS, PREFIX, STORED_METHODS
 
 FORMAT = "steer-prefix"
 FORMAT_VERSION = "2"
@@ -41,8 +42,8 @@ STATE_FORMAT = "steer-prefix-state"
 STATE_FORMAT_VERSION = "1"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _LORA = "lora."
-_PARTS = {PREFIX: (True, False), LORA: (False, True), PT_PEFT: (True, True)}
-"""method -> (has a KV, has a LoRA)"""
+_PARTS = {name: METHODS[name].stores for name in STORED_METHODS}
+"""method -> (has a KV, has a LoRA), from the registry"""
 
 
 @dataclass
@@ -105,7 +106,7 @@ def save_prefix(prefix: Prefix, dtype: str = "float16") -> bytes:
         raise ValueError("prefixes are stored in float16 or bfloat16")
     has_kv, has_lora = _PARTS.get(prefix.method, (None, None))
     if has_kv is None:
-        raise ValueError(f"cannot store method {prefix.method!r}; one of {', '.join(TRAINED_METHODS)}")
+        raise ValueError(f"cannot store method {prefix.method!r}; one of {', '.join(STORED_METHODS)}")
     lora = prefix.lora if prefix.lora is not None and prefix.lora.modules else None
     if (prefix.kv is not None, lora is not None) != (has_kv, has_lora):
         raise ValueError(f"method {prefix.method!r} stores {_parts_text(prefix.method)}")

@@ -4,13 +4,13 @@ One running batch lives on the model, and every `step()` is planned, run and rea
 that know nothing of each other's insides (vLLM v1's split):
 
     Scheduler        (scheduler.py)  which queued requests join, in which prefill groups; who is cancelled
-    BatchRunner      (runner.py)     the forward passes over the batch's BatchCache (core/batch_cache/)
+    BatchRunner      (runner.py)     the forward passes over the batch's BatchCache (core/engine/batch_cache/)
     OutputProcessor  (output.py)     sampled tokens -> text: incremental detokenisation, stop rules, streaming
 
 A step (1) prefills each admitted group together (each row its own composed prefix + prompt,
 left-padded) and samples their first tokens, (2) runs one decoding pass over every running row,
 whatever user, prefix or prompt length it has, (3) samples all rows at once, each with its own
-parameters and generator (core/sampling.py), and (4) evicts finished rows. Each row's columns,
+parameters and generator (core/engine/sampling.py), and (4) evicts finished rows. Each row's columns,
 positions and mask are its own, so a row's output does not depend on its neighbours.
 
 A request with a `style_strength` s other than 1 (and a prefix or LoRA to weaken or amplify) runs as
@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.batch_cache import Prefix, prefix_length
+from core.engine.batch_cache import Prefix, prefix_length
+from core.engine.generation.output import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, OutputProcessor, RowOutput
+from core.engine.generation.runner import BatchRunner, RowLoRA
+from core.engine.generation.scheduler import Scheduler, StepPlan
+from core.engine.generation.seq2seq import Seq2SeqRunner
+from core.engine.model import BaseModel
+from core.engine.sampling import SamplingParams, make_generator, sample_tokens
 from core.errors import InvalidRequest
-from core.generation.output import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, OutputProcessor, RowOutput
-from core.generation.runner import BatchRunner, RowLoRA
-from core.generation.scheduler import Scheduler, StepPlan
-from core.generation.seq2seq import Seq2SeqRunner
-from core.model import BaseModel
-from core.sampling import SamplingParams, make_generator, sample_tokens
 
 __all__ = [
     "FINISH_CANCELLED",
@@ -57,7 +57,7 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     prefix: Prefix = None
     lora: RowLoRA = None
-    """None, a LoRA (core/lora.py), or several composed: per-row low-rank deltas beside the prefix."""
+    """None, a LoRA (core/engine/lora.py), or several composed: per-row low-rank deltas beside the prefix."""
     request_id: Hashable = field(default_factory=lambda: uuid.uuid4().hex)
     """Any hashable id, unique among the generator's requests (the inference engine uses ints)."""
     on_text: Callable[[str], None] | None = None

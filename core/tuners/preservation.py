@@ -40,9 +40,9 @@ import transformers
 from torch import nn
 from torch.nn import functional as F
 
-from core.data import IGNORE, Example
-from core.model import BaseModel
-from core.prompts import chat_prompt_ids
+from core.engine.data import IGNORE, Example
+from core.engine.model import BaseModel
+from core.engine.prompts import chat_prompt_ids
 
 log = logging.getLogger(__name__)
 

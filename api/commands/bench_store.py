@@ -37,19 +37,19 @@ from pathlib import Path
 import torch
 from sqlalchemy import func, select
 
-from core.artifacts import Prefix, save_prefix
-from core.bench import TOPICS, _prompts, _Run, _spread
+from api.commands.bench_engine import TOPICS, _prompts, _Run, _spread
 from core.db import PrefixVersion, User, make_engine, make_session_factory
 from core.db.migrate import upgrade_to_head
+from core.engine.model import BaseModel
+from core.engine.prefix import kv_from_text
+from core.engine.prompts import text_ids
+from core.engine.sampling import SamplingParams
 from core.inference.engine import InferenceEngine
 from core.inference.jobs import InferenceJob, JobFailed, RowFinished
 from core.inference.prefix_cache import PrefixCache, PrefixRef, store_loader
-from core.model import BaseModel
-from core.prefix import kv_from_text
-from core.prompts import text_ids
-from core.sampling import SamplingParams
 from core.service.registry import PrefixArtifacts, active_prefix, publish_prefix
 from core.storage import BlobStore, BlobStoreError, LocalBlobStore
+from core.tuners.artifacts import Prefix, save_prefix
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30

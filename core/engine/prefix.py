@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from core.batch_cache import BatchCache, Prefix
-from core.model import BaseModel, PrefixGeometry
+from core.engine.batch_cache import BatchCache, Prefix
+from core.engine.model import BaseModel, PrefixGeometry
 
 INIT_RANDOM = "random"
 INIT_ACTIVATIONS = "activations"
@@ -152,3 +152,10 @@ def forward_with_prefixes(
     if hidden_states_only:
         return base.model.base_model(**inputs)
     return base.model(**inputs, logits_to_keep=logits_to_keep)
+
+
+def prefix_hidden_states(base: BaseModel, ids: torch.Tensor, mask: torch.Tensor, row_prefixes: list) -> torch.Tensor:
+    """(B, T, hidden) last hidden states, row i under row_prefixes[i]: a KV (L, 2, H, P, D), several
+    composed in order, or None."""
+    prefixes = batch_prefixes(row_prefixes, base.geometry, device=base.device, dtype=base.dtype)
+    return forward_with_prefixes(base, ids, mask, prefixes, hidden_states_only=True).last_hidden_state

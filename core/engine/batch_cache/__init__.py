@@ -6,7 +6,7 @@
   registered attention function, per-row positions, cross-attention K/V kept per row.
 """
 
-from core.batch_cache.decoder import BatchCache, Prefix, compose, prefix_length
-from core.batch_cache.seq2seq import Seq2SeqBatchCache, seq2seq_hooks, split_prefix
+from core.engine.batch_cache.decoder import BatchCache, Prefix, compose, prefix_length
+from core.engine.batch_cache.seq2seq import Seq2SeqBatchCache, seq2seq_hooks, split_prefix
 
 __all__ = ["BatchCache", "Prefix", "Seq2SeqBatchCache", "compose", "prefix_length", "seq2seq_hooks", "split_prefix"]
