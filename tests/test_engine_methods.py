@@ -6,10 +6,12 @@ import torch
 
 from core.engine.data import build_examples, prepare_samples, split_samples
 from core.engine.model import weights_fingerprint
-from core.evaluation.baselines import GroupedScorer, LoRA, PromptTuning, train_baseline
+from core.evaluation.baselines import GroupedScorer, train_baseline
 from core.evaluation.metrics import PrefixScorer
 from core.tuners.base import TrainingConfig, UserData
+from core.tuners.peft_lora import LoRA
 from core.tuners.prefix_training import train_prefixes
+from core.tuners.prompt_tuning import PromptTuning
 from tests.engine_fixtures import tiny  # noqa: F401
 from tests.test_engine_training import ALICE, BOB, CAROL, _config
 

@@ -23,14 +23,7 @@ from core.engine.data import FORMAT_CHAT, FORMAT_PLAIN, REQUESTS_DERIVED, build_
 from core.engine.model import BaseModel
 from core.engine.prefix import PrefixEncoder
 from core.evaluation import datasets
-from core.evaluation.baselines import (
-    GroupedScorer,
-    LoRA,
-    PromptTuning,
-    artifact_bytes,
-    lora_rank_for,
-    train_baseline,
-)
+from core.evaluation.baselines import GroupedScorer, artifact_bytes, train_baseline
 from core.evaluation.generations import GenerationSettings, StyleJudge, judge_generations
 from core.evaluation.metrics import (
     PrefixScorer,
@@ -45,9 +38,11 @@ from core.service.recipe import PopulationRecipe, population_recipe, user_recipe
 from core.tuners.artifacts import Prefix, save_prefix
 from core.tuners.base import TrainingConfig, UserData
 from core.tuners.memory import memory_prefix
+from core.tuners.peft_lora import LoRA, lora_rank_for
 from core.tuners.preference import OBJECTIVE_DPO
 from core.tuners.prefix import instant_prefix
 from core.tuners.prefix_training import train_prefixes
+from core.tuners.prompt_tuning import PromptTuning
 from core.tuners.registry import (
     AUTO,
     DPO,

@@ -9,7 +9,6 @@
     lora.py            a LoRA per user; pt_peft.py a prefix stage, then a LoRA; auto.py the best of each
     memory.py          the memory prefix (the model's KV of a user's most typical texts)
     preservation.py    the KL-to-base term; preference.py preference pairs and DPO's loss
+    prompt_tuning.py   soft input tokens; peft_lora.py PEFT's LoRA (baselines the evaluation trains)
     artifacts.py       the stored form of a trained adaptation (safetensors)
-
-Prompt tuning and PEFT's LoRA, baselines only the evaluation trains, are in core/evaluation/baselines.py.
 """
