@@ -22,7 +22,7 @@ from api.app import create_app
 from core.db import Job, PrefixVersion, Sample
 from core.db.migrate import upgrade_to_head
 from core.db.session import make_engine, make_session_factory
-from core.service import training_job
+from core.service import job_inputs
 from core.service.context import build_context
 from core.service.errors import Conflict
 from core.service.population import population_control, train_population
@@ -229,16 +229,16 @@ def test_a_version_on_a_population_is_compared_as_served(tmp_path: Path, caplog)
         own = load_prefix(ctx.store.get(active.blob_key), base).kv
         under = load_prefix(ctx.store.get(population.blob_key), base).kv
 
-        served = training_job._served_adaptation(ctx, "no-job", base, active)
+        served = job_inputs.served_adaptation(ctx, "no-job", base, active)
         assert torch.equal(served.kv, torch.cat([under, own], dim=3))
         with ctx.session_factory.begin() as session:
             session.get(PrefixVersion, population.id).status = "corrupt"
-        assert torch.equal(training_job._served_adaptation(ctx, "no-job", base, active).kv, own)
+        assert torch.equal(job_inputs.served_adaptation(ctx, "no-job", base, active).kv, own)
         with caplog.at_level(logging.WARNING, logger="core.service.registry"), ctx.session_factory() as session:
             for _ in range(3):  # as three requests would
                 assert served_population(session, session.get(PrefixVersion, active.id)) is None
         said = [r.getMessage() for r in caplog.records if "population version is corrupt" in r.getMessage()]
-        assert len(said) == 1  # when first served alone (by _served_adaptation above), not per request
+        assert len(said) == 1  # when first served alone (by served_adaptation above), not per request
     finally:
         ctx.close()
 

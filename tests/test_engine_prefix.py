@@ -41,8 +41,8 @@ def test_the_model_card_of_smollm2_matches_the_loaded_model_without_loading_weig
     def refuse(*_args, **_kwargs):
         raise AssertionError("weights loaded for a model card")
 
-    monkeypatch.setattr(core.model.AutoModelForCausalLM, "from_pretrained", refuse)
-    card = core.model.load_model_card("smollm2", cache_root=model_cache_dir())
+    monkeypatch.setattr(core.engine.model.AutoModelForCausalLM, "from_pretrained", refuse)
+    card = core.engine.model.load_model_card("smollm2", cache_root=model_cache_dir())
     assert (card.model_id, card.fingerprint, card.max_context) == (
         smollm2.model_id,
         smollm2.fingerprint,

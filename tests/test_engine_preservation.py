@@ -93,7 +93,7 @@ def test_preservation_off_samples_no_anchors_and_changes_nothing(tiny, monkeypat
     def refuse(*_args, **_kwargs):
         raise AssertionError("anchors sampled with preservation off")
 
-    monkeypatch.setattr(core.training, "base_anchors", refuse)
+    monkeypatch.setattr(core.tuners.loop, "base_anchors", refuse)
     result = train_prefixes(tiny, [UserData("bob", BOB)], replace(_config(), max_steps=2, preservation_weight=0.0))[0]
     assert result.metrics["preservation_kl"] is None
 

@@ -138,12 +138,12 @@ def method_name_literals(tree: ast.Module, names: set[str]) -> list[int]:
 
 
 # Words that are also method names but mean something else where they are written: "auto" as a
-# setting's value (device, dtype, blob store), "prompt" as a request's field, "population" as the
+# setting's value (device, dtype, blob store), "prompt" as a request's field and a state key, "population" as the
 # shared control's name, "dpo" as an objective and as OpenAI's method type, "prefix" and "lora" as
 # a training config's sub-config keys.
 OTHER_MEANINGS = {
     "auto": {"core/config.py", "core/engine/model.py", "core/engine/precision.py", "core/service/hyperparameters.py"},
-    "prompt": {"core/inference/requests.py", "core/evaluation/baselines.py", "core/evaluation/controls.py"},
+    "prompt": {"core/inference/requests.py", "core/tuners/prompt_tuning.py", "core/evaluation/controls.py"},
     "population": {"core/service/model_ids.py"},
     "dpo": {"core/tuners/preference.py", "core/service/hyperparameters.py"},
     "prefix": {"core/tuners/base.py"},

@@ -7,10 +7,9 @@ import time
 import pytest
 import torch
 
-from core.engine.adaptation import Adaptation
+from core.engine.adaptation import Adaptation, row_parts
 from core.engine.lora import LoRAWeights
 from core.errors import CorruptArtifact
-from core.inference.engine import row_parts
 from core.inference.prefix_cache import PrefixCache, PrefixRef
 
 KV_BYTES = 2 * 2 * 2 * 4 * 8 * 4  # (L=2, 2, H=2, P=4, D=8) float32

@@ -20,8 +20,9 @@ import core.db.models
 import core.db.session
 from core.db import Job, JobEvent, PrefixVersion, database_now, utcnow
 from core.db.migrate import upgrade_to_head
+from core.service.job_attempt import Attempt, claim
 from core.service.job_lease import JobLease, lease_holder, recover_lost_jobs, takeover_grace_s
-from core.service.training_job import _claim, _Run, _run_claimed, run_training_job
+from core.service.training_job import _run_claimed, run_training_job
 from tests.support.api import RecordingDispatcher, api_client, make_settings, onboard, tiny_base_model
 
 LEASE_S = 60.0
@@ -79,7 +80,7 @@ def test_a_redelivery_takes_over_at_once_from_a_holder_whose_process_is_gone(tmp
     with _client(tmp_path) as client:
         ctx = client.app.state.ctx
         job_id = onboard(client, "hal")["job"]["id"]
-        assert _claim(ctx, job_id) is not None
+        assert claim(ctx, job_id) is not None
         assert _job(ctx, job_id).lease_holder == lease_holder()  # "<host>:<pid>:<process namespace>"
         assert lease_holder().split(":")[1] == str(os.getpid())
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -115,7 +116,7 @@ def test_an_attempt_that_lost_its_lease_publishes_nothing_and_does_not_touch_the
     with _client(tmp_path) as client:
         ctx = client.app.state.ctx
         job_id = onboard(client, "erin")["job"]["id"]
-        paused_token = _claim(ctx, job_id)  # attempt A claims, then its host freezes
+        paused_token = claim(ctx, job_id)  # attempt A claims, then its host freezes
         assert paused_token is not None
         _set(ctx, job_id, heartbeat_at=utcnow() - timedelta(seconds=LEASE_S + 1))
         assert run_training_job(job_id, ctx) == "succeeded"  # attempt B takes over and finishes
@@ -125,7 +126,7 @@ def test_an_attempt_that_lost_its_lease_publishes_nothing_and_does_not_touch_the
         paused = JobLease(ctx.session_factory, job_id, paused_token, LEASE_S)
         assert paused.renew() is False and paused.lost
         zombie = JobLease(ctx.session_factory, job_id, paused_token, LEASE_S)  # not yet aware
-        assert _run_claimed(ctx, _Run(job_id=job_id, lease=zombie, stop_requested=None), final_attempt=True) is None
+        assert _run_claimed(ctx, Attempt(job_id=job_id, lease=zombie, stop_requested=None), final_attempt=True) is None
 
         with ctx.session_factory() as session:
             rows = session.execute(select(PrefixVersion)).scalars().all()
@@ -140,7 +141,7 @@ def test_a_lease_is_renewed_while_the_attempt_runs(tmp_path):
     with _client(tmp_path) as client:
         ctx = client.app.state.ctx
         job_id = onboard(client, "fay")["job"]["id"]
-        token = _claim(ctx, job_id)
+        token = claim(ctx, job_id)
         _set(ctx, job_id, heartbeat_at=utcnow() - timedelta(seconds=30))
         with JobLease(ctx.session_factory, job_id, token, lease_s=0.4):
             deadline = utcnow() + timedelta(seconds=10)
@@ -223,7 +224,7 @@ def test_on_postgres_lease_times_come_from_the_database_clock_not_the_hosts(
             worker_host.setattr(core.db.models, "datetime", _HourSlowClock)  # what utcnow() reads
             worker_host.setattr(core.db.session, "datetime", _HourSlowClock)
             assert utcnow() < datetime.now(UTC) - timedelta(minutes=59)  # the skew is in place
-            token = _claim(ctx, job_id)
+            token = claim(ctx, job_id)
             assert token is not None
             assert JobLease(ctx.session_factory, job_id, token, LEASE_S).renew()
         with ctx.session_factory() as session:

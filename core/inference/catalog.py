@@ -46,7 +46,7 @@ from core.service.model_ids import (
     parse_control_ref,
     parse_model_id,
 )
-from core.service.registry import active_prefix, served_population
+from core.service.registry import active_prefix, served_composition
 
 USER_ALIAS = "user:"
 CONTROL_SEPARATOR = "+"
@@ -170,8 +170,7 @@ def _resolve_one(session: Session, caller: Caller, model: str, base_model_id: st
             f"The model '{_shown(model)}' is corrupt in storage (checksum mismatch) and cannot be served; "
             f"use 'user:{user.external_id}' for the user's current good version."
         )
-    population = served_population(session, row)
-    return ([] if population is None else [prefix_ref(population)]) + [prefix_ref(row)]
+    return [prefix_ref(version) for version in served_composition(session, row)]
 
 
 def prefix_ref(row: PrefixVersion) -> PrefixRef:

@@ -20,10 +20,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
+from core.engine.adaptation import row_parts
 from core.engine.generation import FINISH_CANCELLED, GenerationRequest, MixedBatchGenerator
-from core.engine.lora import LoRAWeights
 from core.engine.model import BaseModel
 from core.errors import CorruptArtifact
 from core.inference import metrics
@@ -45,22 +43,6 @@ class _Tracked:
     submitted: float = field(default_factory=time.perf_counter)
     rows_left: int = 0
     first_text: bool = False
-
-
-def row_parts(parts: list[Loaded]) -> tuple[list[torch.Tensor] | None, list[LoRAWeights] | None]:
-    """A row's (prefix, lora) for `GenerationRequest` from its composed parts, in order: the KV of
-    each part that has one (concatenated by the batch) and the LoRA of each part that has one
-    (summed by the batch), so a user's LoRA composes with controls' prefixes. None: none at all."""
-    kvs, loras = [], []
-    for part in parts:
-        if isinstance(part, torch.Tensor):
-            kvs.append(part)
-            continue
-        if part.kv is not None:
-            kvs.append(part.kv)
-        if part.lora is not None:
-            loras.append(part.lora)
-    return kvs or None, loras or None
 
 
 class InferenceEngine:

@@ -24,8 +24,8 @@ import torch
 
 from core.engine.adaptation import Adaptation
 from core.engine.model import BaseModel
+from core.service.registry import read_version
 from core.storage.base import BlobStore
-from core.tuners.artifacts import load_prefix
 
 log = logging.getLogger(__name__)
 PREFETCH_WORKERS = 8
@@ -68,8 +68,7 @@ def store_loader(store: BlobStore, base: BaseModel) -> Callable[[PrefixRef], Ada
         # a batch (the batch cache and the LoRA batch do it), the very values a cast here would
         # give, while an fp32 model's cache holds twice as many prefixes (10,000 SmolLM2 prefixes
         # of 16 tokens: 3.4 GiB instead of 6.9).
-        data = store.get(ref.blob_key, expected_sha256=ref.sha256)
-        return load_prefix(data, base, as_stored=True).adaptation
+        return read_version(store, ref, base, as_stored=True).adaptation
 
     return load
 

@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import PrefixVersion, User
+from core.engine.model import BaseModel
 from core.service.crash_points import crash_point
 from core.service.errors import Conflict, NotFound
 from core.service.job_lease import LeaseLost, holds_lease
 from core.service.model_ids import subject_model_id
 from core.storage import BlobStore, prefix_blob_key, prefix_state_key, sha256_hex, user_blob_prefix
+from core.tuners.artifacts import Prefix, load_prefix
 
 PREFIX_DTYPE = "float16"
 """How versions are stored: half the bytes of float32, and every device serves it (rows are cast as
@@ -241,6 +243,27 @@ def served_population(session: Session, row: PrefixVersion) -> PrefixVersion | N
 
 _warned_served_alone: set[str] = set()
 """Ids of versions whose lost population `served_population` has logged."""
+
+
+def served_composition(session: Session, row: PrefixVersion) -> list[PrefixVersion]:
+    """The versions a request for `row` is served with, in composition order: the population
+    version it trained on (if any, see `served_population`), then `row`. Controls a request names
+    come after (core/inference/catalog.py); training scores the active version through this too."""
+    population = served_population(session, row)
+    return ([] if population is None else [population]) + [row]
+
+
+class StoredVersion(Protocol):
+    blob_key: str
+    sha256: str
+
+
+def read_version(store: BlobStore, version: StoredVersion, base: BaseModel, *, as_stored: bool = False) -> Prefix:
+    """A stored version, verified: the blob checked against the sha256 it was indexed with, then the
+    artifact's own checks against `base` (core/tuners/artifacts.py). The one reader every training
+    job and every serving cache uses: CorruptArtifact / BlobNotFound when it is not sound, the
+    store's BlobStoreUnavailable when it cannot be reached (what each caller does about it differs)."""
+    return load_prefix(store.get(version.blob_key, expected_sha256=version.sha256), base, as_stored=as_stored)
 
 
 def list_versions(session: Session, user_id: str) -> list[PrefixVersion]:

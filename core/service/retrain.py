@@ -1,7 +1,7 @@
 """Admin retraining: pick users, then train them in batched multi-user jobs.
 
 One admin-batch job trains up to `users_per_job` users sharing every forward pass (see
-`core.training`), so retraining everyone after a base model upgrade costs ~N/8 jobs, not N.
+`core.tuners.loop`), so retraining everyone after a base model upgrade costs ~N/8 jobs, not N.
 """
 
 from __future__ import annotations

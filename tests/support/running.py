@@ -11,11 +11,11 @@ import httpx
 from openai import OpenAI
 
 from core.db import PrefixVersion
+from core.engine.adaptation import row_parts
 from core.engine.generation import GenerationRequest, MixedBatchGenerator
 from core.engine.prompts import chat_prompt_ids
 from core.engine.sampling import SamplingParams
 from core.inference.catalog import prefix_ref
-from core.inference.engine import row_parts
 from core.inference.prefix_cache import store_loader
 from core.service.registry import active_prefix
 from tests.support.api import ADMIN_KEY, tiny_base_model
