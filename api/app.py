@@ -89,7 +89,7 @@ def create_app(
     app.state.metrics_registry = make_registry(ctx, getattr(app.state.dispatcher, "queue_depth", None))
     inference_metrics.register_all(app.state.metrics_registry)
     app.state.completer = None  # the mode's own, made at startup, unless set before
-    app.state.rate_limiter = RateLimiter.from_settings(ctx.settings)
+    app.state.rate_limiter = RateLimiter.from_settings(ctx.settings, ctx.redis())
     install_error_handlers(app)
     install_openapi(app)
     app.add_middleware(BodySizeLimit, limit=ctx.settings.max_upload_bytes)

@@ -37,9 +37,7 @@ class CeleryDispatcher:
         self.celery = make_celery(ctx.settings)
         settings = ctx.settings
         # Inference workers publish a queued job's instant versions (core/service/instant_queue.py).
-        self.instant = None
-        if settings.train_instant_version and settings.redis_url:
-            self.instant = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+        self.instant = ctx.redis() if settings.train_instant_version else None
         self.recovery = JobRecovery(
             lambda: recover_lost_jobs(
                 ctx.session_factory,

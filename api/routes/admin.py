@@ -67,7 +67,7 @@ def list_workers(request: Request, _admin: AdminDep, ctx: ContextDep) -> WorkerL
     `STEER_INFER_WORKER_TIMEOUT_S`), oldest first: host, pid, start, last heartbeat and what each
     works on. Embedded mode has no worker processes: an empty list."""
     try:
-        workers = worker_registry.live_workers(request.app.state, ctx.settings)
+        workers = worker_registry.live_workers(ctx)
     except redis.RedisError as exc:
         raise HTTPException(503, "the broker (Redis) is unavailable; retry later") from exc
     return WorkerList(data=[Worker(**asdict(w)) for w in workers], has_more=False)

@@ -55,7 +55,7 @@ def _training_capacity(request: Request, ctx: ServiceContext) -> int | None:
     if ctx.settings.mode == "embedded":
         return 1  # the in-process training executor
     try:
-        return len(worker_registry.live_workers(request.app.state, ctx.settings, kind="training"))
+        return len(worker_registry.live_workers(ctx, kind="training"))
     except Exception:  # noqa: BLE001 - the broker is down: the checks say so
         return None
 
@@ -85,6 +85,4 @@ def _dependency_checks(request: Request, ctx: ServiceContext) -> dict[str, Any]:
 def metrics(request: Request, ctx: ContextDep) -> Response:
     """The API's metrics and, in distributed mode, every live worker's (label `worker`)."""
     own = request.app.state.metrics_registry
-    return Response(
-        worker_registry.metrics_exposition(request.app.state, ctx.settings, own), media_type=CONTENT_TYPE_LATEST
-    )
+    return Response(worker_registry.metrics_exposition(ctx, own), media_type=CONTENT_TYPE_LATEST)

@@ -52,7 +52,7 @@ def erase(user_id: str, request: Request, ctx: ContextDep, caller: CallerDep) ->
     """Erase the user: samples, keys, every prefix blob and index row, their jobs, and their
     prefixes in the serving caches."""
     delete_user(ctx.session_factory, ctx.store, caller, user_id)
-    forget_erased_user(request.app.state.completer, ctx.settings.redis_url, user_id)
+    forget_erased_user(request.app.state.completer, ctx.redis(), user_id)
     return UserDeleted(id=user_id, deleted=True)
 
 

@@ -27,7 +27,6 @@ log = logging.getLogger("steer.inference.erasure")
 ERASED_STREAM = "steer:infer:erased"
 _MAX_LEN = 10_000  # entries kept (approximately); a worker more than this behind missed nothing it cached
 _RETRY_S = 1.0
-_ANNOUNCE_TIMEOUT_S = 2.0
 
 
 def announce_erasure(client: redis.Redis, user_id: str) -> None:
@@ -35,7 +34,7 @@ def announce_erasure(client: redis.Redis, user_id: str) -> None:
     client.xadd(ERASED_STREAM, {"user_id": user_id}, maxlen=_MAX_LEN, approximate=True)
 
 
-def forget_erased_user(completer: Completer | None, redis_url: str | None, user_id: str) -> None:
+def forget_erased_user(completer: Completer | None, client: redis.Redis | None, user_id: str) -> None:
     """After an erasure: drop the user from the serving caches of this deployment. Never raises:
     the erasure itself is done; a failed announcement is logged (the workers' copies are
     unreachable and age out of their LRU caches)."""
@@ -43,17 +42,12 @@ def forget_erased_user(completer: Completer | None, redis_url: str | None, user_
         if completer.engine.prefixes is not None:
             completer.engine.prefixes.invalidate_user(user_id)
         return
-    if redis_url is None:
+    if client is None:
         return
-    client = redis.Redis.from_url(
-        redis_url, socket_connect_timeout=_ANNOUNCE_TIMEOUT_S, socket_timeout=_ANNOUNCE_TIMEOUT_S
-    )
     try:
         announce_erasure(client, user_id)
     except redis.RedisError as exc:
         log.warning("erasure of user %s not announced to the inference workers: %s", user_id, exc)
-    finally:
-        client.close()
 
 
 class ErasureListener:

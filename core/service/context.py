@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -31,6 +32,7 @@ class ServiceContext:
     _base_model: BaseModel | None = None
     _model_card: ModelCard | None = None
     _model_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _redis: Any = field(default=None, repr=False)
 
     def base_model(self) -> BaseModel:
         """The frozen base model of this process, loaded on first use and then shared."""
@@ -64,7 +66,25 @@ class ServiceContext:
     def base_model_loaded(self) -> bool:
         return self._base_model is not None
 
+    def redis(self) -> Any:
+        """This process's Redis client (a `redis.Redis`; None without STEER_REDIS_URL): one connection
+        pool for everything the API asks Redis (quotas, instant-version announcements, the workers'
+        list and metrics, erasure announcements), closed with the context. Short timeouts: a Redis
+        that stops answering costs a request 2 s, never a hang. (The inference transport keeps its
+        own asyncio client, on the event loop it runs in.)"""
+        if self.settings.redis_url is None:
+            return None
+        with self._model_lock:
+            if self._redis is None:
+                import redis  # distributed mode only
+
+                self._redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+            return self._redis
+
     def close(self) -> None:
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
         self.engine.dispose()
 
 

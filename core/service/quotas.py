@@ -86,13 +86,9 @@ class RateLimiter:
         self._windows: dict[str, tuple[int, int, int]] = {}  # key -> (window, requests, tokens)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> RateLimiter:
-        client = None
-        if settings.redis_url is not None:
-            import redis
-
-            client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
-        return cls(settings.user_requests_per_minute, settings.user_tokens_per_minute, client)
+    def from_settings(cls, settings: Settings, redis_client: Any = None) -> RateLimiter:
+        """Counting in `redis_client` (shared by every API process of a deployment), else in memory."""
+        return cls(settings.user_requests_per_minute, settings.user_tokens_per_minute, redis_client)
 
     def admit(self, key: str, tokens: int) -> dict[str, str]:
         """Count one request of `tokens` for `key`; the `x-ratelimit-*` headers to answer with.
