@@ -61,12 +61,18 @@ class ErasureListener:
         self._stop = threading.Event()
 
     def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run, name="steer-erasure-listener", daemon=True)
-        thread.start()
-        return thread
+        self._thread = threading.Thread(target=self.run, name="steer-erasure-listener", daemon=True)
+        self._thread.start()
+        return self._thread
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Ask the loop to end and wait for it: a blocking read returns within its block time."""
         self._stop.set()
+        thread = getattr(self, "_thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
+            if thread.is_alive():
+                log.warning("%s did not stop within %.0f s", thread.name, timeout_s)
 
     def run(self) -> None:
         cursor: bytes | str | None = None
