@@ -172,7 +172,13 @@ def test_tiny_evaluation_writes_json_markdown_and_charts_with_per_user_numbers(t
             assert 0 <= numbers["attribution_accuracy"] <= 1
             assert numbers["training"]["artifact_bytes"] > 0 and numbers["training"]["served_params"] > 0
     assert saved["methods"]["prefix"]["overall"]["served_params"] == tiny.geometry.numel(4)
-    assert "| prefix |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| prefix |" in report
+    # The voice-and-task answers of the engine's methods (prompt tuning does not run in the engine).
+    decodings = {"greedy", "sampled", "greedy, no repeated 4-gram"}
+    assert set(saved["base"]["tasks"]) == set(saved["methods"]["prefix"]["tasks"]) == decodings
+    assert "tasks" not in saved["methods"]["prompt"]
+    assert "## Voice and task" in report and "| prefix | greedy |" in report
     assert [sweep["name"] for sweep in results["sweeps"]] == ["prefix_len"]
     points = results["sweeps"][0]["points"]
     assert [p["value"] for p in points] == [2, 4]
