@@ -4,11 +4,15 @@ Tiny random configurations built here (no pretrained encoder-decoder weights are
 saved as local model directories and loaded the way the service loads them.
 """
 
+import hashlib
+import inspect
+import os
 import random
 from contextlib import contextmanager
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_model
 from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 
 from core.engine.batch_cache import BatchCache, Seq2SeqBatchCache, seq2seq_hooks
@@ -23,6 +27,7 @@ from core.tuners.base import TrainingConfig, UserData
 from core.tuners.prefix_training import train_prefixes
 from core.tuners.seq2seq import Seq2SeqExample, build_seq2seq_examples, seq2seq_kv_from_text, seq2seq_loss_sums
 from tests.engine_fixtures import tiny  # noqa: F401
+from tests.support.models import model_cache_dir
 
 ENC, DEC, HEADS, HEAD_DIM = 2, 3, 4, 8
 
@@ -373,8 +378,27 @@ def _exact_match(base: BaseModel, sources: list[list[int]], wanted: list[list[in
 
 def _pretrain(build, steps: int, seed: int = 0) -> BaseModel:
     """A tiny seq2seq model trained here, then frozen: it copies its source, and reverses it when the
-    source starts with the REVERSE token. Plain sources are copied."""
+    source starts with the REVERSE token. Plain sources are copied. The trained weights are kept in
+    the model cache, keyed by this code, the builder's and torch's version, so a later run (and CI on
+    the same machine) loads them instead of training again (T5: ~35-60 s)."""
     model = build(VOCAB, PAD, EOS, seed=seed, d_model=48, ff=96)
+    source = inspect.getsource(_pretrain) + inspect.getsource(build) + inspect.getsource(_sequence)
+    key = hashlib.sha256(f"{source}|{steps}|{seed}|{torch.__version__}".encode()).hexdigest()[:16]
+    cached = model_cache_dir() / "toy-seq2seq" / f"{build.__name__}-{key}.safetensors"
+    if cached.exists():
+        model.load_state_dict(load_file(cached), strict=False)  # tied embeddings are stored once
+    else:
+        _train_toy(model, steps, seed)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(f".{os.getpid()}.partial")
+        save_model(model, str(partial))
+        partial.replace(cached)  # atomic: a concurrent run never reads half a file
+    model.eval()
+    model.requires_grad_(False)
+    return BaseModel(model, None, "toy", weights_fingerprint(model), geometry_of(model.config))
+
+
+def _train_toy(model, steps: int, seed: int) -> None:
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     start = model.config.decoder_start_token_id
@@ -393,9 +417,6 @@ def _pretrain(build, steps: int, seed: int = 0) -> BaseModel:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    model.eval()
-    model.requires_grad_(False)
-    return BaseModel(model, None, "toy", weights_fingerprint(model), geometry_of(model.config))
 
 
 @pytest.mark.parametrize(
