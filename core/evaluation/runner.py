@@ -18,7 +18,7 @@ import torch
 import transformers
 
 from core.config import Settings
-from core.engine.adaptation import Adaptation
+from core.engine.adaptation import Adaptation, composed
 from core.engine.data import FORMAT_CHAT, FORMAT_PLAIN, REQUESTS_DERIVED, build_examples, prepare_samples
 from core.engine.model import BaseModel
 from core.engine.prefix import PrefixEncoder
@@ -391,7 +391,7 @@ def _train_prefixes(trial: Trial):
         for u in data:
             under[u.user_id].append(memory_prefix(base, u.samples))
     if name != PREFIX:  # composing KVs is concatenating them (tests/test_engine_batch_cache.py)
-        data = [replace(u, companions=[torch.cat(under[u.user_id], dim=3)]) for u in data]
+        data = [replace(u, companions=[composed(under[u.user_id]).kv]) for u in data]
     trial.bar.phase(f"train {name} ({len(data)} users)", config.max_steps)
     trained = train_prefixes(base, data, config, on_progress=trial.on_progress)
     seconds = time.monotonic() - started
