@@ -3,10 +3,10 @@
 Only the frozen base model's arithmetic changes. A job in bfloat16 runs on a bfloat16 copy of the
 base weights (made once per base model and kept: +2 bytes per weight) under autocast; the users'
 trainable parameters, their optimiser state and every exported prefix or LoRA stay float32, and are
-served by the float32 model like any other. On a CPU with AMX (docs/BENCHMARKS.md, "Training in
-bfloat16") a step took 0.63x the time for the same validation loss, rescored in float32. On a CPU
-without bfloat16 instructions it is slower than float32, so 'auto' (the service's default) picks
-bfloat16 only where it was measured to pay or the hardware is built for it: a CPU with AMX, or a
+served by the float32 model like any other. Measured (docs/BENCHMARKS.md, "Training in bfloat16"):
+on a CPU with AMX a step took 0.63x the time for the same validation loss, rescored in float32; on
+one with AVX-512-bf16 but no AMX, 0.48x; on one with neither, a bfloat16 matmul ran 69x slower than
+float32. So 'auto' (the service's default) picks bfloat16 on a CPU with AMX or AVX-512-bf16, or a
 CUDA GPU that supports it; float32 elsewhere (and the engine's own default is float32).
 
 A job's validation losses, its no-worse comparison with the user's active version and its
@@ -48,9 +48,11 @@ def resolve_compute_dtype(compute_dtype: str, device: torch.device) -> str:
 def fast_bfloat16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
     # torch keeps its CPU feature probes private; without them, float32 (never wrong, maybe slower).
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return device.type == "cpu" and probe is not None and bool(probe())
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(probe is not None and bool(probe()) for probe in probes)
 
 
 def training_base(base: BaseModel, compute_dtype: str) -> BaseModel:
