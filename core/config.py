@@ -311,9 +311,9 @@ class Settings(BaseSettings):
         description="The base model's arithmetic while training. `bfloat16` runs each step on a "
         "bfloat16 copy of the weights (+2 bytes per weight in the training process; the trained "
         "prefixes stay float32 and are served in float32): for the same validation loss, 0.63x the step "
-        "time on a CPU with AMX and 0.46x on one with AVX-512-bf16 (docs/BENCHMARKS.md); far slower than "
-        "float32 on a CPU without bfloat16 instructions. `auto`: bfloat16 on a CPU with AMX or "
-        "AVX-512-bf16, or a CUDA GPU that supports it.",
+        "time on a CPU with AMX and 0.46x on one with AVX-512-bf16 alone, where the training process's "
+        "memory also grows with every job (docs/BENCHMARKS.md); far slower than float32 on a CPU without "
+        "bfloat16 instructions. `auto`: bfloat16 on a CPU with AMX or a CUDA GPU that supports it.",
     )
     control_companions: int = Field(
         default=0,

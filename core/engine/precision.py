@@ -5,9 +5,12 @@ base weights (made once per base model and kept: +2 bytes per weight) under auto
 trainable parameters, their optimiser state and every exported prefix or LoRA stay float32, and are
 served by the float32 model like any other. Measured (docs/BENCHMARKS.md, "Training in bfloat16"):
 on a CPU with AMX a step took 0.63x the time for the same validation loss, rescored in float32; on
-one with AVX-512-bf16 but no AMX, 0.48x; on one with neither, a bfloat16 matmul ran 69x slower than
-float32. So 'auto' (the service's default) picks bfloat16 on a CPU with AMX or AVX-512-bf16, or a
-CUDA GPU that supports it; float32 elsewhere (and the engine's own default is float32).
+one with AVX-512-bf16 but no AMX, 0.46x, but a process's memory grew with every bfloat16 job there
+(oneDNN's per-shape kernels: 530 -> 970 MiB over 30 small jobs, flat in float32), which a
+long-running server must not do; on one with neither, a bfloat16 matmul ran 69x slower than
+float32. So 'auto' (the service's default) picks bfloat16 on a CPU with AMX or a CUDA GPU that
+supports it; float32 elsewhere (and the engine's own default is float32). `bfloat16` asked for
+explicitly runs anywhere.
 
 A job's validation losses, its no-worse comparison with the user's active version and its
 preservation anchors are all computed in the job's precision, so they are comparable with each other.
@@ -51,8 +54,8 @@ def fast_bfloat16(device: torch.device) -> bool:
     if device.type != "cpu":
         return False
     # torch keeps its CPU feature probes private; without them, float32 (never wrong, maybe slower).
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return any(probe is not None and bool(probe()) for probe in probes)
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return probe is not None and bool(probe())
 
 
 def training_base(base: BaseModel, compute_dtype: str) -> BaseModel:
