@@ -50,11 +50,11 @@ class JobUsers:
     population: Population | None = None
 
 
-def gather_users(ctx: ServiceContext, run: Attempt, job: Job, prefers: bool) -> JobUsers:
+def gather_users(ctx: ServiceContext, run: Attempt, prefers: bool) -> JobUsers:
     """The job's users still to train (a retried attempt skips those it published: they go to
     `run.result` as they are); the deleted and those with nothing to train on are skipped, why noted."""
     with session_scope(ctx.session_factory) as session:
-        job = session.get(Job, job.id)
+        job = session.get(Job, run.job_id)
         published = {row.user_id: row for row in session.query(PrefixVersion).filter(PrefixVersion.job_id == job.id)}
         users = [session.get(User, uid) for uid in job.user_ids]
         controls = {user.id for user in users if user is not None and user.kind == CONTROL}

@@ -123,7 +123,7 @@ def _train_and_publish(ctx: ServiceContext, run: Attempt) -> None:
         resolved = resolve(job.hyperparameters, settings)
         job.hyperparameters = resolved
     prefers = resolved.get(OBJECTIVE) == OBJECTIVE_DPO
-    users = gather_users(ctx, run, job, prefers)
+    users = gather_users(ctx, run, prefers)
     if not users.todo:
         if run.result["users"]:
             return  # an earlier attempt published everything
