@@ -3,7 +3,7 @@ through the one training loop (core/tuners/loop.py), exactly as prefixes are.
 
 Data split, step budget, epochs, time budget, schedule, preservation term, early stopping and
 checkpoint selection are the loop's; a baseline only says what a user trains and how it enters the
-forward pass (core/tuners/prefix.py's TuningMethod).
+forward pass (core/tuners/base.py's TuningMethod).
 
 - Prompt tuning (Lester et al. 2021): P trainable input embeddings per user placed before the tokens;
   the frozen model is unchanged. Mixed-user batches work as for prefixes.

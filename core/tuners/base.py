@@ -1,6 +1,7 @@
-"""What a training job takes in: its `TrainingConfig` (shared by every user in it) and each user's
-`UserData`. Plain data, below the loop (core/tuners/loop.py) and the methods (core/tuners/prefix.py,
-core/tuners/seq2seq.py) that read them, so neither needs the other to name its inputs."""
+"""The loop's inputs and outputs, and what a method implements: a job's `TrainingConfig` (shared by
+every user in it), each user's `UserData`, the `TuningMethod` protocol, and what training returns
+(`Progress`, `TrainedUser`, `TrainedAdaptation`). Below the loop (core/tuners/loop.py) and every
+method module, so none of them needs another to name these."""
 
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ class UserData:
     """Frozen prefix KVs (L, 2, H, P, D) composed before this user's own prefix, one per row in
     turn (a control prefix trains beside users' prefixes: core/tuners/prefix.py's PrefixMethod)."""
     prefix_kv: torch.Tensor | None = None
-    """A prefix KV (L, 2, H, P, D) this user's rows carry under a LoRA (core/tuners/prefix.py's LoRAMethod):
+    """A prefix KV (L, 2, H, P, D) this user's rows carry under a LoRA (core/tuners/lora.py's LoRAMethod):
     PT-PEFT's second stage gets the prefix of its first."""
     reference_kv: torch.Tensor | None = None
     """A stored prefix KV (L, 2, H, P, D) to compare the result with, e.g. the version this job may

@@ -1,13 +1,13 @@
 """The training loop of every tuning method: one user, or many users sharing every forward/backward pass.
 
-A method (core/tuners/prefix.py's TuningMethod: prefixes in core/tuners/prefix.py, prompt tuning and LoRA in
-core/evaluation/baselines.py) supplies each user's trainable module and how it enters the forward
-pass; everything else lives here once. Each user keeps their own module, optimizer, schedule, data
-order and early-stopping state; only the forward/backward pass over the frozen base is shared. The
-loss is a *sum over users* of each user's own token-mean loss, so user u's gradient is exactly the
-gradient of u's loss alone: training K users together gives each of them what training them alone
-would (same seed, same data order), up to float rounding from padding. That makes batch retraining
-of many users cost about one job, not K. A method that cannot mix users in one forward gets one
+A method (core/tuners/base.py's TuningMethod, one module per method in core/tuners/, listed in
+core/tuners/registry.py) supplies each user's trainable module and how it enters the forward pass;
+everything else lives here once. Each user keeps their own module, optimizer, schedule, data order
+and early-stopping state; only the forward/backward pass over the frozen base is shared. The loss is
+a *sum over users* of each user's own token-mean loss, so user u's gradient is exactly the gradient
+of u's loss alone: training K users together gives each of them what training them alone would
+(same seed, same data order), up to float rounding from padding. That makes batch retraining of many
+users cost about one job, not K. A method that cannot mix users in one forward gets one
 forward/backward per user from the same loop.
 """
 
