@@ -271,3 +271,12 @@ def test_dpo_after_sft_is_evaluated_on_held_out_simulated_pairs(tmp_path, tiny):
     assert results["methods"]["dpo"]["preference"]["overall"]["margin"] != pytest.approx(
         results["methods"]["prefix"]["preference"]["overall"]["margin"]
     )
+
+
+def test_the_evaluation_trains_every_method_of_the_registry_and_nothing_else():
+    """`steer eval --methods` lists the registry (core/tuners/registry.py); a method added there
+    without a way for the harness to train it fails here, not in the middle of a run."""
+    from core.evaluation.runner import METHODS, TRAINERS
+    from core.tuners.registry import METHODS as REGISTERED
+
+    assert set(TRAINERS) == set(METHODS) == set(REGISTERED)

@@ -33,6 +33,8 @@ class ServiceContext:
     _model_card: ModelCard | None = None
     _model_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _redis: Any = field(default=None, repr=False)
+    _redis_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    """Its own lock: a request asking for Redis never waits behind a model load."""
 
     def base_model(self) -> BaseModel:
         """The frozen base model of this process, loaded on first use and then shared."""
@@ -74,7 +76,7 @@ class ServiceContext:
         own asyncio client, on the event loop it runs in.)"""
         if self.settings.redis_url is None:
             return None
-        with self._model_lock:
+        with self._redis_lock:
             if self._redis is None:
                 import redis  # distributed mode only
 
