@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support import cpu_profile
 from tests.support.seaweed import SeaweedServer
 
 POSTGRES_HOST = "127.0.0.1"
@@ -51,6 +52,10 @@ FAST_LANE = {
     "test_evaluation_tasks",
     "test_error_disclosure",
 }
+
+
+def pytest_configure(config):
+    cpu_profile.register(config)  # STEER_TEST_PROFILE=<file>: wall time and busy cores per test
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -20,7 +21,8 @@ from tests.engine_fixtures import tiny  # noqa: F401
 
 def test_serving_benchmark_generates_every_token_it_counts(tiny):
     result = bench_serving(tiny, requests=4, new_tokens=3, prefix_len=2, serial_requests=2)
-    assert set(result["tokens_per_s"]) >= {"a_mixed_users", "b_same_user", "c_serial_prefix_swap", "d_base_no_prefix"}
+    arms = {"a_mixed_users", "b_same_user", "c_serial_prefix_swap", "d_base_no_prefix", "hf_continuous_batching_base"}
+    assert set(result["tokens_per_s"]) >= arms
     assert all(v > 0 for v in result["tokens_per_s"].values())
     assert all(v > 0 for v in result["ratios"].values())
 
@@ -73,10 +75,15 @@ def test_training_benchmark_reports_every_figure_the_docs_quote(tiny):
 def test_bench_cli_prints_json_with_machine_info(monkeypatch):
     out = CliRunner().invoke(
         app,
-        ["serve", "--base-model", "tiny", "--requests", "2", "--new-tokens", "2", "--serial-requests", "1", "--json"],
+        [
+            *("serve", "--base-model", "tiny", "--requests", "2", "--new-tokens", "2", "--serial-requests", "1"),
+            *("--no-continuous-batching", "--json"),  # the arm that costs seconds: timed in the test above
+        ],
     )
     assert out.exit_code == 0, out.output
-    assert '"benchmark": "serve"' in out.output and '"torch"' in out.output
+    report = json.loads(out.output)
+    assert report["benchmark"] == "serve" and report["machine"]["torch"] == torch.__version__
+    assert "hf_continuous_batching_base" not in report["tokens_per_s"] and report["tokens_per_s"]["a_mixed_users"] > 0
 
 
 def test_bench_compose_cli_prints_json():
@@ -145,3 +152,35 @@ def test_bench_lora_cli_prints_json_without_the_mixed_arm_when_asked():
     assert set(payload["generated_tokens"]) == LORA_ARMS - {"e_mixed"}
     ratio = payload["ratios_by_cpu_time"]["lora/base (goal >= 0.85)"]["median"]
     assert math.isfinite(ratio) and ratio > 0
+
+
+def test_serving_formats_keep_the_float32_reference_and_report_what_each_format_changes(tiny):
+    from api.commands.bench_formats import SERVING_FORMATS, bench_formats, serving_variant
+
+    quantized = serving_variant(tiny, "int8_dynamic")
+    assert quantized.model is not tiny.model  # a copy: the served float32 model is unchanged
+    assert tiny.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    assert isinstance(quantized.model.model.layers[0].self_attn.q_proj, torch.ao.nn.quantized.dynamic.Linear)
+    assert serving_variant(tiny, "bfloat16").dtype == torch.bfloat16 and serving_variant(tiny, "float32") is tiny
+
+    result = bench_formats(tiny, requests=4, new_tokens=5, prefix_len=2, repeats=2, perplexity_texts=2)
+    quality = result["quality (vs the float32 engine, same prompts and prefixes, greedy)"]
+    assert set(quality) == set(SERVING_FORMATS)
+    # The float32 engine is the reference: it agrees with itself everywhere and its perplexity is the base.
+    assert quality["float32"]["token_agreement"] == 1.0 and quality["float32"]["identical_rows"] == "4/4"
+    assert quality["float32"]["perplexity_delta_vs_float32"] == "+0.00%"
+    assert quality["bfloat16"]["weight_mib"] < quality["float32"]["weight_mib"]
+    # int8: one byte per linear weight, float32 elsewhere (the tied output layer gets its own int8 copy)
+    linears = [m for m in tiny.model.modules() if isinstance(m, torch.nn.Linear)]
+    float32_kept = {p.data_ptr(): p.numel() for p in tiny.model.parameters()}
+    for m in linears:
+        if m is not tiny.model.get_output_embeddings():  # its weight is the input embeddings' (float32)
+            del float32_kept[m.weight.data_ptr()]
+    expected = 4 * sum(float32_kept.values()) + sum(m.weight.numel() for m in linears)
+    assert abs(quality["int8_dynamic"]["weight_mib"] - expected / 2**20) < 0.2, (quality, expected / 2**20)
+    for name in SERVING_FORMATS:
+        assert 0.0 <= quality[name]["token_agreement"] <= 1.0 and math.isfinite(quality[name]["held_out_perplexity"])
+        spread = result["ratios"][f"mixed_users_{name}/hf_generate_batch_float32 (goal >= 1.5)"]
+        assert len(spread["each"]) == 2 and spread["min"] > 0
+    with pytest.raises(ValueError, match="float32"):
+        bench_formats(serving_variant(tiny, "bfloat16"), 2, 2, 2, 1)

@@ -204,3 +204,4 @@ def test_without_instant_versions_a_user_alias_answers_model_not_ready_while_the
         )
         assert response.status_code == 400 and response.json()["error"]["code"] == "model_not_ready"
         assert steer.http.get(f"/users/{onboarded['user']['id']}/prefixes").json()["data"] == []
+        held_training.set()  # let the job end before the service shuts down (it waits for its jobs)

@@ -1,6 +1,7 @@
-"""`steer bench serve|compose|lora|train|cache|load|onboarding`: the engine's figures (api/commands/bench_engine.py,
-api/commands/bench_store.py), the HTTP load test (api/commands/loadtest.py) and time to value for new users
-(api/commands/onboarding_bench.py), printed as JSON or a readable tree."""
+"""`steer bench serve|formats|compose|lora|train|cache|load|onboarding`: the engine's figures
+(api/commands/bench_engine.py, bench_formats.py, bench_store.py), the HTTP load test
+(api/commands/loadtest.py) and time to value for new users (api/commands/onboarding_bench.py),
+printed as JSON or a readable tree."""
 
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ def serve_command(
     new_tokens: int = typer.Option(64, help="Tokens generated per request."),
     prefix_len: int = typer.Option(16),
     serial_requests: int = typer.Option(8, help="Requests timed one at a time (throughput is per token)."),
+    continuous_batching: bool = typer.Option(
+        True, help="Also time transformers' continuous-batching manager (seconds of fixed cost per run)."
+    ),
     base_model: BaseModelName = "smollm2",
     device: Device = "auto",
     dtype: Dtype = "auto",
@@ -54,7 +58,29 @@ def serve_command(
 ) -> None:
     """Serving throughput: mixed users vs one user vs serial prefix swapping vs the bare base model."""
     base = _base_model(base_model, device, dtype)
-    _emit("serve", bench_serving(base, requests, new_tokens, prefix_len, serial_requests), as_json)
+    result = bench_serving(base, requests, new_tokens, prefix_len, serial_requests, continuous_batching)
+    _emit("serve", result, as_json)
+
+
+@app.command("formats")
+def formats_command(
+    requests: int = typer.Option(32, help="Concurrent requests, one distinct user each."),
+    new_tokens: int = typer.Option(64, help="Tokens generated per request."),
+    prefix_len: int = typer.Option(16),
+    repeats: int = typer.Option(3, help="Rotated repetitions of the arms (ratios taken within each)."),
+    threads: Threads = 0,
+    base_model: BaseModelName = "smollm2",
+    device: Device = "cpu",
+    as_json: AsJson = False,
+) -> None:
+    """Serving weight formats (float32, bfloat16, int8 dynamic) vs transformers' float32 static batch,
+    with greedy agreement and held-out perplexity against the float32 engine."""
+    from api.commands.bench_formats import bench_formats
+
+    if threads:
+        torch.set_num_threads(threads)
+    base = _base_model(base_model, device, "float32")
+    _emit("formats", bench_formats(base, requests, new_tokens, prefix_len, repeats), as_json)
 
 
 @app.command("compose")
