@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command: `bash scripts/test.sh [--fast] [pytest args]`.
 # --fast: only the fast lane (`-m fast`, tests/conftest.py): engine equivalence, unit and API
-# contract tests, for the edit-test loop. CI runs everything.
+# contract tests, for the edit-test loop. CI runs everything: with no arguments, the whole suite
+# in two concurrent lanes (compute and service, below); with pytest arguments, one run.
 #
 # Idempotent on a fresh machine with Python 3.11: creates .venv, installs Steer with its test
 # extras, starts PostgreSQL and Redis if they are not already answering (installing them with
@@ -113,7 +114,28 @@ if [ "${1:-}" = "--fast" ]; then
     set -- -m fast "$@"
 fi
 set +e
-python -m pytest "$@"
-rc=$?
+if [ "$#" -gt 0 ]; then
+    python -m pytest "$@"
+    rc=$?
+else
+    # The whole suite in two lanes at once (tests/conftest.py COMPUTE_LANE): the compute lane keeps
+    # both cores busy with the model, the service lane mostly waits on processes, leases and
+    # restarts, so it runs beside it in a second pytest session with its own Redis database.
+    # One torch thread there (its models are the tiny ones): two lanes' OpenMP threads spinning on
+    # two cores would slow both. Its report follows the compute lane's; the run fails if either fails.
+    service_log="$(mktemp)"
+    OMP_NUM_THREADS=1 STEER_TEST_REDIS_DB=6 python -m pytest -m "not compute" -p no:cacheprovider \
+        >"$service_log" 2>&1 &
+    service_pid=$!
+    python -m pytest -m compute
+    compute_rc=$?
+    wait "$service_pid"
+    service_rc=$?
+    echo "================================== service lane =================================="
+    cat "$service_log"
+    rm -f "$service_log"
+    rc=$compute_rc
+    [ "$rc" -ne 0 ] || rc=$service_rc
+fi
 set -e
 exit "$rc"

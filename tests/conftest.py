@@ -22,7 +22,8 @@ POSTGRES_PORT = 5432
 POSTGRES_USERS = ("postgres", "root")  # trust auth on the test machine; first that works wins
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
-REDIS_TEST_DB = 5  # a dedicated database number, flushed at the start of the session
+# A dedicated database number, flushed at the start of the session; each lane has its own.
+REDIS_TEST_DB = int(os.environ.get("STEER_TEST_REDIS_DB", "5"))
 SEAWEED_START_ATTEMPTS = 3
 
 
@@ -51,7 +52,46 @@ FAST_LANE = {
     "test_isolation",
     "test_evaluation_tasks",
     "test_error_disclosure",
+    "test_lanes",
 }
+
+
+# The compute lane (`-m compute`): the tests that keep both cores busy with the model's forward and
+# backward passes (engine, evaluation, benchmarks, the default model end to end). The rest, the
+# service lane, mostly waits: on HTTP, worker processes, leases expiring, services restarting
+# (about one core busy on average, measured per test with STEER_TEST_PROFILE: docs/RELIABILITY.md).
+# `bash scripts/test.sh` runs the two lanes at once, as two pytest sessions; together they are the
+# whole suite.
+COMPUTE_LANE = {
+    "test_bench",
+    "test_bench_onboarding",
+    "test_completion_event_loop",
+    "test_e2e_voice_task",
+    "test_engine_artifacts",
+    "test_engine_batch_cache",
+    "test_engine_data",
+    "test_engine_dpo",
+    "test_engine_families",
+    "test_engine_generation",
+    "test_engine_lora",
+    "test_engine_memory",
+    "test_engine_methods",
+    "test_engine_precision",
+    "test_engine_prefix",
+    "test_engine_preservation",
+    "test_engine_sampling",
+    "test_engine_scheduler",
+    "test_engine_style_strength",
+    "test_engine_training",
+    "test_evaluation",
+    "test_evaluation_controls",
+    "test_evaluation_generations",
+    "test_evaluation_tasks",
+    "test_gpu_check",
+    "test_load_short",
+}
+"""Not here, to balance the lanes: test_engine_seq2seq and test_bench_cache (toy models and blob
+stores, about one core busy)."""
 
 
 def pytest_configure(config):
@@ -61,6 +101,8 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in COMPUTE_LANE:
+            item.add_marker(pytest.mark.compute)
         if module in FAST_LANE and not item.get_closest_marker("slow") and not item.get_closest_marker("integration"):
             item.add_marker(pytest.mark.fast)
 
