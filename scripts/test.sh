@@ -121,13 +121,16 @@ else
     # The whole suite in two lanes at once (tests/conftest.py COMPUTE_LANE): the compute lane keeps
     # both cores busy with the model, the service lane mostly waits on processes, leases and
     # restarts, so it runs beside it in a second pytest session with its own Redis database.
-    # One torch thread there (its models are the tiny ones): two lanes' OpenMP threads spinning on
-    # two cores would slow both. Its report follows the compute lane's; the run fails if either fails.
+    # One torch thread there (its models are the tiny ones), and OpenMP threads that sleep rather
+    # than spin while they wait in the compute lane: with two lanes on two cores, spinning threads
+    # made the tiny-model tests 4-6x slower (measured against a one-core load: 81 s default, 43 s
+    # passive, 39 s one thread; docs/RELIABILITY.md). Its report follows the compute lane's; the
+    # run fails if either lane fails.
     service_log="$(mktemp)"
     OMP_NUM_THREADS=1 STEER_TEST_REDIS_DB=6 python -m pytest -m "not compute" -p no:cacheprovider \
         >"$service_log" 2>&1 &
     service_pid=$!
-    python -m pytest -m compute
+    OMP_WAIT_POLICY=PASSIVE python -m pytest -m compute
     compute_rc=$?
     wait "$service_pid"
     service_rc=$?
