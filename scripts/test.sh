@@ -45,8 +45,13 @@ apt_install() {
 
 postgres_cluster_version() { ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1; }
 
+service_pid=""
+
 cleanup() {
     local rc=$?
+    if [ -n "$service_pid" ]; then  # interrupted while the service lane ran: do not leave it behind
+        kill "$service_pid" 2>/dev/null || true
+    fi
     if [ -n "$STARTED_REDIS" ]; then
         log "stopping the Redis this script started"
         redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
@@ -134,6 +139,7 @@ else
     compute_rc=$?
     wait "$service_pid"
     service_rc=$?
+    service_pid=""
     echo "================================== service lane =================================="
     cat "$service_log"
     rm -f "$service_log"
