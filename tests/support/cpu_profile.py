@@ -1,7 +1,7 @@
 """Where the suite's time goes, by test: wall seconds and how many of the machine's cores were busy
 meanwhile (from /proc/stat, so the worker processes a test spawns count too). A test with a long
-wall time and few busy cores is waiting (a lease, a timeout, a restart): such tests run in the side
-lane, beside the rest (scripts/test.sh, tests/conftest.py `SIDE_LANE`).
+wall time and few busy cores is waiting (a lease, a timeout, a restart): such tests belong to the
+service lane, which runs beside the compute lane (scripts/test.sh, tests/conftest.py `COMPUTE_LANE`).
 
 On with `STEER_TEST_PROFILE=<file>`: one JSON line per test appended to the file."""
 
