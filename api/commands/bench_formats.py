@@ -8,17 +8,18 @@ All arms run in one process, in rotated order, `repeats` times; ratios are taken
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from dataclasses import replace
 
 import torch
 
-from api.commands.bench_engine import _hf_generate, _prompts, _Run, _spread, _timed, _user_prefixes
+from api.commands.bench_engine import _batched, _hf_generate, _prompts, _Run, _spread, _timed, _user_prefixes
+from core.engine.data import Example
 from core.engine.generation import GenerationRequest, MixedBatchGenerator
 from core.engine.model import BaseModel
 from core.engine.prompts import text_ids
 from core.engine.sampling import SamplingParams
+from core.evaluation.metrics import PrefixScorer, ppl, score_rows
 
 SERVING_FORMATS = ("float32", "bfloat16", "int8_dynamic")
 
@@ -68,16 +69,12 @@ def _agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
     }
 
 
-@torch.inference_mode()
 def _perplexity(base: BaseModel, texts: list[str], max_tokens: int) -> float:
-    """Held-out perplexity of the base model (no prefix) over `texts`, each cut to `max_tokens`."""
-    nll, count = 0.0, 0
-    for text in texts:
-        ids = torch.tensor([text_ids(base.tokenizer, text)[:max_tokens]])
-        logits = base.model(input_ids=ids).logits.float()
-        nll += torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
-        count += ids.shape[1] - 1
-    return math.exp(nll / count)
+    """Held-out perplexity of the base model (no prefix) over `texts`, each cut to `max_tokens`,
+    scored by the evaluation's own scorer (the engine's forward, every token after the first)."""
+    rows = [Example(ids, list(ids)) for ids in (text_ids(base.tokenizer, t)[:max_tokens] for t in texts)]
+    sums, counts = score_rows(PrefixScorer(base, {}), rows, [None] * len(rows))
+    return ppl(sums.sum().item(), counts.sum().item())
 
 
 def _held_out_texts(n: int) -> list[str]:
@@ -127,7 +124,7 @@ def bench_formats(
                 runs[name].append(_timed(lambda: _hf_generate(base, prompts, new_tokens)))
             else:
                 variant, prefixes = arms[name]
-                runs[name].append(_timed(lambda v=variant, p=prefixes: _count(v, prompts, p, new_tokens)))
+                runs[name].append(_timed(lambda v=variant, p=prefixes: _batched(v, prompts, p, new_tokens)))
 
     hf = runs["hf_generate_batch_float32"]
     float32 = runs.get("mixed_users_float32")
@@ -150,10 +147,6 @@ def bench_formats(
         "tokens_per_s": {name: _spread([r.tokens_per_s for r in arm], 1) for name, arm in runs.items()},
         "ratios": ratios,
     }
-
-
-def _count(base: BaseModel, prompts, prefixes, new_tokens: int) -> int:
-    return sum(map(len, _greedy_tokens(base, prompts, prefixes, new_tokens)))
 
 
 def _weight_bytes(model: torch.nn.Module) -> int:
